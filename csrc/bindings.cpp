@@ -1,0 +1,49 @@
+// Python bindings of minitron_fast._C. Buffers cross as integer addresses (tensor.data_ptr())
+// so the extension builds without torch; the Python side (minitron_fast/ops/compact.py)
+// checks dtype, contiguity and device before calling in.
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+
+#include "compact.h"
+
+namespace py = pybind11;
+using Index = py::array_t<std::int64_t, py::array::c_style | py::array::forcecast>;
+
+namespace {
+std::uint8_t* as_ptr(std::uintptr_t addr) { return reinterpret_cast<std::uint8_t*>(addr); }
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "minitron_fast host kernels: in-place compaction of contiguous 2-D buffers";
+  m.def(
+      "compact_rows",
+      [](std::uintptr_t addr, std::int64_t n_rows, std::size_t row_bytes, Index kept) {
+        const std::int64_t* k = kept.data();
+        const std::int64_t n = static_cast<std::int64_t>(kept.size());
+        py::gil_scoped_release nogil;
+        return minitron::compact_rows(as_ptr(addr), n_rows, row_bytes, k, n);
+      },
+      py::arg("addr"), py::arg("n_rows"), py::arg("row_bytes"), py::arg("kept"),
+      "Keep rows `kept` (sorted, unique) of a contiguous [n_rows, row_bytes] buffer in place; "
+      "returns the bytes in use.");
+  m.def(
+      "compact_cols",
+      [](std::uintptr_t addr, std::int64_t n_rows, std::int64_t n_cols, std::size_t elem_size,
+         Index kept, int n_threads) {
+        const std::int64_t* k = kept.data();
+        const std::int64_t n = static_cast<std::int64_t>(kept.size());
+        py::gil_scoped_release nogil;
+        return minitron::compact_cols(as_ptr(addr), n_rows, n_cols, elem_size, k, n, n_threads);
+      },
+      py::arg("addr"), py::arg("n_rows"), py::arg("n_cols"), py::arg("elem_size"), py::arg("kept"),
+      py::arg("n_threads") = 0,
+      "Keep columns `kept` (sorted, unique) of a contiguous [n_rows, n_cols] buffer in place; "
+      "the result is contiguous [n_rows, len(kept)]. Returns the bytes in use.");
+  m.def(
+      "release_tail",
+      [](std::uintptr_t addr, std::size_t used_bytes, std::size_t total_bytes) {
+        return minitron::release_tail(as_ptr(addr), used_bytes, total_bytes);
+      },
+      py::arg("addr"), py::arg("used_bytes"), py::arg("total_bytes"),
+      "Return the whole pages past used_bytes of a buffer to the OS; returns bytes released.");
+}

@@ -1,0 +1,61 @@
+"""The ``minitron-fast`` command (also ``python -m minitron_fast``).
+
+Each subcommand lives in ``minitron_fast/commands/<name>.py`` and exposes ``HELP``,
+``add_arguments(parser)`` and ``run(args) -> int``; it parses arguments and calls the stage's
+Python API, nothing more. Modules are imported only when their subcommand runs, so ``--help``
+stays fast.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from minitron_fast.errors import MinitronError
+
+# name -> (module, one-line help). Order is the order shown by --help: the pipeline's order.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "demo": ("minitron_fast.commands.demo", "run the demo on the embedded SmolLM2-135M teacher and pydoc text"),
+    "info": ("minitron_fast.commands.info", "print a model's family, geometry and parameter count"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="minitron-fast",
+        description="Minitron structured pruning and knowledge distillation for Hugging Face LLMs. "
+        "Pass --model demo to use the embedded SmolLM2-135M teacher.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module, help_) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_, description=help_)
+        p.set_defaults(_module=module)
+        _module(module).add_arguments(p)
+    return parser
+
+
+def _module(name: str):
+    return importlib.import_module(name)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "command", None):
+        parser.print_help()
+        return 2
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
+    try:
+        return int(_module(args._module).run(args) or 0)
+    except MinitronError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

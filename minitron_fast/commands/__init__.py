@@ -1,0 +1,1 @@
+"""Thin CLI subcommands: each parses arguments and calls a stage's Python API."""

@@ -1,0 +1,1 @@
+"""Ops: one module per op, each with an ``impl=`` dispatch and a pure-torch reference."""

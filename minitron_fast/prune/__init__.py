@@ -1,0 +1,1 @@
+"""minitron_fast.prune stage."""

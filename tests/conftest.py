@@ -1,0 +1,118 @@
+"""Test setup: Triton in the CPU interpreter when there is no GPU, seeded tests, poisoned
+``torch.empty``, tiny random models of every supported family.
+
+TRITON_INTERPRET must be set before any ``@triton.jit`` function is defined, so it is set here,
+before anything imports triton (torch itself does not).
+"""
+from __future__ import annotations
+
+import os
+import random
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("DS_ACCELERATOR", "cpu" if not torch.cuda.is_available() else os.environ.get("DS_ACCELERATOR", "cuda"))
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+torch.set_float32_matmul_precision("highest")
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    """Every test starts from the same seeds."""
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)
+    yield
+
+
+@pytest.fixture
+def poison_empty(monkeypatch):
+    """Fills memory from ``torch.empty``/``empty_like`` with NaN (floats) or a sentinel (ints), so
+    a kernel that forgets to write an element fails its comparison (as fla's conftest does)."""
+    real_empty, real_empty_like = torch.empty, torch.empty_like
+
+    def fill(t):
+        if t.is_floating_point():
+            t.fill_(float("nan"))
+        elif t.dtype != torch.bool:
+            t.fill_(-7777 if t.dtype not in (torch.uint8,) else 77)
+        return t
+
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: fill(real_empty(*a, **k)))
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: fill(real_empty_like(*a, **k)))
+    yield
+
+
+# -- tiny random models of each supported family, built offline from configs ------------------
+
+def _tiny_llama(**kw):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = dict(vocab_size=131, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=8,
+               num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=False)
+    cfg.update(kw)
+    return LlamaForCausalLM(LlamaConfig(**cfg)).eval()
+
+
+def _tiny_mistral(**kw):
+    # Mistral-NeMo-like: head_dim (24) != hidden_size / heads (64 / 4 = 16)
+    from transformers import MistralConfig, MistralForCausalLM
+
+    cfg = dict(vocab_size=127, hidden_size=64, intermediate_size=80, num_hidden_layers=3, num_attention_heads=4,
+               num_key_value_heads=2, head_dim=24, max_position_embeddings=128, sliding_window=None,
+               tie_word_embeddings=False)
+    cfg.update(kw)
+    return MistralForCausalLM(MistralConfig(**cfg)).eval()
+
+
+def _tiny_qwen2(**kw):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    cfg = dict(vocab_size=129, hidden_size=48, intermediate_size=72, num_hidden_layers=2, num_attention_heads=6,
+               num_key_value_heads=3, max_position_embeddings=128, tie_word_embeddings=True)
+    cfg.update(kw)
+    m = Qwen2ForCausalLM(Qwen2Config(**cfg)).eval()
+    with torch.no_grad():  # make the q/k/v biases non-zero so tests see them
+        for layer in m.model.layers:
+            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                proj.bias.normal_(0, 0.1)
+    return m
+
+
+TINY_BUILDERS = {
+    "llama": _tiny_llama,
+    "llama_tied": lambda **kw: _tiny_llama(tie_word_embeddings=True, **kw),
+    "llama_rope_scaled": lambda **kw: _tiny_llama(
+        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                      "original_max_position_embeddings": 64}, **kw),
+    "mistral_nemo_like": _tiny_mistral,
+    "qwen2_bias": _tiny_qwen2,
+}
+
+
+@pytest.fixture(params=sorted(TINY_BUILDERS), ids=sorted(TINY_BUILDERS))
+def tiny_model(request):
+    """A tiny random model of each supported family (and variant), in eval mode, fp32."""
+    torch.manual_seed(0)
+    return TINY_BUILDERS[request.param]()
+
+
+@pytest.fixture
+def tiny_builders():
+    return TINY_BUILDERS
+
+
+@pytest.fixture(scope="session")
+def demo_model_dir():
+    """The embedded SmolLM2-135M converted to an fp32 HF checkpoint (cached across runs)."""
+    from minitron_fast.models.embedded import embedded_model_path
+
+    return embedded_model_path()
