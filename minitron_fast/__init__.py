@@ -26,6 +26,7 @@ _LAZY = {
     "token_blocks": "minitron_fast.data",
     "perplexity": "minitron_fast.evaluate",
     "compact_": "minitron_fast.ops.compact",
+    "export_hf": "minitron_fast.models.export",
 }
 
 

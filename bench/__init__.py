@@ -1,0 +1,1 @@
+"""minitron_fast benchmarks: ``python -m bench NAME [--json FILE] [--quick]``."""
