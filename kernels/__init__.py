@@ -3,7 +3,6 @@
 Only ``@triton.jit`` kernels and thin launchers live here; the public functions, autograd and
 torch references are in ``minitron_fast/ops/``. Nothing here runs at import beyond defining the
 kernels.
-"""
 
 Convention for the kernel report (``python -m bench kernel_report``): each ``kernels/<op>.py``
 defines ``AOT_SPECS``, a list of dicts, one per kernel and config to compile ahead of time::
@@ -14,3 +13,4 @@ defines ``AOT_SPECS``, a list of dicts, one per kernel and config to compile ahe
          "constexprs": {"BLOCK_V": 128, ...}, "num_warps": 4, "num_stages": 3,
          "flops": "2*N*V*H (...)", "min_bytes": "..."},
     ]
+"""
