@@ -1,0 +1,165 @@
+"""Pruning targets: parsing ``hidden=3072,ffn=9216,...`` and resolving a parameter budget to a shape.
+
+A target names any of the five prunable axes; a missing axis keeps the source value. A parameter
+budget (``params=4.5e9`` or ``params=0.5x`` for a fraction of the source) is resolved to a shape
+by shrinking the chosen axes (width: hidden and FFN by one common factor; depth: layers) until
+the analytic parameter count fits.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from minitron_fast.errors import MinitronError
+from minitron_fast.models import Geometry, ModelView, view_class_for_config
+
+# target key -> Geometry field
+TARGET_KEYS = {
+    "hidden": "hidden_size",
+    "ffn": "intermediate_size",
+    "heads": "num_attention_heads",
+    "kv_heads": "num_key_value_heads",
+    "layers": "num_hidden_layers",
+}
+_ALIASES = {"hidden_size": "hidden", "intermediate_size": "ffn", "num_attention_heads": "heads",
+            "num_key_value_heads": "kv_heads", "num_hidden_layers": "layers", "kv": "kv_heads",
+            "n_heads": "heads", "n_layers": "layers"}
+
+
+class TargetError(MinitronError, ValueError):
+    """A target that cannot be parsed or cannot be reached from the source model."""
+
+
+def parse_target(text: str | dict[str, Any] | None) -> dict[str, Any]:
+    """Parses ``"hidden=3072,ffn=9216,heads=32,kv_heads=8,layers=32"`` (or ``params=4.5e9`` /
+    ``params=0.5x``) into a dict. Unknown keys and non-integers are errors naming the key."""
+    if text is None or text == "":
+        return {}
+    if isinstance(text, dict):
+        items = list(text.items())
+    else:
+        items = []
+        for part in str(text).split(","):
+            part = part.strip()
+            if not part:
+                continue
+            if "=" not in part:
+                raise TargetError(f"target entry {part!r} is not key=value (e.g. hidden=3072,layers=24)")
+            k, v = part.split("=", 1)
+            items.append((k.strip(), v.strip()))
+    out: dict[str, Any] = {}
+    for k, v in items:
+        k = _ALIASES.get(k, k)
+        if k == "params":
+            s = str(v).strip().lower()
+            try:
+                out["params"] = ("fraction", float(s[:-1])) if s.endswith("x") else ("count", int(float(s)))
+            except ValueError:
+                raise TargetError(f"target params={v!r} is not a number (e.g. params=4.5e9 or params=0.5x)") from None
+            continue
+        if k not in TARGET_KEYS:
+            raise TargetError(f"unknown target key {k!r}; known: {', '.join(list(TARGET_KEYS) + ['params'])}")
+        try:
+            n = int(v)
+        except (TypeError, ValueError):
+            raise TargetError(f"target {k}={v!r} is not an integer") from None
+        if n <= 0:
+            raise TargetError(f"target {k}={n} must be positive")
+        out[k] = n
+    return out
+
+
+def target_geometry(config: Any, target: str | dict[str, Any] | Geometry, *, budget_axes: str = "width",
+                    round_to: int | None = None) -> Geometry:
+    """The target ``Geometry`` for ``config``: the source geometry with the target's keys
+    replaced, or a parameter budget resolved by ``resolve_budget``. Checked against the source."""
+    view_cls = view_class_for_config(config)
+    src = view_cls.geometry_of(config)
+    if isinstance(target, Geometry):
+        geo = target
+    else:
+        t = parse_target(target)
+        budget = t.pop("params", None)
+        geo = src.replace(**{TARGET_KEYS[k]: v for k, v in t.items()})
+        if budget is not None:
+            kind, value = budget
+            n = int(value * view_cls.count_params(config)["total"]) if kind == "fraction" else value
+            geo = resolve_budget(config, n, axes=budget_axes, start=geo, round_to=round_to)
+    check_geometry(config, geo)
+    return geo
+
+
+def check_geometry(config: Any, geo: Geometry) -> None:
+    """Raises TargetError naming the numbers when ``geo`` cannot be cut from ``config``'s model."""
+    view_cls = view_class_for_config(config)
+    src = view_cls.geometry_of(config)
+    for key, field in TARGET_KEYS.items():
+        s, t = getattr(src, field), getattr(geo, field)
+        if t > s:
+            raise TargetError(f"target {key}={t} is larger than the source model's {key}={s}; pruning only shrinks")
+        if t <= 0:
+            raise TargetError(f"target {key}={t} must be positive")
+    if geo.head_dim != src.head_dim or geo.vocab_size != src.vocab_size:
+        raise TargetError(f"head_dim and vocab_size cannot be pruned (source {src.head_dim}, {src.vocab_size}; "
+                          f"target {geo.head_dim}, {geo.vocab_size})")
+    if geo.num_attention_heads % geo.num_key_value_heads:
+        raise TargetError(f"target heads={geo.num_attention_heads} is not divisible by kv_heads="
+                          f"{geo.num_key_value_heads}; every KV group must keep the same number of query heads")
+    group_src = src.num_attention_heads // src.num_key_value_heads
+    group_t = geo.num_attention_heads // geo.num_key_value_heads
+    if group_t > group_src:
+        raise TargetError(f"target heads={geo.num_attention_heads} with kv_heads={geo.num_key_value_heads} needs "
+                          f"{group_t} query heads per KV group, but the source has only {group_src} "
+                          f"({src.num_attention_heads} heads / {src.num_key_value_heads} KV heads)")
+    # Can the family's config express this shape? Round-trip it through the config's dict form.
+    new = view_cls.config_for(config, geo)
+    back = type(config).from_dict(new.to_dict())
+    got = view_cls.geometry_of(back)
+    if got != geo:
+        raise TargetError(f"the {view_cls.family} config cannot express hidden={geo.hidden_size} with "
+                          f"heads={geo.num_attention_heads}, head_dim={geo.head_dim} (it reads back as {got})")
+
+
+def resolve_budget(config: Any, n_params: int, *, axes: str = "width", start: Geometry | None = None,
+                   round_to: int | None = None) -> Geometry:
+    """The largest shape of ``config``'s family with at most ``n_params`` parameters.
+
+    ``axes="width"`` shrinks hidden size and FFN size by one common factor (the Minitron 4B-Width
+    recipe keeps heads and layers), rounded down to multiples of ``round_to`` (default 64 when
+    the source hidden size is at least 1024, else 8); ``axes="depth"`` removes layers;
+    ``axes="ffn"`` shrinks the FFN only. ``start`` is the geometry to shrink from (other target
+    keys already applied). Raises TargetError when even the smallest shape is over budget.
+    """
+    view_cls = view_class_for_config(config)
+    g0 = start or view_cls.geometry_of(config)
+    count = lambda g: view_cls.count_params(config, g)["total"]  # noqa: E731
+    if count(g0) <= n_params:
+        return g0
+    if round_to is None:
+        round_to = 64 if g0.hidden_size >= 1024 else 8
+    if axes == "depth":
+        for n in range(g0.num_hidden_layers, 0, -1):
+            g = g0.replace(num_hidden_layers=n)
+            if count(g) <= n_params:
+                return g
+        raise TargetError(f"a budget of {n_params:,} parameters cannot be met by removing layers "
+                          f"(one layer already has {count(g0.replace(num_hidden_layers=1)):,})")
+    if axes not in ("width", "ffn"):
+        raise TargetError(f"budget axes {axes!r} must be 'width', 'ffn' or 'depth'")
+
+    def shape(s: float) -> Geometry:
+        f = max(round_to, int(g0.intermediate_size * s) // round_to * round_to)
+        h = g0.hidden_size if axes == "ffn" else max(round_to, int(g0.hidden_size * s) // round_to * round_to)
+        return g0.replace(hidden_size=min(h, g0.hidden_size), intermediate_size=min(f, g0.intermediate_size))
+
+    lo, hi = 0.0, 1.0
+    for _ in range(60):  # bisection on the common factor; count() is monotone in s
+        mid = (lo + hi) / 2
+        if count(shape(mid)) <= n_params:
+            lo = mid
+        else:
+            hi = mid
+    g = shape(lo)
+    if count(g) > n_params:
+        raise TargetError(f"a budget of {n_params:,} parameters cannot be met by shrinking {axes} "
+                          f"(the smallest shape has {count(g):,}); try axes=depth or a larger budget")
+    return g
