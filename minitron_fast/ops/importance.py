@@ -1,0 +1,125 @@
+"""Importance statistics: per-sample sums over valid tokens, fused into the producing ops.
+
+Each op returns the op's normal output (when it has one) and **adds** into caller-owned fp32
+buffers, so statistics stream over batches and no activation is kept:
+
+    s1[b, u] += sum_t m[b, t] * a[b, t, u]          s2[b, u] += sum_t m[b, t] * a[b, t, u]**2
+
+``a`` is ``|y|`` for SwiGLU outputs (MLP neurons) and norm outputs (channels), and each head's
+per-token L2 norm for the attention output (heads). ``m`` is the attention mask (1 keep, 0 pad;
+``None`` = all valid). Either buffer may be ``None`` when the chosen aggregation does not need it.
+:func:`block_cosine` adds the per-sample sum of ``cos(layer input, layer output)``.
+
+``impl``: ``"torch"`` (the CPU path and the reference), ``"triton"`` (fused kernels in
+``minitron_fast.kernels.importance``; CUDA tensors, or any under ``TRITON_INTERPRET=1``),
+``"auto"`` (Triton on CUDA, else torch). These ops are forward-only (importance needs no
+gradients); call them under ``torch.no_grad()``.
+
+Example:
+    >>> s1 = torch.zeros(B, F)
+    >>> h = swiglu_with_stats(gate, up, mask, s1, None)     # h == silu(gate) * up
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from minitron_fast.ops._dispatch import resolve_impl
+
+COS_EPS = 1e-8
+
+
+def _masked(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    return x if mask is None else x * mask.to(x.dtype).unsqueeze(-1)
+
+
+@torch.compiler.disable
+def abs_stats(x: torch.Tensor, mask: torch.Tensor | None, s1: torch.Tensor | None, s2: torch.Tensor | None) -> None:
+    """Adds ``sum_t m*|x|`` into ``s1 [B, U]`` and ``sum_t m*x**2`` into ``s2 [B, U]`` for
+    ``x [B, T, U]``. One pass over ``x`` per buffer (``vector_norm`` reduces over T without
+    materializing ``|x|``)."""
+    xm = _masked(x, mask)
+    if s1 is not None:
+        s1 += torch.linalg.vector_norm(xm, 1, dim=1, dtype=torch.float32)
+    if s2 is not None:
+        s2 += torch.linalg.vector_norm(xm, 2, dim=1, dtype=torch.float32).square()
+
+
+@torch.compiler.disable
+def swiglu_with_stats(gate: torch.Tensor, up: torch.Tensor, mask: torch.Tensor | None, s1: torch.Tensor | None,
+                      s2: torch.Tensor | None, *, impl: str = "auto") -> torch.Tensor:
+    """``silu(gate) * up`` (``gate, up, out: [B, T, F]``, the input of ``down_proj``) plus neuron
+    statistics of ``|out|`` into ``s1, s2 [B, F]`` (fp32)."""
+    impl = resolve_impl(impl, gate, op="swiglu_with_stats")
+    if impl == "triton":
+        from minitron_fast.kernels import importance as k
+
+        return k.swiglu_stats(gate, up, mask, s1, s2)
+    h = F.silu(gate) * up
+    abs_stats(h, mask, s1, s2)
+    return h
+
+
+def rmsnorm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """HF's ``LlamaRMSNorm`` (also Mistral's, Qwen2's): fp32 statistics, cast back, times weight."""
+    h = x.to(torch.float32)
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(x.dtype)
+
+
+@torch.compiler.disable
+def rmsnorm_with_stats(x: torch.Tensor, weight: torch.Tensor, eps: float, mask: torch.Tensor | None,
+                       s1: torch.Tensor | None, s2: torch.Tensor | None, *, impl: str = "auto") -> torch.Tensor:
+    """RMSNorm of ``x [B, T, H]`` with ``weight [H]`` plus channel statistics of ``|y|`` into
+    ``s1, s2 [B, H]`` (fp32)."""
+    impl = resolve_impl(impl, x, op="rmsnorm_with_stats")
+    if impl == "triton":
+        from minitron_fast.kernels import importance as k
+
+        return k.rmsnorm_stats(x, weight, eps, mask, s1, s2)
+    y = rmsnorm_reference(x, weight, eps)
+    abs_stats(y, mask, s1, s2)
+    return y
+
+
+@torch.compiler.disable
+def head_stats(x: torch.Tensor, n_heads: int, mask: torch.Tensor | None, s1: torch.Tensor | None,
+               s2: torch.Tensor | None, *, impl: str = "auto") -> None:
+    """Per-head statistics of the attention output before ``o_proj``, ``x [B, T, n_heads*head_dim]``:
+    adds ``sum_t m*||x_h||`` into ``s1 [B, n_heads]`` and ``sum_t m*||x_h||**2`` into ``s2``."""
+    impl = resolve_impl(impl, x, op="head_stats")
+    if impl == "triton":
+        from minitron_fast.kernels import importance as k
+
+        k.head_stats(x, n_heads, mask, s1, s2)
+        return
+    B, T, C = x.shape
+    n = torch.linalg.vector_norm(x.view(B, T, n_heads, C // n_heads), 2, dim=-1, dtype=torch.float32)  # [B, T, nh]
+    n = _masked(n, mask)
+    if s1 is not None:
+        s1 += n.sum(1)
+    if s2 is not None:
+        s2 += n.square().sum(1)
+
+
+@torch.compiler.disable
+def block_cosine(x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor | None, out: torch.Tensor, *,
+                 impl: str = "auto") -> None:
+    """Adds ``sum_t m * cos(x[b, t], y[b, t])`` into ``out [B]`` (fp32), ``x, y: [B, T, H]``
+    (a decoder layer's input and output); cos = x.y / max(|x||y|, 1e-8)."""
+    impl = resolve_impl(impl, x, op="block_cosine")
+    if impl == "triton":
+        from minitron_fast.kernels import importance as k
+
+        k.block_cos(x, y, mask, out, COS_EPS)
+        return
+    dot = torch.einsum("bth,bth->bt", x, y).float()
+    nx = torch.linalg.vector_norm(x, 2, dim=-1, dtype=torch.float32)
+    ny = torch.linalg.vector_norm(y, 2, dim=-1, dtype=torch.float32)
+    cos = dot / (nx * ny).clamp_min(COS_EPS)
+    if mask is not None:
+        cos = cos * mask.to(cos.dtype)
+    out += cos.sum(1)
+
+
+__all__ = ["abs_stats", "swiglu_with_stats", "rmsnorm_with_stats", "rmsnorm_reference", "head_stats", "block_cosine"]
