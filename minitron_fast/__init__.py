@@ -27,6 +27,11 @@ _LAZY = {
     "perplexity": "minitron_fast.evaluate",
     "compact_": "minitron_fast.ops.compact",
     "export_hf": "minitron_fast.models.export",
+    "fused_linear_kd_loss": "minitron_fast.ops.kd_loss",
+    "fused_linear_cross_entropy": "minitron_fast.ops.kd_loss",
+    "kd_loss_from_logits": "minitron_fast.ops.kd_loss",
+    "FusedLinearKDLoss": "minitron_fast.losses",
+    "FusedLinearCrossEntropyLoss": "minitron_fast.losses",
 }
 
 

@@ -1,0 +1,70 @@
+"""Drop-in fused losses as ``nn.Module``s (mirroring ``torch.nn`` losses) and functions.
+
+- ``FusedLinearKDLoss``: logit distillation from the student's final hidden states and lm_head
+  against a teacher given as hidden states + head, logits, or top-k logits.
+- ``FusedLinearCrossEntropyLoss``: cross-entropy through the lm_head, chunked the same way.
+
+The math, shapes and options are documented on ``minitron_fast.ops.kd_loss.fused_linear_kd_loss``.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from minitron_fast.ops.kd_loss import (  # noqa: F401  (re-exported)
+    fused_linear_cross_entropy,
+    fused_linear_kd_loss,
+    kd_loss_from_logits,
+)
+
+
+class FusedLinearKDLoss(nn.Module):
+    """``nn.Module`` over ``fused_linear_kd_loss`` with the loss options fixed at construction.
+
+    Example:
+        >>> loss_fn = FusedLinearKDLoss(divergence="forward_kl", temperature=1.0)
+        >>> h, W = torch.randn(6, 8, requires_grad=True), torch.randn(11, 8, requires_grad=True)
+        >>> loss = loss_fn(h, W, torch.randn(6, 5), torch.randn(11, 5))
+        >>> loss.backward()
+    """
+
+    def __init__(self, divergence: str = "forward_kl", *, beta: float = 0.5, temperature: float = 1.0,
+                 ignore_index: int = -100, hard_label_weight: float = 0.0, reduction: str = "mean",
+                 chunk_size: int | None = None, impl: str = "auto", t2_scaling: bool = False):
+        super().__init__()
+        # validate now, so a bad option fails at construction rather than at the first step
+        from minitron_fast.ops.kd_loss import _check_common
+
+        _check_common(divergence, beta, temperature, reduction, None, hard_label_weight, chunk_size)
+        self.divergence, self.beta, self.temperature = divergence, beta, temperature
+        self.ignore_index, self.hard_label_weight, self.reduction = ignore_index, hard_label_weight, reduction
+        self.chunk_size, self.impl, self.t2_scaling = chunk_size, impl, t2_scaling
+
+    def forward(self, student_hidden: torch.Tensor, student_weight: torch.Tensor,
+                teacher_hidden: torch.Tensor | None = None, teacher_weight: torch.Tensor | None = None, *,
+                teacher_logits=None, teacher_topk=None, student_bias=None, teacher_bias=None, labels=None,
+                num_items=None) -> torch.Tensor:
+        return fused_linear_kd_loss(
+            student_hidden, student_weight, teacher_hidden, teacher_weight, teacher_logits=teacher_logits,
+            teacher_topk=teacher_topk, student_bias=student_bias, teacher_bias=teacher_bias, labels=labels,
+            divergence=self.divergence, beta=self.beta, temperature=self.temperature,
+            ignore_index=self.ignore_index, hard_label_weight=self.hard_label_weight, reduction=self.reduction,
+            num_items=num_items, chunk_size=self.chunk_size, impl=self.impl, t2_scaling=self.t2_scaling)
+
+    def extra_repr(self) -> str:
+        return (f"divergence={self.divergence!r}, beta={self.beta}, temperature={self.temperature}, "
+                f"hard_label_weight={self.hard_label_weight}, reduction={self.reduction!r}")
+
+
+class FusedLinearCrossEntropyLoss(nn.Module):
+    """``nn.Module`` over ``fused_linear_cross_entropy``: ``loss_fn(hidden [N, H], weight [V, H], labels [N])``."""
+
+    def __init__(self, *, ignore_index: int = -100, reduction: str = "mean", chunk_size: int | None = None,
+                 impl: str = "auto"):
+        super().__init__()
+        self.ignore_index, self.reduction, self.chunk_size, self.impl = ignore_index, reduction, chunk_size, impl
+
+    def forward(self, hidden, weight, labels, bias=None, num_items=None):
+        return fused_linear_cross_entropy(hidden, weight, labels, bias=bias, ignore_index=self.ignore_index,
+                                          reduction=self.reduction, num_items=num_items,
+                                          chunk_size=self.chunk_size, impl=self.impl)
