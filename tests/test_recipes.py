@@ -82,6 +82,8 @@ def test_overrides_apply_and_are_typed():
     pytest.param("prune.depth_metric=lm_loss", r"needs importance\.depth_lm_loss", id="lm-loss-needs-scores"),
 ])
 def test_bad_recipes_give_one_line_errors(override, match):
+    if override.startswith("distill.") and "mode" not in override and "data." not in override:
+        pytest.importorskip("minitron_fast.distill.config", reason="the trainer's schema validates these keys")
     if match is None:
         load_recipe("demo", [override])
         return
