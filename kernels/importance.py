@@ -52,7 +52,7 @@ def _swiglu_stats_kernel(g_ptr, u_ptr, h_ptr, mask_ptr, s1_ptr, s2_ptr, T, F, n_
     a = tl.abs(h.to(tl.float32))
     if HAS_MASK:
         w = tl.load(mask_ptr + b * T + t, mask=tmask, other=0.0)  # [BLOCK_T]
-        a = a * w[:, None]
+        a = tl.where(w[:, None] > 0, a, 0.0)  # where, not *: padded rows may hold NaN
     if WANT_S1:
         tl.atomic_add(s1_ptr + b * F + f, tl.sum(a, axis=0), mask=fmask)
     if WANT_S2:
@@ -91,7 +91,7 @@ def _rmsnorm_stats_kernel(x_ptr, w_ptr, y_ptr, mask_ptr, s1_ptr, s2_ptr, T, H, e
         tl.store(y_ptr + offs, y, mask=m2)
         a = tl.abs(y.to(tl.float32))
         if HAS_MASK:
-            a = a * wt[:, None]
+            a = tl.where(wt[:, None] > 0, a, 0.0)
         if WANT_S1:
             tl.atomic_add(s1_ptr + b * H + hh, tl.sum(a, axis=0), mask=hmask)
         if WANT_S2:
@@ -113,7 +113,7 @@ def _head_stats_kernel(x_ptr, mask_ptr, s1_ptr, s2_ptr, T, NH, HD, n_tblocks,
     x = tl.load(x_ptr + offs, mask=tmask[:, None] & (d < HD)[None, :], other=0.0).to(tl.float32)
     n = tl.sqrt(tl.sum(x * x, axis=1))  # [BLOCK_T] per-token norm of this head's output
     if HAS_MASK:
-        n = n * tl.load(mask_ptr + b * T + t, mask=tmask, other=0.0)
+        n = tl.where(tl.load(mask_ptr + b * T + t, mask=tmask, other=0.0) > 0, n, 0.0)
     if WANT_S1:
         tl.atomic_add(s1_ptr + b * NH + hd_id, tl.sum(n, axis=0))
     if WANT_S2:
@@ -143,7 +143,7 @@ def _block_cos_kernel(x_ptr, y_ptr, mask_ptr, out_ptr, T, H, eps, n_tblocks,
     cos = dot / tl.maximum(tl.sqrt(nx) * tl.sqrt(ny), eps)  # [BLOCK_T]
     cos = tl.where(tmask, cos, 0.0)
     if HAS_MASK:
-        cos = cos * tl.load(mask_ptr + b * T + t, mask=tmask, other=0.0)
+        cos = tl.where(tl.load(mask_ptr + b * T + t, mask=tmask, other=0.0) > 0, cos, 0.0)
     tl.atomic_add(out_ptr + b, tl.sum(cos, axis=0))
 
 

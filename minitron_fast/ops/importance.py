@@ -30,7 +30,8 @@ COS_EPS = 1e-8
 
 
 def _masked(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    return x if mask is None else x * mask.to(x.dtype).unsqueeze(-1)
+    # where, not multiply: a padded position may hold NaN (fully masked attention rows), NaN * 0 = NaN
+    return x if mask is None else torch.where(mask.unsqueeze(-1) > 0, x, 0)
 
 
 @torch.compiler.disable
@@ -118,7 +119,7 @@ def block_cosine(x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor | None, ou
     ny = torch.linalg.vector_norm(y, 2, dim=-1, dtype=torch.float32)
     cos = dot / (nx * ny).clamp_min(COS_EPS)
     if mask is not None:
-        cos = cos * mask.to(cos.dtype)
+        cos = torch.where(mask > 0, cos, 0)
     out += cos.sum(1)
 
 

@@ -1,0 +1,346 @@
+"""One-pass collection of activation importance for every axis, through an explicit, reversible
+patch of the adapter's modules.
+
+What is read (independent of the attention implementation, eager/SDPA/flash-attn):
+
+- heads: the input of ``o_proj`` ``[B, T, n_heads*head_dim]`` (the concatenated per-head
+  attention outputs), per-token L2 norm per head;
+- neurons: the input of ``down_proj`` (``act(gate) * up``), ``|x|``;
+- channels: the outputs of each layer's two norms, ``|y|``;
+- block importance: each decoder layer's input and output, cosine per token.
+
+On CUDA (``impl="triton"``) the SwiGLU and RMSNorm forwards are replaced by fused kernels that
+produce their normal output and the statistics in the same pass, and the head and cosine
+statistics are Triton reductions; on the CPU (``impl="torch"``) forward hooks compute the same
+sums with one cheap reduction over each tensor. Per batch only ``[B, units]`` fp32 sums are kept
+(no activations); they are folded into per-unit fp64 accumulators after each batch.
+
+Aggregation (``seq_agg`` over the valid tokens of a sample, then ``batch_agg`` over samples),
+each one of ``mean`` (sum / n), ``l2`` (sqrt of the sum of squares) or ``var`` (population
+variance, ddof 0). The default, mean then L2, is the papers' best.
+"""
+from __future__ import annotations
+
+import inspect
+from typing import Any, Iterable
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from minitron_fast.errors import MinitronError
+from minitron_fast.importance.scores import ImportanceScores
+from minitron_fast.models import ModelView, get_view
+from minitron_fast.ops import importance as ops
+from minitron_fast.ops._dispatch import resolve_impl
+
+AGGS = ("mean", "l2", "var")
+
+
+class NonFiniteActivationError(MinitronError, FloatingPointError):
+    """NaN or inf in the activations of a layer (reported with the layer and the axis)."""
+
+
+def _check_agg(name: str, agg: str) -> None:
+    if agg not in AGGS:
+        raise MinitronError(f"{name} must be one of {AGGS}, got {agg!r}")
+
+
+def seq_aggregate(s1: torch.Tensor | None, s2: torch.Tensor | None, n: torch.Tensor, agg: str) -> torch.Tensor:
+    """Per-sample values ``[B, U]`` from the sums over valid tokens (``n [B, 1]`` tokens each)."""
+    if agg == "mean":
+        return s1 / n
+    if agg == "l2":
+        return s2.sqrt()
+    mean = s1 / n
+    return (s2 / n - mean * mean).clamp_min(0)
+
+
+def batch_aggregate(S1: torch.Tensor | None, S2: torch.Tensor | None, N: int, agg: str) -> torch.Tensor:
+    """Per-unit scores from the sums over samples of the per-sample values."""
+    if agg == "mean":
+        return S1 / N
+    if agg == "l2":
+        return S2.sqrt()
+    mean = S1 / N
+    return (S2 / N - mean * mean).clamp_min(0)
+
+
+class _Stat:
+    """Streaming statistics of one unit axis of one module."""
+
+    def __init__(self, n_units: int, seq_agg: str, batch_agg: str, label: str):
+        self.n_units, self.seq_agg, self.batch_agg, self.label = n_units, seq_agg, batch_agg, label
+        self.need_s1 = seq_agg in ("mean", "var")
+        self.need_s2 = seq_agg in ("l2", "var")
+        self.s1: torch.Tensor | None = None
+        self.s2: torch.Tensor | None = None
+        self.S1: torch.Tensor | None = None
+        self.S2: torch.Tensor | None = None
+        self.N = 0
+
+    def begin(self, B: int, device: torch.device) -> None:
+        self.s1 = torch.zeros(B, self.n_units, device=device) if self.need_s1 else None
+        self.s2 = torch.zeros(B, self.n_units, device=device) if self.need_s2 else None
+
+    def finite(self) -> bool:
+        return all(bool(torch.isfinite(t).all()) for t in (self.s1, self.s2) if t is not None)
+
+    def end(self, n: torch.Tensor, keep: torch.Tensor) -> None:
+        """Folds this batch in: ``n [B, 1]`` valid tokens per sample, ``keep [B]`` samples with any."""
+        s1 = None if self.s1 is None else self.s1.double()[keep]
+        s2 = None if self.s2 is None else self.s2.double()[keep]
+        v = seq_aggregate(s1, s2, n[keep], self.seq_agg)  # [B', U]
+        if self.batch_agg in ("mean", "var"):
+            self.S1 = v.sum(0) if self.S1 is None else self.S1 + v.sum(0)
+        if self.batch_agg in ("l2", "var"):
+            self.S2 = (v * v).sum(0) if self.S2 is None else self.S2 + (v * v).sum(0)
+        self.N += int(keep.sum())
+        self.s1 = self.s2 = None
+
+    def result(self) -> torch.Tensor:
+        if self.N == 0:
+            raise MinitronError("no calibration tokens were seen (every position was padding)")
+        return batch_aggregate(self.S1, self.S2, self.N, self.batch_agg).float().cpu()
+
+
+def _is_rmsnorm(m: nn.Module) -> bool:
+    return "RMSNorm" in type(m).__name__ and hasattr(m, "weight") and hasattr(m, "variance_epsilon")
+
+
+def _is_silu_mlp(lv) -> bool:
+    act = getattr(lv.mlp, "act_fn", None)
+    return isinstance(act, nn.SiLU)
+
+
+def _layer_returns_tuple(layer: nn.Module) -> bool:
+    ann = inspect.signature(type(layer).forward).return_annotation
+    return "tuple" in str(ann).lower()
+
+
+class ImportanceCollector:
+    """Collects every importance axis in one forward pass per batch.
+
+    Patching is explicit and reversible: ``attach()`` installs hooks (and on CUDA, fused
+    forwards) on the adapter's modules, ``detach()`` restores the model exactly; use it as a
+    context manager.
+
+    Example:
+        >>> with ImportanceCollector(model) as col:
+        ...     for ids in batches:            # ids: [B, T]
+        ...         col.step(ids)
+        ... scores = col.scores()
+    """
+
+    def __init__(self, model: nn.Module | ModelView, *, seq_agg: str = "mean", batch_agg: str = "l2",
+                 impl: str = "auto", check_finite: bool = True):
+        _check_agg("seq_agg", seq_agg)
+        _check_agg("batch_agg", batch_agg)
+        self.view = model if isinstance(model, ModelView) else get_view(model)
+        self.model = self.view.model
+        self.seq_agg, self.batch_agg = seq_agg, batch_agg
+        p = next(self.model.parameters())
+        self.impl = resolve_impl(impl, p, op="importance collection")
+        self.check_finite = check_finite
+        g = self.view.geometry()
+        self.geometry = g
+        L = self.view.num_layers
+        mk = lambda n, lab: _Stat(n, seq_agg, batch_agg, lab)  # noqa: E731
+        self.heads = [mk(g.num_attention_heads, f"layer {i} heads (o_proj input)") for i in range(L)]
+        self.neurons = [mk(g.intermediate_size, f"layer {i} neurons (down_proj input)") for i in range(L)]
+        self.norm_in = [mk(g.hidden_size, f"layer {i} channels (input norm output)") for i in range(L)]
+        self.norm_post = [mk(g.hidden_size, f"layer {i} channels (post-attention norm output)") for i in range(L)]
+        self.cos_sum = torch.zeros(L, dtype=torch.float64)
+        self.cos_count = 0.0
+        self.tokens = 0
+        self.samples = 0
+        self._cos_batch: list[torch.Tensor] = []
+        self._layer_in: dict[int, torch.Tensor] = {}
+        self._mask: torch.Tensor | None = None
+        self._handles: list[Any] = []
+        self._patched: list[nn.Module] = []
+
+    # -- patch -----------------------------------------------------------------------------------
+    def attach(self) -> "ImportanceCollector":
+        if self._handles or self._patched:
+            return self
+        fused = self.impl == "triton"
+        for i, lv in enumerate(self.view.layers):
+            self._handles.append(lv.o_proj.register_forward_pre_hook(self._head_hook(i)))
+            if fused and _is_silu_mlp(lv):
+                self._patch(lv.mlp, self._fused_mlp(i, lv))
+            else:
+                self._handles.append(lv.down_proj.register_forward_pre_hook(self._neuron_hook(i)))
+            for norm, stat in ((lv.input_norm, self.norm_in[i]), (lv.post_attn_norm, self.norm_post[i])):
+                if fused and _is_rmsnorm(norm):
+                    self._patch(norm, self._fused_norm(norm, stat))
+                else:
+                    self._handles.append(norm.register_forward_hook(self._norm_hook(stat)))
+            self._handles.append(lv.module.register_forward_pre_hook(self._layer_pre_hook(i), with_kwargs=True))
+            self._handles.append(lv.module.register_forward_hook(self._layer_hook(i)))
+        return self
+
+    def detach(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        for m in self._patched:
+            del m.forward  # the instance attribute shadowed the class's forward
+        self._patched.clear()
+        self._layer_in.clear()
+
+    def __enter__(self) -> "ImportanceCollector":
+        return self.attach()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.detach()
+
+    def _patch(self, module: nn.Module, fwd) -> None:
+        module.forward = fwd
+        self._patched.append(module)
+
+    # -- hooks -----------------------------------------------------------------------------------
+    def _head_hook(self, i: int):
+        nh = self.geometry.num_attention_heads
+
+        def hook(mod, args):
+            st = self.heads[i]
+            ops.head_stats(args[0], nh, self._mask, st.s1, st.s2, impl=self.impl)
+        return hook
+
+    def _neuron_hook(self, i: int):
+        def hook(mod, args):
+            st = self.neurons[i]
+            ops.abs_stats(args[0], self._mask, st.s1, st.s2)
+        return hook
+
+    def _norm_hook(self, st: _Stat):
+        def hook(mod, args, out):
+            ops.abs_stats(out, self._mask, st.s1, st.s2)
+        return hook
+
+    def _fused_mlp(self, i: int, lv):
+        def forward(x):
+            st = self.neurons[i]
+            h = ops.swiglu_with_stats(lv.gate_proj(x), lv.up_proj(x), self._mask, st.s1, st.s2, impl=self.impl)
+            return lv.down_proj(h)
+        return forward
+
+    def _fused_norm(self, norm: nn.Module, st: _Stat):
+        def forward(x):
+            return ops.rmsnorm_with_stats(x, norm.weight, norm.variance_epsilon, self._mask, st.s1, st.s2,
+                                          impl=self.impl)
+        return forward
+
+    def _layer_pre_hook(self, i: int):
+        def hook(mod, args, kwargs):
+            self._layer_in[i] = args[0] if args else kwargs["hidden_states"]
+        return hook
+
+    def _layer_hook(self, i: int):
+        def hook(mod, args, out):
+            y = out[0] if isinstance(out, (tuple, list)) else out
+            x = self._layer_in.pop(i)
+            ops.block_cosine(x, y, self._mask, self._cos_batch[i], impl=self.impl)
+        return hook
+
+    # -- driving ---------------------------------------------------------------------------------
+    def _all_stats(self):
+        for group in (self.heads, self.neurons, self.norm_in, self.norm_post):
+            yield from group
+
+    @torch.no_grad()
+    def step(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> None:
+        """One forward over ``input_ids [B, T]`` (``attention_mask [B, T]``, 1 = token, 0 = pad)
+        through the decoder stack (the lm_head is not needed for any score and is skipped)."""
+        if not self._handles:
+            raise RuntimeError("ImportanceCollector.step() before attach(); use `with ImportanceCollector(model) as c:`")
+        dev = next(self.model.parameters()).device
+        ids = input_ids.to(dev)
+        B, T = ids.shape
+        if attention_mask is not None:
+            am = attention_mask.to(dev)
+            n = am.sum(1, dtype=torch.float64).cpu()
+            self._mask = None if bool((am != 0).all()) else (am != 0).to(torch.float32)
+        else:
+            am = None
+            n = torch.full((B,), float(T), dtype=torch.float64)
+            self._mask = None
+        keep = n > 0
+        for st in self._all_stats():
+            st.begin(B, dev)
+        self._cos_batch = [torch.zeros(B, device=dev) for _ in range(self.view.num_layers)]
+        try:
+            decoder = self.model.get_decoder() if hasattr(self.model, "get_decoder") else self.model
+            decoder(input_ids=ids, attention_mask=am, use_cache=False)
+        finally:
+            self._mask = None
+            self._layer_in.clear()
+        if self.check_finite:
+            self._check_finite()
+        nk = n.view(-1, 1)
+        for st in self._all_stats():
+            st.end(nk.to(st.s1.device if st.s1 is not None else st.s2.device), keep.to(dev))
+        self.cos_sum += torch.stack([c.double().sum() for c in self._cos_batch]).cpu()
+        self.cos_count += float(n.sum())
+        self.tokens += int(n.sum())
+        self.samples += int(keep.sum())
+
+    def _check_finite(self) -> None:
+        for i in range(self.view.num_layers):
+            for st in (self.norm_in[i], self.heads[i], self.norm_post[i], self.neurons[i]):
+                if not st.finite():
+                    raise NonFiniteActivationError(
+                        f"NaN/inf activations in {st.label}; the model or its dtype overflows on this data "
+                        f"(try --dtype float32) — no scores were written")
+            if not bool(torch.isfinite(self._cos_batch[i]).all()):
+                raise NonFiniteActivationError(f"NaN/inf activations in layer {i} output; no scores were written")
+
+    def scores(self, meta: dict[str, Any] | None = None) -> ImportanceScores:
+        """The aggregated scores so far (higher = more important)."""
+        g = self.geometry
+        heads = [s.result() for s in self.heads]
+        group = g.num_attention_heads // g.num_key_value_heads
+        kv = [h.view(g.num_key_value_heads, group).sum(1) for h in heads]
+        layer_ch = [a.result() + b.result() for a, b in zip(self.norm_in, self.norm_post)]
+        bi = (1.0 - self.cos_sum / max(self.cos_count, 1.0)).float()
+        m = {"family": self.view.family, "geometry": g.as_dict(), "seq_agg": self.seq_agg,
+             "batch_agg": self.batch_agg, "calib_tokens": self.tokens, "calib_samples": self.samples,
+             "impl": self.impl, "dtype": str(next(self.model.parameters()).dtype).replace("torch.", ""),
+             "accumulation": "fp32 per-batch sums, fp64 across batches"}
+        m.update(meta or {})
+        return ImportanceScores(heads=heads, kv_groups=kv, neurons=[s.result() for s in self.neurons],
+                                layer_channels=layer_ch, channels=torch.stack(layer_ch).sum(0),
+                                block_importance=bi, meta=m)
+
+
+def collect_importance(model: nn.Module, blocks: torch.Tensor, *, attention_mask: torch.Tensor | None = None,
+                       batch_size: int = 8, seq_agg: str = "mean", batch_agg: str = "l2", impl: str = "auto",
+                       progress: bool = True, meta: dict[str, Any] | None = None) -> ImportanceScores:
+    """Activation importance of an in-memory model over calibration ``blocks [n, T]`` (token ids;
+    optional ``attention_mask [n, T]``), one forward per batch, every axis at once.
+
+    Example:
+        >>> scores = collect_importance(model, token_blocks(tok, "demo", "calib", 256, max_blocks=64))
+        >>> scores.neurons[0].shape          # [intermediate_size]
+    """
+    if blocks.dim() != 2 or blocks.shape[0] == 0:
+        raise MinitronError(f"calibration blocks must be a non-empty [n, T] tensor, got {tuple(blocks.shape)}")
+    was_training = model.training
+    model.eval()
+    try:
+        with ImportanceCollector(model, seq_agg=seq_agg, batch_agg=batch_agg, impl=impl) as col:
+            starts: Iterable[int] = range(0, blocks.shape[0], batch_size)
+            for s in tqdm(starts, desc="importance", disable=not progress, leave=False,
+                          total=(blocks.shape[0] + batch_size - 1) // batch_size, unit="batch"):
+                am = None if attention_mask is None else attention_mask[s: s + batch_size]
+                col.step(blocks[s: s + batch_size], am)
+        m = {"seq_len": int(blocks.shape[1])}
+        m.update(meta or {})
+        return col.scores(m)
+    finally:
+        model.train(was_training)
+
+
+__all__ = ["AGGS", "ImportanceCollector", "collect_importance", "NonFiniteActivationError", "seq_aggregate",
+           "batch_aggregate"]
