@@ -21,7 +21,7 @@ from minitron_fast.models.export import file_sha256
 from minitron_fast.prune.targets import TargetError, check_geometry, target_geometry
 
 PLAN_VERSION = 1
-DEPTH_METRICS = ("block_importance", "lm_loss")
+DEPTH_METRICS = ("block_importance", "lm_loss", "lm_loss_block")
 DEPTH_MODES = ("contiguous", "top")
 
 
@@ -181,7 +181,9 @@ def make_plan(model_or_config: Any, scores: str | os.PathLike | Mapping[str, tor
             Only the axes the target prunes need scores.
         target: ``"hidden=3072,ffn=9216,heads=32,kv_heads=8,layers=32"`` (missing keys keep the
             source value), ``"params=4.5e9"`` / ``"params=0.5x"``, a dict, or a ``Geometry``.
-        depth_metric: ``depth.<metric>`` to rank layers by ("block_importance" or "lm_loss").
+        depth_metric: ``depth.<metric>`` to rank layers by: "block_importance", "lm_loss" (loss
+            with that layer skipped), or "lm_loss_block" (loss with each contiguous block of the
+            size to drop skipped; the lowest is dropped, whatever ``depth_mode``).
         depth_mode: ``"contiguous"`` removes the contiguous block of lowest total importance
             (the second Minitron paper's choice); ``"top"`` keeps the individually top layers.
         budget_axes: for a ``params=`` target: "width", "ffn" or "depth".
@@ -206,12 +208,20 @@ def make_plan(model_or_config: Any, scores: str | os.PathLike | Mapping[str, tor
 
     # layers
     if geo.num_hidden_layers < L:
-        d = _score(S, f"depth.{depth_metric}", L, f"choose {geo.num_hidden_layers} of {L} layers")
-        if depth_mode == "top":
-            layers = top_k(d, geo.num_hidden_layers)
+        n_drop = L - geo.num_hidden_layers
+        if depth_metric == "lm_loss_block":
+            # LM loss with layers [s, s+k) skipped, per start s: drop the block whose removal hurts least
+            d = _score(S, "depth.lm_loss_block", L - n_drop + 1,
+                       f"drop a block of {n_drop} layers (the file's block size must be {n_drop})")
+            s0 = int(torch.argmin(d))
+            layers = [i for i in range(L) if not s0 <= i < s0 + n_drop]
         else:
-            drop = set(_contiguous_drop(d, L - geo.num_hidden_layers))
-            layers = [i for i in range(L) if i not in drop]
+            d = _score(S, f"depth.{depth_metric}", L, f"choose {geo.num_hidden_layers} of {L} layers")
+            if depth_mode == "top":
+                layers = top_k(d, geo.num_hidden_layers)
+            else:
+                drop = set(_contiguous_drop(d, n_drop))
+                layers = [i for i in range(L) if i not in drop]
     else:
         layers = list(range(L))
 

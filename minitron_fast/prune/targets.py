@@ -111,8 +111,13 @@ def check_geometry(config: Any, geo: Geometry) -> None:
                           f"{group_t} query heads per KV group, but the source has only {group_src} "
                           f"({src.num_attention_heads} heads / {src.num_key_value_heads} KV heads)")
     # Can the family's config express this shape? Round-trip it through the config's dict form.
-    new = view_cls.config_for(config, geo)
-    back = type(config).from_dict(new.to_dict())
+    try:
+        new = view_cls.config_for(config, geo)
+        back = type(config).from_dict(new.to_dict())
+    except Exception as exc:  # noqa: BLE001  transformers 5 strict-config validators raise their own types
+        cause = getattr(exc, "__cause__", None) or exc
+        raise TargetError(f"the {view_cls.family} config cannot express hidden={geo.hidden_size} with "
+                          f"heads={geo.num_attention_heads} (head_dim={geo.head_dim}): {str(cause).strip()}") from None
     got = view_cls.geometry_of(back)
     if got != geo:
         raise TargetError(f"the {view_cls.family} config cannot express hidden={geo.hidden_size} with "
