@@ -373,6 +373,8 @@ def _run(student, teacher_kind, teacher_src, labels, N, V, cfg, row_scale, need_
             else:
                 Tt = bufs.get("t", c)
                 teacher_src.fill(Tt, c0, c1, 1.0 / T)
+                if teacher_kind == "logits":
+                    Tt.clamp_(min=-1e30)  # masked (-inf) teacher logits: p_t = 0 there, and 0 * -inf = nan
                 tch = ("dense", Tt)
             kd, G = _chunk_torch(S, tch, a, cfg, bufs, need_grad)
             rows += kd * cfg.kd_scale
