@@ -18,6 +18,7 @@ from minitron_fast.errors import MinitronError
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("minitron_fast.commands.demo", "run the demo on the embedded SmolLM2-135M teacher and pydoc text"),
     "info": ("minitron_fast.commands.info", "print a model's family, geometry and parameter count"),
+    "importance": ("minitron_fast.commands.importance", "activation importance of heads, KV groups, neurons, channels and layers"),
     "prune": ("minitron_fast.commands.prune", "prune a model to a target shape from importance scores (width and depth)"),
 }
 
