@@ -1,0 +1,288 @@
+"""Distillation recipes: YAML validated into dataclasses, with ``key=value`` overrides.
+
+A recipe is one YAML mapping; nested sections are ``loss``, ``data``, ``deepspeed`` and
+``intermediate``. Overrides use dotted keys (``loss.temperature=2``, ``steps=100``) and YAML
+values (``ds.offload_optimizer=true``). Unknown keys are errors, with the known keys listed.
+
+Example recipe (``configs/distill_demo.yaml``)::
+
+    mode: distill
+    teacher: demo
+    student: runs/pruned
+    out: runs/distilled
+    steps: 200
+    micro_batch_size: 4
+    grad_accum: 2
+    lr: 3.0e-4
+    data: {source: demo, seq_len: 256}
+    loss: {kd_weight: 1.0, lm_weight: 0.0, temperature: 1.0, impl: fused}
+    deepspeed: {zero_stage: 2}
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from minitron_fast.errors import MinitronError
+
+
+class ConfigError(MinitronError, ValueError):
+    """A recipe that does not validate."""
+
+
+MODES = ("distill", "correct-teacher")
+DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
+LOSS_IMPLS = ("fused", "materialized")
+
+
+@dataclass
+class LossConfig:
+    kd_weight: float = 1.0          # logit KD (the papers: logit-only forward KL, T=1)
+    lm_weight: float = 0.0          # next-token CE of the student mixed in (distill mode)
+    divergence: str = "forward_kl"
+    temperature: float = 1.0
+    beta: float = 0.5               # generalized JSD's beta
+    impl: str = "fused"             # fused: never materializes [N, V]; materialized: plain torch logits
+    chunk_size: int | None = None   # tokens per chunk inside the fused loss (None: its default)
+
+
+@dataclass
+class IntermediateConfig:
+    """Intermediate-state loss: MSE between ``proj(student hidden after layer s)`` and the
+    teacher's hidden state after layer t, for each pair ``[s, t]``; ``proj`` is one learned
+    linear map from student to teacher width shared by all pairs (identity-initialized when the
+    widths are equal). Layer indices count decoder layers from 0; -1 is the last."""
+
+    pairs: list[list[int]] = field(default_factory=list)
+    weight: float = 0.0
+
+
+@dataclass
+class DataConfig:
+    source: str = "demo"            # "demo", a .txt/.jsonl file, a directory, a saved HF dataset
+    seq_len: int = 256
+    text_field: str = "text"
+    max_blocks: int | None = None   # cap on training blocks (tests, smoke runs)
+    eval_blocks: int = 8            # held-out blocks for the held-out loss
+    seed: int = 0                   # data order (the block permutation of each epoch)
+
+
+@dataclass
+class DeepSpeedConfig:
+    zero_stage: int = 2
+    bf16: bool = False
+    offload_optimizer: bool = False
+    offload_param: bool = False         # ZeRO-3 only
+    teacher_zero3: bool = False         # partition the frozen teacher with ZeRO-3 for inference
+    config_file: str | None = None      # a user DeepSpeed JSON; checked against this recipe
+    optimizer: str = "torch_adamw"      # torch_adamw (client optimizer) | deepspeed (DS's own AdamW)
+    gradient_clipping: float = 1.0
+    persistence_threshold: int | None = None  # stage3_param_persistence_threshold (None: DS default)
+
+
+@dataclass
+class DistillConfig:
+    mode: str = "distill"
+    teacher: str | None = None
+    student: str | None = None
+    out: str = "runs/distill"
+    steps: int = 100
+    micro_batch_size: int = 4
+    grad_accum: int = 1
+    lr: float = 3e-4
+    min_lr: float = 3e-5
+    warmup_steps: int = 10
+    schedule: str = "cosine"       # cosine | linear | constant (after the linear warm-up)
+    weight_decay: float = 0.0
+    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    seed: int = 0
+    save_every: int = 50           # DeepSpeed checkpoint every N steps (and at the end)
+    eval_every: int = 50           # held-out loss every K steps (and at steps 0 and the end)
+    log_every: int = 1
+    export: bool = True            # export the final model as a stock HF checkpoint to <out>/final
+    threads: int | None = None     # torch CPU threads per process
+    loss: LossConfig = field(default_factory=LossConfig)
+    intermediate: IntermediateConfig = field(default_factory=IntermediateConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+
+    # -- validation -------------------------------------------------------------------------
+    def validate(self) -> "DistillConfig":
+        if self.mode not in MODES:
+            raise ConfigError(f"mode={self.mode!r} is not one of {MODES}")
+        if self.teacher is None:
+            raise ConfigError("the recipe names no teacher; set teacher: PATH (or demo)")
+        if self.mode == "distill" and self.student is None:
+            raise ConfigError("mode distill needs a student; set student: PATH")
+        for name in ("steps", "micro_batch_size", "grad_accum", "save_every", "eval_every", "log_every"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.warmup_steps < 0 or self.lr <= 0 or self.min_lr < 0:
+            raise ConfigError("lr must be positive and min_lr, warmup_steps non-negative")
+        if self.schedule not in ("cosine", "linear", "constant"):
+            raise ConfigError(f"schedule={self.schedule!r} is not one of cosine, linear, constant")
+        L = self.loss
+        if L.divergence not in DIVERGENCES:
+            raise ConfigError(f"loss.divergence={L.divergence!r} is not one of {DIVERGENCES}")
+        if L.impl not in LOSS_IMPLS:
+            raise ConfigError(f"loss.impl={L.impl!r} is not one of {LOSS_IMPLS}")
+        if L.temperature <= 0:
+            raise ConfigError(f"loss.temperature must be positive, got {L.temperature}")
+        if L.kd_weight < 0 or L.lm_weight < 0 or self.intermediate.weight < 0:
+            raise ConfigError("loss weights must be non-negative")
+        if self.mode == "distill" and L.kd_weight == 0 and L.lm_weight == 0 and self.intermediate.weight == 0:
+            raise ConfigError("every loss weight is 0; set loss.kd_weight (or lm_weight / intermediate.weight)")
+        for p in self.intermediate.pairs:
+            if not (isinstance(p, (list, tuple)) and len(p) == 2 and all(isinstance(i, int) for i in p)):
+                raise ConfigError(f"intermediate.pairs entries must be [student_layer, teacher_layer], got {p!r}")
+        if self.intermediate.weight > 0 and not self.intermediate.pairs:
+            raise ConfigError("intermediate.weight > 0 needs intermediate.pairs: [[s, t], ...]")
+        if self.data.seq_len < 2:
+            raise ConfigError(f"data.seq_len must be at least 2, got {self.data.seq_len}")
+        ds = self.deepspeed
+        if ds.zero_stage not in (0, 1, 2, 3):
+            raise ConfigError(f"deepspeed.zero_stage must be 0, 1, 2 or 3, got {ds.zero_stage}")
+        if ds.offload_param and ds.zero_stage != 3:
+            raise ConfigError("deepspeed.offload_param needs zero_stage 3")
+        if ds.offload_optimizer and ds.zero_stage == 0:
+            raise ConfigError("deepspeed.offload_optimizer needs zero_stage 1, 2 or 3")
+        if ds.optimizer not in ("torch_adamw", "deepspeed"):
+            raise ConfigError(f"deepspeed.optimizer={ds.optimizer!r} is not one of torch_adamw, deepspeed")
+        if len(self.adam_betas) != 2:
+            raise ConfigError(f"adam_betas must be two numbers, got {self.adam_betas}")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def fingerprint(self) -> str:
+        """A hash of everything that defines the run's trajectory (not steps, logging, saving or
+        output paths), so ``--resume`` can refuse a directory written by a different run."""
+        d = self.to_dict()
+        for k in ("steps", "out", "save_every", "eval_every", "log_every", "export", "threads"):
+            d.pop(k, None)
+        d["deepspeed"] = {k: v for k, v in d["deepspeed"].items() if k not in ("config_file",)}
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# -- building from dicts, YAML and overrides ---------------------------------------------------
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin is typing.Union or (origin is not None and str(origin) == "<class 'types.UnionType'>"):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], key)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} must be a mapping, got {value!r}")
+        return _from_dict(tp, value, prefix=key + ".")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key} must be true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise ConfigError(f"{key} must be an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            if isinstance(value, str):
+                try:
+                    return float(value)
+                except ValueError:
+                    pass
+            raise ConfigError(f"{key} must be a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ConfigError(f"{key} must be a string, got {value!r}")
+        return str(value)
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key} must be a list, got {value!r}")
+        (elem,) = args or (Any,)
+        return [v if elem is Any else _coerce(v, elem, key) for v in value]
+    return value
+
+
+def _from_dict(cls: type, d: dict[str, Any], *, prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(d) - set(names))
+    if unknown:
+        raise ConfigError(f"unknown recipe key {prefix}{unknown[0]}; known keys here: {', '.join(names)}")
+    kw = {k: _coerce(v, hints[k], prefix + k) for k, v in d.items()}
+    return cls(**kw)
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """``["a.b=1", "c=x"]`` -> ``{"a": {"b": 1}, "c": "x"}`` (values parsed as YAML)."""
+    out: dict[str, Any] = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not key=value (for example steps=100 or loss.temperature=2)")
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw != "" else None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"override {item!r}: value is not valid YAML ({exc})") from exc
+        node = out
+        parts = key.strip().split(".")
+        if key.strip().startswith("ds."):
+            parts[0] = "deepspeed"
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r} conflicts with another override")
+        node[parts[-1]] = value
+    return out
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def config_from_dict(d: dict[str, Any]) -> DistillConfig:
+    return _from_dict(DistillConfig, d).validate()
+
+
+def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> DistillConfig:
+    """Reads the YAML recipe at ``path`` (or starts from the defaults when None), applies
+    ``key=value`` overrides and validates. Raises ConfigError with a one-line message."""
+    d: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"recipe {p} does not exist")
+        try:
+            d = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"recipe {p} is not valid YAML: {exc}") from exc
+        if not isinstance(d, dict):
+            raise ConfigError(f"recipe {p} must be a YAML mapping of keys to values")
+        if "ds" in d and "deepspeed" not in d:
+            d["deepspeed"] = d.pop("ds")
+    return config_from_dict(_merge(d, parse_overrides(list(overrides))))
+
+
+def dump_config(cfg: DistillConfig) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)

@@ -1,0 +1,66 @@
+"""Deterministic sharding of packed token blocks across ranks and micro-batches.
+
+The training stream is an endless sequence of sample positions: position ``p`` is block
+``perm_e[p % n]`` of epoch ``e = p // n``, where ``perm_e`` is a permutation drawn from a
+generator seeded with ``seed + e``. Optimizer step ``s`` consumes positions
+``[s * G, (s + 1) * G)`` with ``G = world * micro_batch * grad_accum``; micro-batch ``m`` of rank
+``r`` takes the ``micro_batch`` positions starting at ``s * G + (m * world + r) * micro_batch``.
+
+So the data position is the step number alone: a resumed run that restarts at step ``s`` reads
+exactly what an uninterrupted run reads, and the global batch of a step does not depend on how
+it is split (2 ranks x 1 micro-batch sees the same blocks as 1 rank x 2 micro-batches).
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+
+
+class ShardedBlocks:
+    def __init__(self, blocks: torch.Tensor, *, world: int, rank: int, micro_batch: int, grad_accum: int, seed: int = 0):
+        if blocks.dim() != 2 or blocks.shape[0] == 0:
+            raise ValueError(f"blocks must be a non-empty [n, T] tensor, got {tuple(blocks.shape)}")
+        if not 0 <= rank < world:
+            raise ValueError(f"rank {rank} outside world of {world}")
+        self.blocks = blocks
+        self.world, self.rank = world, rank
+        self.micro_batch, self.grad_accum = micro_batch, grad_accum
+        self.seed = seed
+
+    @property
+    def global_batch(self) -> int:
+        return self.world * self.micro_batch * self.grad_accum
+
+    @functools.lru_cache(maxsize=4)
+    def _perm(self, epoch: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(self.seed + epoch)
+        return torch.randperm(self.blocks.shape[0], generator=g)
+
+    def indices(self, positions: range) -> torch.Tensor:
+        n = self.blocks.shape[0]
+        return torch.stack([self._perm(p // n)[p % n] for p in positions])
+
+    def micro_batches(self, step: int) -> list[torch.Tensor]:
+        """This rank's ``grad_accum`` micro-batches ``[micro_batch, T]`` of optimizer step ``step``."""
+        out = []
+        base = step * self.global_batch
+        for m in range(self.grad_accum):
+            start = base + (m * self.world + self.rank) * self.micro_batch
+            out.append(self.blocks[self.indices(range(start, start + self.micro_batch))])
+        return out
+
+    def position(self, step: int) -> dict[str, int]:
+        """The data position reached after ``step`` optimizer steps (stored in checkpoints)."""
+        p = step * self.global_batch
+        return {"step": step, "samples": p, "epoch": p // self.blocks.shape[0], "n_blocks": int(self.blocks.shape[0])}
+
+
+def eval_shard(n: int, world: int, rank: int, batch: int) -> list[tuple[list[int], list[float]]]:
+    """This rank's evaluation batches over ``n`` blocks: ``(indices, weights)`` pairs, the same
+    count on every rank (ZeRO-3 forwards are collective), padded with weight-0 repeats."""
+    mine = list(range(rank, n, world))
+    per_rank = -(-n // world)
+    weights = [1.0] * len(mine) + [0.0] * (per_rank - len(mine))
+    mine = mine + [0] * (per_rank - len(mine))
+    return [(mine[i:i + batch], weights[i:i + batch]) for i in range(0, per_rank, batch)]

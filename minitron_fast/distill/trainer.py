@@ -1,0 +1,625 @@
+"""The distillation / teacher-correction trainer on DeepSpeed ZeRO.
+
+One process per rank (``deepspeed --num_gpus N --module minitron_fast.distill ...``), or a single
+process that sets up a world of one. The student (or, in ``correct-teacher`` mode, the teacher)
+is wrapped in a DeepSpeed engine; the frozen teacher runs in eval mode without gradients (or as
+a ZeRO-3 inference engine). Losses are computed from hidden states through
+``minitron_fast.distill.losses`` (fused by default); under ZeRO-3 the partitioned lm_heads are
+gathered around the loss's forward *and* backward.
+
+Output directory layout (``cfg.out``)::
+
+    run.json          recipe, fingerprint, world size (checked by --resume)
+    checkpoints/      DeepSpeed checkpoints (tags step<N>, 'latest' written last)
+    metrics.jsonl     one record per logged step (rank 0)
+    loss.png          loss curve (at the end)
+    final/            the trained model as a stock HF checkpoint (+ tokenizer)
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import resource
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from minitron_fast.distill import losses
+from minitron_fast.distill.config import ConfigError, DistillConfig, dump_config
+from minitron_fast.distill.sharding import ShardedBlocks, eval_shard
+from minitron_fast.errors import MinitronError
+from minitron_fast.io import atomic_write_json, atomic_write_text, same_or_inside
+
+log = logging.getLogger("minitron_fast.distill")
+
+
+class NaNLossError(MinitronError, FloatingPointError):
+    """The loss became NaN/inf; the last good checkpoint is kept."""
+
+
+class ResumeError(MinitronError, ValueError):
+    """--resume pointed at a directory of a different run, or a fresh run at a used directory."""
+
+
+# -- distributed setup ----------------------------------------------------------------------------
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed() -> tuple[int, int]:
+    """Initializes torch.distributed through DeepSpeed (gloo on CPU, nccl on CUDA). A process
+    started without a launcher becomes a world of one. Returns ``(rank, world_size)``."""
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=os.environ.get("MASTER_PORT") or str(_free_port()))
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
+def _device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
+def _all_reduce(t: torch.Tensor) -> torch.Tensor:
+    import torch.distributed as dist
+
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t)
+    return t
+
+
+def _barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def peak_memory_mb() -> float:
+    """Peak device memory (CUDA) or peak resident set size of this process (CPU), MB."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+@contextlib.contextmanager
+def gathered(params: list[nn.Parameter]):
+    """Gathers ZeRO-3-partitioned ``params`` for the duration (read-only); a no-op for
+    parameters DeepSpeed does not partition."""
+    params = [p for p in params if p is not None]
+    if not any(hasattr(p, "ds_id") for p in params):
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+        yield
+
+
+# -- the trained module ---------------------------------------------------------------------------
+
+class HiddenStates(nn.Module):
+    """Wraps a causal LM so the DeepSpeed engine's forward returns final hidden states
+    ``[B, T, H]`` (and the outputs of chosen decoder layers) instead of logits; the loss is
+    computed from the hidden states and the lm_head outside, never materializing logits.
+    ``proj`` is the learned student->teacher map of the intermediate-state loss (or None)."""
+
+    def __init__(self, model: nn.Module, proj: nn.Module | None = None):
+        super().__init__()
+        self.model = model
+        self.proj = proj
+
+    def forward(self, input_ids: torch.Tensor, want_layers: tuple[int, ...] = ()):
+        out = self.model.model(input_ids=input_ids, use_cache=False, output_hidden_states=bool(want_layers))
+        inter = [out.hidden_states[i + 1] for i in want_layers] if want_layers else []
+        return out.last_hidden_state, inter
+
+
+def lm_head_params(model: nn.Module) -> tuple[nn.Parameter, nn.Parameter | None]:
+    from minitron_fast.models import get_view
+
+    head = get_view(model).lm_head
+    return head.weight, head.bias
+
+
+# -- schedule ------------------------------------------------------------------------------------
+
+def lr_lambda(cfg: DistillConfig):
+    """Linear warm-up to ``lr`` over ``warmup_steps``, then cosine/linear decay to ``min_lr`` at
+    ``steps`` (or constant). Returns the multiplier of ``lr`` for a step."""
+    floor = cfg.min_lr / cfg.lr
+
+    def f(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / (cfg.warmup_steps + 1)
+        if cfg.schedule == "constant":
+            return 1.0
+        span = max(1, cfg.steps - cfg.warmup_steps)
+        frac = min(1.0, (step - cfg.warmup_steps) / span)
+        if cfg.schedule == "linear":
+            return floor + (1 - floor) * (1 - frac)
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * frac))
+
+    return f
+
+
+# -- DeepSpeed config -----------------------------------------------------------------------------
+
+def deepspeed_config(cfg: DistillConfig, world: int) -> tuple[dict[str, Any], bool]:
+    """The DeepSpeed config for ``cfg`` on ``world`` ranks: the user's JSON (checked against the
+    recipe) or one generated from the recipe. Returns ``(config, uses_client_optimizer)``."""
+    d = cfg.deepspeed
+    want = {"train_micro_batch_size_per_gpu": cfg.micro_batch_size, "gradient_accumulation_steps": cfg.grad_accum,
+            "train_batch_size": cfg.micro_batch_size * cfg.grad_accum * world}
+    if d.config_file:
+        p = Path(d.config_file)
+        try:
+            user = json.loads(p.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ConfigError(f"cannot read DeepSpeed config {p}: {exc}") from exc
+        for k, v in want.items():
+            if k in user and user[k] != "auto" and int(user[k]) != v:
+                raise ConfigError(
+                    f"DeepSpeed config {p} sets {k}={user[k]} but the recipe gives {v} (micro_batch_size "
+                    f"{cfg.micro_batch_size} x grad_accum {cfg.grad_accum} x {world} ranks); make them agree")
+        ds = dict(user)
+        ds.update(want)
+        stage = ds.get("zero_optimization", {}).get("stage", 0)
+        if stage != d.zero_stage:
+            raise ConfigError(f"DeepSpeed config {p} uses ZeRO stage {stage} but the recipe says deepspeed.zero_stage="
+                              f"{d.zero_stage}; make them agree")
+        for k in ("scheduler",):
+            if k in ds:
+                raise ConfigError(f"DeepSpeed config {p} has a {k!r} section; the recipe owns the schedule "
+                                  "(lr, min_lr, warmup_steps, schedule): remove it")
+        client = "optimizer" not in ds
+        if client:
+            ds.setdefault("zero_force_ds_cpu_optimizer", False)
+        return ds, client
+    zero: dict[str, Any] = {"stage": d.zero_stage}
+    if d.zero_stage >= 2:
+        zero.update(overlap_comm=False, contiguous_gradients=True)
+    if d.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    if d.offload_param:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    if d.zero_stage == 3 and d.persistence_threshold is not None:
+        zero["stage3_param_persistence_threshold"] = d.persistence_threshold
+    ds = dict(want, zero_optimization=zero, gradient_clipping=d.gradient_clipping, steps_per_print=10**9,
+              wall_clock_breakdown=False, bf16={"enabled": bool(d.bf16)})
+    client = d.optimizer == "torch_adamw"
+    if client:
+        ds["zero_force_ds_cpu_optimizer"] = False
+        ds["zero_allow_untested_optimizer"] = True
+    else:
+        ds["optimizer"] = {"type": "AdamW", "params": {"lr": cfg.lr, "betas": list(cfg.adam_betas),
+                                                         "weight_decay": cfg.weight_decay}}
+    return ds, client
+
+
+def _teacher_ds_config(cfg: DistillConfig, world: int) -> dict[str, Any]:
+    zero: dict[str, Any] = {"stage": 3}
+    if cfg.deepspeed.persistence_threshold is not None:
+        zero["stage3_param_persistence_threshold"] = cfg.deepspeed.persistence_threshold
+    if cfg.deepspeed.offload_param:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    return {"train_micro_batch_size_per_gpu": cfg.micro_batch_size, "gradient_accumulation_steps": 1,
+            "train_batch_size": cfg.micro_batch_size * world, "zero_optimization": zero,
+            "bf16": {"enabled": bool(cfg.deepspeed.bf16)}, "steps_per_print": 10**9}
+
+
+# -- run directory --------------------------------------------------------------------------------
+
+def _check_out_dir(cfg: DistillConfig, out: Path, resume: bool, world: int) -> int | None:
+    """Validates the run directory; returns the step to resume from (None: start fresh)."""
+    for src in (cfg.teacher, cfg.student):
+        if src and src != "demo" and same_or_inside(out, src):
+            raise ResumeError(f"refusing to write into the input model directory {src}; choose another out")
+    run_json = out / "run.json"
+    if not resume:
+        if out.exists() and any(out.iterdir()):
+            raise ResumeError(f"output directory {out} is not empty; pass --resume to continue that run, "
+                              "or choose another out")
+        return None
+    if not run_json.is_file():
+        if out.exists() and any(p.name != "run.json" for p in out.iterdir()):
+            raise ResumeError(f"{out} holds no run.json: it is not a minitron_fast distill run directory")
+        return None  # killed before anything was written: start fresh
+    rec = json.loads(run_json.read_text())
+    if rec.get("fingerprint") != cfg.fingerprint():
+        raise ResumeError(f"--resume: {out} belongs to a different run (recipe fingerprint {rec.get('fingerprint')} "
+                          f"!= {cfg.fingerprint()}); use the same recipe or another out")
+    if rec.get("world_size") != world:
+        raise ResumeError(f"--resume: {out} was written by {rec.get('world_size')} ranks, this launch has {world}; "
+                          "resume with the same number of processes")
+    latest = out / "checkpoints" / "latest"
+    if not latest.is_file():
+        return None
+    return int(latest.read_text().strip().removeprefix("step"))
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    if not path.is_file():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut by the kill
+        if rec.get("step", 0) <= step:
+            keep.append(line)
+    atomic_write_text(path, "".join(x + "\n" for x in keep))
+
+
+# -- the trainer ----------------------------------------------------------------------------------
+
+class Trainer:
+    def __init__(self, cfg: DistillConfig, *, resume: bool = False, progress: bool = True):
+        self.cfg = cfg.validate()
+        self.resume = resume
+        self.progress = progress
+
+    # ----- setup
+    def _load(self):
+        from minitron_fast.data import token_blocks
+        from minitron_fast.models.loading import load_model, load_tokenizer, resolve_model_path
+
+        cfg = self.cfg
+        dtype = torch.bfloat16 if cfg.deepspeed.bf16 else torch.float32
+        dev = _device()
+        t_tok = load_tokenizer(cfg.teacher)
+        if cfg.mode == "distill":
+            s_tok = load_tokenizer(cfg.student)
+            if s_tok.get_vocab() != t_tok.get_vocab():
+                raise MinitronError(f"teacher {cfg.teacher} and student {cfg.student} use different tokenizers "
+                                    f"({len(t_tok)} vs {len(s_tok)} tokens); logit KD needs one vocabulary")
+        self.tokenizer_dir = resolve_model_path(cfg.student if cfg.mode == "distill" else cfg.teacher)
+        teacher = load_model(cfg.teacher, dtype=dtype, device=dev)
+        if cfg.mode == "distill":
+            student = load_model(cfg.student, dtype=dtype, device=dev)
+            if student.config.vocab_size != teacher.config.vocab_size:
+                raise MinitronError(f"teacher vocabulary {teacher.config.vocab_size} != student vocabulary "
+                                    f"{student.config.vocab_size}; logit KD needs one vocabulary")
+        else:
+            student, teacher = teacher, None
+        blocks = token_blocks(t_tok, cfg.data.source, "train", cfg.data.seq_len, max_blocks=cfg.data.max_blocks,
+                              text_field=cfg.data.text_field)
+        eval_blocks = None
+        if cfg.data.eval_blocks > 0:
+            eval_blocks = token_blocks(t_tok, cfg.data.source, "heldout", cfg.data.seq_len,
+                                       max_blocks=cfg.data.eval_blocks, text_field=cfg.data.text_field)
+        return student, teacher, blocks, eval_blocks
+
+    def _layer_pairs(self, student: nn.Module, teacher: nn.Module) -> list[tuple[int, int]]:
+        ns, nt = student.config.num_hidden_layers, teacher.config.num_hidden_layers
+        pairs = []
+        for s, t in self.cfg.intermediate.pairs:
+            s2, t2 = s % ns if s < 0 else s, t % nt if t < 0 else t
+            if not (0 <= s2 < ns and 0 <= t2 < nt):
+                raise ConfigError(f"intermediate pair [{s}, {t}] is outside the student's {ns} / teacher's {nt} layers")
+            pairs.append((s2, t2))
+        return pairs
+
+    # ----- main entry
+    def run(self) -> dict[str, Any]:
+        cfg = self.cfg
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        rank, world = init_distributed()
+        self.rank, self.world = rank, world
+        import deepspeed
+
+        out = Path(cfg.out)
+        ckpt_dir = out / "checkpoints"
+        resume_step = _check_out_dir(cfg, out, self.resume, world)
+        _barrier()
+        if rank == 0:
+            out.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(out / "run.json", {"fingerprint": cfg.fingerprint(), "world_size": world,
+                                                 "recipe": cfg.to_dict()})
+            atomic_write_text(out / "recipe.yaml", dump_config(cfg))
+
+        torch.manual_seed(cfg.seed)
+        student, teacher, blocks, eval_blocks = self._load()
+        pairs: list[tuple[int, int]] = []
+        proj = None
+        if cfg.mode == "distill" and cfg.intermediate.weight > 0:
+            pairs = self._layer_pairs(student, teacher)
+            hs, ht = student.config.hidden_size, teacher.config.hidden_size
+            proj = nn.Linear(hs, ht, bias=False, dtype=next(student.parameters()).dtype, device=_device())
+            with torch.no_grad():
+                proj.weight.zero_()
+                proj.weight[:, : min(hs, ht)].copy_(torch.eye(ht, min(hs, ht)))
+        self.pairs = pairs
+        student.train()
+        student.config.use_cache = False
+        wrapped = HiddenStates(student, proj)
+
+        ds_cfg, client = deepspeed_config(cfg, world)
+        params = [p for p in wrapped.parameters() if p.requires_grad]
+        optimizer = None
+        if client:
+            optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.adam_betas), weight_decay=cfg.weight_decay)
+            scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+            engine, _, _, _ = deepspeed.initialize(model=wrapped, optimizer=optimizer, lr_scheduler=scheduler,
+                                                   config=ds_cfg)
+        else:
+            def sched(opt):
+                return torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
+
+            engine, _, _, _ = deepspeed.initialize(model=wrapped, model_parameters=params, lr_scheduler=sched,
+                                                   config=ds_cfg)
+        self.engine = engine
+
+        t_engine = None
+        if teacher is not None:
+            teacher.eval()
+            teacher.requires_grad_(False)
+            if cfg.deepspeed.teacher_zero3:
+                t_engine, _, _, _ = deepspeed.initialize(model=teacher, config=_teacher_ds_config(cfg, world))
+                t_engine.eval()
+                teacher = t_engine.module
+        self.teacher = teacher
+
+        data = ShardedBlocks(blocks, world=world, rank=rank, micro_batch=cfg.micro_batch_size,
+                             grad_accum=cfg.grad_accum, seed=cfg.data.seed)
+        start = 0
+        if resume_step is not None:
+            _, client_state = engine.load_checkpoint(str(ckpt_dir), tag=f"step{resume_step}")
+            if client_state is None:
+                raise ResumeError(f"--resume: checkpoint step{resume_step} in {ckpt_dir} could not be loaded")
+            if client_state.get("fingerprint") != cfg.fingerprint():
+                raise ResumeError(f"--resume: checkpoint in {ckpt_dir} belongs to a different run")
+            start = int(client_state["step"])
+            if "torch_rng" in client_state:
+                torch.set_rng_state(client_state["torch_rng"])
+            if rank == 0:
+                log.info("resumed from %s/step%d (data position %s)", ckpt_dir, resume_step, client_state.get("data"))
+        metrics_path = out / "metrics.jsonl"
+        if rank == 0:
+            _truncate_metrics(metrics_path, start)
+        _barrier()
+
+        result = self._loop(engine, data, eval_blocks, start, ckpt_dir, metrics_path)
+
+        if cfg.export:
+            self._export(engine, out / "final", start)
+        if rank == 0:
+            try:
+                plot_metrics(metrics_path, out / "loss.png")
+            except ImportError:
+                log.info("matplotlib is not installed: no loss.png")
+        _barrier()
+        return result
+
+    # ----- one micro-batch
+    def _forward(self, engine, ids: torch.Tensor, *, train: bool = True):
+        """Student (engine) and teacher hidden states of one micro-batch; no lm_head involved."""
+        ids = ids.to(_device())
+        want_s = tuple(s for s, _ in self.pairs) if train else ()
+        hidden, inter = engine(ids, want_s)
+        fw = {"ids": ids, "hs": hidden[:, :-1].reshape(-1, hidden.shape[-1]), "inter": inter}
+        if self.cfg.mode == "distill" and train:
+            with torch.no_grad():
+                want_t = tuple(t for _, t in self.pairs)
+                t_out = self.teacher.model(input_ids=ids, use_cache=False, output_hidden_states=bool(want_t))
+                last = t_out.last_hidden_state
+                fw["th"] = last[:, :-1].reshape(-1, last.shape[-1])
+                fw["t_inter"] = [t_out.hidden_states[i + 1] for i in want_t]
+        return fw
+
+    def _losses(self, engine, fw: dict[str, Any], num_items: float) -> dict[str, torch.Tensor]:
+        """The loss terms of one micro-batch, each ``sum / num_items``. Under ZeRO-3 the caller
+        holds the lm_heads gathered (forward and backward)."""
+        cfg, L = self.cfg, self.cfg.loss
+        hs, labels = fw["hs"], fw["ids"][:, 1:].reshape(-1)
+        w, b = lm_head_params(engine.module.model)
+        parts: dict[str, torch.Tensor] = {}
+        if cfg.mode == "correct-teacher":
+            parts["lm"] = losses.cross_entropy(hs, w, labels, num_items=num_items, impl=L.impl, bias=b,
+                                               chunk_size=L.chunk_size)
+            parts["loss"] = parts["lm"]
+            return parts
+        tw, tb = lm_head_params(self.teacher)
+        total = hs.new_zeros((), dtype=torch.float32)
+        if L.kd_weight > 0:
+            with gathered([tw, tb]):
+                parts["kd"] = losses.kd_loss(hs, w, fw["th"], tw, labels, num_items=num_items, impl=L.impl,
+                                             student_bias=b, teacher_bias=tb, divergence=L.divergence, beta=L.beta,
+                                             temperature=L.temperature, chunk_size=L.chunk_size)
+            total = total + L.kd_weight * parts["kd"]
+        if L.lm_weight > 0:
+            parts["lm"] = losses.cross_entropy(hs, w, labels, num_items=num_items, impl=L.impl, bias=b,
+                                               chunk_size=L.chunk_size)
+            total = total + L.lm_weight * parts["lm"]
+        if self.pairs:
+            proj = engine.module.proj
+            inter_loss = hs.new_zeros((), dtype=torch.float32)
+            for s_h, t_h in zip(fw["inter"], fw["t_inter"]):
+                d = proj(s_h[:, :-1]).float() - t_h[:, :-1].float()
+                inter_loss = inter_loss + d.pow(2).mean(-1).sum() / num_items
+            parts["inter"] = inter_loss / len(self.pairs)
+            total = total + cfg.intermediate.weight * parts["inter"]
+        parts["loss"] = total
+        return parts
+
+    # ----- training loop
+    def _loop(self, engine, data: ShardedBlocks, eval_blocks, start: int, ckpt_dir: Path, metrics_path: Path):
+        from tqdm.auto import tqdm
+
+        cfg = self.cfg
+        rank, world = self.rank, self.world
+        w, b = lm_head_params(engine.module.model)
+        head = [w, b]
+        last_eval = None
+        if start == 0 and eval_blocks is not None:
+            last_eval = self.evaluate(engine, eval_blocks)
+            self._log(metrics_path, {"step": 0, "eval_loss": last_eval})
+        bar = tqdm(total=cfg.steps, initial=start, desc=f"{cfg.mode} (ZeRO-{cfg.deepspeed.zero_stage}, {world} rank"
+                   f"{'s' if world > 1 else ''})", disable=not (self.progress and rank == 0), dynamic_ncols=True)
+        final_loss = None
+        for step in range(start, cfg.steps):
+            t0 = time.perf_counter()
+            micros = data.micro_batches(step)
+            n_local = sum((m[:, 1:] != losses.IGNORE_INDEX).sum().item() for m in micros)
+            num_items = float(_all_reduce(torch.tensor([float(n_local)], dtype=torch.float64))[0])
+            sums: dict[str, float] = {}
+            for ids in micros:
+                fw = self._forward(engine, ids)
+                with gathered(head):  # the student lm_head, whole across the loss's forward and backward
+                    parts = self._losses(engine, fw, num_items)
+                    check = _all_reduce(parts["loss"].detach().float().reshape(1).clone())
+                    if not torch.isfinite(check).all():
+                        raise NaNLossError(
+                            f"loss is {float(check[0])} at step {step + 1}; stopped before applying it. The last good "
+                            f"checkpoint is {self._latest(ckpt_dir)}; lower lr or check the data and models")
+                    # DeepSpeed averages gradients over ranks: multiply by world so the update is the
+                    # gradient of sum(loss) / num_items over the whole step (scale_wrt_gas=False: our
+                    # num_items already spans the micro-batches).
+                    engine.backward(parts["loss"] * world, scale_wrt_gas=False)
+                engine.step()
+                for k, v in parts.items():
+                    sums[k] = sums.get(k, 0.0) + float(v.detach())
+            red = _all_reduce(torch.tensor([sums[k] for k in sorted(sums)], dtype=torch.float64))
+            rec: dict[str, Any] = {"step": step + 1}
+            rec.update({k: float(v) for k, v in zip(sorted(sums), red)})
+            dt = time.perf_counter() - t0
+            rec.update(lr=float(engine.get_lr()[0]) if engine.get_lr() else None, tokens=int(num_items),
+                       tokens_per_s=data.global_batch * data.blocks.shape[1] / dt, step_s=dt,
+                       peak_mem_mb=peak_memory_mb())
+            final_loss = rec["loss"]
+            done = step + 1
+            if eval_blocks is not None and (done % cfg.eval_every == 0 or done == cfg.steps):
+                last_eval = rec["eval_loss"] = self.evaluate(engine, eval_blocks)
+            if done % cfg.log_every == 0 or done == cfg.steps or "eval_loss" in rec:
+                self._log(metrics_path, rec)
+            if done % cfg.save_every == 0 or done == cfg.steps:
+                self._save(engine, ckpt_dir, done, data)
+            bar.update(1)
+            bar.set_postfix(loss=f"{rec['loss']:.4f}")
+        bar.close()
+        return {"final_loss": final_loss, "eval_loss": last_eval, "steps": cfg.steps, "world_size": world}
+
+    def _latest(self, ckpt_dir: Path) -> str:
+        p = ckpt_dir / "latest"
+        return str(ckpt_dir / p.read_text().strip()) if p.is_file() else "none (no checkpoint was written yet)"
+
+    def _log(self, path: Path, rec: dict[str, Any]) -> None:
+        if self.rank != 0:
+            return
+        with open(path, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+            f.flush()
+
+    def _save(self, engine, ckpt_dir: Path, step: int, data: ShardedBlocks) -> None:
+        state = {"step": step, "fingerprint": self.cfg.fingerprint(), "data": data.position(step),
+                 "torch_rng": torch.get_rng_state()}
+        engine.save_checkpoint(str(ckpt_dir), tag=f"step{step}", client_state=state)
+        _barrier()
+
+    @torch.no_grad()
+    def evaluate(self, engine, eval_blocks: torch.Tensor) -> float:
+        """Held-out next-token loss (nats/token) of the trained model, over all ranks."""
+        engine.eval()
+        w, b = lm_head_params(engine.module.model)
+        total = torch.zeros(2, dtype=torch.float64)
+        try:
+            for idx, wts in eval_shard(eval_blocks.shape[0], self.world, self.rank, self.cfg.micro_batch_size):
+                ids = eval_blocks[idx].to(_device())
+                hidden, _ = engine(ids, ())
+                hs = hidden[:, :-1].reshape(-1, hidden.shape[-1])
+                labels = ids[:, 1:].clone()
+                labels[torch.tensor(wts) == 0] = losses.IGNORE_INDEX  # padding repeats count for nothing
+                with gathered([w, b]):
+                    nll = losses.cross_entropy(hs, w, labels.reshape(-1), num_items=1.0, impl=self.cfg.loss.impl,
+                                               bias=b, chunk_size=self.cfg.loss.chunk_size)
+                total[0] += float(nll)
+                total[1] += float((labels != losses.IGNORE_INDEX).sum())
+        finally:
+            engine.train()
+        _all_reduce(total)
+        return float(total[0] / total[1])
+
+    def _export(self, engine, final: Path, start: int) -> None:
+        from minitron_fast.models.export import export_hf
+
+        model = engine.module.model
+        params = list(model.parameters())
+        ctx = gathered(params)
+        with ctx:
+            if self.rank == 0:
+                record = {"stage": "distill", "mode": self.cfg.mode, "teacher": self.cfg.teacher,
+                          "student": self.cfg.student, "steps": self.cfg.steps, "recipe": self.cfg.to_dict()}
+                export_hf(model, final, tokenizer_from=self.tokenizer_dir, record=record, overwrite=True,
+                          protect=[p for p in (self.cfg.teacher, self.cfg.student) if p and p != "demo"])
+        _barrier()
+
+
+def train(cfg: DistillConfig, *, resume: bool = False, progress: bool = True) -> dict[str, Any]:
+    """Runs distillation or teacher correction as ``cfg`` describes (this process is one rank of
+    the launched world, or a world of one). Returns ``{final_loss, eval_loss, steps, world_size}``.
+
+    Example:
+        >>> from minitron_fast.distill import load_config, train
+        >>> train(load_config("configs/distill_demo.yaml", ["steps=20"]))
+    """
+    return Trainer(cfg, resume=resume, progress=progress).run()
+
+
+# -- records ---------------------------------------------------------------------------------------
+
+def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
+    out = []
+    for line in Path(path).read_text().splitlines():
+        with contextlib.suppress(json.JSONDecodeError):
+            out.append(json.loads(line))
+    return out
+
+
+def plot_metrics(metrics: str | os.PathLike, png: str | os.PathLike) -> None:
+    """The loss curve (training loss per step and held-out loss) of a ``metrics.jsonl``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    recs = read_metrics(metrics)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    tr = [(r["step"], r["loss"]) for r in recs if "loss" in r]
+    if tr:
+        ax.plot(*zip(*tr), label="train loss")
+    parts = [k for k in ("kd", "lm", "inter") if any(k in r for r in recs)]
+    for k in parts if len(parts) > 1 else ():
+        ax.plot(*zip(*[(r["step"], r[k]) for r in recs if k in r]), label=k, alpha=0.6)
+    ev = [(r["step"], r["eval_loss"]) for r in recs if r.get("eval_loss") is not None]
+    if ev:
+        ax.plot(*zip(*ev), "o-", label="held-out LM loss")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss (nats/token)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    tmp = Path(png).with_name(f".{Path(png).name}.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, png)
