@@ -175,8 +175,11 @@ class _LinearSource:
         hc = self._h32(c0, c1)
         if hc.dtype == torch.float32:
             torch.mm(hc, self.W32.t(), out=out)
-        else:  # CUDA, half precision: fp32 output of a half GEMM
-            out.copy_(torch.mm(hc, self.W32.t()))
+        else:  # CUDA, half precision: fp32 output of the half GEMM (never bf16 logits)
+            try:
+                torch.mm(hc, self.W32.t(), out_dtype=torch.float32, out=out)
+            except (RuntimeError, TypeError):  # older torch: upcast this chunk's operands
+                torch.mm(hc.float(), self.W32.t().float(), out=out)
         if self.b32 is not None:
             out.add_(self.b32)
         if scale != 1.0:
@@ -319,6 +322,16 @@ def _chunk_torch(S, teacher, a, cfg, bufs, need_grad):
     return kd_rows, G
 
 
+def _chunk_triton(S, Tt, a, cfg, need_grad):
+    """``_chunk_torch``'s dense-teacher math in one Triton kernel (``kernels/kd_loss.py``)."""
+    from minitron_fast.kernels import kd_loss as kd_kernels
+
+    kd_rows = torch.empty(S.shape[0], dtype=torch.float32, device=S.device)
+    kd_kernels.kd_softmax(S, Tt, a.contiguous(), kd_rows, divergence=cfg.divergence, beta=cfg.beta,
+                          g_mult=cfg.kd_scale / cfg.temperature, write_grad=need_grad)
+    return kd_rows, S
+
+
 def _run(student, teacher_kind, teacher_src, labels, N, V, cfg, row_scale, need_grad, device):
     """Loops over chunks. Returns the per-token loss ``[N]`` fp32 (``kd * kd_scale + w * ce``, 0 on
     ignored rows); ``student`` accumulates ``row_scale``-weighted gradients when ``need_grad``.
@@ -376,7 +389,10 @@ def _run(student, teacher_kind, teacher_src, labels, N, V, cfg, row_scale, need_
                 if teacher_kind == "logits":
                     Tt.clamp_(min=-1e30)  # masked (-inf) teacher logits: p_t = 0 there, and 0 * -inf = nan
                 tch = ("dense", Tt)
-            kd, G = _chunk_torch(S, tch, a, cfg, bufs, need_grad)
+            if cfg.impl == "triton" and tch[0] == "dense":
+                kd, G = _chunk_triton(S, tch[1], a, cfg, need_grad)
+            else:  # top-k teachers use the torch math (k entries per row: a scatter, no vocabulary scan)
+                kd, G = _chunk_torch(S, tch, a, cfg, bufs, need_grad)
             rows += kd * cfg.kd_scale
             if Gce is not None and need_grad:
                 G.add_(Gce)
