@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "info": ("minitron_fast.commands.info", "print a model's family, geometry and parameter count"),
     "importance": ("minitron_fast.commands.importance", "activation importance of heads, KV groups, neurons, channels and layers"),
     "prune": ("minitron_fast.commands.prune", "prune a model to a target shape from importance scores (width and depth)"),
+    "distill": ("minitron_fast.commands.distill", "distill a student from a teacher (or correct the teacher) with DeepSpeed ZeRO"),
 }
 
 
