@@ -17,13 +17,13 @@ PYBIND11_MODULE(_C, m) {
   m.doc() = "minitron_fast host kernels: in-place compaction of contiguous 2-D buffers";
   m.def(
       "compact_rows",
-      [](std::uintptr_t addr, std::int64_t n_rows, std::size_t row_bytes, Index kept) {
+      [](std::uintptr_t addr, std::int64_t n_rows, std::size_t row_bytes, Index kept, int n_threads) {
         const std::int64_t* k = kept.data();
         const std::int64_t n = static_cast<std::int64_t>(kept.size());
         py::gil_scoped_release nogil;
-        return minitron::compact_rows(as_ptr(addr), n_rows, row_bytes, k, n);
+        return minitron::compact_rows(as_ptr(addr), n_rows, row_bytes, k, n, n_threads);
       },
-      py::arg("addr"), py::arg("n_rows"), py::arg("row_bytes"), py::arg("kept"),
+      py::arg("addr"), py::arg("n_rows"), py::arg("row_bytes"), py::arg("kept"), py::arg("n_threads") = 0,
       "Keep rows `kept` (sorted, unique) of a contiguous [n_rows, row_bytes] buffer in place; "
       "returns the bytes in use.");
   m.def(

@@ -28,93 +28,149 @@ void check_indices(const std::int64_t* kept, std::int64_t n_kept, std::int64_t l
   }
 }
 
-std::size_t compact_rows(std::uint8_t* base, std::int64_t n_rows, std::size_t row_bytes,
-                         const std::int64_t* kept, std::int64_t n_kept) {
-  check_indices(kept, n_kept, n_rows, "row");
-  // Destination row i <= source row kept[i], so a forward sweep never overwrites a source row
-  // it still needs. Runs of consecutive kept rows move with one memmove each.
-  std::int64_t i = 0;
-  while (i < n_kept) {
-    std::int64_t j = i + 1;
-    while (j < n_kept && kept[j] == kept[j - 1] + 1) ++j;
-    if (kept[i] != i) {
-      std::memmove(base + static_cast<std::size_t>(i) * row_bytes,
-                   base + static_cast<std::size_t>(kept[i]) * row_bytes,
-                   static_cast<std::size_t>(j - i) * row_bytes);
-    }
-    i = j;
-  }
-  return static_cast<std::size_t>(n_kept) * row_bytes;
-}
-
 namespace {
 
-// Gathers the kept columns of rows [r0, r1) into dst (a [r1 - r0, n_kept] block).
-void gather_cols(const std::uint8_t* base, std::int64_t r0, std::int64_t r1, std::int64_t n_cols,
-                 std::size_t elem_size, const std::int64_t* kept, std::int64_t n_kept,
-                 std::uint8_t* dst) {
-  const std::size_t src_row = static_cast<std::size_t>(n_cols) * elem_size;
-  const std::size_t dst_row = static_cast<std::size_t>(n_kept) * elem_size;
-  for (std::int64_t r = r0; r < r1; ++r) {
-    const std::uint8_t* s = base + static_cast<std::size_t>(r) * src_row;
-    std::uint8_t* d = dst + static_cast<std::size_t>(r - r0) * dst_row;
-    std::int64_t c = 0;
-    while (c < n_kept) {  // copy runs of consecutive kept columns at once
-      std::int64_t e = c + 1;
-      while (e < n_kept && kept[e] == kept[e - 1] + 1) ++e;
-      std::memmove(d + static_cast<std::size_t>(c) * elem_size,
-                   s + static_cast<std::size_t>(kept[c]) * elem_size,
-                   static_cast<std::size_t>(e - c) * elem_size);
-      c = e;
+constexpr std::size_t kStageBytes = std::size_t(4) << 20;     // staging per thread (cache-sized)
+constexpr std::size_t kMinDirectBytes = std::size_t(1) << 20;  // smallest round worth threads
+constexpr std::size_t kMinThreadBytes = std::size_t(1) << 20;  // smallest share of one thread
+
+int resolve_threads(int n_threads, std::size_t total_bytes) {
+  if (n_threads <= 0) n_threads = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+  const std::size_t by_size = std::max<std::size_t>(1, total_bytes / kMinThreadBytes);
+  return static_cast<int>(std::min<std::size_t>(static_cast<std::size_t>(n_threads), by_size));
+}
+
+// Runs fn(t, lo, hi) on T threads over [a, b) split into contiguous blocks (the caller's
+// thread takes the first block).
+template <class Fn>
+void parallel_blocks(int T, std::int64_t a, std::int64_t b, Fn&& fn) {
+  const std::int64_t n = b - a;
+  if (T <= 1 || n <= 1) {
+    fn(0, a, b);
+    return;
+  }
+  T = static_cast<int>(std::min<std::int64_t>(T, n));
+  const std::int64_t per = (n + T - 1) / T;
+  std::vector<std::thread> pool;
+  pool.reserve(T - 1);
+  for (int t = 1; t < T; ++t) {
+    const std::int64_t lo = a + t * per, hi = std::min(b, lo + per);
+    if (lo >= hi) break;
+    pool.emplace_back([&fn, t, lo, hi] { fn(t, lo, hi); });
+  }
+  fn(0, a, std::min(b, a + per));
+  for (auto& th : pool) th.join();
+}
+
+// The in-place schedule shared by row and column compaction. Units are output rows
+// u in [first, n); unit u lands at base + u * unit_bytes. safe(a) is how many units starting
+// at a can be written without touching any byte that units >= a still have to read: rounds of
+// that many run on all threads straight into place. Where that is too small (at the start of
+// the buffer), a round gathers into per-thread staging buffers first (all reads), joins, then
+// copies out (all writes). Writes never reach sources of later rounds, which lie further on.
+template <class Safe, class Gather>
+void run_rounds(std::uint8_t* base, std::int64_t first, std::int64_t n, std::size_t unit_bytes, int T,
+                Safe&& safe, Gather&& gather) {
+  if (first >= n) return;
+  if (T <= 1) {  // one thread: a forward sweep is already safe
+    gather(first, n, base + static_cast<std::size_t>(first) * unit_bytes);
+    return;
+  }
+  const std::int64_t stage_units =
+      std::max<std::int64_t>(1, static_cast<std::int64_t>(kStageBytes / std::max<std::size_t>(unit_bytes, 1)));
+  std::vector<std::vector<std::uint8_t>> stage;
+  std::int64_t a = first;
+  while (a < n) {
+    const std::int64_t s = std::min<std::int64_t>(safe(a), n - a);
+    if (s >= 1 && (static_cast<std::size_t>(s) * unit_bytes >= kMinDirectBytes || a + s >= n)) {
+      const std::int64_t b = a + s;
+      parallel_blocks(T, a, b, [&](int, std::int64_t lo, std::int64_t hi) {
+        gather(lo, hi, base + static_cast<std::size_t>(lo) * unit_bytes);
+      });
+      a = b;
+      continue;
     }
+    if (stage.empty()) stage.assign(T, std::vector<std::uint8_t>(stage_units * unit_bytes));
+    const std::int64_t b = std::min(n, a + stage_units * T);
+    const std::int64_t per = std::min<std::int64_t>(stage_units, (b - a + T - 1) / T);
+    auto block = [&](int t, bool write) {
+      const std::int64_t lo = a + t * per, hi = std::min(b, lo + per);
+      if (lo >= hi) return;
+      if (!write) {
+        gather(lo, hi, stage[t].data());
+      } else {
+        std::memcpy(base + static_cast<std::size_t>(lo) * unit_bytes, stage[t].data(),
+                    static_cast<std::size_t>(hi - lo) * unit_bytes);
+      }
+    };
+    for (bool write : {false, true}) {
+      std::vector<std::thread> pool;
+      for (int t = 1; t < T; ++t) pool.emplace_back([&, t] { block(t, write); });
+      block(0, write);
+      for (auto& th : pool) th.join();
+    }
+    a = b;
   }
 }
 
 }  // namespace
 
+std::size_t compact_rows(std::uint8_t* base, std::int64_t n_rows, std::size_t row_bytes,
+                         const std::int64_t* kept, std::int64_t n_kept, int n_threads) {
+  check_indices(kept, n_kept, n_rows, "row");
+  // kept[i] - i never decreases (kept is strictly increasing): rows before the first moved
+  // one stay where they are, and from output row a on, kept[a] - a rows can be written at once.
+  std::int64_t first = 0;
+  while (first < n_kept && kept[first] == first) ++first;
+  const int T = resolve_threads(n_threads, static_cast<std::size_t>(n_kept - first) * row_bytes);
+  auto gather = [&](std::int64_t lo, std::int64_t hi, std::uint8_t* dst) {
+    std::int64_t i = lo;
+    while (i < hi) {  // runs of consecutive kept rows move with one memmove
+      std::int64_t j = i + 1;
+      while (j < hi && kept[j] == kept[j - 1] + 1) ++j;
+      std::memmove(dst + static_cast<std::size_t>(i - lo) * row_bytes,
+                   base + static_cast<std::size_t>(kept[i]) * row_bytes,
+                   static_cast<std::size_t>(j - i) * row_bytes);
+      i = j;
+    }
+  };
+  run_rounds(base, first, n_kept, row_bytes, T, [&](std::int64_t a) { return kept[a] - a; }, gather);
+  return static_cast<std::size_t>(n_kept) * row_bytes;
+}
+
 std::size_t compact_cols(std::uint8_t* base, std::int64_t n_rows, std::int64_t n_cols,
                          std::size_t elem_size, const std::int64_t* kept, std::int64_t n_kept,
                          int n_threads) {
   check_indices(kept, n_kept, n_cols, "column");
+  const std::size_t src_row = static_cast<std::size_t>(n_cols) * elem_size;
   const std::size_t dst_row = static_cast<std::size_t>(n_kept) * elem_size;
   if (n_rows == 0 || n_kept == 0) return 0;
-  if (n_threads <= 0) n_threads = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
-  // The destination of row r, [r * n_kept, (r + 1) * n_kept), only overlaps source rows <= r.
-  // So rows may be processed in rounds: every thread gathers its block of the round into a
-  // private staging buffer (reads only), then all copy their staging out (writes only). Writes
-  // of a round clobber only source rows of that round or earlier ones, all already read.
-  constexpr std::size_t kStageBytes = std::size_t(4) << 20;  // per thread, L2/L3-friendly
-  const std::int64_t rows_per_block =
-      std::max<std::int64_t>(1, static_cast<std::int64_t>(kStageBytes / std::max<std::size_t>(dst_row, 1)));
-  if (n_threads == 1 || n_rows <= rows_per_block) {
-    // One thread: a forward sweep is already safe, and needs no staging.
-    gather_cols(base, 0, n_rows, n_cols, elem_size, kept, n_kept, base);
-    return static_cast<std::size_t>(n_rows) * dst_row;
+  if (n_kept == n_cols) return static_cast<std::size_t>(n_rows) * dst_row;  // keeps all, in order
+  // Runs of consecutive kept columns, computed once for every row.
+  std::vector<std::pair<std::int64_t, std::int64_t>> runs;  // (first kept column, length)
+  for (std::int64_t c = 0; c < n_kept;) {
+    std::int64_t e = c + 1;
+    while (e < n_kept && kept[e] == kept[e - 1] + 1) ++e;
+    runs.emplace_back(kept[c], e - c);
+    c = e;
   }
-  std::vector<std::vector<std::uint8_t>> stage(n_threads,
-                                               std::vector<std::uint8_t>(rows_per_block * dst_row));
-  const std::int64_t round_rows = rows_per_block * n_threads;
-  for (std::int64_t r0 = 0; r0 < n_rows; r0 += round_rows) {
-    auto phase = [&](bool write) {
-      std::vector<std::thread> pool;
-      for (int t = 0; t < n_threads; ++t) {
-        const std::int64_t a = r0 + t * rows_per_block;
-        const std::int64_t b = std::min(n_rows, a + rows_per_block);
-        if (a >= b) break;
-        pool.emplace_back([&, t, a, b] {
-          if (!write) {
-            gather_cols(base, a, b, n_cols, elem_size, kept, n_kept, stage[t].data());
-          } else {
-            std::memcpy(base + static_cast<std::size_t>(a) * dst_row, stage[t].data(),
-                        static_cast<std::size_t>(b - a) * dst_row);
-          }
-        });
+  const int T = resolve_threads(n_threads, static_cast<std::size_t>(n_rows) * dst_row);
+  auto gather = [&](std::int64_t lo, std::int64_t hi, std::uint8_t* dst) {
+    for (std::int64_t r = lo; r < hi; ++r) {
+      const std::uint8_t* s = base + static_cast<std::size_t>(r) * src_row;
+      std::uint8_t* d = dst + static_cast<std::size_t>(r - lo) * dst_row;
+      for (const auto& run : runs) {  // within a row, destination <= source: memmove is safe
+        std::memmove(d, s + static_cast<std::size_t>(run.first) * elem_size,
+                     static_cast<std::size_t>(run.second) * elem_size);
+        d += static_cast<std::size_t>(run.second) * elem_size;
       }
-      for (auto& th : pool) th.join();
-    };
-    phase(false);
-    phase(true);
-  }
+    }
+  };
+  // Output rows [a, b) write bytes [a * dst_row, b * dst_row); rows >= a read from a * src_row on.
+  auto safe = [&](std::int64_t a) {
+    return static_cast<std::int64_t>((static_cast<std::size_t>(a) * (src_row - dst_row)) / dst_row);
+  };
+  run_rounds(base, 0, n_rows, dst_row, T, safe, gather);
   return static_cast<std::size_t>(n_rows) * dst_row;
 }
 

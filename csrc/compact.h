@@ -8,9 +8,10 @@
 namespace minitron {
 
 // Keeps rows kept[0..n_kept) (strictly increasing) of a [n_rows, row_bytes] buffer.
-// Returns the number of bytes now in use (n_kept * row_bytes).
+// Returns the number of bytes now in use (n_kept * row_bytes). Uses up to n_threads threads
+// (0 = hardware concurrency); any dtype (the buffer is bytes).
 std::size_t compact_rows(std::uint8_t* base, std::int64_t n_rows, std::size_t row_bytes,
-                         const std::int64_t* kept, std::int64_t n_kept);
+                         const std::int64_t* kept, std::int64_t n_kept, int n_threads = 0);
 
 // Keeps columns kept[0..n_kept) (strictly increasing) of a [n_rows, n_cols] buffer of
 // elem_size-byte elements; the result is a contiguous [n_rows, n_kept] buffer at base.

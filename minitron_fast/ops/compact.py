@@ -2,12 +2,20 @@
 
 ``compact_(t, kept, dim)`` keeps the entries ``kept`` (sorted, unique) of ``t`` along ``dim``
 inside ``t``'s own storage and reshapes ``t`` to the smaller size: an ``nn.Parameter`` stays the
-same Python object, no second copy of the tensor is made (with ``impl="cpp"``), and whole freed
-pages can be returned to the operating system.
+same Python object, no second copy of the tensor is made, and whole freed pages can be returned
+to the operating system.
 
-Implementations: ``cpp`` (``minitron_fast._C``, multi-threaded, CPU), ``torch`` (CPU or CUDA;
-stages the kept slice through one temporary), and ``reference`` semantics ``t.index_select(dim,
-kept)``, which tests compare against.
+Implementations (all share one schedule: output rows are written in rounds whose destination
+bytes never reach a byte a later or concurrent read still needs; rounds at the very start of
+the buffer, where that would be too small, go through a bounded staging block):
+
+- ``cpp``: ``minitron_fast._C``, multi-threaded ``memmove``s of runs of kept rows/columns, any
+  dtype (fp32, bf16, fp16, int8, ...), then ``madvise(MADV_DONTNEED)`` on the freed whole pages.
+- ``torch``: the same rounds with ``index_select(out=)`` (CPU or CUDA), at most ``stage_bytes``
+  extra memory; cannot return pages to the OS.
+- ``triton``: ``kernels/compact.py`` gather kernels on CUDA tensors (or under TRITON_INTERPRET).
+
+``compact_reference(t, kept, dim)`` = ``t.index_select(dim, kept)`` is the ground truth.
 """
 from __future__ import annotations
 
@@ -16,7 +24,9 @@ import torch
 from minitron_fast.ops._dispatch import resolve_impl
 
 _C_DTYPES = {torch.float32, torch.bfloat16, torch.float16, torch.int8, torch.uint8, torch.float64,
-             torch.int32, torch.int64, torch.int16}
+             torch.int32, torch.int64, torch.int16, torch.bool}
+STAGE_BYTES = 64 << 20
+MIN_DIRECT_BYTES = 1 << 20
 
 
 def compact_reference(t: torch.Tensor, kept: torch.Tensor, dim: int) -> torch.Tensor:
@@ -40,16 +50,69 @@ def _check(t: torch.Tensor, kept: torch.Tensor, dim: int) -> torch.Tensor:
     return kept
 
 
+def _rounds(dim: int, kept: torch.Tensor, n_rows: int, n_cols: int, es: int, stage_bytes: int):
+    """The in-place schedule: yields ``(a, b, direct)`` for output rows ``[a, b)``; a direct
+    round may be written straight into place, others are staged."""
+    if dim == 0:
+        n_out, unit = kept.numel(), n_cols
+        gaps = (kept - torch.arange(n_out)).tolist()  # non-decreasing: kept is strictly increasing
+        a = next((i for i, g in enumerate(gaps) if g != 0), n_out)
+        safe = lambda a: gaps[a]  # noqa: E731
+    else:
+        n_out, unit = n_rows, kept.numel()
+        if unit == n_cols:
+            return
+        a = 0
+        safe = lambda a: (a * (n_cols - unit)) // unit  # noqa: E731
+    stage_units = max(1, stage_bytes // max(unit * es, 1))
+    while a < n_out:
+        s = min(safe(a), n_out - a)
+        direct = s >= 1 and (s * unit * es >= MIN_DIRECT_BYTES or a + s >= n_out)
+        b = a + s if direct else min(n_out, a + stage_units)
+        yield a, b, direct
+        a = b
+
+
+def _compact_torch(flat: torch.Tensor, n_rows: int, n_cols: int, kept: torch.Tensor, dim: int,
+                   stage_bytes: int = STAGE_BYTES) -> None:
+    es = flat.element_size()
+    kd = kept.to(flat.device)
+    K = kept.numel()
+    stage = None
+    for a, b, direct in _rounds(dim, kept, n_rows, n_cols, es, stage_bytes):
+        if dim == 0:
+            lo, hi = int(kept[a]), int(kept[b - 1]) + 1
+            src = flat[lo * n_cols: hi * n_cols].view(hi - lo, n_cols)  # only the rows this round reads
+            idx, d = kd[a:b] - lo, 0
+            dst = flat[a * n_cols: b * n_cols].view(b - a, n_cols)
+        else:
+            src = flat[a * n_cols: b * n_cols].view(b - a, n_cols)
+            idx, d = kd, 1
+            dst = flat[a * K: b * K].view(b - a, K)
+        if direct:  # src and dst do not overlap
+            torch.index_select(src, d, idx, out=dst)
+        else:
+            if stage is None:
+                unit = n_cols if dim == 0 else K  # a round holds at least one output row
+                stage = torch.empty(max(unit, stage_bytes // es), dtype=flat.dtype, device=flat.device)
+            tmp = stage[: dst.numel()].view(dst.shape)
+            torch.index_select(src, d, idx, out=tmp)
+            dst.copy_(tmp)
+
+
 def compact_(t: torch.Tensor, kept: torch.Tensor, dim: int = 0, *, impl: str = "auto",
-             release: bool = True) -> torch.Tensor:
+             release: bool = True, n_threads: int | None = None) -> torch.Tensor:
     """Keeps ``kept`` along ``dim`` of the contiguous tensor ``t`` in place and returns ``t``.
 
     Args:
         t: ``[R, C]`` or ``[R]`` contiguous tensor (a parameter's ``.data`` or the parameter).
         kept: ``[K]`` int indices along ``dim``, strictly increasing.
         dim: 0 keeps rows, 1 keeps columns.
-        impl: ``"auto"`` (``cpp`` on CPU when built, else ``torch``), ``"cpp"`` or ``"torch"``.
-        release: return whole freed pages at the storage's tail to the OS (``cpp`` only).
+        impl: ``"auto"`` (``triton`` on CUDA, ``cpp`` on CPU when built, else ``torch``),
+            ``"cpp"``, ``"torch"`` or ``"triton"``.
+        release: return the whole pages this tensor no longer uses to the OS (``cpp`` only;
+            only pages inside this tensor's own byte range, so views sharing a storage are safe).
+        n_threads: threads for ``cpp`` (default ``torch.get_num_threads()``).
 
     Example:
         >>> w = torch.arange(12.0).view(3, 4)
@@ -58,34 +121,35 @@ def compact_(t: torch.Tensor, kept: torch.Tensor, dim: int = 0, *, impl: str = "
     """
     kept = _check(t, kept, dim)
     dim = dim % t.dim()
-    impl = resolve_impl(impl, t, op="compact_", choices=("cpp", "torch"))
+    impl = resolve_impl(impl, t, op="compact_", choices=("cpp", "torch", "triton"))
     if impl == "cpp" and t.dtype not in _C_DTYPES:
         impl = "torch"
     new_shape = list(t.shape)
     new_shape[dim] = kept.numel()
+    n_rows = t.shape[0]
+    n_cols = t.shape[1] if t.dim() == 2 else 1
     data = t.data if isinstance(t, torch.nn.Parameter) else t
+    old_bytes = t.numel() * t.element_size()
     with torch.no_grad():
-        if impl == "cpp":
-            from minitron_fast._ext import _C
+        if t.numel() and kept.numel():
+            if impl == "cpp":
+                from minitron_fast._ext import _C
 
-            es = t.element_size()
-            idx = kept.numpy()
-            if t.dim() == 1 or dim == 0:
-                row_bytes = es * (t.shape[1] if t.dim() == 2 else 1)
-                used = _C.compact_rows(data.data_ptr(), t.shape[0], row_bytes, idx)
+                es = t.element_size()
+                idx = kept.numpy()
+                nt = torch.get_num_threads() if n_threads is None else n_threads
+                if dim == 0:
+                    used = _C.compact_rows(data.data_ptr(), n_rows, es * n_cols, idx, nt)
+                else:
+                    used = _C.compact_cols(data.data_ptr(), n_rows, n_cols, es, idx, nt)
+                if release:
+                    _C.release_tail(data.data_ptr(), used, old_bytes)
+            elif impl == "triton":
+                from minitron_fast.kernels.compact import compact_triton_
+
+                compact_triton_(data.view(-1), n_rows, n_cols, kept.to(t.device), dim)
             else:
-                used = _C.compact_cols(data.data_ptr(), t.shape[0], t.shape[1], es, idx, 0)
-            if release:
-                storage = data.untyped_storage()
-                offset = data.storage_offset() * es
-                _C.release_tail(storage.data_ptr(), offset + used, storage.nbytes())
-        else:
-            kept_d = kept.to(t.device)
-            flat = data.view(-1)
-            n = 1
-            for s in new_shape:
-                n *= s
-            flat[:n].copy_(data.index_select(dim, kept_d).reshape(-1))
+                _compact_torch(data.view(-1), n_rows, n_cols, kept, dim)
         strides = [1] if t.dim() == 1 else [new_shape[1], 1]
         # Re-view the same storage at the new shape; assigning .data keeps a Parameter the same
         # object (optimizers and modules holding it see the new shape).
