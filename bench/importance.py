@@ -27,6 +27,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seq-len", type=int, default=256, help="tokens per sample (default 256; --quick: 128)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--reps", type=int, default=3, help="timed passes per impl (default 3; --quick: 2)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--no-subprocess-memory", action="store_true", help="skip the fresh-process peak memory runs")
 
 
@@ -92,10 +93,12 @@ def _setup(samples: int, seq_len: int):
     return model, blocks
 
 
-def one_pass(impl: str, samples: int, seq_len: int, batch_size: int) -> dict[str, Any]:
+def one_pass(impl: str, samples: int, seq_len: int, batch_size: int, threads: int | None = None) -> dict[str, Any]:
     """Fresh-process target: one pass of ``impl``; returns peak RSS."""
     import torch
 
+    if threads:
+        torch.set_num_threads(threads)
     from bench.common import peak_rss_mb, rss_mb
     from minitron_fast.importance import ImportanceCollector
     from minitron_fast.models import get_view
@@ -123,6 +126,8 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     from minitron_fast.importance import ImportanceCollector
     from minitron_fast.models import get_view
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     samples = 4 if args.quick and args.samples == 16 else args.samples
     seq_len = 128 if args.quick and args.seq_len == 256 else args.seq_len
     reps = 2 if args.quick and args.reps == 3 else args.reps
@@ -191,7 +196,8 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     if not args.no_subprocess_memory:
         for impl in ("plain_forward", "minitron_fast", "hooks"):
             r = run_in_subprocess("bench.importance:one_pass", {"impl": impl, "samples": samples, "seq_len": seq_len,
-                                                                "batch_size": bs}, timeout=1800)
+                                                                "batch_size": bs, "threads": args.threads},
+                                  timeout=1800)
             peaks[impl] = r.get("peak_mb")
     base_med = statistics.median(times["plain_forward"])
     rows = []

@@ -37,13 +37,14 @@ def _masked(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
 @torch.compiler.disable
 def abs_stats(x: torch.Tensor, mask: torch.Tensor | None, s1: torch.Tensor | None, s2: torch.Tensor | None) -> None:
     """Adds ``sum_t m*|x|`` into ``s1 [B, U]`` and ``sum_t m*x**2`` into ``s2 [B, U]`` for
-    ``x [B, T, U]``. One pass over ``x`` per buffer (``vector_norm`` reduces over T without
-    materializing ``|x|``)."""
+    ``x [B, T, U]``. One elementwise pass and one contiguous reduction per buffer; measured on
+    this CPU, ``x.abs().sum(1)`` is ~5x faster than ``vector_norm(x, 1, dim=1)`` (a strided
+    reduction path) on ``[8, 256, 1536]``."""
     xm = _masked(x, mask)
     if s1 is not None:
-        s1 += torch.linalg.vector_norm(xm, 1, dim=1, dtype=torch.float32)
+        s1 += xm.abs().sum(1, dtype=torch.float32)
     if s2 is not None:
-        s2 += torch.linalg.vector_norm(xm, 2, dim=1, dtype=torch.float32).square()
+        s2 += (xm * xm).sum(1, dtype=torch.float32)
 
 
 @torch.compiler.disable
@@ -114,7 +115,7 @@ def block_cosine(x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor | None, ou
 
         k.block_cos(x, y, mask, out, COS_EPS)
         return
-    dot = torch.einsum("bth,bth->bt", x, y).float()
+    dot = torch.linalg.vecdot(x, y, dim=-1).float()  # no [B, T, H] temporary (einsum is ~4x slower here)
     nx = torch.linalg.vector_norm(x, 2, dim=-1, dtype=torch.float32)
     ny = torch.linalg.vector_norm(y, 2, dim=-1, dtype=torch.float32)
     cos = dot / (nx * ny).clamp_min(COS_EPS)
