@@ -1,0 +1,50 @@
+"""``minitron-fast run RECIPE [key=value ...] [--out DIR] [--redo STAGE,...]``: the whole pipeline
+from a recipe (a YAML path or a shipped name: demo, llama3.1-8b-to-4b-width,
+llama3.1-8b-to-4b-depth, mistral-nemo-12b-to-8b). Stages whose artifacts exist for the same
+inputs are reused, so a rerun resumes."""
+from __future__ import annotations
+
+import argparse
+
+HELP = "run a recipe: teacher correction, importance, search, prune, distill, evaluate, export (cached per stage)"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("recipe", help="recipe YAML file, or a shipped recipe name (demo, llama3.1-8b-to-4b-width, ...)")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="recipe overrides, e.g. distill.steps=50 prune.target=hidden=512,ffn=1024")
+    p.add_argument("--out", default=None, help="run directory (default: the recipe's out)")
+    p.add_argument("--redo", default="", help="comma-separated stages to rerun even when cached")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--dry-run", action="store_true", help="validate the recipe and print it, run nothing")
+
+
+def run(args: argparse.Namespace) -> int:
+    from minitron_fast.errors import MinitronError
+    from minitron_fast.pipeline.recipe import STAGES, dump_recipe, load_recipe
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    redo = tuple(s.strip() for s in args.redo.split(",") if s.strip())
+    bad = [s for s in redo if s not in STAGES]
+    if bad:
+        raise MinitronError(f"--redo {','.join(bad)}: unknown stage; stages are {', '.join(STAGES)}")
+    if args.dry_run:
+        print(dump_recipe(recipe), end="")
+        return 0
+    from minitron_fast.pipeline.runner import run_recipe
+
+    res = run_recipe(recipe, out=args.out, redo=redo, progress=not args.no_progress)
+    print_summary(res)
+    return 0
+
+
+def print_summary(res: dict) -> None:
+    print()
+    print(res["table"])
+    if res.get("gap_closed") is not None:
+        print(f"distillation closed {res['gap_closed']:.0%} of the held-out loss gap that pruning opened")
+    rep = res["report"]
+    if rep.get("scratch_ppl") and rep.get("distilled_ppl"):
+        print(f"distilled vs from scratch at {rep['tokens']:,} tokens: perplexity {rep['distilled_ppl']:.2f} vs "
+              f"{rep['scratch_ppl']:.2f}")
+    print(f"wall time {rep['wall_s']:.1f} s; report: {res['paths']['report.md']}")

@@ -1,0 +1,314 @@
+"""The stage runner: a recipe in, a distilled student and a report out.
+
+Stages, each cached in ``<out>/<stage>/`` by a hash of its inputs (``stages.py``):
+
+1. ``teacher_eval``     held-out perplexity of the teacher
+2. ``correct_teacher``  LM-loss fine-tune of the teacher on the distillation data (the trainer,
+                        ``python -m minitron_fast.distill``, on DeepSpeed), then its perplexity
+3. ``importance``       activation scores of the (corrected) teacher (``minitron_fast.importance``)
+4. ``search``           optional: candidate shapes at a budget, briefly retrained, best kept
+5. ``prune``            plan from the scores + target, checkpoint-to-checkpoint prune, perplexity
+6. ``distill``          logit KD from the corrected teacher (the trainer on DeepSpeed), perplexity
+7. ``scratch``          baseline: a random student of the pruned shape trained with the LM loss
+                        on the same number of tokens, perplexity
+8. ``export``           the distilled student copied to ``<out>/student`` (stock HF checkpoint)
+
+then ``report.md``, ``report.json`` and PNGs in ``<out>`` (``report.py``).
+Stages meet only through files: checkpoint directories, the scores file and the plan JSON.
+"""
+from __future__ import annotations
+
+import gc
+import logging
+import math
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+
+from minitron_fast.errors import MinitronError
+from minitron_fast.io import atomic_dir, atomic_write_text, same_or_inside
+from minitron_fast.pipeline.recipe import Recipe, parse_budget, stage_enabled, training_config
+from minitron_fast.pipeline.stages import StageCache, model_fingerprint, stable_hash
+
+log_ = logging.getLogger(__name__)
+
+
+class StageFailed(MinitronError):
+    """A stage's subprocess failed; its message says which stage and how to resume."""
+
+
+def trainer_tokens(cfg: dict[str, Any], num_procs: int) -> int:
+    """Training tokens a trainer config consumes: steps x global batch x sequence length."""
+    return int(cfg.get("steps", 100) * cfg.get("micro_batch_size", 4) * cfg.get("grad_accum", 1) * num_procs
+               * cfg["data"]["seq_len"])
+
+
+def launch_command(cfg_path: Path, num_procs: int, launcher: str, resume: bool) -> list[str]:
+    """The command that runs the trainer: one process, or ``deepspeed`` / ``torchrun`` for several."""
+    tail = ["--config", str(cfg_path)] + (["--resume"] if resume else [])
+    if num_procs == 1 or launcher == "none":
+        return [sys.executable, "-m", "minitron_fast.distill", *tail]
+    if launcher == "deepspeed" or (launcher == "auto" and shutil.which("deepspeed")):
+        exe = shutil.which("deepspeed")
+        if exe is None:
+            raise MinitronError("launch.launcher=deepspeed but the deepspeed launcher is not on PATH")
+        return [exe, "--num_gpus", str(num_procs), "--module", "minitron_fast.distill", *tail]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(num_procs),
+            "-m", "minitron_fast.distill", *tail]
+
+
+class PipelineRunner:
+    """Runs a validated :class:`Recipe`. ``out`` overrides ``recipe.out``; ``redo`` names
+    stages to rerun even when cached; ``log`` receives one-line progress messages."""
+
+    def __init__(self, recipe: Recipe, *, out: str | os.PathLike | None = None, redo: tuple[str, ...] = (),
+                 progress: bool = True, log: Callable[[str], None] | None = None):
+        self.recipe = recipe
+        self.out = Path(out or recipe.out)
+        self.progress = progress
+        self.log = log or (lambda s: print(s, flush=True))
+        self.cache = StageCache(self.out, log=self.log, force=tuple(redo))
+        self.t0 = time.perf_counter()
+
+    # -- helpers ------------------------------------------------------------------------------------
+    def _eval_blocks(self):
+        from minitron_fast.data import token_blocks
+
+        r = self.recipe
+        return token_blocks(self.tokenizer, r.data.source, "heldout", r.data.seq_len,
+                            max_blocks=r.evaluate.eval_blocks, text_field=r.data.text_field)
+
+    def evaluate(self, path: str | os.PathLike, desc: str) -> dict[str, Any]:
+        """Held-out loss/perplexity and parameter count of a checkpoint (freed afterwards)."""
+        import torch
+
+        from minitron_fast.evaluate.perplexity import lm_loss
+        from minitron_fast.models import get_view
+        from minitron_fast.models.loading import load_model
+
+        m = load_model(path)
+        try:
+            with torch.no_grad():
+                loss = lm_loss(m, self.heldout, batch_size=self.recipe.evaluate.batch_size, progress=self.progress,
+                               desc=desc)
+            params = get_view(m).param_counts()["total"]
+        finally:
+            del m
+            gc.collect()
+        self.log(f"    {desc}: held-out loss {loss:.4f}, perplexity {math.exp(loss):.3f}, {params:,} parameters")
+        return {"loss": loss, "ppl": math.exp(loss), "params": params}
+
+    def train(self, section: str, d: Path, resume: bool, *, teacher: str, student: str | None) -> dict[str, Any]:
+        """Writes the trainer recipe for ``section`` into ``d`` and runs the trainer there."""
+        cfg = training_config(self.recipe, section, teacher=teacher, student=student, out=str(d / "run"))
+        cfg_path = d / "trainer.yaml"
+        atomic_write_text(cfg_path, yaml.safe_dump(cfg, sort_keys=False))
+        launch = self.recipe.launch
+        cmd = launch_command(cfg_path, launch.num_procs, launch.launcher, resume and (d / "run").exists())
+        env = dict(os.environ)
+        try:
+            import torch
+
+            if not torch.cuda.is_available():
+                env.setdefault("DS_ACCELERATOR", "cpu")
+        except ImportError:  # pragma: no cover
+            pass
+        self.log(f"    $ {' '.join(cmd)}")
+        rc = subprocess.run(cmd, env=env).returncode
+        if rc != 0:
+            raise StageFailed(f"stage {section}: the trainer exited with status {rc} (its output is above); "
+                              f"rerun the same command to resume from its last checkpoint in {d / 'run'}")
+        final = d / "run" / "final"
+        if not (final / "config.json").is_file():
+            raise StageFailed(f"stage {section}: the trainer finished but wrote no checkpoint in {final}")
+        return {"model": str(final), "metrics": str(d / "run" / "metrics.jsonl"),
+                "tokens": trainer_tokens(cfg, launch.num_procs), "steps": cfg.get("steps")}
+
+    # -- the run ------------------------------------------------------------------------------------
+    def run(self) -> dict[str, Any]:
+        import torch
+
+        from minitron_fast.models.loading import load_config, load_tokenizer, resolve_model_path
+
+        r = self.recipe
+        if r.threads:
+            torch.set_num_threads(r.threads)
+        teacher_path = resolve_model_path(r.teacher)
+        load_config(teacher_path)  # unsupported families fail before anything runs
+        if same_or_inside(self.out, teacher_path):
+            raise MinitronError(f"out {self.out} lies inside the teacher's directory {teacher_path}; choose another out")
+        self.out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.out / "recipe.yaml", yaml.safe_dump(r.to_dict(), sort_keys=False))
+        self.tokenizer = load_tokenizer(teacher_path)
+        self.heldout = self._eval_blocks()
+        eval_id = {"data": {"source": r.data.source, "seq_len": r.data.seq_len, "text_field": r.data.text_field},
+                   "eval_blocks": int(self.heldout.shape[0])}
+        teacher_id = model_fingerprint(teacher_path)
+        c = self.cache
+        self.log(f"== minitron-fast run {r.name}: teacher {r.teacher}, out {self.out} ==")
+
+        # 1. teacher
+        t_eval = c.run("teacher_eval", {"teacher": teacher_id, "eval": eval_id},
+                       lambda d, resume: self.evaluate(teacher_path, "teacher"))
+
+        # 2. teacher correction
+        if stage_enabled(r, "correct_teacher"):
+            tc_cfg = training_config(r, "correct_teacher", teacher="<teacher>", student=None, out="<out>")
+
+            def correct(d: Path, resume: bool) -> dict[str, Any]:
+                out = self.train("correct_teacher", d, resume, teacher=str(teacher_path), student=None)
+                return dict(out, **self.evaluate(out["model"], "corrected teacher"))
+
+            ct = c.run("correct_teacher", {"teacher": teacher_id, "trainer": tc_cfg, "eval": eval_id,
+                                           "procs": r.launch.num_procs}, correct)
+            corrected_path, corrected_id = Path(ct.outputs["model"]), {"stage": "correct_teacher", "key": ct.key}
+        else:
+            ct = c.skip("correct_teacher", "disabled in the recipe (correct_teacher.enabled: false)")
+            corrected_path, corrected_id = teacher_path, teacher_id
+
+        # 3. importance
+        imp = r.importance
+
+        def importance(d: Path, resume: bool) -> dict[str, Any]:
+            from minitron_fast.importance import run_importance
+
+            _, paths = run_importance(str(corrected_path), r.data.source, out=d / "scores.safetensors",
+                                      samples=imp.samples, seq_len=imp.seq_len or r.data.seq_len,
+                                      batch_size=imp.batch_size, seq_agg=imp.seq_agg, batch_agg=imp.batch_agg,
+                                      with_depth_lm_loss=imp.depth_lm_loss, text_field=r.data.text_field,
+                                      heatmap_png=True, progress=self.progress)
+            return {k: str(v) for k, v in paths.items()}
+
+        im = c.run("importance", {"model": corrected_id, "importance": vars(imp).copy(),
+                                  "data": eval_id["data"]}, importance)
+        scores_path = im.outputs["scores"]
+
+        # 4. search (optional)
+        target = r.prune.target
+        if r.search.enabled:
+            s = r.search
+
+            def search(d: Path, resume: bool) -> dict[str, Any]:
+                from minitron_fast.search import run_search
+
+                budget = parse_budget(s.params, t_eval.outputs["params"])
+                res = run_search(str(corrected_path), scores_path, budget, out_dir=d, tolerance=s.tolerance,
+                                 kinds=s.kinds, multiple=s.multiple, max_per_kind=s.max_candidates,
+                                 retrain_steps=s.retrain_steps, micro_batch_size=s.micro_batch_size, lr=s.lr,
+                                 lora_rank=s.lora_rank, data=r.data.source, seq_len=r.data.seq_len,
+                                 eval_blocks=s.eval_blocks, text_field=r.data.text_field, seed=r.seed,
+                                 depth_metric=r.prune.depth_metric, depth_mode=r.prune.depth_mode,
+                                 progress=self.progress, log=self.log)
+                return {"target": res["winner"]["target"], "plan": res["plan"], "table": res["table"]}
+
+            se = c.run("search", {"importance": im.key, "search": vars(s).copy(), "prune": vars(r.prune).copy()},
+                       search)
+            target = se.outputs["target"]
+            self.log(f"    search winner: {target}")
+        else:
+            c.skip("search", "disabled in the recipe" + (f"; pruning to {target}" if target else ""))
+
+        # 5. prune
+        def prune(d: Path, resume: bool) -> dict[str, Any]:
+            from minitron_fast.prune import make_plan, prune_checkpoint
+
+            config = load_config(corrected_path)
+            plan = make_plan(config, scores_path, target, depth_metric=r.prune.depth_metric,
+                             depth_mode=r.prune.depth_mode, budget_axes=r.prune.budget_axes)
+            plan.save(d / "plan.json")
+            self.log(f"    plan: {plan.summary()}")
+            model_dir = d / "model"
+            if model_dir.exists():  # an interrupted earlier attempt
+                shutil.rmtree(model_dir)
+            prune_checkpoint(str(corrected_path), plan, model_dir, streaming=True, scores_file=scores_path,
+                             progress=self.progress)
+            return dict(model=str(model_dir), plan=str(d / "plan.json"), summary=plan.summary(),
+                        **self.evaluate(model_dir, "pruned student (no retraining)"))
+
+        pr = c.run("prune", {"importance": im.key, "model": corrected_id, "target": target,
+                             "depth_metric": r.prune.depth_metric, "depth_mode": r.prune.depth_mode,
+                             "budget_axes": r.prune.budget_axes, "eval": eval_id}, prune)
+        student_path = pr.outputs["model"]
+
+        # 6. distill
+        if stage_enabled(r, "distill"):
+            ds_cfg = training_config(r, "distill", teacher="<teacher>", student="<student>", out="<out>")
+
+            def distill(d: Path, resume: bool) -> dict[str, Any]:
+                out = self.train("distill", d, resume, teacher=str(corrected_path), student=student_path)
+                return dict(out, **self.evaluate(out["model"], "distilled student"))
+
+            di = c.run("distill", {"prune": pr.key, "teacher": corrected_id, "trainer": ds_cfg, "eval": eval_id,
+                                   "procs": r.launch.num_procs}, distill)
+        else:
+            di = c.skip("distill", "disabled in the recipe (distill.enabled: false)")
+
+        # 7. from-scratch baseline
+        if stage_enabled(r, "scratch"):
+            sc_cfg = training_config(r, "scratch", teacher="<init>", student=None, out="<out>")
+
+            def scratch(d: Path, resume: bool) -> dict[str, Any]:
+                init = d / "init"
+                if not (init / "config.json").is_file():
+                    self._random_init(student_path, init)
+                out = self.train("scratch", d, resume, teacher=str(init), student=None)
+                return dict(out, **self.evaluate(out["model"], "student trained from scratch"))
+
+            sc = c.run("scratch", {"prune": pr.key, "trainer": sc_cfg, "eval": eval_id, "seed": r.seed,
+                                   "procs": r.launch.num_procs}, scratch)
+        else:
+            sc = c.skip("scratch", "disabled in the recipe (scratch.enabled: false)")
+
+        # 8. export
+        final_student = di.outputs.get("model") if di.status != "skipped" else None
+        if r.export.enabled and final_student:
+            def export(d: Path, resume: bool) -> dict[str, Any]:
+                dst = self.out / "student"
+                with atomic_dir(dst, overwrite=True) as tmp:
+                    for f in Path(final_student).iterdir():
+                        if f.is_file():
+                            shutil.copy2(f, tmp / f.name)
+                return {"model": str(dst)}
+
+            c.run("export", {"distill": di.key}, export)
+        else:
+            c.skip("export", "nothing to export (distill did not run)" if r.export.enabled else "disabled in the recipe")
+
+        from minitron_fast.pipeline.report import write_report
+
+        return write_report(self, wall_s=time.perf_counter() - self.t0)
+
+    def _random_init(self, like: str | os.PathLike, dst: Path) -> None:
+        """A randomly initialized model of ``like``'s shape (seeded), saved with its tokenizer."""
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        from minitron_fast.models.export import export_hf
+        from minitron_fast.models.loading import load_config
+
+        config = load_config(like)
+        torch.manual_seed(self.recipe.seed)
+        m = AutoModelForCausalLM.from_config(config)
+        export_hf(m, dst, tokenizer_from=like, record={"stage": "scratch", "init": "random", "seed": self.recipe.seed,
+                                                       "shape_of": str(like)}, overwrite=True)
+        del m
+        gc.collect()
+
+
+def run_recipe(recipe: Recipe, **kw: Any) -> dict[str, Any]:
+    """Runs every stage of ``recipe`` (see :class:`PipelineRunner`) and returns the report dict.
+
+    Example:
+        >>> from minitron_fast.pipeline import load_recipe
+        >>> report = run_recipe(load_recipe("demo", ["distill.steps=4"]), out="runs/smoke")
+    """
+    return PipelineRunner(recipe, **kw).run()
+
+
+__all__ = ["PipelineRunner", "run_recipe", "launch_command", "trainer_tokens", "stable_hash"]

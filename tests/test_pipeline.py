@@ -1,0 +1,178 @@
+"""The stage runner: hash-keyed caching, stale artifacts redone with a message, interrupted
+stages resumed, and one end-to-end run of every stage on a tiny model (slow: it starts the
+DeepSpeed trainer three times)."""
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+from minitron_fast.pipeline.report import REPORT_KEYS
+from minitron_fast.pipeline.runner import launch_command, trainer_tokens
+from minitron_fast.pipeline.stages import StageCache, describe_changes, model_fingerprint
+
+
+def test_stage_cache_reuses_redoes_and_resumes(tmp_path):
+    logs: list[str] = []
+    cache = StageCache(tmp_path, log=logs.append)
+    calls = []
+
+    def fn(d: Path, resume: bool):
+        calls.append(resume)
+        (d / "artifact.txt").write_text(str(len(calls)))
+        return {"n": len(calls)}
+
+    r1 = cache.run("s", {"a": 1, "b": {"c": 2}}, fn)
+    assert r1.status == "ran" and r1.outputs == {"n": 1} and calls == [False]
+    r2 = StageCache(tmp_path, log=logs.append).run("s", {"a": 1, "b": {"c": 2}}, fn)
+    assert r2.status == "cached" and r2.outputs == {"n": 1} and r2.key == r1.key and len(calls) == 1
+    assert any("cached" in m for m in logs)
+
+    # different inputs: redone, with the changed key named, the old artifact kept aside
+    logs.clear()
+    r3 = StageCache(tmp_path, log=logs.append).run("s", {"a": 1, "b": {"c": 3}}, fn)
+    assert r3.status == "ran" and r3.key != r1.key and r3.outputs == {"n": 2}
+    assert any("stale artifact" in m and "b.c: 2 -> 3" in m for m in logs)
+    assert (tmp_path / "s.stale" / "artifact.txt").read_text() == "1"
+    assert (tmp_path / "s" / "artifact.txt").read_text() == "2"
+
+    # killed midway (started, never finished): the same inputs resume, other inputs start over
+    def boom(d: Path, resume: bool):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        StageCache(tmp_path, log=logs.append).run("t", {"x": 1}, boom)
+    assert (tmp_path / "t" / "stage.started.json").is_file() and not (tmp_path / "t" / "stage.json").exists()
+    r4 = StageCache(tmp_path, log=logs.append).run("t", {"x": 1}, fn)
+    assert r4.status == "ran" and calls[-1] is True
+    with pytest.raises(KeyboardInterrupt):
+        StageCache(tmp_path, log=logs.append, force=("t",)).run("t", {"x": 1}, boom)
+    StageCache(tmp_path, log=logs.append).run("t", {"x": 2}, fn)
+    assert calls[-1] is False
+
+    # --redo forces a cached stage
+    logs.clear()
+    r5 = StageCache(tmp_path, log=logs.append, force=("s",)).run("s", {"a": 1, "b": {"c": 3}}, fn)
+    assert r5.status == "ran" and any("forced by --redo" in m for m in logs)
+
+
+def test_describe_changes_and_fingerprint(tmp_path):
+    assert describe_changes({"a": {"b": 1}}, {"a": {"b": 2}, "c": 3}) == "a.b: 1 -> 2; c: None -> 3"
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "model.safetensors").write_bytes(b"x" * 10)
+    f1 = model_fingerprint(tmp_path)
+    (tmp_path / "model.safetensors").write_bytes(b"x" * 11)
+    assert model_fingerprint(tmp_path) != f1
+
+
+def test_launch_commands(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    one = launch_command(cfg, 1, "auto", resume=True)
+    assert one[:3] == [sys.executable, "-m", "minitron_fast.distill"] and one[-1] == "--resume"
+    tr = launch_command(cfg, 2, "torchrun", resume=False)
+    assert "--nproc_per_node" in tr and tr[tr.index("--nproc_per_node") + 1] == "2" and "--resume" not in tr
+    assert trainer_tokens({"steps": 3, "micro_batch_size": 2, "grad_accum": 2, "data": {"seq_len": 32}}, 2) == 768
+
+
+# -- end to end on a tiny model -------------------------------------------------------------------
+
+def make_tiny_teacher(path: Path) -> Path:
+    """A tiny Llama (GQA, untied) with a 160-token BPE tokenizer trained on pydoc text, saved as an
+    HF checkpoint directory."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    from minitron_fast.data import embedded_documents
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    tok.train_from_iterator(embedded_documents()[:200], trainers.BpeTrainer(
+        vocab_size=160, special_tokens=["<unk>", "<eos>"], limit_alphabet=100, show_progress=False))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<eos>")
+    torch.manual_seed(0)
+    m = LlamaForCausalLM(LlamaConfig(vocab_size=len(fast), hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                                     tie_word_embeddings=False))
+    m.save_pretrained(path)
+    fast.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_teacher(tmp_path_factory):
+    return make_tiny_teacher(tmp_path_factory.mktemp("teacher") / "tiny")
+
+
+TRAIN = "micro_batch_size: 2, lr: 1.0e-3, warmup_steps: 0, eval_every: 100, save_every: 100, " \
+        "data: {max_blocks: 16, eval_blocks: 2}, deepspeed: {zero_stage: 1}"
+
+
+def tiny_recipe(tmp_path: Path, teacher: Path) -> Path:
+    p = tmp_path / "tiny.yaml"
+    p.write_text(f"""
+name: tiny
+teacher: {teacher}
+out: {tmp_path / 'run'}
+data: {{source: demo, seq_len: 32}}
+correct_teacher: {{enabled: true, steps: 2, {TRAIN}}}
+importance: {{samples: 4, batch_size: 4}}
+prune: {{target: "hidden=48,ffn=64,layers=3"}}
+distill: {{steps: 3, {TRAIN}}}
+scratch: {{enabled: true}}
+evaluate: {{eval_blocks: 2, batch_size: 2}}
+""")
+    return p
+
+
+@pytest.mark.slow
+def test_pipeline_end_to_end_then_cached(tmp_path, tiny_teacher, capsys):
+    from minitron_fast.cli import main
+
+    recipe = tiny_recipe(tmp_path, tiny_teacher)
+    before = {f.name: f.stat().st_mtime_ns for f in tiny_teacher.iterdir()}
+    assert main(["run", str(recipe), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    run = tmp_path / "run"
+    rep = json.loads((run / "report.json").read_text())
+    assert list(rep) == list(REPORT_KEYS)
+    for k in REPORT_KEYS:
+        assert rep[k] is not None and math.isfinite(rep[k]), k
+    assert rep["student_params"] < rep["teacher_params"]
+    assert rep["tokens"] == 3 * 2 * 32
+    md = (run / "report.md").read_text()
+    assert "| distilled student" in md and "| same shape from scratch" in md
+    for png in ("importance_heatmap.png", "loss_curves.png", "perplexity.png"):
+        assert (run / png).stat().st_size > 1000, png
+    assert "held-out perplexity" in out and "| pruned student (no retraining)" in out  # the table is printed
+    # the student is a stock HF checkpoint of the target shape
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.from_pretrained(run / "student")
+    assert (cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers) == (48, 64, 3)
+    AutoModelForCausalLM.from_pretrained(run / "student")
+    assert json.loads((run / "prune" / "plan.json").read_text())["target"]["hidden_size"] == 48
+    # the input model directory was not written
+    assert {f.name: f.stat().st_mtime_ns for f in tiny_teacher.iterdir()} == before
+
+    # a rerun reuses every stage and reports the same numbers
+    assert main(["run", str(recipe), "--no-progress"]) == 0
+    out2 = capsys.readouterr().out
+    for stage in ("teacher_eval", "correct_teacher", "importance", "prune", "distill", "scratch", "export"):
+        assert f"[{stage}] cached" in out2, stage
+    rep2 = json.loads((run / "report.json").read_text())
+    assert {k: rep2[k] for k in REPORT_KEYS if k != "wall_s"} == {k: rep[k] for k in REPORT_KEYS if k != "wall_s"}
+
+
+def test_run_bad_input_is_one_line_error(tmp_path, capsys):
+    from minitron_fast.cli import main
+
+    assert main(["run", "demo", "importance.sample=3"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: unknown recipe key importance.sample") and err.count("\n") == 1
+    assert main(["run", str(tmp_path / "nope.yaml")]) == 2
+    assert "does not exist" in capsys.readouterr().err
