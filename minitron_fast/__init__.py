@@ -35,6 +35,8 @@ _LAZY = {
     "kd_loss_from_logits": "minitron_fast.ops.kd_loss",
     "FusedLinearKDLoss": "minitron_fast.losses",
     "FusedLinearCrossEntropyLoss": "minitron_fast.losses",
+    "KDTrainer": "minitron_fast.integrations.hf_trainer",
+    "causal_lm_kd_loss": "minitron_fast.integrations.hf_trainer",
 }
 
 
