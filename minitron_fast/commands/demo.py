@@ -1,41 +1,69 @@
-"""``minitron-fast demo``: the README's main job, on the embedded SmolLM2-135M teacher and the
-standard library's pydoc text. At this stage: load the teacher, print its geometry and its
-held-out perplexity."""
+"""``minitron-fast demo [--out runs/demo]``: the README's main job. Runs the shipped ``demo``
+recipe end to end on the embedded SmolLM2-135M teacher and the standard library's pydoc text:
+teacher correction, importance, width pruning, logit distillation on the DeepSpeed engine, a
+same-shape student trained from scratch on the same tokens, evaluation and export. Writes
+``report.md``, ``report.json`` and PNGs into ``--out`` and ends by printing the table.
+
+Stages are cached in ``--out``: a rerun reuses what is done (``--redo STAGE`` forces one).
+"""
 from __future__ import annotations
 
 import argparse
-import time
 
-HELP = "run the demo on the embedded SmolLM2-135M teacher and pydoc text"
+HELP = "run the whole pipeline on the embedded SmolLM2-135M teacher and pydoc text (CPU, minutes)"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--seq-len", type=int, default=256, help="tokens per evaluation block (default 256)")
-    p.add_argument("--eval-blocks", type=int, default=8, help="held-out blocks to evaluate (default 8 = 2,048 tokens)")
+    p.add_argument("--out", default="runs/demo", help="run directory (default runs/demo)")
+    p.add_argument("--max-tokens", type=int, default=None,
+                   help="cap the distillation tokens (and scale teacher correction alike) for a quicker run")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--redo", default="", help="comma-separated stages to rerun even when cached")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="demo recipe overrides, e.g. distill.steps=8")
+
+
+def demo_overrides(max_tokens: int | None, threads: int | None, overrides: list[str]) -> list[str]:
+    """``--max-tokens``/``--threads`` as recipe overrides (explicit key=value ones win)."""
+    from minitron_fast.errors import MinitronError
+    from minitron_fast.pipeline.recipe import load_recipe
+
+    extra: list[str] = []
+    if threads:
+        extra.append(f"threads={threads}")
+    if max_tokens is not None:
+        if max_tokens < 1:
+            raise MinitronError(f"--max-tokens must be positive, got {max_tokens}")
+        r = load_recipe("demo", overrides)
+        d, c = r.distill, r.correct_teacher
+        per_step = d.get("micro_batch_size", 4) * d.get("grad_accum", 1) * r.data.seq_len
+        steps = max(1, max_tokens // per_step)
+        extra.append(f"distill.steps={steps}")
+        old = d.get("steps", 100)
+        if c.get("enabled", True) and steps < old:
+            extra.append(f"correct_teacher.steps={max(1, round(c.get('steps', 100) * steps / old))}")
+        extra.append(f"distill.warmup_steps={min(d.get('warmup_steps', 0), max(0, steps - 1))}")
+    return extra + list(overrides)
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
+    import time
 
-    from minitron_fast.commands.info import format_table
-    from minitron_fast.data import token_blocks
-    from minitron_fast.evaluate import perplexity
-    from minitron_fast.models import get_view
-    from minitron_fast.models.loading import load_model, load_tokenizer
+    from minitron_fast.commands.run import print_summary
+    from minitron_fast.errors import MinitronError
+    from minitron_fast.pipeline.recipe import STAGES, load_recipe
+    from minitron_fast.pipeline.runner import run_recipe
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
-    print("== minitron-fast demo: embedded SmolLM2-135M-Instruct teacher, pydoc_data text ==", flush=True)
-    model = load_model("demo")
-    tok = load_tokenizer("demo")
-    view = get_view(model)
-    print(format_table(list(view.info().items())))
-    counts = view.param_counts()
-    print("parameters by component: " + ", ".join(f"{k} {v:,}" for k, v in counts.items() if k != "total"))
-    blocks = token_blocks(tok, "demo", "heldout", args.seq_len, max_blocks=args.eval_blocks)
-    ppl = perplexity(model, blocks, desc="held-out perplexity")
-    print(f"teacher held-out perplexity: {ppl:.3f} over {blocks.numel():,} tokens "
-          f"({blocks.shape[0]} x {blocks.shape[1]}); {time.perf_counter() - t0:.1f} s")
+    recipe = load_recipe("demo", demo_overrides(args.max_tokens, args.threads, args.overrides))
+    redo = tuple(s.strip() for s in args.redo.split(",") if s.strip())
+    bad = [s for s in redo if s not in STAGES]
+    if bad:
+        raise MinitronError(f"--redo {','.join(bad)}: unknown stage; stages are {', '.join(STAGES)}")
+    print("== minitron-fast demo: SmolLM2-135M-Instruct teacher (embedded), pydoc_data text, CPU ==", flush=True)
+    print(f"   prune to {recipe.prune.target}; distill {recipe.distill.get('steps')} steps; "
+          f"results in {args.out}", flush=True)
+    res = run_recipe(recipe, out=args.out, redo=redo, progress=not args.no_progress)
+    print_summary(res)
+    print(f"demo finished in {time.perf_counter() - t0:.0f} s")
     return 0

@@ -1,8 +1,11 @@
 """Candidate architectures at a parameter budget (pure arithmetic, no weights).
 
 Every candidate is a ``Geometry`` cut from the teacher's: hidden and FFN sizes on
-hardware-friendly multiples (64 for models with hidden >= 1024, else 32), query heads a multiple of
-the (kept) KV heads with every group the same size, layers from 1 to the teacher's. Parameters
+hardware-friendly multiples (64 for models with hidden >= 1024, else 8: SmolLM2's 9 heads and
+Llama's config check hidden % heads == 0 leave few multiples of 32), query heads a multiple of
+the (kept) KV heads with every group the same size, layers from 1 to the teacher's, and only
+shapes the family's HF config accepts (transformers' LlamaConfig rejects a hidden size that is not
+a multiple of the head count, even with an explicit head_dim). Parameters
 are counted with ``ModelView.count_params`` for the teacher's family, so biases, tied embeddings
 and Mistral-NeMo's explicit head_dim are all accounted for.
 
@@ -20,6 +23,7 @@ closest to the budget), largest first.
 """
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass
 from typing import Any, Iterable
 
@@ -57,7 +61,16 @@ class Candidate:
 
 
 def default_multiple(hidden_size: int) -> int:
-    return 64 if hidden_size >= 1024 else 32
+    return 64 if hidden_size >= 1024 else 8
+
+
+def _expressible(view_cls: Any, config: Any, g: Geometry) -> bool:
+    """Whether the family's config class accepts ``g`` (round trip through its dict form)."""
+    try:
+        back = type(config).from_dict(view_cls.config_for(config, g).to_dict())
+        return view_cls.geometry_of(back) == g
+    except Exception:  # transformers raises its own validation error types
+        return False
 
 
 def _sizes(full: int, m: int) -> list[int]:
@@ -77,7 +90,7 @@ def enumerate_candidates(config: Any, budget: int, *, tolerance: float = 0.05,
         budget: parameter budget (total, embeddings included, tied weights once).
         tolerance: how far below the budget a candidate may fall, as a fraction.
         kinds: any of ``width``, ``depth``, ``mixed``.
-        multiple: hidden/FFN multiple (default 64 for hidden >= 1024, else 32).
+        multiple: hidden/FFN multiple (default 64 for hidden >= 1024, else 8).
         prune_heads: also shrink query heads (KV heads are kept: every group keeps the same size).
         max_per_kind: keep at most this many per kind (None: all).
         max_ratio_change: FFN/hidden may differ from the teacher's ratio by at most this factor.
@@ -115,9 +128,13 @@ def enumerate_candidates(config: Any, budget: int, *, tolerance: float = 0.05,
     ffn_opts = _sizes(F, m)
 
     found: dict[str, list[Candidate]] = {k: [] for k in kinds}
+    ok_shape = {(h, q): _expressible(view_cls, config, src.replace(hidden_size=h, num_attention_heads=q))
+                for h in _sizes(H, m) for q in heads_opts}
     for layers in range(1, L + 1):
         for hidden in _sizes(H, m):
             for heads in heads_opts:
+                if not ok_shape[(hidden, heads)]:
+                    continue
                 width_cut = hidden < H or heads < nq
                 base = src.replace(hidden_size=hidden, num_attention_heads=heads, num_hidden_layers=layers)
                 # params are affine in the FFN size: solve for the largest FFN that fits
@@ -125,13 +142,11 @@ def enumerate_candidates(config: Any, budget: int, *, tolerance: float = 0.05,
                 if c1 > budget:
                     continue
                 slope = (c2 - c1) / (F - ffn_opts[0]) if F != ffn_opts[0] else 0.0
-                best = None
-                for f in reversed(ffn_opts):
-                    if slope == 0 or c1 + slope * (f - ffn_opts[0]) <= budget + 1:
-                        best = f
-                        break
-                if best is None:
-                    continue
+                if slope == 0:
+                    best = F
+                else:
+                    i = bisect.bisect_right(ffn_opts, ffn_opts[0] + (budget + 1 - c1) / slope) - 1
+                    best = ffn_opts[max(0, i)]
                 g = base.replace(intermediate_size=best)
                 n = count(g)
                 while n > budget:  # guard against rounding in the affine solve
