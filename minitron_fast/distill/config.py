@@ -4,7 +4,7 @@ A recipe is one YAML mapping; nested sections are ``loss``, ``data``, ``deepspee
 ``intermediate``. Overrides use dotted keys (``loss.temperature=2``, ``steps=100``) and YAML
 values (``ds.offload_optimizer=true``). Unknown keys are errors, with the known keys listed.
 
-Example recipe (``configs/distill_demo.yaml``)::
+Example recipe (``configs/distill/demo.yaml``)::
 
     mode: distill
     teacher: demo

@@ -39,7 +39,9 @@ def fused_available() -> bool:
 # -- materialized references --------------------------------------------------------------------
 
 def _logits(h: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
-    return F.linear(h.float(), w.float(), None if b is None else b.float())
+    """fp32 logits (fp64 when the inputs are fp64, for references)."""
+    dt = torch.float64 if h.dtype == torch.float64 else torch.float32
+    return F.linear(h.to(dt), w.to(dt), None if b is None else b.to(dt))
 
 
 def divergence_per_token(s_logits: Tensor, t_logits: Tensor, *, divergence: str, beta: float,

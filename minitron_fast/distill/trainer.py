@@ -581,7 +581,7 @@ def train(cfg: DistillConfig, *, resume: bool = False, progress: bool = True) ->
 
     Example:
         >>> from minitron_fast.distill import load_config, train
-        >>> train(load_config("configs/distill_demo.yaml", ["steps=20"]))
+        >>> train(load_config("configs/distill/demo.yaml", ["steps=20"]))
     """
     return Trainer(cfg, resume=resume, progress=progress).run()
 
