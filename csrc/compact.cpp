@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <mutex>
 #include <stdexcept>
 #include <string>
 #include <thread>
@@ -33,6 +34,11 @@ namespace {
 constexpr std::size_t kStageBytes = std::size_t(4) << 20;     // staging per thread (cache-sized)
 constexpr std::size_t kMinDirectBytes = std::size_t(1) << 20;  // smallest round worth threads
 constexpr std::size_t kMinThreadBytes = std::size_t(1) << 20;  // smallest share of one thread
+
+// Staging buffers persist across calls: a fresh 4 MiB block per call would be fresh pages,
+// and page faults on fresh memory are what makes naive slicing slow in the first place.
+std::mutex g_stage_mutex;
+std::vector<std::vector<std::uint8_t>> g_stage;
 
 int resolve_threads(int n_threads, std::size_t total_bytes) {
   if (n_threads <= 0) n_threads = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
@@ -78,7 +84,8 @@ void run_rounds(std::uint8_t* base, std::int64_t first, std::int64_t n, std::siz
   }
   const std::int64_t stage_units =
       std::max<std::int64_t>(1, static_cast<std::int64_t>(kStageBytes / std::max<std::size_t>(unit_bytes, 1)));
-  std::vector<std::vector<std::uint8_t>> stage;
+  std::unique_lock<std::mutex> lock(g_stage_mutex, std::defer_lock);
+  std::vector<std::vector<std::uint8_t>>& stage = g_stage;
   std::int64_t a = first;
   while (a < n) {
     const std::int64_t s = std::min<std::int64_t>(safe(a), n - a);
@@ -90,7 +97,13 @@ void run_rounds(std::uint8_t* base, std::int64_t first, std::int64_t n, std::siz
       a = b;
       continue;
     }
-    if (stage.empty()) stage.assign(T, std::vector<std::uint8_t>(stage_units * unit_bytes));
+    if (!lock.owns_lock()) {
+      lock.lock();
+      if (stage.size() < static_cast<std::size_t>(T)) stage.resize(T);
+      for (int t = 0; t < T; ++t) {
+        if (stage[t].size() < stage_units * unit_bytes) stage[t].resize(stage_units * unit_bytes);
+      }
+    }
     const std::int64_t b = std::min(n, a + stage_units * T);
     const std::int64_t per = std::min<std::int64_t>(stage_units, (b - a + T - 1) / T);
     auto block = [&](int t, bool write) {

@@ -25,7 +25,8 @@ from minitron_fast.ops._dispatch import resolve_impl
 
 _C_DTYPES = {torch.float32, torch.bfloat16, torch.float16, torch.int8, torch.uint8, torch.float64,
              torch.int32, torch.int64, torch.int16, torch.bool}
-STAGE_BYTES = 64 << 20
+STAGE_BYTES = 8 << 20
+_STAGE: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}  # reused: fresh pages cost page faults
 MIN_DIRECT_BYTES = 1 << 20
 
 
@@ -41,11 +42,13 @@ def _check(t: torch.Tensor, kept: torch.Tensor, dim: int) -> torch.Tensor:
         raise ValueError(f"compact_: dim={dim} is invalid for a {t.dim()}-D tensor")
     if not t.is_contiguous():
         raise ValueError("compact_: the tensor must be contiguous (call .contiguous() first)")
-    kept = torch.as_tensor(kept, dtype=torch.long).flatten().cpu()
+    kept = torch.as_tensor(kept, dtype=torch.long).flatten().cpu().contiguous()
+    # numpy, not torch ops: these are tiny, and torch would wake its thread pool for each one
+    k = kept.numpy()
     size = t.shape[dim]
-    if kept.numel() and (int(kept.min()) < 0 or int(kept.max()) >= size):
+    if k.size and (int(k.min()) < 0 or int(k.max()) >= size):
         raise ValueError(f"compact_: kept indices must lie in [0, {size}) along dim {dim}")
-    if kept.numel() > 1 and not bool((kept[1:] > kept[:-1]).all()):
+    if k.size > 1 and not bool((k[1:] > k[:-1]).all()):
         raise ValueError("compact_: kept indices must be strictly increasing (sort and deduplicate them)")
     return kept
 
@@ -94,7 +97,12 @@ def _compact_torch(flat: torch.Tensor, n_rows: int, n_cols: int, kept: torch.Ten
         else:
             if stage is None:
                 unit = n_cols if dim == 0 else K  # a round holds at least one output row
-                stage = torch.empty(max(unit, stage_bytes // es), dtype=flat.dtype, device=flat.device)
+                need = max(unit, stage_bytes // es)
+                stage = _STAGE.get((flat.device, flat.dtype))
+                if stage is None or stage.numel() < need:
+                    stage = torch.empty(need, dtype=flat.dtype, device=flat.device)
+                    if need * es <= STAGE_BYTES:
+                        _STAGE[(flat.device, flat.dtype)] = stage
             tmp = stage[: dst.numel()].view(dst.shape)
             torch.index_select(src, d, idx, out=tmp)
             dst.copy_(tmp)
