@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "importance": ("minitron_fast.commands.importance", "activation importance of heads, KV groups, neurons, channels and layers"),
     "eval": ("minitron_fast.commands.eval", "held-out perplexity of a checkpoint (and lm-evaluation-harness tasks when installed)"),
     "run": ("minitron_fast.commands.run", "run a recipe: teacher correction, importance, search, prune, distill, evaluate, export (cached per stage)"),
+    "search": ("minitron_fast.commands.search", "search student shapes at a parameter budget: prune, briefly retrain by KD, rank, write the winner's plan"),
     "prune": ("minitron_fast.commands.prune", "prune a model to a target shape from importance scores (width and depth)"),
     "distill": ("minitron_fast.commands.distill", "distill a student from a teacher (or correct the teacher) with DeepSpeed ZeRO"),
 }

@@ -204,7 +204,7 @@ def training_config(recipe: Recipe, section: str, *, teacher: str, student: str 
             raise RecipeError(f"{section}.{k} is set by the pipeline; remove it from the recipe")
     if section == "scratch":
         base = {k: recipe.distill[k] for k in ("steps", "micro_batch_size", "grad_accum", "warmup_steps", "schedule",
-                                               "deepspeed", "threads", "eval_every", "save_every")
+                                               "deepspeed", "threads", "eval_every", "save_every", "data")
                 if k in recipe.distill}
         base.update(sec)
         sec = base

@@ -1,0 +1,88 @@
+"""Search end to end on a tiny model: candidates pruned, briefly retrained by KD (full and LoRA),
+ranked by held-out loss; the winner's plan validates against the teacher."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from minitron_fast.models import view_class_for_config
+from minitron_fast.search import SearchError, run_search
+
+from test_pipeline import make_tiny_teacher
+
+
+@pytest.fixture(scope="module")
+def teacher_and_scores(tmp_path_factory):
+    from minitron_fast.data import token_blocks
+    from minitron_fast.importance import compute_importance, save_scores
+    from minitron_fast.models.loading import load_model, load_tokenizer
+
+    d = tmp_path_factory.mktemp("search")
+    teacher = make_tiny_teacher(d / "teacher")
+    calib = token_blocks(load_tokenizer(teacher), "demo", "calib", 32, max_blocks=8)
+    scores = compute_importance(load_model(teacher), calib, progress=False)
+    save_scores(scores, d / "scores.safetensors")
+    return teacher, d / "scores.safetensors"
+
+
+def test_search_ranks_retrained_candidates_and_writes_plan(teacher_and_scores, tmp_path):
+    from minitron_fast.models.loading import load_config
+    from minitron_fast.prune import Plan, validate_plan
+
+    teacher, scores = teacher_and_scores
+    config = load_config(teacher)
+    full = view_class_for_config(config).count_params(config)["total"]
+    budget = int(0.75 * full)
+    logs = []
+    res = run_search(str(teacher), scores, budget, out_dir=tmp_path, tolerance=0.1, kinds=["width", "depth"],
+                     max_per_kind=2, retrain_steps=3, micro_batch_size=2, lr=1e-3, seq_len=32, eval_blocks=2,
+                     progress=False, log=logs.append)
+    cands = res["candidates"]
+    assert len(cands) >= 2 and {c["kind"] for c in cands} <= {"width", "depth"}
+    losses = [c["loss"] for c in cands]
+    assert losses == sorted(losses) and [c["rank"] for c in cands] == list(range(1, len(cands) + 1))
+    for c in cands:
+        assert budget * 0.9 <= c["params"] <= budget
+        assert torch.isfinite(torch.tensor([c["loss"], c["loss_pruned"]])).all()
+        assert c["retrain_loss_first"] is not None
+    plan = Plan.load(res["plan"])
+    geo = validate_plan(plan, config)
+    assert geo.as_dict() == {k: res["winner"][k] for k in geo.as_dict()}
+    saved = json.loads((tmp_path / "search.json").read_text())
+    assert saved["winner"]["name"] == res["winner"]["name"] and "loss retrained" in (tmp_path / "table.txt").read_text()
+    assert any("winner:" in m for m in logs)
+
+
+def test_search_with_lora_retraining(teacher_and_scores, tmp_path):
+    pytest.importorskip("peft")
+    teacher, scores = teacher_and_scores
+    from minitron_fast.models.loading import load_config
+
+    config = load_config(teacher)
+    full = view_class_for_config(config).count_params(config)["total"]
+    res = run_search(str(teacher), scores, int(0.75 * full), tolerance=0.1, kinds=["width"], max_per_kind=1,
+                     retrain_steps=2, micro_batch_size=2, lr=1e-3, lora_rank=2, seq_len=32, eval_blocks=2,
+                     progress=False, log=lambda s: None)
+    (c,) = res["candidates"]
+    assert c["loss"] != c["loss_pruned"]  # LoRA retraining changed the merged model
+    assert res["plan"] is None  # no out_dir: nothing written
+
+
+def test_search_cli_and_impossible_budget(teacher_and_scores, tmp_path, capsys):
+    from minitron_fast.cli import main
+
+    teacher, scores = teacher_and_scores
+    out = tmp_path / "s"
+    assert main(["search", "--model", str(teacher), "--scores", str(scores), "--params", "0.8x", "--out", str(out),
+                 "--retrain-tokens", "128", "--micro-batch-size", "2", "--seq-len", "32", "--eval-blocks", "2",
+                 "--max-candidates", "1", "--kinds", "width"]) == 0
+    printed = capsys.readouterr().out
+    assert "winner:" in printed and (out / "plan.json").is_file()
+    assert main(["search", "--model", str(teacher), "--scores", str(scores), "--params", "10",
+                 "--out", str(tmp_path / "t")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: no width/depth/mixed candidate") and err.count("\n") == 1  # before any loading
+    with pytest.raises(SearchError):
+        run_search(str(teacher), scores, 10**12, progress=False, log=lambda s: None)
