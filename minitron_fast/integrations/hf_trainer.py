@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from minitron_fast.integrations.zero3 import gathered
+from minitron_fast.integrations.zero3 import call_through, gathered
 from minitron_fast.losses import FusedLinearKDLoss
 
 
@@ -67,10 +67,16 @@ def causal_lm_kd_loss(student, teacher, input_ids: torch.Tensor, attention_mask:
     shift_labels = labels[:, 1:].reshape(-1)
     hs = hs[:, :-1].reshape(-1, hs.shape[-1])
     ht = ht[:, :-1].reshape(-1, ht.shape[-1]).to(t_head.weight.dtype)
-    with gathered(s_head.weight, getattr(s_head, "bias", None), t_head.weight, getattr(t_head, "bias", None)):
-        return loss_fn(hs.to(s_head.weight.dtype), s_head.weight, ht, t_head.weight,
-                       student_bias=getattr(s_head, "bias", None), teacher_bias=getattr(t_head, "bias", None),
-                       labels=shift_labels, num_items=num_items)
+
+    def head_loss(hs, ht):
+        # runs as the student lm_head's forward (ZeRO-3: its weight is gathered here and re-gathered
+        # for backward by DeepSpeed's hooks); the frozen teacher head is gathered read-only
+        with gathered(t_head.weight, getattr(t_head, "bias", None)):
+            return loss_fn(hs.to(s_head.weight.dtype), s_head.weight, ht, t_head.weight,
+                           student_bias=getattr(s_head, "bias", None), teacher_bias=getattr(t_head, "bias", None),
+                           labels=shift_labels, num_items=num_items)
+
+    return call_through(s_head, head_loss, hs, ht)
 
 
 def _trainer_base():

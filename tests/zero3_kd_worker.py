@@ -1,0 +1,83 @@
+"""Run by tests/test_integrations_zero3.py under torchrun with 2 CPU processes (gloo):
+distills a tiny student under DeepSpeed ZeRO-3 (lm_head partitioned) with the fused loss and writes
+the per-step losses and the final lm_head to OUT (rank 0). Not collected by pytest (no test_ prefix)."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+import torch  # noqa: E402
+
+
+def tiny(hidden, layers, seed):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=131, hidden_size=hidden, intermediate_size=hidden * 2,
+                                        num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                                        max_position_embeddings=64, tie_word_embeddings=False))
+
+
+def batches(steps, world):
+    g = torch.Generator().manual_seed(123)
+    return [torch.randint(0, 131, (2 * world, 12), generator=g) for _ in range(steps)]
+
+
+def main(out):
+    import deepspeed
+
+    from minitron_fast.integrations.hf_trainer import causal_lm_kd_loss
+    from minitron_fast.losses import FusedLinearKDLoss
+
+    deepspeed.init_distributed(dist_backend="gloo")
+    torch.autograd.set_detect_anomaly(bool(os.environ.get("Z3_ANOMALY")))
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    student, teacher = tiny(32, 1, 0), tiny(48, 1, 1).eval()
+    cfg = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1,
+           "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+           "zero_allow_untested_optimizer": True}
+    opt = torch.optim.AdamW(student.parameters(), lr=1e-2)
+    engine, *_ = deepspeed.initialize(model=student, optimizer=opt, config=cfg)
+    head = engine.module.get_output_embeddings().weight
+    partitioned = bool(hasattr(head, "ds_id") and head.data.numel() < head.ds_shape.numel())
+    fn = FusedLinearKDLoss(temperature=2.0)
+    losses = []
+    for ids in batches(3, world):
+        mine = ids[2 * rank: 2 * rank + 2]
+        loss = causal_lm_kd_loss(engine, teacher, mine, loss_fn=fn)
+        engine.backward(loss)
+        engine.step()
+        t = loss.detach().clone()
+        torch.distributed.all_reduce(t)
+        losses.append(float(t) / world)
+    with deepspeed.zero.GatheredParameters([head]):
+        w = head.detach().clone()
+    if rank == 0:
+        torch.save(w, out + ".pt")
+        with open(out, "w") as f:
+            json.dump({"losses": losses, "partitioned": partitioned, "world": world}, f)
+
+
+def reference(steps=3, world=2):
+    """The same run in one process without DeepSpeed: the whole batch, plain AdamW."""
+    from minitron_fast.integrations.hf_trainer import causal_lm_kd_loss
+    from minitron_fast.losses import FusedLinearKDLoss
+
+    student, teacher = tiny(32, 1, 0), tiny(48, 1, 1).eval()
+    opt = torch.optim.AdamW(student.parameters(), lr=1e-2)
+    fn = FusedLinearKDLoss(temperature=2.0)
+    losses = []
+    for ids in batches(steps, world):
+        loss = causal_lm_kd_loss(student, teacher, ids, loss_fn=fn)  # equal token counts: mean of rank means
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    return losses, student.get_output_embeddings().weight.detach()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
