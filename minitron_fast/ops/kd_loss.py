@@ -594,6 +594,7 @@ def _prepare_teacher(N, V, Hs_device, teacher_hidden, teacher_weight, teacher_bi
     return "topk", (vals.detach(), idx.long())
 
 
+@torch.compiler.disable  # chunk loops with data-dependent skips: run eagerly inside compiled code
 def fused_linear_kd_loss(student_hidden, student_weight, teacher_hidden=None, teacher_weight=None, *,
                          teacher_logits=None, teacher_topk=None, student_bias=None, teacher_bias=None, labels=None,
                          divergence="forward_kl", beta=0.5, temperature=1.0, ignore_index=-100,
@@ -663,6 +664,7 @@ def fused_linear_kd_loss(student_hidden, student_weight, teacher_hidden=None, te
     return out.view(lead_shape) if reduction == "none" else out
 
 
+@torch.compiler.disable  # chunk loops with data-dependent skips: run eagerly inside compiled code
 def kd_loss_from_logits(student_logits, teacher_logits=None, *, teacher_topk=None, labels=None,
                         divergence="forward_kl", beta=0.5, temperature=1.0, ignore_index=-100, hard_label_weight=0.0,
                         reduction="mean", num_items=None, chunk_size=None, impl="auto", t2_scaling=False):
@@ -693,6 +695,7 @@ def kd_loss_from_logits(student_logits, teacher_logits=None, *, teacher_topk=Non
     return out.view(lead_shape) if reduction == "none" else out
 
 
+@torch.compiler.disable  # chunk loops with data-dependent skips: run eagerly inside compiled code
 def fused_linear_cross_entropy(hidden, weight, labels, *, bias=None, ignore_index=-100, reduction="mean",
                                num_items=None, chunk_size=None, impl="auto"):
     """Cross-entropy of ``hidden @ weight^T + bias`` against ``labels`` without materializing ``[N, V]``.
