@@ -42,10 +42,16 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--quick", action="store_true", help="small shapes and few repetitions (smoke run)")
         m.add_arguments(p)
         p.set_defaults(_module=m)
+    from bench import suite
+
+    p_all = sub.add_parser("all", help=suite.HELP, description=suite.__doc__)
+    suite.add_arguments(p_all)
     args = parser.parse_args(argv)
     if not args.name:
         parser.print_help()
         return 2
+    if args.name == "all":
+        return suite.run_all(args, benches)
     rows = finalize_rows(args._module.run(args), bench=args.name)
     print(format_rows(rows))
     if args.json:

@@ -1,0 +1,63 @@
+"""``python -m bench all`` summary helpers and ``bench paper_claims`` on a tiny model."""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+from test_pipeline import make_tiny_teacher
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # the bench/ folder is not an installed package
+    sys.path.insert(0, str(ROOT))
+
+
+def test_summary_markdown_and_plot(tmp_path):
+    pytest.importorskip("matplotlib")
+    from bench.suite import machine_line, plot_summary, rows_markdown
+
+    rows = [{"bench": "b", "case": "N=8", "impl": "fused", "median_s": 0.5, "p20_s": 0.4, "p80_s": 0.6,
+             "peak_mb": 10.0, "ok": True, "ratio": 2.0},
+            {"bench": "b", "case": "N=8", "impl": "naive", "median_s": None, "ok": False, "error": "x|y"}]
+    md = rows_markdown(rows).splitlines()
+    assert md[0].startswith("| case | impl | median_s") and "ratio" in md[0] and len(md) == 4
+    assert "FAILED" in md[3] and "| - |" in md[3]
+    png = plot_summary({"b": {"rows": rows}, "empty": {"rows": []}}, tmp_path / "s.png")
+    assert png is not None and png.stat().st_size > 1000
+    assert "2 cores" in machine_line({"machine": {"cpu": "x", "cores": 2, "mem_gb": 24}, "versions": {}})
+
+
+def test_bench_all_rejects_unknown_names(capsys):
+    from bench.__main__ import main
+
+    assert main(["all", "--only", "no_such_bench"]) == 2
+    assert "unknown benchmark(s) no_such_bench" in capsys.readouterr().err
+
+
+def test_paper_claims_rows_on_tiny_model(tmp_path):
+    from bench import paper_claims
+
+    teacher = make_tiny_teacher(tmp_path / "t")
+    args = argparse.Namespace(model=str(teacher), target="ffn=64", steps=2, micro_batch_size=2, seq_len=32, lr=1e-3,
+                              calib_samples=4, eval_blocks=2, seed=0, threads=None, quick=False)
+    rows = paper_claims.run(args)
+    cases = {(r["case"], r["impl"]) for r in rows}
+    assert cases == {("reference", "teacher"), ("importance (one-shot)", "activation"),
+                     ("importance (one-shot)", "magnitude"), ("importance (one-shot)", "random"),
+                     *{("aggregation (one-shot)", a) for a in ("mean/l2", "mean/mean", "l2/l2", "l2/mean")},
+                     ("retraining loss", "kd_logit"), ("retraining loss", "kd_plus_lm"), ("retraining loss", "lm_only"),
+                     ("prune+distill vs scratch", "prune_distill"), ("prune+distill vs scratch", "scratch"),
+                     ("width vs depth", "width"), ("width vs depth", "depth")}
+    for r in rows:
+        assert r["ok"] and math.isfinite(r["loss"])
+    claims = [r for r in rows if "claim" in r]
+    assert len(claims) == 5 and all(isinstance(r["holds"], bool) for r in claims)
+    by = {(r["case"], r["impl"]): r for r in rows}
+    assert by[("width vs depth", "depth")]["params"] >= by[("width vs depth", "width")]["params"]
+    assert by[("prune+distill vs scratch", "scratch")]["params"] == by[("prune+distill vs scratch", "prune_distill")]["params"]
+    assert by[("retraining loss", "kd_logit")]["tokens"] == 2 * 2 * 32
+    paper_claims.plot(rows, tmp_path / "p.png")
+    assert (tmp_path / "p.png").stat().st_size > 1000
