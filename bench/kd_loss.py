@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
 import time
 
 HELP = "fused KD loss fwd+bwd: minitron_fast vs torch_naive vs liger_chunked vs gemm_floor (fresh process each)"
@@ -199,6 +200,7 @@ def run(args) -> list[dict]:
                       f"{r['workspace_mb']:.0f} MB  ok={r.get('ok')}", flush=True)
             else:
                 print(f"    failed: {r.get('error', '')[-300:]}", flush=True)
+            print("    row " + json.dumps(r), flush=True)  # partial results survive an interrupted run
             case_rows.append(r)
         by = {r["impl"]: r for r in case_rows if r.get("ok") and r.get("median_s")}
         for r in case_rows:
