@@ -161,3 +161,16 @@ def test_bad_aggregation_and_input(tiny_builders):
         ImportanceCollector(model, seq_agg="median")
     with pytest.raises(MinitronError, match="non-empty"):
         collect_importance(model, torch.zeros(0, 4, dtype=torch.long), progress=False)
+    with pytest.raises(MinitronError, match="max_position_embeddings"):
+        collect_importance(model, torch.zeros(1, 129, dtype=torch.long), progress=False)
+
+
+def test_bf16_model_scores_close_to_fp32(tiny_builders):
+    model = tiny_builders["llama"]()
+    ids = torch.randint(0, 131, (4, 9))
+    a = collect_importance(model, ids, progress=False, impl="torch").to_tensors()
+    b = collect_importance(model.to(torch.bfloat16), ids, progress=False, impl="torch")
+    assert b.meta["dtype"] == "bfloat16"
+    for k, v in b.to_tensors().items():
+        assert v.dtype == torch.float32  # accumulated in fp32 whatever the model dtype
+        torch.testing.assert_close(v, a[k], rtol=2e-2, atol=2e-2 * float(a[k].abs().max()))

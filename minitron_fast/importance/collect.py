@@ -326,6 +326,10 @@ def collect_importance(model: nn.Module, blocks: torch.Tensor, *, attention_mask
     """
     if blocks.dim() != 2 or blocks.shape[0] == 0:
         raise MinitronError(f"calibration blocks must be a non-empty [n, T] tensor, got {tuple(blocks.shape)}")
+    max_pos = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if max_pos and blocks.shape[1] > max_pos:
+        raise MinitronError(f"calibration sequence length {blocks.shape[1]} exceeds the model's "
+                            f"max_position_embeddings ({max_pos})")
     was_training = model.training
     model.eval()
     try:
