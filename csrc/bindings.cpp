@@ -3,6 +3,9 @@
 // checks dtype, contiguity and device before calling in.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <optional>
 
 #include "compact.h"
 
@@ -39,6 +42,21 @@ PYBIND11_MODULE(_C, m) {
       py::arg("n_threads") = 0,
       "Keep columns `kept` (sorted, unique) of a contiguous [n_rows, n_cols] buffer in place; "
       "the result is contiguous [n_rows, len(kept)]. Returns the bytes in use.");
+  m.def(
+      "compact_2d",
+      [](std::uintptr_t addr, std::int64_t n_rows, std::int64_t n_cols, std::size_t elem_size,
+         std::optional<Index> rows, std::optional<Index> cols, int n_threads) {
+        const std::int64_t* r = rows ? rows->data() : nullptr;
+        const std::int64_t nr = rows ? static_cast<std::int64_t>(rows->size()) : 0;
+        const std::int64_t* c = cols ? cols->data() : nullptr;
+        const std::int64_t nc = cols ? static_cast<std::int64_t>(cols->size()) : 0;
+        py::gil_scoped_release nogil;
+        return minitron::compact_2d(as_ptr(addr), n_rows, n_cols, elem_size, r, nr, c, nc, n_threads);
+      },
+      py::arg("addr"), py::arg("n_rows"), py::arg("n_cols"), py::arg("elem_size"), py::arg("rows") = py::none(),
+      py::arg("cols") = py::none(), py::arg("n_threads") = 0,
+      "Keep rows `rows` and columns `cols` (sorted, unique; None keeps all) of a contiguous "
+      "[n_rows, n_cols] buffer in one in-place pass; the result is contiguous. Returns the bytes in use.");
   m.def(
       "release_tail",
       [](std::uintptr_t addr, std::size_t used_bytes, std::size_t total_bytes) {

@@ -128,63 +128,109 @@ void run_rounds(std::uint8_t* base, std::int64_t first, std::int64_t n, std::siz
 
 }  // namespace
 
-std::size_t compact_rows(std::uint8_t* base, std::int64_t n_rows, std::size_t row_bytes,
-                         const std::int64_t* kept, std::int64_t n_kept, int n_threads) {
-  check_indices(kept, n_kept, n_rows, "row");
-  // kept[i] - i never decreases (kept is strictly increasing): rows before the first moved
-  // one stay where they are, and from output row a on, kept[a] - a rows can be written at once.
+namespace {
+
+// Copies n elements of elem_size bytes from s to d (d <= s when they overlap): long runs with
+// memmove, short ones (random channel selections keep runs of a few elements) with a typed
+// forward loop, which costs far less than a libc call per run.
+inline void copy_run(std::uint8_t* d, const std::uint8_t* s, std::size_t n, std::size_t elem_size) {
+  const std::size_t bytes = n * elem_size;
+  if (bytes >= 64) {
+    std::memmove(d, s, bytes);
+    return;
+  }
+  switch (elem_size) {
+    case 4: {
+      auto* dd = reinterpret_cast<std::uint32_t*>(d);
+      auto* ss = reinterpret_cast<const std::uint32_t*>(s);
+      for (std::size_t i = 0; i < n; ++i) dd[i] = ss[i];
+      return;
+    }
+    case 2: {
+      auto* dd = reinterpret_cast<std::uint16_t*>(d);
+      auto* ss = reinterpret_cast<const std::uint16_t*>(s);
+      for (std::size_t i = 0; i < n; ++i) dd[i] = ss[i];
+      return;
+    }
+    case 1:
+      for (std::size_t i = 0; i < n; ++i) d[i] = s[i];
+      return;
+    default:
+      std::memmove(d, s, bytes);
+  }
+}
+
+}  // namespace
+
+std::size_t compact_2d(std::uint8_t* base, std::int64_t n_rows, std::int64_t n_cols, std::size_t elem_size,
+                       const std::int64_t* rows, std::int64_t n_kept_rows, const std::int64_t* cols,
+                       std::int64_t n_kept_cols, int n_threads) {
+  if (rows) check_indices(rows, n_kept_rows, n_rows, "row");
+  if (cols) check_indices(cols, n_kept_cols, n_cols, "column");
+  const std::int64_t K = rows ? n_kept_rows : n_rows;
+  const std::int64_t KC = cols ? n_kept_cols : n_cols;
+  const std::size_t src_row = static_cast<std::size_t>(n_cols) * elem_size;
+  const std::size_t dst_row = static_cast<std::size_t>(KC) * elem_size;
+  if (K == 0 || KC == 0) return 0;
+  const bool all_cols = KC == n_cols;  // strictly increasing and KC == n_cols: the identity
+  auto row_of = [&](std::int64_t i) -> std::int64_t { return rows ? rows[i] : i; };
+  // Output row i lands at i * dst_row; its source starts at row_of(i) * src_row. Rows whose
+  // bytes do not move are skipped (a prefix of kept rows when all columns are kept).
   std::int64_t first = 0;
-  while (first < n_kept && kept[first] == first) ++first;
-  const int T = resolve_threads(n_threads, static_cast<std::size_t>(n_kept - first) * row_bytes);
+  if (all_cols) {
+    while (first < K && row_of(first) == first) ++first;
+  }
+  std::vector<std::pair<std::int64_t, std::int64_t>> runs;  // (first kept column, length)
+  if (!all_cols) {
+    for (std::int64_t c = 0; c < KC;) {
+      std::int64_t e = c + 1;
+      while (e < KC && cols[e] == cols[e - 1] + 1) ++e;
+      runs.emplace_back(cols[c], e - c);
+      c = e;
+    }
+  }
+  const int T = resolve_threads(n_threads, static_cast<std::size_t>(K - first) * dst_row);
   auto gather = [&](std::int64_t lo, std::int64_t hi, std::uint8_t* dst) {
-    std::int64_t i = lo;
-    while (i < hi) {  // runs of consecutive kept rows move with one memmove
-      std::int64_t j = i + 1;
-      while (j < hi && kept[j] == kept[j - 1] + 1) ++j;
-      std::memmove(dst + static_cast<std::size_t>(i - lo) * row_bytes,
-                   base + static_cast<std::size_t>(kept[i]) * row_bytes,
-                   static_cast<std::size_t>(j - i) * row_bytes);
-      i = j;
+    if (all_cols) {
+      std::int64_t i = lo;
+      while (i < hi) {  // runs of consecutive kept rows move with one memmove
+        std::int64_t j = i + 1;
+        while (j < hi && row_of(j) == row_of(j - 1) + 1) ++j;
+        std::memmove(dst + static_cast<std::size_t>(i - lo) * dst_row,
+                     base + static_cast<std::size_t>(row_of(i)) * src_row,
+                     static_cast<std::size_t>(j - i) * dst_row);
+        i = j;
+      }
+      return;
+    }
+    for (std::int64_t i = lo; i < hi; ++i) {
+      const std::uint8_t* s = base + static_cast<std::size_t>(row_of(i)) * src_row;
+      std::uint8_t* d = dst + static_cast<std::size_t>(i - lo) * dst_row;
+      for (const auto& run : runs) {
+        copy_run(d, s + static_cast<std::size_t>(run.first) * elem_size, static_cast<std::size_t>(run.second),
+                 elem_size);
+        d += static_cast<std::size_t>(run.second) * elem_size;
+      }
     }
   };
-  run_rounds(base, first, n_kept, row_bytes, T, [&](std::int64_t a) { return kept[a] - a; }, gather);
-  return static_cast<std::size_t>(n_kept) * row_bytes;
+  // Output rows [a, a + s) end at (a + s) * dst_row <= row_of(a) * src_row, where the first
+  // byte any row >= a reads lies: they can be written straight into place.
+  auto safe = [&](std::int64_t a) {
+    return static_cast<std::int64_t>((static_cast<std::size_t>(row_of(a)) * src_row) / dst_row) - a;
+  };
+  run_rounds(base, first, K, dst_row, T, safe, gather);
+  return static_cast<std::size_t>(K) * dst_row;
+}
+
+std::size_t compact_rows(std::uint8_t* base, std::int64_t n_rows, std::size_t row_bytes,
+                         const std::int64_t* kept, std::int64_t n_kept, int n_threads) {
+  return compact_2d(base, n_rows, 1, row_bytes, kept, n_kept, nullptr, 0, n_threads);
 }
 
 std::size_t compact_cols(std::uint8_t* base, std::int64_t n_rows, std::int64_t n_cols,
                          std::size_t elem_size, const std::int64_t* kept, std::int64_t n_kept,
                          int n_threads) {
-  check_indices(kept, n_kept, n_cols, "column");
-  const std::size_t src_row = static_cast<std::size_t>(n_cols) * elem_size;
-  const std::size_t dst_row = static_cast<std::size_t>(n_kept) * elem_size;
-  if (n_rows == 0 || n_kept == 0) return 0;
-  if (n_kept == n_cols) return static_cast<std::size_t>(n_rows) * dst_row;  // keeps all, in order
-  // Runs of consecutive kept columns, computed once for every row.
-  std::vector<std::pair<std::int64_t, std::int64_t>> runs;  // (first kept column, length)
-  for (std::int64_t c = 0; c < n_kept;) {
-    std::int64_t e = c + 1;
-    while (e < n_kept && kept[e] == kept[e - 1] + 1) ++e;
-    runs.emplace_back(kept[c], e - c);
-    c = e;
-  }
-  const int T = resolve_threads(n_threads, static_cast<std::size_t>(n_rows) * dst_row);
-  auto gather = [&](std::int64_t lo, std::int64_t hi, std::uint8_t* dst) {
-    for (std::int64_t r = lo; r < hi; ++r) {
-      const std::uint8_t* s = base + static_cast<std::size_t>(r) * src_row;
-      std::uint8_t* d = dst + static_cast<std::size_t>(r - lo) * dst_row;
-      for (const auto& run : runs) {  // within a row, destination <= source: memmove is safe
-        std::memmove(d, s + static_cast<std::size_t>(run.first) * elem_size,
-                     static_cast<std::size_t>(run.second) * elem_size);
-        d += static_cast<std::size_t>(run.second) * elem_size;
-      }
-    }
-  };
-  // Output rows [a, b) write bytes [a * dst_row, b * dst_row); rows >= a read from a * src_row on.
-  auto safe = [&](std::int64_t a) {
-    return static_cast<std::int64_t>((static_cast<std::size_t>(a) * (src_row - dst_row)) / dst_row);
-  };
-  run_rounds(base, 0, n_rows, dst_row, T, safe, gather);
-  return static_cast<std::size_t>(n_rows) * dst_row;
+  return compact_2d(base, n_rows, n_cols, elem_size, nullptr, 0, kept, n_kept, n_threads);
 }
 
 std::size_t release_tail(std::uint8_t* base, std::size_t used_bytes, std::size_t total_bytes) {

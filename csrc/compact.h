@@ -20,6 +20,13 @@ std::size_t compact_cols(std::uint8_t* base, std::int64_t n_rows, std::int64_t n
                          std::size_t elem_size, const std::int64_t* kept, std::int64_t n_kept,
                          int n_threads);
 
+// Keeps rows[0..n_kept_rows) and columns cols[0..n_kept_cols) (each strictly increasing; a null
+// pointer keeps all) of a [n_rows, n_cols] buffer of elem_size-byte elements in one pass; the
+// result is a contiguous [rows, cols] buffer at base. Returns the bytes in use.
+std::size_t compact_2d(std::uint8_t* base, std::int64_t n_rows, std::int64_t n_cols, std::size_t elem_size,
+                       const std::int64_t* rows, std::int64_t n_kept_rows, const std::int64_t* cols,
+                       std::int64_t n_kept_cols, int n_threads = 0);
+
 // Returns the whole pages inside [base + used_bytes, base + total_bytes) to the OS
 // (madvise MADV_DONTNEED). The range stays mapped and reads as zeros. Returns bytes released.
 std::size_t release_tail(std::uint8_t* base, std::size_t used_bytes, std::size_t total_bytes);

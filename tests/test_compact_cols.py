@@ -117,3 +117,20 @@ def test_release_returns_pages_and_spares_neighbours():
     tail = buf[n // 4 + page: n - page]  # released whole pages read as zeros
     assert int(tail.count_nonzero()) == 0
     assert bool((a == 1).all())
+
+
+@pytest.mark.parametrize("impl", ["cpp", "torch"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int8], ids=lambda d: str(d).split(".")[-1])
+@pytest.mark.parametrize("rkind,ckind", [("random75", "random75"), ("drop_first", "every_other"),
+                                         ("tail", "drop_last"), ("drop_last", "drop_first")])
+def test_compact_2d_one_pass(impl, dtype, rkind, ckind):
+    from minitron_fast.ops.compact import compact_2d_
+
+    if impl == "cpp" and not HAS_C:
+        pytest.skip("no _C")
+    t = _rand((1503, 1207), dtype)  # ~7 MB of fp32: threaded direct and staged rounds
+    rows, cols = _kept(rkind, 1503), _kept(ckind, 1207)
+    expected = t[rows][:, cols].clone()
+    p = torch.nn.Parameter(t, requires_grad=False) if dtype.is_floating_point else t
+    out = compact_2d_(p, rows, cols, impl=impl, n_threads=2)
+    assert out is p and torch.equal(p.data if isinstance(p, torch.nn.Parameter) else p, expected)

@@ -279,3 +279,24 @@ def test_cli_prune(tiny_builders, tmp_path, capsys):
     assert main(["prune", "--model", str(src), "--scores", str(tmp_path / "s.safetensors"),
                  "--target", "layers=9", "--out", str(tmp_path / "x")]) == 2
     assert "layers=9 is larger" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_demo_streaming_prune_matches_in_place(demo_model_dir, tmp_path):
+    """SmolLM2-135M (tied, GQA 9/3, 30 layers): the streamed checkpoint reloads in stock
+    transformers with the logits of the model pruned in place after loading."""
+    from transformers import AutoModelForCausalLM
+
+    from minitron_fast.models.loading import load_model
+
+    model = load_model(demo_model_dir)
+    geo = get_view(model).geometry()
+    plan = make_plan(model, synth_scores(geo), "hidden=480,ffn=1024,heads=6,layers=26")
+    out = prune_checkpoint(demo_model_dir, plan, tmp_path / "student", streaming=True, progress=False)
+    apply_plan(model, plan)
+    x = tokens(geo.vocab_size, (1, 16))
+    reloaded = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert get_view(reloaded).tied and reloaded.config.num_hidden_layers == 26
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(x).logits, model(x).logits, rtol=0, atol=0)
+    assert (out / "tokenizer.json").is_file()

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from minitron_fast.models import ModelView, get_view
-from minitron_fast.ops.compact import compact_
+from minitron_fast.ops.compact import compact_2d_
 from minitron_fast.prune.plan import Plan, PlanError, validate_plan
 
 
@@ -169,7 +169,7 @@ def apply_plan(model: nn.Module, plan: Plan, *, impl: str = "auto", release: boo
         for mod in (lv.module, lv.attn):
             if hasattr(mod, "layer_idx"):
                 mod.layer_idx = new_i
-    # 2. width: compact every parameter in place (rows first: it shrinks the column pass)
+    # 2. width: compact every parameter in place (one pass per tensor over both axes with _C)
     rules = all_rules(view, plan)
     it = rules
     if progress:
@@ -177,10 +177,7 @@ def apply_plan(model: nn.Module, plan: Plan, *, impl: str = "auto", release: boo
 
         it = tqdm(rules, desc="pruning", unit="tensor")
     for p, r in it:
-        if r.rows is not None:
-            compact_(p, r.rows, 0, impl=impl, release=release)
-        if r.cols is not None:
-            compact_(p, r.cols, 1, impl=impl, release=release)
+        compact_2d_(p, r.rows, r.cols, impl=impl, release=release)
     # 3. module attributes that cache sizes
     for mod in model.modules():
         if isinstance(mod, nn.Linear):
