@@ -176,3 +176,40 @@ def test_run_bad_input_is_one_line_error(tmp_path, capsys):
     assert err.startswith("error: unknown recipe key importance.sample") and err.count("\n") == 1
     assert main(["run", str(tmp_path / "nope.yaml")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_pipeline_with_search_and_skipped_training(tmp_path, tiny_teacher):
+    """Search decides the shape; disabled training stages are skipped with a message and their
+    numbers are null in report.json. No trainer process starts, so this stays fast."""
+    from minitron_fast.pipeline.recipe import load_recipe
+    from minitron_fast.pipeline.runner import run_recipe
+
+    p = tmp_path / "s.yaml"
+    p.write_text(f"""
+teacher: {tiny_teacher}
+out: {tmp_path / 'run'}
+data: {{source: demo, seq_len: 32}}
+importance: {{samples: 4, batch_size: 4}}
+search: {{enabled: true, params: 0.75x, tolerance: 0.1, kinds: [width], max_candidates: 1, retrain_steps: 1,
+         micro_batch_size: 2, eval_blocks: 2}}
+distill: {{enabled: false}}
+evaluate: {{eval_blocks: 2, batch_size: 2}}
+""")
+    logs: list[str] = []
+    res = run_recipe(load_recipe(p), progress=False, log=logs.append)
+    rep = res["report"]
+    assert rep["distilled_ppl"] is None and rep["scratch_ppl"] is None and rep["corrected_teacher_ppl"] is None
+    assert rep["tokens"] is None and rep["pruned_ppl"] > 0 and rep["student_params"] <= 0.75 * rep["teacher_params"]
+    assert any(m.startswith("[distill] skipped") for m in logs) and any("search winner" in m for m in logs)
+    search = json.loads((tmp_path / "run" / "search" / "search.json").read_text())
+    plan = json.loads((tmp_path / "run" / "prune" / "plan.json").read_text())
+    assert plan["target"]["intermediate_size"] == search["winner"]["intermediate_size"]
+    assert plan["target"]["hidden_size"] == search["winner"]["hidden_size"]
+    md = (tmp_path / "run" / "report.md").read_text()
+    assert "| distill" in md and "skipped" in md
+    # a changed budget redoes search and everything after it, and says why
+    logs.clear()
+    run_recipe(load_recipe(p, ["search.params=0.7x"]), progress=False, log=logs.append)
+    assert any(m.startswith("[importance] cached") for m in logs)
+    assert any(m.startswith("[search] stale artifact") and "0.75x" in m and "0.7x" in m for m in logs)
+    assert any(m.startswith("[prune] stale artifact") for m in logs)
