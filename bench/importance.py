@@ -146,17 +146,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
         def f():
             with ImportanceCollector(view) as col:
                 for b in batches:
-                    if full:  # drive the full forward (logits too) through the same patch
-                        col._mask = None
-                        for st in col._all_stats():
-                            st.begin(b.shape[0], b.device)
-                        col._cos_batch = [torch.zeros(b.shape[0]) for _ in range(view.num_layers)]
-                        model(input_ids=b, use_cache=False)
-                        n = torch.full((b.shape[0], 1), float(b.shape[1]), dtype=torch.float64)
-                        for st in col._all_stats():
-                            st.end(n, torch.ones(b.shape[0], dtype=torch.bool))
-                    else:
-                        col.step(b)
+                    col.step(b, run_lm_head=full)
             state["ours" + ("_full" if full else "")] = col
         return f
 

@@ -126,7 +126,8 @@ def test_patch_is_reversible_and_output_unchanged(tiny_builders, impl):
     view = get_view(model)
     with ImportanceCollector(model, impl=impl) as col:
         assert any(lv.o_proj._forward_pre_hooks for lv in view.layers)
-        col.step(ids, mask)
+        out = col.step(ids, mask, run_lm_head=True)  # logits in the same pass, unchanged
+        torch.testing.assert_close(out.logits, before, rtol=1e-5, atol=1e-5)
         with torch.no_grad():  # the patched model computes the same logits
             torch.testing.assert_close(model(input_ids=ids, attention_mask=mask).logits, before, rtol=1e-5, atol=1e-5)
     for mod in model.modules():

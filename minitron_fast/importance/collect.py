@@ -250,9 +250,11 @@ class ImportanceCollector:
             yield from group
 
     @torch.no_grad()
-    def step(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> None:
+    def step(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
+             run_lm_head: bool = False) -> Any:
         """One forward over ``input_ids [B, T]`` (``attention_mask [B, T]``, 1 = token, 0 = pad)
-        through the decoder stack (the lm_head is not needed for any score and is skipped)."""
+        through the decoder stack (the lm_head is not needed for any score and is skipped unless
+        ``run_lm_head``, e.g. to use the logits in the same pass). Returns the model's output."""
         if not self._handles:
             raise RuntimeError("ImportanceCollector.step() before attach(); use `with ImportanceCollector(model) as c:`")
         dev = next(self.model.parameters()).device
@@ -271,8 +273,8 @@ class ImportanceCollector:
             st.begin(B, dev)
         self._cos_batch = [torch.zeros(B, device=dev) for _ in range(self.view.num_layers)]
         try:
-            decoder = self.model.get_decoder() if hasattr(self.model, "get_decoder") else self.model
-            decoder(input_ids=ids, attention_mask=am, use_cache=False)
+            fwd = self.model if run_lm_head or not hasattr(self.model, "get_decoder") else self.model.get_decoder()
+            result = fwd(input_ids=ids, attention_mask=am, use_cache=False)
         finally:
             self._mask = None
             self._layer_in.clear()
@@ -285,6 +287,7 @@ class ImportanceCollector:
         self.cos_count += float(n.sum())
         self.tokens += int(n.sum())
         self.samples += int(keep.sum())
+        return result
 
     def _check_finite(self) -> None:
         for i in range(self.view.num_layers):
