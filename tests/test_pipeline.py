@@ -213,3 +213,18 @@ evaluate: {{eval_blocks: 2, batch_size: 2}}
     assert any(m.startswith("[importance] cached") for m in logs)
     assert any(m.startswith("[search] stale artifact") and "0.75x" in m and "0.7x" in m for m in logs)
     assert any(m.startswith("[prune] stale artifact") for m in logs)
+
+
+def test_demo_max_tokens_knob():
+    from minitron_fast.commands.demo import demo_overrides
+    from minitron_fast.errors import MinitronError
+    from minitron_fast.pipeline.recipe import load_recipe, training_config
+
+    r = load_recipe("demo", demo_overrides(4096, 2, []))
+    assert r.distill["steps"] == 4 and r.correct_teacher["steps"] == 1 and r.threads == 2
+    assert r.distill["warmup_steps"] <= 3
+    assert training_config(r, "scratch", teacher="t", student=None, out="o")["steps"] == 4  # same tokens
+    # explicit overrides win over the knob
+    assert load_recipe("demo", demo_overrides(4096, None, ["distill.steps=2"])).distill["steps"] == 2
+    with pytest.raises(MinitronError, match="--max-tokens must be positive"):
+        demo_overrides(0, None, [])
