@@ -160,6 +160,7 @@ def write_safetensors_streaming(path: Path, entries: list[tuple[str, torch.dtype
             if t.dtype != dtype or tuple(t.shape) != tuple(shape):
                 raise RuntimeError(f"internal: {name} produced {t.dtype} {tuple(t.shape)}, expected {dtype} {shape}")
             f.write(memoryview(t.contiguous().view(torch.uint8).reshape(-1).numpy()))
+            del t  # before the next tensor is read: one output tensor alive at a time
         f.flush()
         os.fsync(f.fileno())
     return off
@@ -299,6 +300,7 @@ def prune_checkpoint(src_dir: str | os.PathLike, plan: Plan, out_dir: str | os.P
                         if pbar is not None:
                             pbar.update(1)
                         yield t
+                        del t
 
                 total += write_safetensors_streaming(tmp / fname, [(j[0], j[2], j[3]) for j in shard], produce())
                 weight_map.update({j[0]: fname for j in shard})
