@@ -6,8 +6,8 @@ each process start (import deepspeed + transformers) costs ~10 s:
 
 - ``single``: one process running, back to back, teacher correction, KD with the fused loss
   (ZeRO-0, grad_accum 2), KD with materialized logits (ZeRO-1, grad_accum 2), and bad inputs;
-- ``dist``: one 2-rank ``deepspeed`` launch running ZeRO-2 then ZeRO-3 (grad_accum 1, so the
-  global batch equals the single-process one);
+- ``dist``: one 2-rank ``deepspeed`` launch running ZeRO-2 then ZeRO-3 with a ZeRO-3-partitioned
+  teacher (grad_accum 1, so the global batch equals the single-process one);
 - ``kill``: a 2-rank ZeRO-2 job started with ``minitron-fast distill --nproc 2``, SIGKILLed
   mid-run, then ``--resume``d; compared with the uninterrupted ZeRO-2 run.
 """
@@ -278,7 +278,8 @@ def dist_runs(models, tmp_path_factory):
     (root / "worker.py").write_text(WORKER)
     runs = [{"name": "z2", "overrides": _common(models, root / "z2")},
             {"name": "z3", "overrides": _common(models, root / "z3", export=True,
-                                                **{"ds.zero_stage": 3, "ds.persistence_threshold": 0})}]
+                                                **{"ds.zero_stage": 3, "ds.persistence_threshold": 0,
+                                                   "ds.teacher_zero3": True})}]
     ds = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(_free_port()),
           str(root / "worker.py"), str(_write_runs(root / "runs.json", runs))]
     proc = subprocess.run(ds, env=_env(), capture_output=True, text=True, timeout=600, cwd=root)
@@ -301,6 +302,9 @@ def single_runs(models, tmp_path_factory):
         {"name": "fused", "overrides": _common(models, root / "fused", **single)},
         {"name": "materialized", "overrides": _common(models, root / "materialized",
                                                       **{**single, "loss.impl": "materialized", "ds.zero_stage": 1})},
+        {"name": "inter", "overrides": _common(models, root / "inter", steps=4, save_every=4,
+                                               **{"intermediate.pairs": "[[0,0],[1,1]]", "intermediate.weight": 1.0,
+                                                  "ds.zero_stage": 2})},
         {"name": "other_run", "resume": True, "overrides": _common(models, root / "fused", lr=1e-3, **single)},
         {"name": "used_dir", "overrides": _common(models, root / "used")},
         {"name": "bad_vocab", "overrides": _common(models, root / "bad_vocab", student=models / "student_bad_vocab")},
@@ -388,6 +392,17 @@ def test_teacher_correction_lowers_teacher_loss(single_runs):
 
     blocks = token_blocks(load_tokenizer(final), "demo", "heldout", 32, max_blocks=8)
     assert lm_loss(model, blocks, progress=False) == pytest.approx(evals[-1], rel=1e-4)
+
+
+@pytest.mark.slow
+def test_intermediate_state_loss(single_runs):
+    root, res = single_runs
+    assert res["inter"]["ok"], res["inter"]
+    recs = [r for r in _metrics(root / "inter") if "loss" in r]
+    for r in recs:  # total = kd + 1.0 * inter
+        assert r["loss"] == pytest.approx(r["kd"] + r["inter"], rel=1e-5)
+    inter = [r["inter"] for r in recs]
+    assert inter[-1] < inter[0], inter
 
 
 @pytest.mark.slow

@@ -129,8 +129,10 @@ class HiddenStates(nn.Module):
         self.proj = proj
 
     def forward(self, input_ids: torch.Tensor, want_layers: tuple[int, ...] = ()):
-        out = self.model.model(input_ids=input_ids, use_cache=False, output_hidden_states=bool(want_layers))
+        out = self.model.base_model(input_ids=input_ids, use_cache=False, output_hidden_states=bool(want_layers))
         inter = [out.hidden_states[i + 1] for i in want_layers] if want_layers else []
+        if inter and self.proj is not None:  # inside the engine's forward, so ZeRO-3 gathers proj too
+            inter = [self.proj(h) for h in inter]
         return out.last_hidden_state, inter
 
 
@@ -258,7 +260,11 @@ def _check_out_dir(cfg: DistillConfig, out: Path, resume: bool, world: int) -> i
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
+    """Drops the records a killed run wrote after its last checkpoint (``step``; 0: all)."""
     if not path.is_file():
+        return
+    if step == 0:
+        path.unlink()
         return
     keep = []
     for line in path.read_text().splitlines():
@@ -422,7 +428,7 @@ class Trainer:
         if self.cfg.mode == "distill" and train:
             with torch.no_grad():
                 want_t = tuple(t for _, t in self.pairs)
-                t_out = self.teacher.model(input_ids=ids, use_cache=False, output_hidden_states=bool(want_t))
+                t_out = self.teacher.base_model(input_ids=ids, use_cache=False, output_hidden_states=bool(want_t))
                 last = t_out.last_hidden_state
                 fw["th"] = last[:, :-1].reshape(-1, last.shape[-1])
                 fw["t_inter"] = [t_out.hidden_states[i + 1] for i in want_t]
@@ -453,10 +459,9 @@ class Trainer:
                                                chunk_size=L.chunk_size)
             total = total + L.lm_weight * parts["lm"]
         if self.pairs:
-            proj = engine.module.proj
             inter_loss = hs.new_zeros((), dtype=torch.float32)
-            for s_h, t_h in zip(fw["inter"], fw["t_inter"]):
-                d = proj(s_h[:, :-1]).float() - t_h[:, :-1].float()
+            for s_h, t_h in zip(fw["inter"], fw["t_inter"]):  # s_h already mapped to the teacher's width
+                d = s_h[:, :-1].float() - t_h[:, :-1].float()
                 inter_loss = inter_loss + d.pow(2).mean(-1).sum() / num_items
             parts["inter"] = inter_loss / len(self.pairs)
             total = total + cfg.intermediate.weight * parts["inter"]
