@@ -127,7 +127,7 @@ def _check(impl, h, W, th, tW, labels, n):
     if impl == "gemm_floor":
         return True, {}
     hs = h.detach()[:n].clone().requires_grad_()
-    Ws = W.detach().clone().requires_grad_()
+    Ws = W  # the timed leaf itself (each step resets its grad): no second copy of a 128k-row head
     step = _make_step(impl, hs, Ws, th[:n], tW, labels[:n])
     loss = step()
     # float64 throughout when the heads are small; at Llama shapes a float64 copy of both heads
@@ -135,7 +135,7 @@ def _check(impl, h, W, th, tW, labels, n):
     # softmax/KL math of the reference is still float64
     ref_dtype = torch.float64 if W.numel() + tW.numel() <= 2e8 else torch.float32
     h64 = hs.detach().to(ref_dtype).requires_grad_()
-    W64 = Ws.detach().to(ref_dtype).requires_grad_()
+    W64 = Ws.detach().to(ref_dtype).requires_grad_()  # shares storage when ref_dtype is fp32
     ref = kd_loss_reference(h64 @ W64.T, th[:n].to(ref_dtype) @ tW.to(ref_dtype).T, labels=labels[:n])
     rh, rW = torch.autograd.grad(ref, (h64, W64))
 
