@@ -156,7 +156,9 @@ def write_safetensors_streaming(path: Path, entries: list[tuple[str, torch.dtype
     with open(path, "wb") as f:
         f.write(struct.pack("<Q", len(raw)))
         f.write(raw)
-        for (name, dtype, shape), t in zip(entries, produce):
+        it = iter(produce)
+        for name, dtype, shape in entries:  # not zip(): its cached result tuple would keep t alive
+            t = next(it)
             if t.dtype != dtype or tuple(t.shape) != tuple(shape):
                 raise RuntimeError(f"internal: {name} produced {t.dtype} {tuple(t.shape)}, expected {dtype} {shape}")
             f.write(memoryview(t.contiguous().view(torch.uint8).reshape(-1).numpy()))
