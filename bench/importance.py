@@ -9,7 +9,8 @@ cosine hook per layer, on the full forward). A second ``minitron_fast`` row runs
 (logits included) for a like-for-like comparison with the other two.
 
 Reps are interleaved (plain, ours, hooks, plain, ...) so drift on a shared machine hits all
-impls alike. ``peak_mb`` is the peak RSS of a fresh process doing one pass (model included);
+impls alike; ``cpu_s`` is the median process CPU time of a pass (with ``--threads 1`` it is
+insensitive to other jobs taking the core, which wall time on a shared machine is not). ``peak_mb`` is the peak RSS of a fresh process doing one pass (model included);
 ``added_mb`` is the collector's own state (accumulators and per-batch sums).
 """
 from __future__ import annotations
@@ -160,14 +161,16 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
 
     fns = {"plain_forward": plain, "minitron_fast": ours(False), "minitron_fast_full": ours(True), "hooks": hooks}
     times: dict[str, list[float]] = {k: [] for k in fns}
+    cpu: dict[str, list[float]] = {k: [] for k in fns}  # process CPU time: robust to being descheduled
     with torch.no_grad():
         for k, f in fns.items():  # warm-up
             f()
         for _ in range(reps):
             for k, f in fns.items():
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 f()
                 times[k].append(time.perf_counter() - t0)
+                cpu[k].append(time.process_time() - c0)
 
     # correctness: ours (mean over sequence, L2 over batch) == the hooks' sqrt(sum of squared means)
     col, hb = state["ours"], state["hooks"]
@@ -190,6 +193,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
                                   timeout=1800)
             peaks[impl] = r.get("peak_mb")
     base_med = statistics.median(times["plain_forward"])
+    base_cpu = statistics.median(cpu["plain_forward"])
     rows = []
     for k, ts in times.items():
         ts = sorted(ts)
@@ -200,6 +204,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
             "impl": impl, "median_s": med, "p20_s": ts[0], "p80_s": ts[-1],
             "peak_mb": peaks.get(k), "ratio_vs_plain": med / base_med,
             "tokens_per_s": len(blocks) * seq_len / med,
+            "cpu_s": statistics.median(cpu[k]), "cpu_ratio_vs_plain": statistics.median(cpu[k]) / base_cpu,
             "added_mb": added / 2**20 if impl == "minitron_fast" else None,
             "added_pct_of_model": 100 * added / 2**20 / model_mb if impl == "minitron_fast" else None,
             "max_rel_err_vs_hooks": err if impl != "plain_forward" else None,

@@ -48,6 +48,7 @@ def heatmap(scores: ImportanceScores, path: str | os.PathLike) -> Path:
 
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
+    import numpy as np
 
     def norm_rows(ts: list[torch.Tensor]) -> torch.Tensor:
         x = torch.stack(ts)
@@ -60,8 +61,10 @@ def heatmap(scores: ImportanceScores, path: str | os.PathLike) -> Path:
     ax[0].set(title="query heads (score / layer max)", xlabel="head", ylabel="layer")
     fig.colorbar(im, ax=ax[0])
     neurons = torch.stack(scores.neurons).sort(dim=1, descending=True).values
-    im = ax[1].imshow(norm_rows(list(neurons)), aspect="auto", cmap="viridis", interpolation="nearest")
-    ax[1].set(title="MLP neurons, sorted per layer (score / layer max)", xlabel="neuron rank", ylabel="layer")
+    # log scale: a few outlier neurons per layer carry most of the activation mass
+    im = ax[1].imshow(np.log10(np.clip(norm_rows(list(neurons)), 1e-4, None)), aspect="auto", cmap="viridis",
+                      interpolation="nearest")
+    ax[1].set(title="MLP neurons, sorted per layer (log10 score / layer max)", xlabel="neuron rank", ylabel="layer")
     fig.colorbar(im, ax=ax[1])
     L = scores.num_layers
     ax[2].barh(range(L), scores.block_importance.numpy(), color="tab:blue", label="block importance")
