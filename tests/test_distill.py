@@ -334,6 +334,7 @@ def test_zero2_and_zero3_losses_fall(dist_runs):
         assert _falls(ls), (name, ls)
         recs = _metrics(root / name)
         assert {"step", "kd", "loss", "lr", "tokens_per_s", "peak_mem_mb"} <= set(recs[-1])
+        assert recs[1]["lr"] == pytest.approx(3e-3)  # the lr the step applied (constant schedule)
         assert recs[-1]["tokens"] == 4 * 31  # 2 ranks x 2 blocks x 31 next-token targets
         evals = [r["eval_loss"] for r in recs if "eval_loss" in r]
         assert len(evals) == 3  # steps 0, 4, 8

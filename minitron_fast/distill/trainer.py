@@ -485,6 +485,7 @@ class Trainer:
         final_loss = None
         for step in range(start, cfg.steps):
             t0 = time.perf_counter()
+            lr_now = engine.get_lr()[0] if engine.get_lr() else None  # the lr this step applies
             micros = data.micro_batches(step)
             n_local = sum((m[:, 1:] != losses.IGNORE_INDEX).sum().item() for m in micros)
             num_items = float(_all_reduce(torch.tensor([float(n_local)], dtype=torch.float64))[0])
@@ -509,7 +510,7 @@ class Trainer:
             rec: dict[str, Any] = {"step": step + 1}
             rec.update({k: float(v) for k, v in zip(sorted(sums), red)})
             dt = time.perf_counter() - t0
-            rec.update(lr=float(engine.get_lr()[0]) if engine.get_lr() else None, tokens=int(num_items),
+            rec.update(lr=None if lr_now is None else float(lr_now), tokens=int(num_items),
                        tokens_per_s=data.global_batch * data.blocks.shape[1] / dt, step_s=dt,
                        peak_mem_mb=peak_memory_mb())
             final_loss = rec["loss"]
