@@ -62,9 +62,9 @@ def run(args: argparse.Namespace) -> int:
         from minitron_fast.distill import train
 
         res = train(cfg, resume=args.resume)
-        print(f"{cfg.mode} done: final loss {res['final_loss']:.4f}"
-              + (f", held-out loss {res['eval_loss']:.4f}" if res.get("eval_loss") is not None else "")
-              + f"; outputs in {cfg.out}")
+        parts = [f"{k} {res[k]:.4f}" for k in ("final_loss", "eval_loss") if res.get(k) is not None]
+        print(f"{cfg.mode} done" + (": " + ", ".join(p.replace("_", " ") for p in parts) if parts else
+                                    " (nothing left to train)") + f"; outputs in {cfg.out}")
         return 0
     import torch
 
