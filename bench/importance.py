@@ -205,6 +205,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
             "peak_mb": peaks.get(k), "ratio_vs_plain": med / base_med,
             "tokens_per_s": len(blocks) * seq_len / med,
             "cpu_s": statistics.median(cpu[k]), "cpu_ratio_vs_plain": statistics.median(cpu[k]) / base_cpu,
+            "cpu_min_ratio_vs_plain": min(cpu[k]) / min(cpu["plain_forward"]),
             "added_mb": added / 2**20 if impl == "minitron_fast" else None,
             "added_pct_of_model": 100 * added / 2**20 / model_mb if impl == "minitron_fast" else None,
             "max_rel_err_vs_hooks": err if impl != "plain_forward" else None,
