@@ -18,7 +18,7 @@ the ``heldout`` split. Cases (``case`` / ``impl``):
 
 ``median_s`` is the wall time of producing that row (training + evaluation); rows also carry
 ``loss``, ``ppl``, ``params``, ``tokens``, and, on the row a claim is judged on, ``claim`` and
-``holds`` (whether this run reproduced it). Training here is a plain PyTorch loop with the fused
+``holds`` (``yes``/``no``: whether this run reproduced it). Training here is a plain PyTorch loop with the fused
 KD loss (no DeepSpeed): the claims are about what is trained, not how.
 """
 from __future__ import annotations
@@ -44,6 +44,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-blocks", type=int, default=4, help="held-out blocks (default 4; --quick: 2)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None)
+
+
+def _yn(b: bool) -> str:
+    """"yes"/"no" (a bool would print as FAILED in the driver's table, which means a broken row)."""
+    return "yes" if b else "no"
 
 
 def _final_hidden(model, ids):
@@ -163,7 +168,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
         one[impl] = row("importance (one-shot)", impl, t0, lm_loss(m, heldout, progress=False), params_of(m), False)
         del m
     best = min(one, key=lambda k: one[k]["loss"])
-    one["activation"].update(claim="activation importance beats magnitude and random", holds=best == "activation")
+    one["activation"].update(claim="activation importance beats magnitude and random", holds=_yn(best == "activation"))
     agg_rows = {}
     for sa, ba in aggs:
         t0 = time.perf_counter()
@@ -173,7 +178,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
         del m
     best_agg = min(agg_rows, key=lambda k: agg_rows[k]["loss"])
     agg_rows[("mean", "l2")].update(claim="mean over sequence, L2 over batch is the best aggregation",
-                                    holds=best_agg == ("mean", "l2"))
+                                    holds=_yn(best_agg == ("mean", "l2")))
     gc.collect()
 
     # teacher targets once for every distilled student
@@ -196,7 +201,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     kd_lm = trained("retraining loss", "kd_plus_lm", lambda: pruned(act, geo), 1.0, 1.0)
     lm = trained("retraining loss", "lm_only", lambda: pruned(act, geo), 0.0, 1.0)
     width.update(claim="logit-only KD beats KD + LM loss and LM loss alone",
-                 holds=width["loss"] < min(kd_lm["loss"], lm["loss"]))
+                 holds=_yn(width["loss"] < min(kd_lm["loss"], lm["loss"])))
 
     def scratch_model():
         from transformers import AutoModelForCausalLM
@@ -210,7 +215,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     pd.pop("claim", None), pd.pop("holds", None)
     rows.append(pd)
     sc = trained("prune+distill vs scratch", "scratch", scratch_model, 0.0, 1.0)
-    pd.update(claim="pruning + distillation beats training from scratch at equal tokens", holds=pd["loss"] < sc["loss"])
+    pd.update(claim="pruning + distillation beats training from scratch at equal tokens", holds=_yn(pd["loss"] < sc["loss"]))
 
     # depth at (about) the width student's size: the smallest layer count not below it
     vc = type(view)
@@ -224,7 +229,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     wd.pop("claim", None), wd.pop("holds", None)
     rows.append(wd)
     dp = trained("width vs depth", "depth", lambda: pruned(act, depth_target), 1.0, 0.0, layers=L)
-    wd.update(claim="width pruning beats depth pruning at (about) equal parameters and tokens", holds=wd["loss"] < dp["loss"])
+    wd.update(claim="width pruning beats depth pruning at (about) equal parameters and tokens", holds=_yn(wd["loss"] < dp["loss"]))
     return rows
 
 
