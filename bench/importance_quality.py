@@ -5,7 +5,8 @@ Pruning is simulated by zeroing (``minitron_fast.importance.simulate``), which e
 exactly (tested), so this benchmark needs no pruning code. Cases: MLP neurons only, query heads
 only (GQA-uniform: the same number kept inside every KV group), embedding channels only, and all
 three together. impl values: ``activation`` (minitron_fast scores, mean over sequence then L2 over
-batch, on the calib split), ``magnitude`` (L2 norm of each unit's weights), ``random`` (seeded).
+batch, on the calib split), ``activation_after_o_proj`` (the same, heads scored by their
+contribution after ``o_proj``: ``head_score="output"``; heads and all-axes cases only), ``magnitude`` (L2 norm of each unit's weights), ``random`` (seeded).
 Held-out text is the ``heldout`` split (disjoint from ``calib`` by document). ``median_s`` is the
 time of the one held-out evaluation of that row.
 """
@@ -64,7 +65,9 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     rnd = {"heads": [torch.rand(g.num_attention_heads, generator=gen) for _ in range(L)],
            "neurons": [torch.rand(g.intermediate_size, generator=gen) for _ in range(L)],
            "channels": torch.rand(g.hidden_size, generator=gen)}
+    act_out = collect_importance(model, calib, batch_size=8, progress=True, head_score="output")
     methods = {"activation": {"heads": act.heads, "neurons": act.neurons, "channels": act.channels},
+               "activation_after_o_proj": {"heads": act_out.heads, "neurons": act.neurons, "channels": act.channels},
                "magnitude": mag, "random": rnd}
     k_neurons = int(round(g.intermediate_size * args.keep_neurons))
     k_channels = int(round(g.hidden_size * args.keep_channels))
@@ -85,6 +88,8 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     cases = {"neurons": shape[0], "heads": shape[1], "channels": shape[2], "all": ", ".join(shape)}
     for case, desc in cases.items():
         for name, sc in methods.items():
+            if name == "activation_after_o_proj" and case not in ("heads", "all"):
+                continue  # same neuron and channel scores as "activation"
             m = copy.deepcopy(model)
             if case in ("neurons", "all"):
                 zero_neurons(m, [top_k(sc["neurons"][i], k_neurons) for i in range(L)])
@@ -109,13 +114,13 @@ def plot(rows: list[dict[str, Any]], png_path) -> None:
     import matplotlib.pyplot as plt
 
     cases = [r["case"] for r in rows if r["impl"] == "activation"]
-    impls = ["activation", "magnitude", "random"]
+    impls = ["activation", "activation_after_o_proj", "magnitude", "random"]
     base = next(r["lm_loss"] for r in rows if r["impl"] == "none")
     fig, ax = plt.subplots(figsize=(9, 3.5))
-    w = 0.27
+    w = 0.2
     for j, impl in enumerate(impls):
-        vals = [next((r["lm_loss"] or 0) for r in rows if r["case"] == c and r["impl"] == impl) for c in cases]
-        ax.bar([i + (j - 1) * w for i in range(len(cases))], vals, w, label=impl)
+        vals = [next((r["lm_loss"] or 0 for r in rows if r["case"] == c and r["impl"] == impl), 0) for c in cases]
+        ax.bar([i + (j - 1.5) * w for i in range(len(cases))], vals, w, label=impl)
     ax.axhline(base, color="k", lw=0.8, ls="--", label="unpruned")
     ax.set_xticks(range(len(cases)), [c.split(":")[0] for c in cases])
     ax.set_ylabel("held-out LM loss (nats/token)")

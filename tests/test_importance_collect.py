@@ -107,6 +107,23 @@ def test_scores_equal_slow_reference_every_aggregation_padded(tiny_model):
         assert s.meta["calib_tokens"] == int(mask.sum()) and s.meta["calib_samples"] == 5
 
 
+@pytest.mark.parametrize("name", ["llama", "mistral_nemo_like"])
+def test_head_score_after_o_proj_equals_reference(tiny_builders, name):
+    model = tiny_builders[name]()
+    ids, mask = _data(model.config.vocab_size)
+    view, acts = _stored_activations(model, ids, mask, batch_size=2)
+    g = view.geometry()
+    for seq_agg, batch_agg in (("mean", "l2"), ("var", "mean")):
+        s = collect_importance(model, ids, attention_mask=mask, batch_size=2, seq_agg=seq_agg, batch_agg=batch_agg,
+                               impl="torch", progress=False, head_score="output")
+        assert s.meta["head_score"] == "output"
+        for i, lv in enumerate(view.layers):
+            o = acts["o_in", i].view(*acts["o_in", i].shape[:2], g.num_attention_heads, g.head_dim)
+            W = lv.o_proj.weight.double().view(g.hidden_size, g.num_attention_heads, g.head_dim)
+            contrib = torch.einsum("btnd,hnd->btnh", o, W).norm(dim=-1)  # [n, T, nh]: explicit per-head outputs
+            _close(s.heads[i], _agg(contrib, mask, seq_agg, batch_agg), f"{name} layer {i} heads (after o_proj)")
+
+
 def test_fused_triton_path_equals_torch_path(tiny_builders):
     # Under TRITON_INTERPRET the fused forwards (SwiGLU, RMSNorm) and Triton reductions run on CPU.
     model = tiny_builders["qwen2_bias"]()
@@ -160,6 +177,8 @@ def test_bad_aggregation_and_input(tiny_builders):
     model = tiny_builders["llama"]()
     with pytest.raises(MinitronError, match="seq_agg"):
         ImportanceCollector(model, seq_agg="median")
+    with pytest.raises(MinitronError, match="head_score"):
+        ImportanceCollector(model, head_score="q")
     with pytest.raises(MinitronError, match="non-empty"):
         collect_importance(model, torch.zeros(0, 4, dtype=torch.long), progress=False)
     with pytest.raises(MinitronError, match="max_position_embeddings"):

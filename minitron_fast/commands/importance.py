@@ -16,6 +16,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=8, help="samples per forward pass (default 8)")
     p.add_argument("--seq-agg", choices=("mean", "l2", "var"), default="mean", help="aggregation over the sequence (default mean)")
     p.add_argument("--batch-agg", choices=("mean", "l2", "var"), default="l2", help="aggregation over samples (default l2)")
+    p.add_argument("--head-score", choices=("input", "output"), default="input",
+                   help="query heads by the norm of their output before o_proj (input; the papers') or of their "
+                   "contribution after o_proj (output; ranked better on SmolLM2-135M, see docs/importance.md)")
     p.add_argument("--depth-lm-loss", action="store_true",
                    help="also the held-out LM loss with each layer, and each contiguous block, skipped")
     p.add_argument("--depth-block", type=int, default=None, help="block size for --depth-lm-loss (default layers // 4)")
@@ -46,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
         seq_agg=args.seq_agg, batch_agg=args.batch_agg, with_depth_lm_loss=args.depth_lm_loss,
         depth_block=args.depth_block, heldout_samples=args.heldout_samples, allow_fewer=args.allow_fewer,
         text_field=args.text_field, dtype=args.dtype, device=args.device, impl=args.impl,
-        heatmap_png=not args.no_heatmap)
+        heatmap_png=not args.no_heatmap, head_score=args.head_score)
     print(summary(scores))
     print("wrote " + ", ".join(str(p) for p in paths.values()) + f" ({time.perf_counter() - t0:.1f} s)")
     return 0

@@ -20,7 +20,7 @@ log = logging.getLogger(__name__)
 def compute_importance(model: nn.Module, calib: torch.Tensor, *, attention_mask: torch.Tensor | None = None,
                        heldout: torch.Tensor | None = None, depth_block: int | None = None, batch_size: int = 8,
                        seq_agg: str = "mean", batch_agg: str = "l2", impl: str = "auto", progress: bool = True,
-                       meta: dict[str, Any] | None = None) -> ImportanceScores:
+                       meta: dict[str, Any] | None = None, head_score: str = "input") -> ImportanceScores:
     """Every importance score of an in-memory model: width axes and block importance from one
     pass over ``calib [n, T]``; with ``heldout [m, T]``, also the LM loss with each layer (and each
     contiguous block of ``depth_block`` layers) skipped.
@@ -30,7 +30,7 @@ def compute_importance(model: nn.Module, calib: torch.Tensor, *, attention_mask:
         >>> save_scores(scores, "scores.safetensors")
     """
     scores = collect_importance(model, calib, attention_mask=attention_mask, batch_size=batch_size, seq_agg=seq_agg,
-                                batch_agg=batch_agg, impl=impl, progress=progress, meta=meta)
+                                batch_agg=batch_agg, impl=impl, progress=progress, meta=meta, head_score=head_score)
     if heldout is not None:
         d = depth_lm_loss(model, heldout, block_size=depth_block, batch_size=batch_size, progress=progress)
         scores.lm_loss = d["per_layer"]
@@ -46,7 +46,7 @@ def run_importance(model: str | os.PathLike = "demo", data: str | os.PathLike = 
                    batch_agg: str = "l2", with_depth_lm_loss: bool = False, depth_block: int | None = None,
                    heldout_samples: int = 16, allow_fewer: bool = False, text_field: str = "text",
                    dtype: str = "float32", device: str = "cpu", impl: str = "auto", heatmap_png: bool = True,
-                   progress: bool = True) -> tuple[ImportanceScores, dict[str, Path]]:
+                   progress: bool = True, head_score: str = "input") -> tuple[ImportanceScores, dict[str, Path]]:
     """Loads ``model`` and the ``calib`` split of ``data``, computes the scores, writes ``out``
     (and ``<out stem>.png`` beside it). Returns the scores and the written paths."""
     from minitron_fast.data import token_blocks
@@ -83,7 +83,7 @@ def run_importance(model: str | os.PathLike = "demo", data: str | os.PathLike = 
             "requested_samples": samples}
     scores = compute_importance(m, calib, heldout=heldout, depth_block=depth_block if with_depth_lm_loss else None,
                                 batch_size=batch_size, seq_agg=seq_agg, batch_agg=batch_agg, impl=impl,
-                                progress=progress, meta=meta)
+                                progress=progress, meta=meta, head_score=head_score)
     paths = {"scores": save_scores(scores, out)}
     if heatmap_png:
         from minitron_fast.importance.report import heatmap

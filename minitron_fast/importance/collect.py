@@ -35,6 +35,9 @@ from minitron_fast.ops import importance as ops
 from minitron_fast.ops._dispatch import resolve_impl
 
 AGGS = ("mean", "l2", "var")
+# "input": norm of each head's output before o_proj (the papers'); "output": norm of its
+# contribution after o_proj, ||W_o[:, head] x_head|| (better on SmolLM2-135M, docs/importance.md)
+HEAD_SCORES = ("input", "output")
 
 
 class NonFiniteActivationError(MinitronError, FloatingPointError):
@@ -133,8 +136,11 @@ class ImportanceCollector:
     """
 
     def __init__(self, model: nn.Module | ModelView, *, seq_agg: str = "mean", batch_agg: str = "l2",
-                 impl: str = "auto", check_finite: bool = True):
+                 impl: str = "auto", check_finite: bool = True, head_score: str = "input"):
         _check_agg("seq_agg", seq_agg)
+        if head_score not in HEAD_SCORES:
+            raise MinitronError(f"head_score must be one of {HEAD_SCORES}, got {head_score!r}")
+        self.head_score = head_score
         _check_agg("batch_agg", batch_agg)
         self.view = model if isinstance(model, ModelView) else get_view(model)
         self.model = self.view.model
@@ -202,10 +208,14 @@ class ImportanceCollector:
     # -- hooks -----------------------------------------------------------------------------------
     def _head_hook(self, i: int):
         nh = self.geometry.num_attention_heads
+        gram = ops.head_output_gram(self.view.layers[i].o_proj.weight, nh) if self.head_score == "output" else None
 
         def hook(mod, args):
             st = self.heads[i]
-            ops.head_stats(args[0], nh, self._mask, st.s1, st.s2, impl=self.impl)
+            if gram is not None:
+                ops.head_output_stats(args[0], gram, self._mask, st.s1, st.s2)
+            else:
+                ops.head_stats(args[0], nh, self._mask, st.s1, st.s2, impl=self.impl)
         return hook
 
     def _neuron_hook(self, i: int):
@@ -309,7 +319,7 @@ class ImportanceCollector:
         bi = (1.0 - self.cos_sum / max(self.cos_count, 1.0)).float()
         m = {"family": self.view.family, "geometry": g.as_dict(), "seq_agg": self.seq_agg,
              "batch_agg": self.batch_agg, "calib_tokens": self.tokens, "calib_samples": self.samples,
-             "impl": self.impl, "dtype": str(next(self.model.parameters()).dtype).replace("torch.", ""),
+             "head_score": self.head_score, "impl": self.impl, "dtype": str(next(self.model.parameters()).dtype).replace("torch.", ""),
              "accumulation": "fp32 per-batch sums, fp64 across batches"}
         m.update(meta or {})
         return ImportanceScores(heads=heads, kv_groups=kv, neurons=[s.result() for s in self.neurons],
@@ -319,7 +329,8 @@ class ImportanceCollector:
 
 def collect_importance(model: nn.Module, blocks: torch.Tensor, *, attention_mask: torch.Tensor | None = None,
                        batch_size: int = 8, seq_agg: str = "mean", batch_agg: str = "l2", impl: str = "auto",
-                       progress: bool = True, meta: dict[str, Any] | None = None) -> ImportanceScores:
+                       progress: bool = True, meta: dict[str, Any] | None = None,
+                       head_score: str = "input") -> ImportanceScores:
     """Activation importance of an in-memory model over calibration ``blocks [n, T]`` (token ids;
     optional ``attention_mask [n, T]``), one forward per batch, every axis at once.
 
@@ -336,7 +347,7 @@ def collect_importance(model: nn.Module, blocks: torch.Tensor, *, attention_mask
     was_training = model.training
     model.eval()
     try:
-        with ImportanceCollector(model, seq_agg=seq_agg, batch_agg=batch_agg, impl=impl) as col:
+        with ImportanceCollector(model, seq_agg=seq_agg, batch_agg=batch_agg, impl=impl, head_score=head_score) as col:
             starts: Iterable[int] = range(0, blocks.shape[0], batch_size)
             for s in tqdm(starts, desc="importance", disable=not progress, leave=False,
                           total=(blocks.shape[0] + batch_size - 1) // batch_size, unit="batch"):
@@ -349,5 +360,5 @@ def collect_importance(model: nn.Module, blocks: torch.Tensor, *, attention_mask
         model.train(was_training)
 
 
-__all__ = ["AGGS", "ImportanceCollector", "collect_importance", "NonFiniteActivationError", "seq_aggregate",
+__all__ = ["AGGS", "HEAD_SCORES", "ImportanceCollector", "collect_importance", "NonFiniteActivationError", "seq_aggregate",
            "batch_aggregate"]

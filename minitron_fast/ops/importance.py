@@ -104,6 +104,30 @@ def head_stats(x: torch.Tensor, n_heads: int, mask: torch.Tensor | None, s1: tor
         s2 += n.square().sum(1)
 
 
+def head_output_gram(o_weight: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """``G[h] = W_h^T W_h`` ``[n_heads, head_dim, head_dim]`` (fp32) of ``o_proj.weight [H, n_heads*head_dim]``,
+    so that ``||W_h x_h||^2 = x_h^T G[h] x_h``: a head's contribution after ``o_proj`` without
+    forming the ``[B, T, n_heads, H]`` per-head outputs."""
+    W = o_weight.detach().float().view(o_weight.shape[0], n_heads, -1).permute(1, 0, 2)  # [nh, H, hd]
+    return W.transpose(1, 2) @ W
+
+
+@torch.compiler.disable
+def head_output_stats(x: torch.Tensor, gram: torch.Tensor, mask: torch.Tensor | None, s1: torch.Tensor | None,
+                      s2: torch.Tensor | None) -> None:
+    """Like :func:`head_stats`, with each head's per-token norm taken after ``o_proj``:
+    ``||W_h x_h|| = sqrt(x_h^T G[h] x_h)`` (``gram`` from :func:`head_output_gram`). Torch only."""
+    B, T, C = x.shape
+    nh = gram.shape[0]
+    xh = x.view(B, T, nh, C // nh).float()
+    n = (torch.einsum("btnd,nde->btne", xh, gram) * xh).sum(-1).clamp_min(0).sqrt()  # [B, T, nh]
+    n = _masked(n, mask)
+    if s1 is not None:
+        s1 += n.sum(1)
+    if s2 is not None:
+        s2 += n.square().sum(1)
+
+
 @torch.compiler.disable
 def block_cosine(x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor | None, out: torch.Tensor, *,
                  impl: str = "auto") -> None:
@@ -124,4 +148,5 @@ def block_cosine(x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor | None, ou
     out += cos.sum(1)
 
 
-__all__ = ["abs_stats", "swiglu_with_stats", "rmsnorm_with_stats", "rmsnorm_reference", "head_stats", "block_cosine"]
+__all__ = ["abs_stats", "swiglu_with_stats", "rmsnorm_with_stats", "rmsnorm_reference", "head_stats",
+           "head_output_gram", "head_output_stats", "block_cosine"]
