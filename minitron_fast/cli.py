@@ -18,12 +18,12 @@ from minitron_fast.errors import MinitronError
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("minitron_fast.commands.demo", "run the demo on the embedded SmolLM2-135M teacher and pydoc text"),
     "info": ("minitron_fast.commands.info", "print a model's family, geometry and parameter count"),
-    "importance": ("minitron_fast.commands.importance", "activation importance of heads, KV groups, neurons, channels and layers"),
-    "eval": ("minitron_fast.commands.eval", "held-out perplexity of a checkpoint (and lm-evaluation-harness tasks when installed)"),
     "run": ("minitron_fast.commands.run", "run a recipe: teacher correction, importance, search, prune, distill, evaluate, export (cached per stage)"),
+    "importance": ("minitron_fast.commands.importance", "activation importance of heads, KV groups, neurons, channels and layers"),
     "search": ("minitron_fast.commands.search", "search student shapes at a parameter budget: prune, briefly retrain by KD, rank, write the winner's plan"),
     "prune": ("minitron_fast.commands.prune", "prune a model to a target shape from importance scores (width and depth)"),
     "distill": ("minitron_fast.commands.distill", "distill a student from a teacher (or correct the teacher) with DeepSpeed ZeRO"),
+    "eval": ("minitron_fast.commands.eval", "held-out perplexity of a checkpoint (and lm-evaluation-harness tasks when installed)"),
 }
 
 

@@ -113,8 +113,11 @@ class Plan:
 # -- scores ---------------------------------------------------------------------------------------
 
 def load_scores(scores: str | os.PathLike | Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Reads an importance scores file (safetensors, fp32, see DESIGN.md) or takes a dict.
+    """Reads an importance scores file (safetensors, fp32, see DESIGN.md) or takes a dict (or an
+    in-memory scores object with ``to_tensors()`` giving that dict, as the importance stage returns).
     Returns ``(tensors, info)`` where ``info`` holds the file's sha256, path and metadata."""
+    if hasattr(scores, "to_tensors"):
+        scores = scores.to_tensors()
     if isinstance(scores, Mapping):
         return {k: torch.as_tensor(v).float() for k, v in scores.items()}, {"scores_file": None}
     from safetensors import SafetensorError, safe_open
