@@ -123,6 +123,17 @@ def finalize_rows(rows: list[dict[str, Any]], *, bench: str) -> list[dict[str, A
     return out
 
 
+def fmt_cell(v: Any) -> str:
+    """One table cell: ``-`` for None, ``yes``/``FAILED`` for the correctness flag, 4 significant digits."""
+    if v is None:
+        return "-"
+    if isinstance(v, bool):
+        return "yes" if v else "FAILED"
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
 def format_rows(rows: list[dict[str, Any]]) -> str:
     """A plain-text table of the rows (extra numeric fields included)."""
     if not rows:
@@ -133,16 +144,7 @@ def format_rows(rows: list[dict[str, Any]]) -> str:
             if k not in keys and k not in ("bench", "error") and not isinstance(r[k], (dict, list)):
                 keys.append(k)
 
-    def fmt(v: Any) -> str:
-        if v is None:
-            return "-"
-        if isinstance(v, bool):
-            return "yes" if v else "FAILED"
-        if isinstance(v, float):
-            return f"{v:.4g}"
-        return str(v)
-
-    table = [keys] + [[fmt(r.get(k)) for k in keys] for r in rows]
+    table = [keys] + [[fmt_cell(r.get(k)) for k in keys] for r in rows]
     widths = [max(len(row[i]) for row in table) for i in range(len(keys))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in table]
     lines.insert(1, "  ".join("-" * w for w in widths))

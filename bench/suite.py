@@ -15,6 +15,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench.common import fmt_cell
+
 HELP = "run every benchmark (fresh process each) and write a summary markdown + plot"
 
 
@@ -27,13 +29,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _cell(v: Any) -> str:
-    if v is None:
-        return "-"
-    if isinstance(v, bool):
-        return "yes" if v else "FAILED"
-    if isinstance(v, float):
-        return f"{v:.4g}"
-    return str(v).replace("|", "/")
+    return fmt_cell(v).replace("|", "/")  # a markdown table cell
 
 
 def rows_markdown(rows: list[dict[str, Any]]) -> str:

@@ -11,12 +11,7 @@ from minitron_fast.importance import depth_lm_loss, load_scores, run_importance,
 from minitron_fast.importance.depth import heldout_loss
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()  # tiny tensors: one thread avoids OpenMP barrier waits on a loaded box
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_skipped_layer_equals_dropped_layer(tiny_model):

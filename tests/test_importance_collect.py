@@ -14,14 +14,7 @@ from minitron_fast.models import get_view
 AGG_PAIRS = [(s, b) for s in AGGS for b in AGGS]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny tensors: with 2 OpenMP threads on a loaded 2-core machine every op waits on a barrier
-    # (measured: a [22, 64] x [64, 96] linear took 30 ms with 2 threads, 15 us with 1).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 

@@ -9,14 +9,7 @@ SHAPES = [pytest.param(2, 8, 16, id="B2-T8-C16"), pytest.param(3, 13, 37, id="B3
 IMPLS = ["torch", "triton"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny tensors: with 2 OpenMP threads on a loaded 2-core machine every op waits on a barrier
-    # (measured: a [22, 64] x [64, 96] linear took 30 ms with 2 threads, 15 us with 1).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 

@@ -9,12 +9,7 @@ from minitron_fast.importance.simulate import (heads_within_groups, magnitude_sc
 from minitron_fast.models import get_view
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @torch.no_grad()

@@ -22,13 +22,13 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from minitron_fast import configtools
 from minitron_fast.errors import MinitronError
 
 
@@ -305,98 +305,16 @@ def parse_target(target: str) -> dict[str, Any]:
 
 # -- building from YAML + overrides ---------------------------------------------------------------
 
-def _type_name(tp: Any) -> str:
-    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(tp, str(tp))
-
-
-def _coerce(value: Any, tp: Any, key: str) -> Any:
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin is typing.Union or type(tp).__name__ == "UnionType":
-        if value is None and type(None) in args:
-            return None
-        (inner,) = [a for a in args if a is not type(None)]
-        return _coerce(value, inner, key)
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            raise RecipeError(f"{key} must be a mapping of keys to values, got {value!r}")
-        return _from_dict(tp, value, prefix=key + ".")
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-    elif tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-    elif tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads "3e-4" as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-    elif tp is str:
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
-            return str(value)
-    elif origin is list:
-        if isinstance(value, (list, tuple)):
-            (elem,) = args or (Any,)
-            return [v if elem is Any else _coerce(v, elem, key) for v in value]
-        raise RecipeError(f"{key} must be a list, got {value!r}")
-    elif origin is dict:
-        if isinstance(value, dict):
-            return dict(value)
-        if value is None:
-            return {}
-        raise RecipeError(f"{key} must be a mapping of keys to values, got {value!r}")
-    else:
-        return value
-    raise RecipeError(f"{key} must be {_type_name(tp)}, got {value!r}")
-
-
-def _from_dict(cls: type, d: dict[str, Any], *, prefix: str = "") -> Any:
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls) if f.name != "source_file"]
-    unknown = sorted(set(d) - set(names))
-    if unknown:
-        raise RecipeError(f"unknown recipe key {prefix}{unknown[0]}; known keys{' under ' + prefix[:-1] if prefix else ''}: "
-                          f"{', '.join(names)}")
-    return cls(**{k: _coerce(v, hints[k], prefix + k) for k, v in d.items()})
+def _from_dict(cls: type, d: dict[str, Any]) -> Any:
+    return configtools.from_dict(cls, d, error=RecipeError, skip=("source_file",))
 
 
 def parse_overrides(overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
     """``["distill.steps=5", "teacher=demo"]`` -> nested dict (values parsed as YAML)."""
-    out: dict[str, Any] = {}
-    for item in overrides:
-        if "=" not in item:
-            raise RecipeError(f"override {item!r} is not key=value (for example distill.steps=50)")
-        key, raw = item.split("=", 1)
-        key = key.strip()
-        if not key:
-            raise RecipeError(f"override {item!r} has an empty key")
-        try:
-            value = yaml.safe_load(raw) if raw != "" else None
-        except yaml.YAMLError:
-            value = raw  # e.g. prune.target=hidden=512,ffn=1024 is plain text
-        node = out
-        parts = key.split(".")
-        for p in parts[:-1]:
-            node = node.setdefault(p, {})
-            if not isinstance(node, dict):
-                raise RecipeError(f"override {item!r} conflicts with another override")
-        node[parts[-1]] = value
-    return out
+    return configtools.parse_overrides(overrides, error=RecipeError, example="distill.steps=50")
 
 
-def merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for k, v in over.items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = merge(out[k], v)
-        else:
-            out[k] = v
-    return out
+merge = configtools.deep_merge
 
 
 def recipe_from_dict(d: dict[str, Any]) -> Recipe:
