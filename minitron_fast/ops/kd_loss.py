@@ -261,18 +261,21 @@ def _chunk_torch(S, teacher, a, cfg, bufs, need_grad):
 
     if div == "forward_kl" and teacher[0] == "dense":
         # fast path, 3 buffers, ~21 passes over [c, V]:
-        # kd = sum p_t (log p_t - log p_s) = (<Et, Tt> - <Et, S>) / St - log St + log Ss
+        # kd = sum p_t (log p_t - log p_s) = <Et, Tt - S> / St - log St + log Ss.
+        # The difference is taken per element before the row sum: <Et, Tt> - <Et, S> as two sums
+        # cancels badly for peaked distributions (measured 5e-5 relative error at loss ~18 vs
+        # 7e-6 for materialized fp32 logits).
         Tt = teacher[1]
         Tt.sub_(Tt.amax(1, keepdim=True))
         Et = bufs.get("e", c)
         torch.exp(Tt, out=Et)
         St = Et.sum(1)
+        Tt.sub_(S)
         A = _rowdot(Et, Tt)
-        B = _rowdot(Et, S)
         Es = Tt  # the teacher's logits are consumed: reuse their buffer
         torch.exp(S, out=Es)
         Ss = Es.sum(1)
-        kd_rows = (A - B) / St - St.log() + Ss.log()
+        kd_rows = A / St - St.log() + Ss.log()
         G = Es
         if need_grad:
             G.mul_(g_scale / Ss[:, None])
