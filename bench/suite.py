@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import fmt_cell
+from minitron_fast.io import save_figure
 
 HELP = "run every benchmark (fresh process each) and write a summary markdown + plot"
 
@@ -75,11 +76,7 @@ def plot_summary(results: dict[str, dict[str, Any]], png: Path) -> Path | None:
         ax.grid(axis="x", alpha=0.3)
     axes[-1, 0].set_xlabel("median seconds (log scale)")
     fig.tight_layout()
-    tmp = png.with_name(f".{png.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, png)
-    return png
+    return save_figure(fig, png)
 
 
 def run_all(args: argparse.Namespace, benches: dict[str, str]) -> int:

@@ -80,3 +80,16 @@ def cache_dir() -> Path:
         return Path(env)
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(base) / "minitron_fast"
+
+
+def save_figure(fig: Any, path: str | os.PathLike, *, dpi: int = 100) -> Path:
+    """Renders a matplotlib figure to PNG, writes it atomically to ``path`` and closes it."""
+    import io
+
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi)
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+    return Path(path)

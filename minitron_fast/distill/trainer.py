@@ -29,14 +29,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from minitron_fast.distill import losses
 from minitron_fast.distill.config import ConfigError, DistillConfig, dump_config
 from minitron_fast.distill.sharding import ShardedBlocks, eval_shard
 from minitron_fast.errors import MinitronError
-from minitron_fast.io import atomic_write_json, atomic_write_text, same_or_inside
+from minitron_fast.io import atomic_write_json, atomic_write_text, same_or_inside, save_figure
 
 log = logging.getLogger("minitron_fast.distill")
 
@@ -625,7 +624,4 @@ def plot_metrics(metrics: str | os.PathLike, png: str | os.PathLike) -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    tmp = Path(png).with_name(f".{Path(png).name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, png)
+    save_figure(fig, png)

@@ -1,14 +1,13 @@
 """The one-screen summary and the per-layer heatmap PNG of an importance scores file."""
 from __future__ import annotations
 
-import io
 import os
 from pathlib import Path
 
 import torch
 
 from minitron_fast.importance.scores import ImportanceScores
-from minitron_fast.io import atomic_write_bytes
+from minitron_fast.io import save_figure
 
 
 def summary(scores: ImportanceScores, *, top: int = 3) -> str:
@@ -77,11 +76,7 @@ def heatmap(scores: ImportanceScores, path: str | os.PathLike) -> Path:
     fig.suptitle(f"importance: {scores.meta.get('source_model', '')} ({scores.meta.get('calib_tokens', '?')} tokens, "
                  f"{scores.meta.get('seq_agg')}/{scores.meta.get('batch_agg')})")
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=90)
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
-    return Path(path)
+    return save_figure(fig, path, dpi=90)
 
 
 __all__ = ["summary", "heatmap"]

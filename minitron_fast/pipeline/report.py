@@ -3,13 +3,11 @@ stages, the PNGs) and the plots, written atomically into the run's directory."""
 from __future__ import annotations
 
 import json
-import math
-import os
 import shutil
 from pathlib import Path
 from typing import Any
 
-from minitron_fast.io import atomic_write_text
+from minitron_fast.io import atomic_write_text, save_figure
 
 REPORT_KEYS = ("teacher_params", "student_params", "teacher_ppl", "corrected_teacher_ppl", "pruned_ppl",
                "distilled_ppl", "scratch_ppl", "tokens", "wall_s")
@@ -120,11 +118,7 @@ def plot_losses(results: dict, png: Path) -> Path | None:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
-    tmp = png.with_name(f".{png.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, png)
-    return png
+    return save_figure(fig, png)
 
 
 def plot_perplexity(head: dict[str, Any], png: Path) -> Path | None:
@@ -147,11 +141,7 @@ def plot_perplexity(head: dict[str, Any], png: Path) -> Path | None:
         ax.annotate(f"{v:,.1f}", (b.get_x() + b.get_width() / 2, v), ha="center", va="bottom", fontsize=8)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
-    tmp = png.with_name(f".{png.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, png)
-    return png
+    return save_figure(fig, png)
 
 
 def write_report(runner: Any, *, wall_s: float) -> dict[str, Any]:
