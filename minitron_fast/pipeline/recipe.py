@@ -85,7 +85,9 @@ class PruneSection:
 class EvaluateSection:
     eval_blocks: int = 8          # held-out blocks (eval_blocks x data.seq_len tokens)
     batch_size: int = 8
-    tasks: list[str] = field(default_factory=list)   # lm-evaluation-harness tasks (needs lm_eval + local data)
+    tasks: list[str] = field(default_factory=list)   # lm-evaluation-harness tasks: names or task YAML files
+    include_path: list[str] = field(default_factory=list)  # more directories of lm-eval task YAML files
+    limit: int | None = None      # examples per lm-eval task (None: all)
 
 
 @dataclass
@@ -164,6 +166,15 @@ class Recipe:
             _check_target_syntax(self.prune.target)
         if self.evaluate.eval_blocks < 1:
             raise RecipeError(f"evaluate.eval_blocks must be at least 1, got {self.evaluate.eval_blocks}")
+        if self.evaluate.limit is not None and self.evaluate.limit < 1:
+            raise RecipeError(f"evaluate.limit must be at least 1 (or null for every example), got {self.evaluate.limit}")
+        if self.evaluate.tasks:  # task files are checked here; lm_eval itself when the run starts
+            from minitron_fast.evaluate.harness import resolve_tasks
+
+            try:
+                resolve_tasks(self.evaluate.tasks, self.evaluate.include_path)
+            except MinitronError as exc:
+                raise RecipeError(f"evaluate.tasks: {exc}") from None
         if self.launch.num_procs < 1:
             raise RecipeError(f"launch.num_procs must be at least 1, got {self.launch.num_procs}")
         if self.launch.launcher not in ("auto", "deepspeed", "torchrun", "none"):

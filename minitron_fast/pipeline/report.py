@@ -72,6 +72,26 @@ def table_rows(results: dict) -> list[tuple[str, str, str, str]]:
     return rows
 
 
+def tasks_table_rows(tasks: dict[str, dict[str, dict[str, float]]]) -> list[tuple[str, str, str, str]]:
+    """``{"teacher": {task: {metric: v}}, "student": {...}}`` -> rows (task, metric, teacher, student);
+    stderr metrics are shown as ``± x`` beside their metric."""
+    t, s = tasks.get("teacher", {}), tasks.get("student", {})
+    rows = []
+    for task in dict.fromkeys([*t, *s]):
+        metrics = dict.fromkeys([*t.get(task, {}), *s.get(task, {})])
+        for m in metrics:
+            if m.endswith("_stderr"):
+                continue
+
+            def cell(side: dict) -> str:
+                v = side.get(task, {}).get(m)
+                e = side.get(task, {}).get(f"{m}_stderr")
+                return "-" if v is None else f"{v:.4f}" + (f" ± {e:.4f}" if e is not None else "")
+
+            rows.append((task, m, cell(t), cell(s)))
+    return rows
+
+
 def markdown_table(rows: list[tuple[str, ...]], header: tuple[str, ...]) -> str:
     w = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     line = lambda r: "| " + " | ".join(str(c).ljust(wi) for c, wi in zip(r, w)) + " |"  # noqa: E731
@@ -183,6 +203,10 @@ def write_report(runner: Any, *, wall_s: float) -> dict[str, Any]:
     pr = res.get("prune")
     if pr is not None and pr.status != "skipped":
         lines += [f"Pruning: {pr.outputs.get('summary', '')}.", ""]
+    task_rows = tasks_table_rows(_out(res, "evaluate", "tasks") or {})
+    if task_rows:
+        lines += ["## lm-evaluation-harness tasks", "",
+                  markdown_table(task_rows, ("task", "metric", "teacher", "student")), ""]
     stage_rows = [(s.name, s.status, f"{s.seconds:.1f}", s.message or "") for s in res.values()]
     lines += ["## Stages", "", markdown_table(stage_rows, ("stage", "this run", "seconds", "note")), "",
               f"Wall time of this invocation: {wall_s:.1f} s (cached stages cost nothing).", ""]
@@ -193,4 +217,4 @@ def write_report(runner: Any, *, wall_s: float) -> dict[str, Any]:
                                                                          "report.json": out / "report.json", **pngs}}
 
 
-__all__ = ["REPORT_KEYS", "headline", "gap_closed", "write_report", "markdown_table"]
+__all__ = ["REPORT_KEYS", "headline", "gap_closed", "write_report", "markdown_table", "tasks_table_rows"]

@@ -104,6 +104,23 @@ class PipelineRunner:
         self.log(f"    {desc}: held-out loss {loss:.4f}, perplexity {math.exp(loss):.3f}, {params:,} parameters")
         return {"loss": loss, "ppl": math.exp(loss), "params": params}
 
+    def run_tasks(self, path: str | os.PathLike, desc: str) -> dict[str, dict[str, float]]:
+        """lm-evaluation-harness metrics of a checkpoint on the recipe's ``evaluate.tasks``."""
+        from minitron_fast.evaluate.harness import run_lm_eval
+        from minitron_fast.models.loading import load_model, load_tokenizer
+
+        ev = self.recipe.evaluate
+        m = load_model(path)
+        try:
+            res = run_lm_eval(m, load_tokenizer(path), ev.tasks, batch_size=ev.batch_size, limit=ev.limit,
+                              include_path=ev.include_path)
+        finally:
+            del m
+            gc.collect()
+        for task, metrics in res.items():
+            self.log(f"    {desc} {task}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+        return res
+
     def train(self, section: str, d: Path, resume: bool, *, teacher: str, student: str | None) -> dict[str, Any]:
         """Writes the trainer recipe for ``section`` into ``d`` and runs the trainer there."""
         cfg = training_config(self.recipe, section, teacher=teacher, student=student, out=str(d / "run"))
@@ -141,6 +158,11 @@ class PipelineRunner:
             torch.set_num_threads(r.threads)
         teacher_path = resolve_model_path(r.teacher)
         load_config(teacher_path)  # unsupported families fail before anything runs
+        if r.evaluate.tasks:
+            from minitron_fast.evaluate.harness import LM_EVAL_MISSING, lm_eval_available
+
+            if not lm_eval_available():
+                raise MinitronError(f"the recipe sets evaluate.tasks but {LM_EVAL_MISSING}, or set evaluate.tasks: []")
         if same_or_inside(self.out, teacher_path):
             raise MinitronError(f"out {self.out} lies inside the teacher's directory {teacher_path}; choose another out")
         self.out.mkdir(parents=True, exist_ok=True)
@@ -265,7 +287,25 @@ class PipelineRunner:
         else:
             sc = c.skip("scratch", "disabled in the recipe (scratch.enabled: false)")
 
-        # 8. export
+        # 8. lm-evaluation-harness tasks on the distillation teacher and the final student
+        ev = r.evaluate
+        if ev.tasks:
+            student_final = di.outputs.get("model") if di.status != "skipped" else student_path
+            student_id = {"stage": "distill", "key": di.key} if di.status != "skipped" else {"stage": "prune",
+                                                                                           "key": pr.key}
+            models = {"teacher": (str(corrected_path), corrected_id), "student": (student_final, student_id)}
+
+            def evaluate(d: Path, resume: bool) -> dict[str, Any]:
+                return {"tasks": {label: self.run_tasks(path, label) for label, (path, _) in models.items()}}
+
+            c.run("evaluate", {"models": {k: v[1] for k, v in models.items()}, "tasks": ev.tasks,
+                               "task_files": task_files_digest(ev.tasks, ev.include_path), "limit": ev.limit,
+                               "batch_size": ev.batch_size}, evaluate)
+        else:
+            c.skip("evaluate", "no lm-evaluation-harness tasks in the recipe (evaluate.tasks); "
+                               "held-out perplexity is measured by every stage")
+
+        # 9. export
         final_student = di.outputs.get("model") if di.status != "skipped" else None
         if r.export.enabled and final_student:
             def export(d: Path, resume: bool) -> dict[str, Any]:
@@ -299,6 +339,15 @@ class PipelineRunner:
                                                        "shape_of": str(like)}, overwrite=True)
         del m
         gc.collect()
+
+
+def task_files_digest(tasks: list[str], include_path: list[str]) -> str:
+    """A hash of the task YAML files a recipe's ``evaluate`` stage reads (files named in ``tasks``
+    and every YAML under ``include_path``), so that editing one reruns the stage."""
+    files = [Path(t) for t in tasks if Path(t).suffix in (".yaml", ".yml")]
+    for d in include_path:
+        files += sorted(p for p in Path(d).rglob("*") if p.suffix in (".yaml", ".yml"))
+    return stable_hash({str(f.resolve()): f.read_text() for f in files if f.is_file()})
 
 
 def run_recipe(recipe: Recipe, **kw: Any) -> dict[str, Any]:
