@@ -4,6 +4,11 @@ Every trained student gets the same training tokens (``--steps`` x ``--micro-bat
 ``--seq-len``) and the same AdamW settings; every number is the held-out LM loss (nats/token) on
 the ``heldout`` split. Cases (``case`` / ``impl``):
 
+- ``reference``: the teacher, and the teacher after correction (``--correct-steps`` of LM loss on
+  the distillation batches, the second paper's teacher correction; every KD student below learns
+  from the corrected teacher unless a row says otherwise).
+- ``teacher correction``: ``corrected`` vs ``uncorrected`` teacher as the KD target of the same
+  FFN-pruned student. Paper: correcting the teacher on the distillation data helps.
 - ``prune+distill vs scratch``: ``prune_distill`` (FFN-pruned student, logit KD) vs ``scratch``
   (a random student of the same shape, LM loss). Paper: pruning + distillation wins by far.
 - ``width vs depth``: ``width`` (FFN pruned) vs ``depth`` (the contiguous block of layers with
@@ -40,6 +45,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--micro-batch-size", type=int, default=2, help="blocks per step (default 2; --quick: 1)")
     p.add_argument("--seq-len", type=int, default=256, help="tokens per block (default 256; --quick: 128)")
     p.add_argument("--lr", type=float, default=3e-4, help="AdamW learning rate for every student (default 3e-4)")
+    p.add_argument("--correct-steps", type=int, default=None,
+                   help="teacher-correction steps on the distillation batches (default --steps; 0: no correction)")
     p.add_argument("--calib-samples", type=int, default=16, help="calibration blocks for importance (default 16; --quick: 4)")
     p.add_argument("--eval-blocks", type=int, default=4, help="held-out blocks (default 4; --quick: 2)")
     p.add_argument("--seed", type=int, default=0)
@@ -107,6 +114,9 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     n_cal = 4 if q and args.calib_samples == 16 else args.calib_samples
     n_ev = 2 if q and args.eval_blocks == 4 else args.eval_blocks
     tokens = steps * mbs * T
+    correct_steps = steps if args.correct_steps is None else args.correct_steps
+    if correct_steps > steps:
+        raise SystemExit(f"--correct-steps {correct_steps} exceeds --steps {steps} (correction reuses those batches)")
 
     teacher = load_model(args.model)
     tok = load_tokenizer(args.model)
@@ -181,16 +191,34 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
                                     holds=_yn(best_agg == ("mean", "l2")))
     gc.collect()
 
-    # teacher targets once for every distilled student
-    with torch.no_grad():
-        targets = [_final_hidden(teacher, ids).reshape(-1, view.hidden_size).contiguous() for ids in batches]
-    t_w = teacher.get_output_embeddings().weight.detach()
+    # teacher correction (LM loss on the distillation batches), then teacher targets once for every
+    # distilled student: hidden states before the LM head, and the head
+    def kd_targets(m):
+        with torch.no_grad():
+            return ([_final_hidden(m, ids).reshape(-1, view.hidden_size).contiguous() for ids in batches],
+                    m.get_output_embeddings().weight.detach().clone())
 
-    def trained(case: str, impl: str, make, kd: float, lm: float, **extra: Any) -> dict[str, Any]:
+    raw_targets = kd_targets(teacher)
+    if correct_steps > 0:
+        t0 = time.perf_counter()
+        torch.manual_seed(args.seed)
+        corrected = copy.deepcopy(teacher)
+        train(corrected, batches[:correct_steps], lr=args.lr, kd_weight=0.0, lm_weight=1.0)
+        r = row("reference", "corrected_teacher", t0, lm_loss(corrected, heldout, progress=False),
+                view.param_counts()["total"], False)
+        r["tokens"] = correct_steps * mbs * T
+        targets, t_w = kd_targets(corrected)
+        del corrected
+        gc.collect()
+    else:
+        targets, t_w = raw_targets
+
+    def trained(case: str, impl: str, make, kd: float, lm: float, kd_from=None, **extra: Any) -> dict[str, Any]:
         t0 = time.perf_counter()
         torch.manual_seed(args.seed)
         m = make()
-        curve = train(m, batches, lr=args.lr, kd_weight=kd, lm_weight=lm, teacher_targets=targets, teacher_weight=t_w)
+        tt, tw = kd_from or (targets, t_w)
+        curve = train(m, batches, lr=args.lr, kd_weight=kd, lm_weight=lm, teacher_targets=tt, teacher_weight=tw)
         r = row(case, impl, t0, lm_loss(m, heldout, progress=False), params_of(m), True,
                 train_loss_first=curve[0], train_loss_last=curve[-1], **extra)
         del m
@@ -202,6 +230,13 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     lm = trained("retraining loss", "lm_only", lambda: pruned(act, geo), 0.0, 1.0)
     width.update(claim="logit-only KD beats KD + LM loss and LM loss alone",
                  holds=_yn(width["loss"] < min(kd_lm["loss"], lm["loss"])))
+    if correct_steps > 0:
+        cor = dict(width, case="teacher correction", impl="corrected")
+        cor.pop("claim", None), cor.pop("holds", None)
+        rows.append(cor)
+        unc = trained("teacher correction", "uncorrected", lambda: pruned(act, geo), 1.0, 0.0, kd_from=raw_targets)
+        cor.update(claim="distilling from the corrected teacher beats the uncorrected teacher",
+                   holds=_yn(cor["loss"] < unc["loss"]))
 
     def scratch_model():
         from transformers import AutoModelForCausalLM

@@ -30,6 +30,7 @@ import yaml
 
 from minitron_fast.distill import losses
 from minitron_fast.distill.config import ConfigError, load_config, parse_overrides
+from minitron_fast.distill.launch import free_port
 from minitron_fast.distill.sharding import ShardedBlocks, eval_shard
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -202,14 +203,6 @@ WORKER = textwrap.dedent("""
 """)
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _env():
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
                HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
@@ -280,7 +273,7 @@ def dist_runs(models, tmp_path_factory):
             {"name": "z3", "overrides": _common(models, root / "z3", export=True,
                                                 **{"ds.zero_stage": 3, "ds.persistence_threshold": 0,
                                                    "ds.teacher_zero3": True})}]
-    ds = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(_free_port()),
+    ds = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(free_port()),
           str(root / "worker.py"), str(_write_runs(root / "runs.json", runs))]
     proc = subprocess.run(ds, env=_env(), capture_output=True, text=True, timeout=600, cwd=root)
     res = _results(proc.stdout)
@@ -432,7 +425,7 @@ def test_kill_and_resume_matches_uninterrupted(models, dist_runs, tmp_path):
     common = _common(models, out)
     recipe.write_text(yaml.safe_dump(parse_overrides([o for o in common if not o.startswith("save_every=")])))
     cli = [sys.executable, "-m", "minitron_fast", "distill", "--config", str(recipe), "--nproc", "2",
-           f"--launcher-args=--master_port {_free_port()}"]
+           f"--launcher-args=--master_port {free_port()}"]
     proc = subprocess.Popen(cli + ["save_every=2"], env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
     deadline = time.time() + 300

@@ -10,8 +10,10 @@ from pathlib import Path
 
 import pytest
 
+from minitron_fast.distill.launch import trainer_command
+from minitron_fast.errors import MinitronError
 from minitron_fast.pipeline.report import REPORT_KEYS
-from minitron_fast.pipeline.runner import launch_command, trainer_tokens
+from minitron_fast.pipeline.runner import trainer_tokens
 from minitron_fast.pipeline.stages import StageCache, describe_changes, model_fingerprint
 
 
@@ -70,10 +72,24 @@ def test_describe_changes_and_fingerprint(tmp_path):
 
 def test_launch_commands(tmp_path):
     cfg = tmp_path / "c.yaml"
-    one = launch_command(cfg, 1, "auto", resume=True)
-    assert one[:3] == [sys.executable, "-m", "minitron_fast.distill"] and one[-1] == "--resume"
-    tr = launch_command(cfg, 2, "torchrun", resume=False)
-    assert "--nproc_per_node" in tr and tr[tr.index("--nproc_per_node") + 1] == "2" and "--resume" not in tr
+    one = trainer_command(cfg, num_procs=1, resume=True)
+    assert one == [sys.executable, "-m", "minitron_fast.distill", "--config", str(cfg), "--resume"]
+    assert trainer_command(cfg, num_procs=4, launcher="none") == one[:-1]
+    ds = trainer_command(cfg, num_procs=2, overrides=["steps=3"])
+    assert ds[:5] == [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2"]
+    assert ds[5] == "--master_port" and int(ds[6]) > 0  # a free port, never the default 29500 of another job
+    assert ds[7:] == ["--module", "minitron_fast.distill", "--config", str(cfg), "steps=3"]
+    mine = trainer_command(cfg, num_procs=2, launcher_args=["--master_port", "29611"])
+    assert mine.count("--master_port") == 1 and mine[mine.index("--master_port") + 1] == "29611"
+    hf = trainer_command(cfg, num_procs=1, hostfile="hosts")
+    assert hf[3:5] == ["--hostfile", "hosts"] and "--num_gpus" not in hf
+    tr = trainer_command(cfg, num_procs=2, launcher="torchrun")
+    assert tr[1:5] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node"] and tr[5] == "2"
+    assert "--resume" not in tr
+    with pytest.raises(MinitronError, match="not one of auto, deepspeed, torchrun, none"):
+        trainer_command(cfg, launcher="mpirun")
+    with pytest.raises(MinitronError, match="needs the deepspeed launcher"):
+        trainer_command(cfg, num_procs=2, launcher="torchrun", hostfile="hosts")
     assert trainer_tokens({"steps": 3, "micro_batch_size": 2, "grad_accum": 2, "data": {"seq_len": 32}}, 2) == 768
 
 
@@ -166,6 +182,34 @@ def test_pipeline_end_to_end_then_cached(tmp_path, tiny_teacher, capsys):
         assert f"[{stage}] cached" in out2, stage
     rep2 = json.loads((run / "report.json").read_text())
     assert {k: rep2[k] for k in REPORT_KEYS if k != "wall_s"} == {k: rep[k] for k in REPORT_KEYS if k != "wall_s"}
+
+
+@pytest.mark.slow
+def test_pipeline_launches_two_ranks_with_torchrun(tmp_path, tiny_teacher):
+    """launch.num_procs: 2 runs the distill stage as two gloo ranks, here under torchrun (the
+    DeepSpeed launcher's 2-rank runs are in test_distill.py), and the report counts the tokens of
+    both ranks."""
+    from minitron_fast.pipeline.recipe import load_recipe
+    from minitron_fast.pipeline.runner import run_recipe
+
+    p = tmp_path / "two.yaml"
+    p.write_text(f"""
+teacher: {tiny_teacher}
+out: {tmp_path / 'run'}
+data: {{source: demo, seq_len: 32}}
+importance: {{samples: 4, batch_size: 4}}
+prune: {{target: "ffn=64"}}
+distill: {{steps: 2, {TRAIN}}}
+evaluate: {{eval_blocks: 2, batch_size: 2}}
+launch: {{num_procs: 2, launcher: torchrun}}
+""")
+    logs: list[str] = []
+    rep = run_recipe(load_recipe(p), progress=False, log=logs.append)["report"]
+    cmd = next(m for m in logs if m.strip().startswith("$ "))
+    assert "-m torch.distributed.run --standalone --nproc_per_node 2 -m minitron_fast.distill" in cmd
+    assert json.loads((tmp_path / "run" / "distill" / "run" / "run.json").read_text())["world_size"] == 2
+    assert rep["tokens"] == 2 * 2 * 2 * 32  # steps x micro-batch x ranks x seq_len
+    assert math.isfinite(rep["distilled_ppl"])
 
 
 def test_run_bad_input_is_one_line_error(tmp_path, capsys):

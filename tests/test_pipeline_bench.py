@@ -42,22 +42,29 @@ def test_paper_claims_rows_on_tiny_model(tmp_path):
 
     teacher = make_tiny_teacher(tmp_path / "t")
     args = argparse.Namespace(model=str(teacher), target="ffn=64", steps=2, micro_batch_size=2, seq_len=32, lr=1e-3,
-                              calib_samples=4, eval_blocks=2, seed=0, threads=None, quick=False)
+                              calib_samples=4, eval_blocks=2, seed=0, threads=None, quick=False,
+                              correct_steps=None)
     rows = paper_claims.run(args)
     cases = {(r["case"], r["impl"]) for r in rows}
-    assert cases == {("reference", "teacher"), ("importance (one-shot)", "activation"),
+    assert cases == {("reference", "teacher"), ("reference", "corrected_teacher"), ("importance (one-shot)", "activation"),
                      ("importance (one-shot)", "magnitude"), ("importance (one-shot)", "random"),
                      *{("aggregation (one-shot)", a) for a in ("mean/l2", "mean/mean", "l2/l2", "l2/mean")},
                      ("retraining loss", "kd_logit"), ("retraining loss", "kd_plus_lm"), ("retraining loss", "lm_only"),
                      ("prune+distill vs scratch", "prune_distill"), ("prune+distill vs scratch", "scratch"),
-                     ("width vs depth", "width"), ("width vs depth", "depth")}
+                     ("width vs depth", "width"), ("width vs depth", "depth"),
+                     ("teacher correction", "corrected"), ("teacher correction", "uncorrected")}
     for r in rows:
         assert r["ok"] and math.isfinite(r["loss"])
     claims = [r for r in rows if "claim" in r]
-    assert len(claims) == 5 and all(r["holds"] in ("yes", "no") for r in claims)
+    assert len(claims) == 6 and all(r["holds"] in ("yes", "no") for r in claims)
     by = {(r["case"], r["impl"]): r for r in rows}
     assert by[("width vs depth", "depth")]["params"] >= by[("width vs depth", "width")]["params"]
     assert by[("prune+distill vs scratch", "scratch")]["params"] == by[("prune+distill vs scratch", "prune_distill")]["params"]
     assert by[("retraining loss", "kd_logit")]["tokens"] == 2 * 2 * 32
+    # correction trained the teacher (LM loss on the distillation batches), and KD from it is another student
+    assert by[("reference", "corrected_teacher")]["tokens"] == 2 * 2 * 32
+    assert by[("reference", "corrected_teacher")]["loss"] != by[("reference", "teacher")]["loss"]
+    assert by[("teacher correction", "corrected")]["loss"] == by[("retraining loss", "kd_logit")]["loss"]
+    assert by[("teacher correction", "uncorrected")]["loss"] != by[("teacher correction", "corrected")]["loss"]
     paper_claims.plot(rows, tmp_path / "p.png")
     assert (tmp_path / "p.png").stat().st_size > 1000

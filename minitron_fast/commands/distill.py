@@ -9,9 +9,7 @@ bad key fails in one line before any process starts.
 from __future__ import annotations
 
 import argparse
-import os
 import subprocess
-import sys
 
 HELP = "distill a student from a teacher (or correct the teacher) with DeepSpeed ZeRO"
 
@@ -27,24 +25,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--print-config", action="store_true", help="print the validated recipe and exit")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="recipe overrides, e.g. steps=100 loss.temperature=2 ds.zero_stage=3")
-
-
-def launch_command(args: argparse.Namespace, overrides: list[str]) -> list[str]:
-    """The ``deepspeed`` launcher command line for ``args``."""
-    import shlex
-
-    cmd = [sys.executable, "-m", "deepspeed.launcher.runner"]
-    if args.hostfile:
-        cmd += ["--hostfile", args.hostfile]
-    if args.nproc and args.nproc > 1 or not args.hostfile:
-        cmd += ["--num_gpus", str(args.nproc)]
-    cmd += shlex.split(args.launcher_args or "")
-    cmd += ["--module", "minitron_fast.distill"]
-    if args.config:
-        cmd += ["--config", os.path.abspath(args.config)]
-    if args.resume:
-        cmd.append("--resume")
-    return cmd + overrides
 
 
 def run(args: argparse.Namespace) -> int:
@@ -66,11 +46,12 @@ def run(args: argparse.Namespace) -> int:
         print(f"{cfg.mode} done" + (": " + ", ".join(p.replace("_", " ") for p in parts) if parts else
                                     " (nothing left to train)") + f"; outputs in {cfg.out}")
         return 0
-    import torch
+    import shlex
 
-    env = dict(os.environ)
-    if not torch.cuda.is_available():
-        env.setdefault("DS_ACCELERATOR", "cpu")
-    cmd = launch_command(args, overrides)
+    from minitron_fast.distill.launch import launcher_env, trainer_command
+
+    cmd = trainer_command(args.config, num_procs=args.nproc, launcher="deepspeed", resume=args.resume,
+                          hostfile=args.hostfile, launcher_args=shlex.split(args.launcher_args or ""),
+                          overrides=overrides)
     print("launching: " + " ".join(cmd), flush=True)
-    return subprocess.run(cmd, env=env).returncode
+    return subprocess.run(cmd, env=launcher_env()).returncode

@@ -23,7 +23,6 @@ import logging
 import math
 import os
 import resource
-import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -33,6 +32,7 @@ from torch import nn
 
 from minitron_fast.distill import losses
 from minitron_fast.distill.config import ConfigError, DistillConfig, dump_config
+from minitron_fast.distill.launch import free_port
 from minitron_fast.distill.sharding import ShardedBlocks, eval_shard
 from minitron_fast.errors import MinitronError
 from minitron_fast.io import atomic_write_json, atomic_write_text, same_or_inside, save_figure
@@ -50,18 +50,12 @@ class ResumeError(MinitronError, ValueError):
 
 # -- distributed setup ----------------------------------------------------------------------------
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def init_distributed() -> tuple[int, int]:
     """Initializes torch.distributed through DeepSpeed (gloo on CPU, nccl on CUDA). A process
     started without a launcher becomes a world of one. Returns ``(rank, world_size)``."""
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=os.environ.get("MASTER_PORT") or str(_free_port()))
+                          MASTER_PORT=os.environ.get("MASTER_PORT") or str(free_port()))
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import deepspeed

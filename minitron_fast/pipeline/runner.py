@@ -24,13 +24,13 @@ import math
 import os
 import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
 
 import yaml
 
+from minitron_fast.distill.launch import launcher_env, trainer_command
 from minitron_fast.errors import MinitronError
 from minitron_fast.io import atomic_dir, atomic_write_text, same_or_inside
 from minitron_fast.pipeline.recipe import Recipe, parse_budget, stage_enabled, training_config
@@ -47,20 +47,6 @@ def trainer_tokens(cfg: dict[str, Any], num_procs: int) -> int:
     """Training tokens a trainer config consumes: steps x global batch x sequence length."""
     return int(cfg.get("steps", 100) * cfg.get("micro_batch_size", 4) * cfg.get("grad_accum", 1) * num_procs
                * cfg["data"]["seq_len"])
-
-
-def launch_command(cfg_path: Path, num_procs: int, launcher: str, resume: bool) -> list[str]:
-    """The command that runs the trainer: one process, or ``deepspeed`` / ``torchrun`` for several."""
-    tail = ["--config", str(cfg_path)] + (["--resume"] if resume else [])
-    if num_procs == 1 or launcher == "none":
-        return [sys.executable, "-m", "minitron_fast.distill", *tail]
-    if launcher == "deepspeed" or (launcher == "auto" and shutil.which("deepspeed")):
-        exe = shutil.which("deepspeed")
-        if exe is None:
-            raise MinitronError("launch.launcher=deepspeed but the deepspeed launcher is not on PATH")
-        return [exe, "--num_gpus", str(num_procs), "--module", "minitron_fast.distill", *tail]
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(num_procs),
-            "-m", "minitron_fast.distill", *tail]
 
 
 class PipelineRunner:
@@ -127,17 +113,10 @@ class PipelineRunner:
         cfg_path = d / "trainer.yaml"
         atomic_write_text(cfg_path, yaml.safe_dump(cfg, sort_keys=False))
         launch = self.recipe.launch
-        cmd = launch_command(cfg_path, launch.num_procs, launch.launcher, resume and (d / "run").exists())
-        env = dict(os.environ)
-        try:
-            import torch
-
-            if not torch.cuda.is_available():
-                env.setdefault("DS_ACCELERATOR", "cpu")
-        except ImportError:  # pragma: no cover
-            pass
+        cmd = trainer_command(cfg_path, num_procs=launch.num_procs, launcher=launch.launcher,
+                              resume=resume and (d / "run").exists())
         self.log(f"    $ {' '.join(cmd)}")
-        rc = subprocess.run(cmd, env=env).returncode
+        rc = subprocess.run(cmd, env=launcher_env()).returncode
         if rc != 0:
             raise StageFailed(f"stage {section}: the trainer exited with status {rc} (its output is above); "
                               f"rerun the same command to resume from its last checkpoint in {d / 'run'}")
@@ -360,4 +339,4 @@ def run_recipe(recipe: Recipe, **kw: Any) -> dict[str, Any]:
     return PipelineRunner(recipe, **kw).run()
 
 
-__all__ = ["PipelineRunner", "run_recipe", "launch_command", "trainer_tokens", "stable_hash"]
+__all__ = ["PipelineRunner", "run_recipe", "trainer_tokens", "stable_hash"]
