@@ -9,10 +9,10 @@ from setuptools import setup
 ext_modules = [
     Pybind11Extension(
         "minitron_fast._C",
-        ["csrc/bindings.cpp", "csrc/compact.cpp"],
+        ["csrc/bindings.cpp", "csrc/compact.cpp", "csrc/kd_rows.cpp"],
         include_dirs=["csrc"],
         cxx_std=17,
-        extra_compile_args=["-O3", "-pthread"],
+        extra_compile_args=["-O3", "-pthread", "-fopenmp-simd", "-fno-trapping-math", "-ffp-contract=fast"],
         extra_link_args=["-pthread"],
     )
 ]

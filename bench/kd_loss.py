@@ -5,7 +5,10 @@
 Each (case, impl) runs in a fresh Python process (``bench.common.run_in_subprocess``) so its peak
 RSS is its own. Impls:
 
-- ``minitron_fast``: ``fused_linear_kd_loss`` (forward KL, T=1), the torch path on the CPU.
+- ``minitron_fast``: ``fused_linear_kd_loss`` (forward KL, T=1) as users get it (``impl="auto"``:
+  on the CPU the C++ row kernel of ``minitron_fast._C``, three passes per row).
+- ``minitron_fast_torch``: the same with ``impl="torch"`` (the chunk math as torch ops, ~20
+  elementwise passes per chunk): the C++ kernel's baseline.
 - ``torch_naive``: fp32 logits ``[N, V]`` for both models, ``log_softmax``, ``kl_div``, autograd.
 - ``liger_chunked``: ``LigerFusedLinearJSDLoss(beta=0)`` (forward KL), pure torch (``compiled=False``),
   its default chunk of 1024 tokens.
@@ -42,7 +45,7 @@ QUICK_CASES = {
     "llama8b_to_4b_n64": (64, 3072, 4096, 128256),
     "smollm2_n256": (256, 576, 576, 49152),
 }
-IMPLS = ("minitron_fast", "torch_naive", "liger_chunked", "gemm_floor")
+IMPLS = ("minitron_fast", "minitron_fast_torch", "torch_naive", "liger_chunked", "gemm_floor")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -69,12 +72,14 @@ def _make_step(impl, h, W, th, tW, labels):
     """Returns ``step() -> loss`` doing forward+backward (grads land in h.grad / W.grad)."""
     import torch
 
-    if impl == "minitron_fast":
+    if impl in ("minitron_fast", "minitron_fast_torch"):
         from minitron_fast import fused_linear_kd_loss
+
+        which = "torch" if impl == "minitron_fast_torch" else "auto"
 
         def step():
             h.grad = W.grad = None
-            loss = fused_linear_kd_loss(h, W, th, tW, labels=labels)
+            loss = fused_linear_kd_loss(h, W, th, tW, labels=labels, impl=which)
             loss.backward()
             return loss
     elif impl == "torch_naive":
@@ -210,7 +215,8 @@ def run(args) -> list[dict]:
         for r in case_rows:
             if not (r.get("ok") and r.get("median_s")):
                 continue
-            for base, key in (("torch_naive", "vs_naive"), ("liger_chunked", "vs_liger"), ("gemm_floor", "vs_floor")):
+            for base, key in (("torch_naive", "vs_naive"), ("liger_chunked", "vs_liger"), ("gemm_floor", "vs_floor"),
+                              ("minitron_fast_torch", "vs_torch_path")):
                 if base in by:
                     r[key] = r["median_s"] / by[base]["median_s"]
             if "torch_naive" in by and by["torch_naive"].get("workspace_mb", 0) > 0:

@@ -8,6 +8,7 @@
 #include <optional>
 
 #include "compact.h"
+#include "kd_rows.h"
 
 namespace py = pybind11;
 using Index = py::array_t<std::int64_t, py::array::c_style | py::array::forcecast>;
@@ -17,7 +18,7 @@ std::uint8_t* as_ptr(std::uintptr_t addr) { return reinterpret_cast<std::uint8_t
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
-  m.doc() = "minitron_fast host kernels: in-place compaction of contiguous 2-D buffers";
+  m.doc() = "minitron_fast host kernels: in-place compaction of contiguous 2-D buffers, fused KD softmax rows";
   m.def(
       "compact_rows",
       [](std::uintptr_t addr, std::int64_t n_rows, std::size_t row_bytes, Index kept, int n_threads) {
@@ -64,4 +65,18 @@ PYBIND11_MODULE(_C, m) {
       },
       py::arg("addr"), py::arg("used_bytes"), py::arg("total_bytes"),
       "Return the whole pages past used_bytes of a buffer to the OS; returns bytes released.");
+  m.def(
+      "kd_forward_kl_rows",
+      [](std::uintptr_t s, std::int64_t lds, std::uintptr_t t, std::int64_t ldt, std::uintptr_t a, std::uintptr_t kd,
+         std::int64_t rows, std::int64_t V, bool need_grad, int n_threads) {
+        py::gil_scoped_release nogil;
+        minitron::kd_forward_kl_rows(reinterpret_cast<float*>(s), lds, reinterpret_cast<float*>(t), ldt,
+                                     reinterpret_cast<const float*>(a), reinterpret_cast<float*>(kd), rows, V,
+                                     need_grad, n_threads);
+      },
+      py::arg("s"), py::arg("lds"), py::arg("t"), py::arg("ldt"), py::arg("a"), py::arg("kd"), py::arg("rows"),
+      py::arg("V"), py::arg("need_grad"), py::arg("n_threads") = 0,
+      "Forward KL(p_t || p_s) of fp32 softmax rows in three passes: kd[i] per row; with need_grad, "
+      "s becomes a[i] * (p_s - p_t) and t exp(u_t - max). Addresses of fp32 buffers (row strides lds, ldt).");
+  m.def("kd_rows_isa", &minitron::kd_rows_isa, "The code path kd_forward_kl_rows takes on this CPU.");
 }

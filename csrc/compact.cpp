@@ -1,5 +1,7 @@
 #include "compact.h"
 
+#include "parallel.h"
+
 #include <sys/mman.h>
 #include <unistd.h>
 
@@ -41,31 +43,9 @@ std::mutex g_stage_mutex;
 std::vector<std::vector<std::uint8_t>> g_stage;
 
 int resolve_threads(int n_threads, std::size_t total_bytes) {
-  if (n_threads <= 0) n_threads = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+  n_threads = hardware_threads(n_threads);
   const std::size_t by_size = std::max<std::size_t>(1, total_bytes / kMinThreadBytes);
   return static_cast<int>(std::min<std::size_t>(static_cast<std::size_t>(n_threads), by_size));
-}
-
-// Runs fn(t, lo, hi) on T threads over [a, b) split into contiguous blocks (the caller's
-// thread takes the first block).
-template <class Fn>
-void parallel_blocks(int T, std::int64_t a, std::int64_t b, Fn&& fn) {
-  const std::int64_t n = b - a;
-  if (T <= 1 || n <= 1) {
-    fn(0, a, b);
-    return;
-  }
-  T = static_cast<int>(std::min<std::int64_t>(T, n));
-  const std::int64_t per = (n + T - 1) / T;
-  std::vector<std::thread> pool;
-  pool.reserve(T - 1);
-  for (int t = 1; t < T; ++t) {
-    const std::int64_t lo = a + t * per, hi = std::min(b, lo + per);
-    if (lo >= hi) break;
-    pool.emplace_back([&fn, t, lo, hi] { fn(t, lo, hi); });
-  }
-  fn(0, a, std::min(b, a + per));
-  for (auto& th : pool) th.join();
 }
 
 // The in-place schedule shared by row and column compaction. Units are output rows

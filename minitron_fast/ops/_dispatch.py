@@ -29,6 +29,16 @@ def triton_runnable(t: torch.Tensor) -> bool:
     return triton_available() and (t.is_cuda or triton_interpreted())
 
 
+# ops whose C++ path needs a specific _C function (a _C built before it existed lacks it)
+_CPP_SYMBOL = {"fused_linear_kd_loss": "kd_forward_kl_rows", "kd_loss_from_logits": "kd_forward_kl_rows"}
+
+
+def _cpp_has(op: str) -> bool:
+    from minitron_fast._ext import HAS_C, _C
+
+    return HAS_C and hasattr(_C, _CPP_SYMBOL.get(op, "__doc__"))
+
+
 def resolve_impl(impl: str, t: torch.Tensor, *, op: str, choices: tuple[str, ...] = ("triton", "torch")) -> str:
     """Resolves ``impl`` for tensor ``t``: "auto" picks Triton on CUDA tensors, else the first CPU
     choice (``cpp`` when offered and built, else ``torch``). Raises a ValueError naming the op."""
@@ -37,11 +47,8 @@ def resolve_impl(impl: str, t: torch.Tensor, *, op: str, choices: tuple[str, ...
     if impl == "auto":
         if t.is_cuda and "triton" in choices and triton_available():
             return "triton"
-        if "cpp" in choices and not t.is_cuda:
-            from minitron_fast._ext import HAS_C
-
-            if HAS_C:
-                return "cpp"
+        if "cpp" in choices and not t.is_cuda and _cpp_has(op):
+            return "cpp"
         return "torch"
     if impl == "triton" and not triton_runnable(t):
         raise RuntimeError(
@@ -49,10 +56,9 @@ def resolve_impl(impl: str, t: torch.Tensor, *, op: str, choices: tuple[str, ...
             f"got a {t.device.type} tensor. Use impl='auto' or 'torch'."
         )
     if impl == "cpp":
-        from minitron_fast._ext import HAS_C
-
-        if not HAS_C:
-            raise RuntimeError(f"{op}: impl='cpp' needs minitron_fast._C, which is not built; use impl='torch'.")
+        if not _cpp_has(op):
+            raise RuntimeError(f"{op}: impl='cpp' needs minitron_fast._C with this op, which is not built "
+                               "(reinstall with `pip install -e .`); use impl='torch'.")
         if t.is_cuda:
             raise RuntimeError(f"{op}: impl='cpp' works on CPU tensors only; got {t.device}.")
     return impl

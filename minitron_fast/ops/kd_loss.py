@@ -51,6 +51,10 @@ _FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 _CHUNK_BYTES = 192 * 2**20
 
 
+# "cpp" needs a _C built with the KD row kernel (a stale build from before it falls back to torch)
+KD_IMPLS = ("triton", "cpp", "torch")
+
+
 def default_chunk_size(V: int, N: int) -> int:
     """Rows per chunk: ``_CHUNK_BYTES / (4 V)`` rounded down to a multiple of 64, in [64, 1024], at most N."""
     c = max(64, min(1024, (_CHUNK_BYTES // (4 * max(V, 1))) // 64 * 64))
@@ -326,6 +330,25 @@ def _chunk_torch(S, teacher, a, cfg, bufs, need_grad):
     return kd_rows, G
 
 
+def _chunk_cpp(S, Tt, a, cfg, need_grad):
+    """``_chunk_torch``'s dense forward-KL math in the C++ row kernel (``csrc/kd_rows.cpp``): three
+    passes over each row instead of ~20, fp64 row sums across blocks. Returns (kd_rows, G = S)."""
+    from minitron_fast._ext import _C
+
+    c, V = S.shape
+    g = (a * (cfg.kd_scale / cfg.temperature)).contiguous()
+    kd_rows = torch.empty(c, dtype=torch.float32)
+    _C.kd_forward_kl_rows(S.data_ptr(), S.stride(0), Tt.data_ptr(), Tt.stride(0), g.data_ptr(), kd_rows.data_ptr(),
+                          c, V, bool(need_grad), torch.get_num_threads())
+    return kd_rows, S
+
+
+def _cpp_rows_ok(S, Tt, cfg) -> bool:
+    """Whether ``_chunk_cpp`` takes this chunk: forward KL, a dense teacher, fp32 CPU row buffers."""
+    return (cfg.divergence == "forward_kl" and not S.is_cuda and S.dtype == Tt.dtype == torch.float32
+            and S.stride(1) == 1 and Tt.stride(1) == 1)
+
+
 def _chunk_triton(S, Tt, a, cfg, need_grad):
     """``_chunk_torch``'s dense-teacher math in one Triton kernel (``kernels/kd_loss.py``)."""
     from minitron_fast.kernels import kd_loss as kd_kernels
@@ -395,6 +418,8 @@ def _run(student, teacher_kind, teacher_src, labels, N, V, cfg, row_scale, need_
                 tch = ("dense", Tt)
             if cfg.impl == "triton" and tch[0] == "dense":
                 kd, G = _chunk_triton(S, tch[1], a, cfg, need_grad)
+            elif cfg.impl == "cpp" and tch[0] == "dense" and _cpp_rows_ok(S, tch[1], cfg):
+                kd, G = _chunk_cpp(S, tch[1], a, cfg, need_grad)
             else:  # top-k teachers use the torch math (k entries per row: a scatter, no vocabulary scan)
                 kd, G = _chunk_torch(S, tch, a, cfg, bufs, need_grad)
             rows += kd * cfg.kd_scale
@@ -626,7 +651,10 @@ def fused_linear_kd_loss(student_hidden, student_weight, teacher_hidden=None, te
             ``"none"`` (``[N]`` per-token losses, 0 on ignored rows).
         num_items: divisor for ``"mean"`` (a token count across micro-batches for gradient accumulation).
         chunk_size: tokens per chunk (default: about 128 MB of fp32 per ``[chunk, V]`` buffer).
-        impl: ``"auto"`` (Triton softmax kernel on CUDA, else torch), ``"triton"``, ``"torch"``.
+        impl: ``"auto"`` (the Triton softmax kernel on CUDA; on CPU the C++ row kernel when
+            ``minitron_fast._C`` is built, else torch), ``"triton"``, ``"cpp"``, ``"torch"``. The
+            C++ kernel covers forward KL with a dense teacher; other divergences and top-k
+            teachers run the torch math under ``"cpp"``.
 
     Returns:
         A scalar fp32 loss (``[N]`` for ``reduction="none"``):
@@ -657,7 +685,7 @@ def fused_linear_kd_loss(student_hidden, student_weight, teacher_hidden=None, te
     labels = _check_labels(labels, N, V, ignore_index, h.device)
     if hard_label_weight > 0 and labels is None:
         raise ValueError("hard_label_weight > 0 needs labels")
-    impl = resolve_impl(impl, h, op="fused_linear_kd_loss")
+    impl = resolve_impl(impl, h, op="fused_linear_kd_loss", choices=KD_IMPLS)
     cfg = _Cfg(_canonical_divergence(divergence, float(beta)), float(beta), float(temperature), bool(t2_scaling),
                float(hard_label_weight), int(ignore_index), chunk_size or 0, impl)
     if N == 0:
@@ -691,7 +719,7 @@ def kd_loss_from_logits(student_logits, teacher_logits=None, *, teacher_topk=Non
     labels = _check_labels(labels, N, V, ignore_index, z.device)
     if hard_label_weight > 0 and labels is None:
         raise ValueError("hard_label_weight > 0 needs labels")
-    impl = resolve_impl(impl, z, op="kd_loss_from_logits")
+    impl = resolve_impl(impl, z, op="kd_loss_from_logits", choices=KD_IMPLS)
     cfg = _Cfg(_canonical_divergence(divergence, float(beta)), float(beta), float(temperature), bool(t2_scaling),
                float(hard_label_weight), int(ignore_index), chunk_size or 0, impl)
     out = _LogitsKD.apply(z, (labels, kind, teacher, cfg, reduction, num_items))
