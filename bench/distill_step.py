@@ -8,7 +8,10 @@ ZeRO-0, client AdamW) in a fresh process for ``--steps`` optimizer steps on the 
 reads its ``metrics.jsonl``. Rows: ``impl`` ``fused`` (never materializes ``[N, V]``) and
 ``materialized`` (full fp32 student and teacher logits, torch ``log_softmax`` + KL);
 ``median_s`` is the step time after the first (warm-up) step, ``tokens_per_s`` from it,
-``peak_mb`` the process's peak RSS (models, optimizer state, activations and the loss).
+``peak_mb`` the process's peak RSS (models, optimizer state, activations and the loss),
+``rss_after_mb`` its RSS after the last step and ``step_transient_mb`` the difference: what a step
+needs on top of what stays resident (the loss's share of memory shows there; at SmolLM2 size the
+resident models and AdamW state dominate the peak). ``--micro-batch 4,16`` runs several sizes.
 Correctness: both impls must give the same first-step loss (rtol 5e-4, the fp32 slack).
 """
 from __future__ import annotations
@@ -24,7 +27,9 @@ HELP = "distillation training step on SmolLM2-135M -> half-depth/half-FFN studen
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--micro-batch", type=int, default=4, help="blocks per step (default 4)")
+    p.add_argument("--micro-batch", default="4",
+                   help="blocks per step; a comma-separated list runs each size (default 4; e.g. 4,16: the "
+                        "logits' share of the step's memory grows with the tokens per step)")
     p.add_argument("--seq-len", type=int, default=256, help="tokens per block (default 256)")
     p.add_argument("--steps", type=int, default=4, help="optimizer steps per case; the first is warm-up (default 4)")
     p.add_argument("--impls", default="fused,materialized", help="comma-separated impls to run")
@@ -76,17 +81,26 @@ def run_case(impl: str, student: str, out: str, micro_batch: int, seq_len: int, 
     train(cfg, progress=False)
     recs = [r for r in read_metrics(Path(out) / "metrics.jsonl") if "loss" in r]
     return {"ok": True, "losses": [r["loss"] for r in recs], "step_s": [r["step_s"] for r in recs],
-            "tokens": recs[0]["tokens"], "peak_mb": max(r["peak_mem_mb"] for r in recs)}
+            "tokens": recs[0]["tokens"], "peak_mb": max(r["peak_mem_mb"] for r in recs),
+            "rss_after_mb": recs[-1].get("rss_mb")}
 
 
 def run(args: argparse.Namespace) -> list[dict[str, Any]]:
-    from bench.common import run_in_subprocess
-
-    mb, T, steps = args.micro_batch, args.seq_len, args.steps
+    sizes = [int(x) for x in str(args.micro_batch).split(",") if x.strip()]
+    T, steps = args.seq_len, args.steps
     if args.quick:
-        mb, T, steps = 2, 128, 2
+        sizes, T, steps = [2], 128, 2
     work = Path(args.workdir or tempfile.mkdtemp(prefix="distill_step-"))
     student = build_student(work / "student")
+    rows: list[dict[str, Any]] = []
+    for mb in sizes:
+        rows += _run_size(args, student, work, mb, T, steps)
+    return rows
+
+
+def _run_size(args, student: Path, work: Path, mb: int, T: int, steps: int) -> list[dict[str, Any]]:
+    from bench.common import run_in_subprocess
+
     rows, losses = [], {}
     for impl in [x.strip() for x in args.impls.split(",") if x.strip()]:
         out = work / f"run-{impl}-{mb}x{T}"
@@ -107,7 +121,10 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
         q = statistics.quantiles(times, n=5, method="inclusive") if len(times) > 1 else [times[0]] * 4
         med = statistics.median(times)
         row.update(median_s=med, p20_s=q[0], p80_s=q[3], peak_mb=r["peak_mb"], tokens_per_s=mb * T / med,
-                   first_loss=r["losses"][0], ok=True)
+                   first_loss=r["losses"][0], ok=True, rss_after_mb=r.get("rss_after_mb"))
+        if r.get("rss_after_mb"):
+            # what a step needs on top of what stays resident (models, optimizer state, allocator)
+            row["step_transient_mb"] = r["peak_mb"] - r["rss_after_mb"]
         losses[impl] = r["losses"][0]
         rows.append(row)
     if "fused" in losses and "materialized" in losses:
@@ -119,6 +136,8 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
             if r.get("peak_mb") and base.get("peak_mb"):
                 r["peak_vs_materialized"] = r["peak_mb"] / base["peak_mb"]
                 r["speed_vs_materialized"] = base["median_s"] / r["median_s"]
+            if r.get("step_transient_mb") and base.get("step_transient_mb"):
+                r["transient_vs_materialized"] = r["step_transient_mb"] / base["step_transient_mb"]
     return rows
 
 
@@ -132,12 +151,13 @@ def plot(rows: list[dict[str, Any]], png: Path) -> None:
     if not ok:
         return
     fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.5))
-    names = [r["impl"] for r in ok]
-    a.bar(names, [r["tokens_per_s"] for r in ok], color=["tab:green" if n == "fused" else "tab:gray" for n in names])
+    names = [f"{r['impl']}\nB={r['micro_batch']}" for r in ok]
+    colors = ["tab:green" if r["impl"] == "fused" else "tab:gray" for r in ok]
+    a.bar(names, [r["tokens_per_s"] for r in ok], color=colors)
     a.set_ylabel("tokens / s (training step)")
-    b.bar(names, [r["peak_mb"] for r in ok], color=["tab:green" if n == "fused" else "tab:gray" for n in names])
+    b.bar(names, [r["peak_mb"] for r in ok], color=colors)
     b.set_ylabel("peak RSS (MB)")
-    fig.suptitle(ok[0]["case"])
+    fig.suptitle(f"SmolLM2-135M -> 15L/FFN768 student, T={ok[0]['seq_len']}")
     fig.tight_layout()
     fig.savefig(png, dpi=100)
     plt.close(fig)

@@ -78,5 +78,18 @@ PYBIND11_MODULE(_C, m) {
       py::arg("V"), py::arg("need_grad"), py::arg("n_threads") = 0,
       "Forward KL(p_t || p_s) of fp32 softmax rows in three passes: kd[i] per row; with need_grad, "
       "s becomes a[i] * (p_s - p_t) and t exp(u_t - max). Addresses of fp32 buffers (row strides lds, ldt).");
-  m.def("kd_rows_isa", &minitron::kd_rows_isa, "The code path kd_forward_kl_rows takes on this CPU.");
+  m.def(
+      "ce_rows",
+      [](std::uintptr_t z, std::int64_t ldz, std::uintptr_t g, std::int64_t ldg, std::uintptr_t label, std::uintptr_t a,
+         std::uintptr_t ce, std::int64_t rows, std::int64_t V, bool need_grad, int n_threads) {
+        py::gil_scoped_release nogil;
+        minitron::ce_rows(reinterpret_cast<const float*>(z), ldz, reinterpret_cast<float*>(g), ldg,
+                          reinterpret_cast<const std::int64_t*>(label), reinterpret_cast<const float*>(a),
+                          reinterpret_cast<float*>(ce), rows, V, need_grad, n_threads);
+      },
+      py::arg("z"), py::arg("ldz"), py::arg("g"), py::arg("ldg"), py::arg("label"), py::arg("a"), py::arg("ce"),
+      py::arg("rows"), py::arg("V"), py::arg("need_grad"), py::arg("n_threads") = 0,
+      "Cross-entropy of fp32 logit rows against int64 labels in [0, V): ce[i]; with need_grad, "
+      "g = a[i] * (softmax - onehot) (g may alias z). Addresses of the buffers (row strides ldz, ldg).");
+  m.def("kd_rows_isa", &minitron::kd_rows_isa, "The code path the row kernels take on this CPU.");
 }

@@ -73,6 +73,35 @@ __attribute__((always_inline)) inline float row_kernel(float* __restrict s, floa
   return kd;
 }
 
+template <bool Grad>
+__attribute__((always_inline)) inline float ce_kernel(const float* z, float* g, std::int64_t label, float a,
+                                                      std::int64_t V) {
+  const float zl = z[label];  // read first: with g == z the passes below overwrite it
+  float m = -std::numeric_limits<float>::infinity();
+#pragma omp simd reduction(max : m)
+  for (std::int64_t v = 0; v < V; ++v) m = z[v] > m ? z[v] : m;
+  double S = 0.0;
+  for (std::int64_t b0 = 0; b0 < V; b0 += kBlock) {
+    const std::int64_t b1 = b0 + kBlock < V ? b0 + kBlock : V;
+    float ss = 0.0f;
+#pragma omp simd reduction(+ : ss)
+    for (std::int64_t v = b0; v < b1; ++v) {
+      const float e = exp_nonpos(z[v] - m);
+      ss += e;
+      if (Grad) g[v] = e;
+    }
+    S += ss;
+  }
+  const float ce = static_cast<float>(static_cast<double>(m) + std::log(S) - static_cast<double>(zl));
+  if (Grad) {
+    const float c = static_cast<float>(a / S);
+#pragma omp simd
+    for (std::int64_t v = 0; v < V; ++v) g[v] *= c;
+    g[label] -= a;
+  }
+  return ce;
+}
+
 // Two compilations of the same loop: AVX2+FMA (8 lanes, fused multiply-adds) and the x86-64
 // baseline (SSE2), chosen at run time. The always_inline body is compiled for each caller's ISA.
 template <bool Grad>
@@ -86,6 +115,25 @@ template <bool Grad>
 void rows_base(float* s, std::int64_t lds, float* t, std::int64_t ldt, const float* a, float* kd, std::int64_t lo,
                std::int64_t hi, std::int64_t V) {
   for (std::int64_t i = lo; i < hi; ++i) kd[i] = row_kernel<Grad>(s + i * lds, t + i * ldt, a ? a[i] : 0.0f, V);
+}
+
+template <bool Grad>
+__attribute__((target("avx2,fma"))) void ce_avx2(const float* z, std::int64_t ldz, float* g, std::int64_t ldg,
+                                                 const std::int64_t* label, const float* a, float* ce,
+                                                 std::int64_t lo, std::int64_t hi, std::int64_t V) {
+  for (std::int64_t i = lo; i < hi; ++i) ce[i] = ce_kernel<Grad>(z + i * ldz, g + i * ldg, label[i], a ? a[i] : 0.0f, V);
+}
+
+template <bool Grad>
+void ce_base(const float* z, std::int64_t ldz, float* g, std::int64_t ldg, const std::int64_t* label, const float* a,
+             float* ce, std::int64_t lo, std::int64_t hi, std::int64_t V) {
+  for (std::int64_t i = lo; i < hi; ++i) ce[i] = ce_kernel<Grad>(z + i * ldz, g + i * ldg, label[i], a ? a[i] : 0.0f, V);
+}
+
+int row_threads(int n_threads, std::int64_t rows, std::int64_t V) {
+  // at least ~64k entries per thread, or the thread start costs more than it saves
+  const std::int64_t by_size = (rows * V) / (std::int64_t(1) << 16);
+  return static_cast<int>(std::max<std::int64_t>(1, std::min<std::int64_t>(hardware_threads(n_threads), by_size)));
 }
 
 bool has_avx2_fma() {
@@ -104,15 +152,27 @@ const char* kd_rows_isa() { return has_avx2_fma() ? "avx2+fma" : "baseline"; }
 void kd_forward_kl_rows(float* s, std::int64_t lds, float* t, std::int64_t ldt, const float* a, float* kd,
                         std::int64_t rows, std::int64_t V, bool need_grad, int n_threads) {
   if (rows <= 0 || V <= 0) return;
-  // at least ~64k entries per thread, or the thread start costs more than it saves
-  const std::int64_t by_size = (rows * V) / (std::int64_t(1) << 16);
-  const int T = static_cast<int>(std::max<std::int64_t>(1, std::min<std::int64_t>(hardware_threads(n_threads), by_size)));
+  const int T = row_threads(n_threads, rows, V);
   const bool avx2 = has_avx2_fma();
   parallel_blocks(T, 0, rows, [&](int, std::int64_t lo, std::int64_t hi) {
     if (avx2) {
       need_grad ? rows_avx2<true>(s, lds, t, ldt, a, kd, lo, hi, V) : rows_avx2<false>(s, lds, t, ldt, a, kd, lo, hi, V);
     } else {
       need_grad ? rows_base<true>(s, lds, t, ldt, a, kd, lo, hi, V) : rows_base<false>(s, lds, t, ldt, a, kd, lo, hi, V);
+    }
+  });
+}
+
+void ce_rows(const float* z, std::int64_t ldz, float* g, std::int64_t ldg, const std::int64_t* label,
+             const float* a, float* ce, std::int64_t rows, std::int64_t V, bool need_grad, int n_threads) {
+  if (rows <= 0 || V <= 0) return;
+  const int T = row_threads(n_threads, rows, V);
+  const bool avx2 = has_avx2_fma();
+  parallel_blocks(T, 0, rows, [&](int, std::int64_t lo, std::int64_t hi) {
+    if (avx2) {
+      need_grad ? ce_avx2<true>(z, ldz, g, ldg, label, a, ce, lo, hi, V) : ce_avx2<false>(z, ldz, g, ldg, label, a, ce, lo, hi, V);
+    } else {
+      need_grad ? ce_base<true>(z, ldz, g, ldg, label, a, ce, lo, hi, V) : ce_base<false>(z, ldz, g, ldg, label, a, ce, lo, hi, V);
     }
   });
 }

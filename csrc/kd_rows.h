@@ -16,7 +16,14 @@ namespace minitron {
 void kd_forward_kl_rows(float* s, std::int64_t lds, float* t, std::int64_t ldt, const float* a, float* kd,
                         std::int64_t rows, std::int64_t V, bool need_grad, int n_threads);
 
-// Which code path kd_forward_kl_rows takes on this CPU: "avx2+fma" or "baseline".
+// Cross-entropy rows: ce[i] = logsumexp(z[i, :]) - z[i, label[i]] for the raw logits z. With
+// need_grad, g[i, :] = a[i] * (softmax(z[i, :]) - onehot(label[i])) (g may be z itself: in
+// place). Three passes per row; labels must lie in [0, V) (the caller maps ignored rows to a
+// valid label with a[i] = 0). Threads and ISA as kd_forward_kl_rows.
+void ce_rows(const float* z, std::int64_t ldz, float* g, std::int64_t ldg, const std::int64_t* label,
+             const float* a, float* ce, std::int64_t rows, std::int64_t V, bool need_grad, int n_threads);
+
+// Which code path the row kernels take on this CPU: "avx2+fma" or "baseline".
 const char* kd_rows_isa();
 
 }  // namespace minitron

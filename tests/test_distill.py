@@ -326,7 +326,8 @@ def test_zero2_and_zero3_losses_fall(dist_runs):
         assert len(ls) == STEPS and all(math.isfinite(x) for x in ls)
         assert _falls(ls), (name, ls)
         recs = _metrics(root / name)
-        assert {"step", "kd", "loss", "lr", "tokens_per_s", "peak_mem_mb"} <= set(recs[-1])
+        assert {"step", "kd", "loss", "lr", "tokens_per_s", "peak_mem_mb", "rss_mb"} <= set(recs[-1])
+        assert 0 < recs[-1]["rss_mb"] <= recs[-1]["peak_mem_mb"] * 1.01
         assert recs[1]["lr"] == pytest.approx(3e-3)  # the lr the step applied (constant schedule)
         assert recs[-1]["tokens"] == 4 * 31  # 2 ranks x 2 blocks x 31 next-token targets
         evals = [r["eval_loss"] for r in recs if "eval_loss" in r]

@@ -87,6 +87,15 @@ def _barrier() -> None:
         dist.barrier()
 
 
+def resident_memory_mb() -> float | None:
+    """Resident set size of this process now (Linux ``/proc/self/statm``), MB; None elsewhere."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def peak_memory_mb() -> float:
     """Peak device memory (CUDA) or peak resident set size of this process (CPU), MB."""
     if torch.cuda.is_available():
@@ -505,7 +514,7 @@ class Trainer:
             dt = time.perf_counter() - t0
             rec.update(lr=None if lr_now is None else float(lr_now), tokens=int(num_items),
                        tokens_per_s=data.global_batch * data.blocks.shape[1] / dt, step_s=dt,
-                       peak_mem_mb=peak_memory_mb())
+                       peak_mem_mb=peak_memory_mb(), rss_mb=resident_memory_mb())
             final_loss = rec["loss"]
             done = step + 1
             if eval_blocks is not None and (done % cfg.eval_every == 0 or done == cfg.steps):

@@ -30,7 +30,8 @@ def triton_runnable(t: torch.Tensor) -> bool:
 
 
 # ops whose C++ path needs a specific _C function (a _C built before it existed lacks it)
-_CPP_SYMBOL = {"fused_linear_kd_loss": "kd_forward_kl_rows", "kd_loss_from_logits": "kd_forward_kl_rows"}
+_CPP_SYMBOL = {"fused_linear_kd_loss": "kd_forward_kl_rows", "kd_loss_from_logits": "kd_forward_kl_rows",
+               "fused_linear_cross_entropy": "ce_rows"}
 
 
 def _cpp_has(op: str) -> bool:

@@ -343,10 +343,21 @@ def _chunk_cpp(S, Tt, a, cfg, need_grad):
     return kd_rows, S
 
 
+def _cpp_fn(name):
+    """``minitron_fast._C.<name>``, or None when the extension is missing or predates it."""
+    from minitron_fast._ext import _C
+
+    return getattr(_C, name, None) if _C is not None else None
+
+
+def _cpu_rows(*bufs) -> bool:
+    """fp32 CPU buffers with unit column stride: what the C++ row kernels take."""
+    return all(not b.is_cuda and b.dtype == torch.float32 and b.stride(1) == 1 for b in bufs)
+
+
 def _cpp_rows_ok(S, Tt, cfg) -> bool:
     """Whether ``_chunk_cpp`` takes this chunk: forward KL, a dense teacher, fp32 CPU row buffers."""
-    return (cfg.divergence == "forward_kl" and not S.is_cuda and S.dtype == Tt.dtype == torch.float32
-            and S.stride(1) == 1 and Tt.stride(1) == 1)
+    return cfg.divergence == "forward_kl" and _cpu_rows(S, Tt) and _cpp_fn("kd_forward_kl_rows") is not None
 
 
 def _chunk_triton(S, Tt, a, cfg, need_grad):
@@ -389,7 +400,20 @@ def _run(student, teacher_kind, teacher_src, labels, N, V, cfg, row_scale, need_
         student.fill(S, c0, c1, 1.0 if need_ce else 1.0 / T)
         rows = torch.zeros(c, dtype=torch.float32, device=device)
         Gce = None
-        if need_ce:  # hard-label CE on the unscaled z_s, its softmax in its own buffer
+        ce_cpp = _cpp_fn("ce_rows") if need_ce and cfg.impl == "cpp" and _cpu_rows(S) else None
+        if ce_cpp is not None:  # hard-label CE in the C++ row kernel: in place without KD, else in its own buffer
+            lab = torch.where(vc, labels[c0:c1], 0).contiguous()
+            P = S if div is None else bufs.get("p1", c)
+            ce = torch.empty(c, dtype=torch.float32)
+            b = (a * w).contiguous()
+            ce_cpp(S.data_ptr(), S.stride(0), P.data_ptr(), P.stride(0), lab.data_ptr(), b.data_ptr(), ce.data_ptr(),
+                   c, V, bool(need_grad), torch.get_num_threads())
+            rows += w * ce
+            if need_grad:
+                Gce = P
+            if div is not None and T != 1.0:
+                S.mul_(1.0 / T)
+        elif need_ce:  # hard-label CE on the unscaled z_s, its softmax in its own buffer
             lab = torch.where(vc, labels[c0:c1], 0)
             zl = S.gather(1, lab[:, None]).view(-1)
             m1 = S.amax(1, keepdim=True)
@@ -653,8 +677,8 @@ def fused_linear_kd_loss(student_hidden, student_weight, teacher_hidden=None, te
         chunk_size: tokens per chunk (default: about 128 MB of fp32 per ``[chunk, V]`` buffer).
         impl: ``"auto"`` (the Triton softmax kernel on CUDA; on CPU the C++ row kernel when
             ``minitron_fast._C`` is built, else torch), ``"triton"``, ``"cpp"``, ``"torch"``. The
-            C++ kernel covers forward KL with a dense teacher; other divergences and top-k
-            teachers run the torch math under ``"cpp"``.
+            C++ kernels cover forward KL with a dense teacher and the hard-label CE term; other
+            divergences and top-k teachers run the torch math under ``"cpp"``.
 
     Returns:
         A scalar fp32 loss (``[N]`` for ``reduction="none"``):
@@ -735,6 +759,8 @@ def fused_linear_cross_entropy(hidden, weight, labels, *, bias=None, ignore_inde
         hidden: ``[N, H]`` (or ``[..., H]``); weight: ``[V, H]``; bias: ``[V]`` or None;
         labels: ``[N]`` (already shifted), ``ignore_index`` rows masked.
         reduction: ``"mean"`` over valid tokens (or ``/ num_items``), ``"sum"``, ``"none"``.
+        impl: ``"auto"`` (on CPU the C++ row kernel when ``minitron_fast._C`` is built, else
+            torch), ``"cpp"``, ``"torch"``, ``"triton"`` (the torch math on CUDA tensors).
 
     Same chunking and in-forward gradients as ``fused_linear_kd_loss`` (used for teacher correction).
 
@@ -756,7 +782,7 @@ def fused_linear_cross_entropy(hidden, weight, labels, *, bias=None, ignore_inde
         raise ValueError("labels are required")
     N = h.shape[0]
     labels = _check_labels(labels, N, V, ignore_index, h.device)
-    impl = resolve_impl(impl, h, op="fused_linear_cross_entropy")
+    impl = resolve_impl(impl, h, op="fused_linear_cross_entropy", choices=KD_IMPLS)
     cfg = _Cfg(None, 0.5, 1.0, False, 1.0, int(ignore_index), chunk_size or 0, impl)
     if N == 0:
         return (h.sum() + weight.sum()).float() * 0.0
