@@ -46,19 +46,32 @@ from minitron_fast.ops._dispatch import resolve_impl
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
 REDUCTIONS = ("mean", "sum", "none")
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16)
-# Default chunk: about 192 MB per fp32 [chunk, V] buffer (the forward-KL path uses 3 of them),
-# a multiple of 64 rows in [64, 1024]: V=128,256 -> 384 rows, V=49,152 -> 1024 rows.
-_CHUNK_BYTES = 192 * 2**20
+# Default chunk: about 576 MB for all fp32 [chunk, V] buffers of a call (the torch forward-KL
+# path uses 3 of them: 384 rows at V=128,256; the C++ row kernel 2: 576 rows), a multiple of 64
+# rows in [64, 1024]. Fewer, larger chunks make the chunk GEMMs more efficient.
+_WORKSPACE_BYTES = 576 * 2**20
 
 
 # "cpp" needs a _C built with the KD row kernel (a stale build from before it falls back to torch)
 KD_IMPLS = ("triton", "cpp", "torch")
 
 
-def default_chunk_size(V: int, N: int) -> int:
-    """Rows per chunk: ``_CHUNK_BYTES / (4 V)`` rounded down to a multiple of 64, in [64, 1024], at most N."""
-    c = max(64, min(1024, (_CHUNK_BYTES // (4 * max(V, 1))) // 64 * 64))
+def default_chunk_size(V: int, N: int, n_buffers: int = 3) -> int:
+    """Rows per chunk: ``_WORKSPACE_BYTES / (n_buffers 4 V)`` rounded down to a multiple of 64, in
+    [64, 1024], at most N."""
+    c = max(64, min(1024, (_WORKSPACE_BYTES // (n_buffers * 4 * max(V, 1))) // 64 * 64))
     return max(1, min(c, N))
+
+
+def _n_buffers(cfg, teacher_kind, need_ce) -> int:
+    """How many ``[chunk, V]`` fp32 buffers ``_run`` fills per chunk: the C++ rows need only the
+    student's and the teacher's logits for forward KL (and CE alone works in place)."""
+    if cfg.impl == "cpp":
+        if cfg.divergence is None:
+            return 1
+        if cfg.divergence == "forward_kl" and teacher_kind in ("hidden", "logits") and not need_ce:
+            return 2
+    return 3
 
 
 # ------------------------------------------------------------------------------------------------
@@ -376,14 +389,14 @@ def _run(student, teacher_kind, teacher_src, labels, N, V, cfg, row_scale, need_
 
     teacher_kind: "hidden"/"logits" (``teacher_src`` a source), "topk" (``(vals, idx)``), None (CE).
     row_scale: ``[N]`` fp32 per-token dL/dloss_i (already 0 on ignored rows)."""
-    chunk = max(1, min(cfg.chunk_size or default_chunk_size(V, N), N))
-    bufs = _Buffers(chunk, V, device)
     T = cfg.temperature
     w = cfg.hard_label_weight
     div = cfg.divergence
     out = torch.zeros(N, dtype=torch.float32, device=device)
     valid = None if labels is None else labels != cfg.ignore_index
     need_ce = labels is not None and (w > 0 or div is None)
+    chunk = max(1, min(cfg.chunk_size or default_chunk_size(V, N, _n_buffers(cfg, teacher_kind, need_ce)), N))
+    bufs = _Buffers(chunk, V, device)
     if div is None:
         w = 1.0
     for c0 in range(0, N, chunk):
@@ -674,7 +687,8 @@ def fused_linear_kd_loss(student_hidden, student_weight, teacher_hidden=None, te
         reduction: ``"mean"`` over valid tokens (or ``/ num_items`` when given), ``"sum"``, or
             ``"none"`` (``[N]`` per-token losses, 0 on ignored rows).
         num_items: divisor for ``"mean"`` (a token count across micro-batches for gradient accumulation).
-        chunk_size: tokens per chunk (default: about 128 MB of fp32 per ``[chunk, V]`` buffer).
+        chunk_size: tokens per chunk (default: about 576 MB for all fp32 ``[chunk, V]`` buffers of
+            the call: 384 rows at V=128,256 on the torch path, 576 with the C++ rows).
         impl: ``"auto"`` (the Triton softmax kernel on CUDA; on CPU the C++ row kernel when
             ``minitron_fast._C`` is built, else torch), ``"triton"``, ``"cpp"``, ``"torch"``. The
             C++ kernels cover forward KL with a dense teacher and the hard-label CE term; other
