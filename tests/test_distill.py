@@ -35,6 +35,7 @@ from minitron_fast.distill.sharding import ShardedBlocks, eval_shard
 
 ROOT = Path(__file__).resolve().parent.parent
 STEPS = 8
+LM_WEIGHT = 0.5  # every training run mixes the student's CE into KD: both parts come from one fused pass
 
 # -- unit tests -----------------------------------------------------------------------------------
 
@@ -256,14 +257,15 @@ def _train_losses(out: Path) -> list[float]:
 @pytest.fixture(scope="module")
 def models(tmp_path_factory, demo_model_dir):
     """A tiny teacher (untied, peaked random logits) and a narrower tied student sharing the real
-    SmolLM2 tokenizer (49,152 tokens), plus a student with another vocabulary size."""
+    SmolLM2 tokenizer (49,152 tokens), plus a student whose lm_head has 8 padding rows and one
+    whose tokenizer swaps two token ids (same size: only a token/id comparison sees it)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from minitron_fast.models.export import TOKENIZER_FILES
 
     root = tmp_path_factory.mktemp("distill_models")
     specs = {"teacher": (64, 128, False, 0.2, 49152), "student": (48, 96, True, 0.02, 49152),
-             "student_bad_vocab": (48, 96, True, 0.02, 49160)}
+             "student_padded_vocab": (48, 96, True, 0.02, 49160)}
     for i, (name, (h, f, tied, std, vocab)) in enumerate(specs.items()):
         torch.manual_seed(i + 1)
         m = LlamaForCausalLM(LlamaConfig(vocab_size=vocab, hidden_size=h, intermediate_size=f, num_hidden_layers=2,
@@ -273,6 +275,12 @@ def models(tmp_path_factory, demo_model_dir):
         for t in TOKENIZER_FILES:
             if (Path(demo_model_dir) / t).is_file():
                 shutil.copy2(Path(demo_model_dir) / t, root / name / t)
+    shutil.copytree(root / "student", root / "student_other_tokenizer")
+    tj = root / "student_other_tokenizer" / "tokenizer.json"
+    tok = json.loads(tj.read_text())
+    vocab = tok["model"]["vocab"]
+    vocab["the"], vocab["and"] = vocab["and"], vocab["the"]
+    tj.write_text(json.dumps(tok))
     return root
 
 
@@ -280,7 +288,7 @@ def _common(models: Path, out: Path, **kw) -> list[str]:
     d = {"teacher": models / "teacher", "student": models / "student", "out": out, "steps": STEPS,
          "micro_batch_size": 2, "grad_accum": 1, "data.seq_len": 32, "data.max_blocks": 64, "data.eval_blocks": 4,
          "eval_every": 4, "save_every": 2, "lr": 3e-3, "warmup_steps": 0, "schedule": "constant", "export": False,
-         "threads": 1}
+         "threads": 1, "loss.lm_weight": LM_WEIGHT}
     d.update(kw)
     return [f"{k}={v}" for k, v in d.items()]
 
@@ -326,7 +334,10 @@ def single_runs(models, tmp_path_factory):
                                                   "ds.zero_stage": 2})},
         {"name": "other_run", "resume": True, "overrides": _common(models, root / "fused", lr=1e-3, **single)},
         {"name": "used_dir", "overrides": _common(models, root / "used")},
-        {"name": "bad_vocab", "overrides": _common(models, root / "bad_vocab", student=models / "student_bad_vocab")},
+        {"name": "padded_vocab", "overrides": _common(models, root / "padded_vocab", steps=2, eval_every=2,
+                                                      student=models / "student_padded_vocab")},
+        {"name": "other_tokenizer", "overrides": _common(models, root / "other_tokenizer",
+                                                         student=models / "student_other_tokenizer")},
         {"name": "nan_before", "overrides": _common(models, root / "nan", teacher=root / "teacher_copy", steps=2)},
         {"name": "poison", "poison": str(root / "teacher_copy" / "model.safetensors")},
         {"name": "nan", "resume": True, "overrides": _common(models, root / "nan", teacher=root / "teacher_copy", steps=4)},
@@ -352,7 +363,9 @@ def test_zero2_and_zero3_losses_fall(dist_runs):
         assert len(ls) == STEPS and all(math.isfinite(x) for x in ls)
         assert _falls(ls), (name, ls)
         recs = _metrics(root / name)
-        assert {"step", "kd", "loss", "lr", "tokens_per_s", "peak_mem_mb", "rss_mb"} <= set(recs[-1])
+        assert {"step", "kd", "lm", "loss", "lr", "tokens_per_s", "peak_mem_mb", "rss_mb"} <= set(recs[-1])
+        for r in recs[1:]:  # the logged parts are the parts of the loss that was trained
+            assert r["loss"] == pytest.approx(r["kd"] + LM_WEIGHT * r["lm"], rel=1e-5)
         assert 0 < recs[-1]["rss_mb"] <= recs[-1]["peak_mem_mb"] * 1.01
         assert recs[1]["lr"] == pytest.approx(3e-3)  # the lr the step applied (constant schedule)
         assert recs[-1]["tokens"] == 4 * 31  # 2 ranks x 2 blocks x 31 next-token targets
@@ -420,8 +433,8 @@ def test_intermediate_state_loss(single_runs):
     root, res = single_runs
     assert res["inter"]["ok"], res["inter"]
     recs = [r for r in _metrics(root / "inter") if "loss" in r]
-    for r in recs:  # total = kd + 1.0 * inter
-        assert r["loss"] == pytest.approx(r["kd"] + r["inter"], rel=1e-5)
+    for r in recs:  # total = kd + 0.5 * lm + 1.0 * inter
+        assert r["loss"] == pytest.approx(r["kd"] + LM_WEIGHT * r["lm"] + r["inter"], rel=1e-5)
     inter = [r["inter"] for r in recs]
     assert inter[-1] < inter[0], inter
 
@@ -432,7 +445,11 @@ def test_bad_inputs_fail_clearly_and_lose_nothing(single_runs):
     assert not res["other_run"]["ok"] and "belongs to a different run" in res["other_run"]["error"]
     assert not res["used_dir"]["ok"] and "is not empty" in res["used_dir"]["error"]
     assert (root / "used" / "file.txt").read_text() == "x"
-    assert not res["bad_vocab"]["ok"] and "vocabulary" in res["bad_vocab"]["error"]
+    other = res["other_tokenizer"]
+    assert not other["ok"] and "use different tokenizers (49152 vs 49152 tokens, 4 token/id entries" in other["error"]
+    # a student head with padding rows beyond the tokenizer trains on the shared 49,152 rows
+    assert res["padded_vocab"]["ok"], res["padded_vocab"]
+    assert all(math.isfinite(x) for x in _train_losses(root / "padded_vocab"))
     # NaN loss (a teacher corrupted between a run and its resume): stop at once, keep the last good
     # checkpoint and say which step
     nan = res["nan"]

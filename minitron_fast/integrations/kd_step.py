@@ -313,17 +313,13 @@ def _fused(hs, w, b, teacher, labels, spec: KDSpec, divisor: float) -> tuple[Ten
         th, tw, tb = teacher
         t_kw = {"teacher_hidden": th, "teacher_weight": tw, "teacher_bias": tb}
     # one pass: the op's gradient is that of kd + (lm_weight / kd_weight) * ce; scaled by kd_weight below
-    common = dict(student_bias=b, labels=labels, divergence=spec.divergence, beta=spec.beta,
-                  temperature=spec.temperature, t2_scaling=spec.t2_scaling, num_items=divisor, **t_kw, **kw)
-    w_ce = spec.lm_weight / spec.kd_weight
-    # TEMPORARY shim until the op's return_parts lands (kdloss): a second, gradient-free pass for the parts
-    loss = fused_linear_kd_loss(hs, w, hard_label_weight=w_ce, **common)
-    parts = {}
-    with torch.no_grad():
-        parts["kd"] = fused_linear_kd_loss(hs, w, **common) if w_ce > 0 else loss.detach()
-        if w_ce > 0:
-            parts["lm"] = (loss.detach() - parts["kd"]) / w_ce
-    return spec.kd_weight * loss, parts
+    # one pass; its loss is kd + (lm_weight / kd_weight) * ce, scaled by kd_weight here. The CE part
+    # comes from the same pass whatever its weight (the student's log-sum-exp is computed anyway)
+    out = fused_linear_kd_loss(hs, w, student_bias=b, labels=labels, divergence=spec.divergence, beta=spec.beta,
+                               temperature=spec.temperature, t2_scaling=spec.t2_scaling,
+                               hard_label_weight=spec.lm_weight / spec.kd_weight, num_items=divisor,
+                               return_parts=True, **t_kw, **kw)
+    return spec.kd_weight * out.loss, {"kd": out.kd, "lm": out.ce}
 
 
 def head_loss(student_hidden: Tensor, student_head: nn.Module, teacher: TeacherHidden | TopKTeacher | None,
