@@ -275,6 +275,11 @@ def models(tmp_path_factory, demo_model_dir):
         for t in TOKENIZER_FILES:
             if (Path(demo_model_dir) / t).is_file():
                 shutil.copy2(Path(demo_model_dir) / t, root / name / t)
+    # the student carries a prune plan (48 of the teacher's 64 channels): the intermediate-state
+    # projection starts from it, and distill's export carries it on
+    kept = sorted(torch.randperm(64, generator=torch.Generator().manual_seed(0))[:48].tolist())
+    (root / "student" / "minitron.json").write_text(json.dumps({"plan": {"version": 1, "source": {"hidden_size": 64},
+                                                                          "kept": {"hidden": kept}}}))
     shutil.copytree(root / "student", root / "student_other_tokenizer")
     tj = root / "student_other_tokenizer" / "tokenizer.json"
     tok = json.loads(tj.read_text())
@@ -355,7 +360,7 @@ def _falls(ls: list[float]) -> bool:
 
 
 @pytest.mark.slow
-def test_zero2_and_zero3_losses_fall(dist_runs):
+def test_zero2_and_zero3_losses_fall(models, dist_runs):
     root, res = dist_runs
     for name in ("z2", "z3"):
         assert res[name]["ok"], res[name]
@@ -380,6 +385,8 @@ def test_zero2_and_zero3_losses_fall(dist_runs):
     from minitron_fast.models.loading import load_tokenizer
 
     final = root / "z3" / "final"
+    plan = json.loads((models / "student" / "minitron.json").read_text())["plan"]
+    assert json.loads((final / "minitron.json").read_text())["plan"] == plan
     model = AutoModelForCausalLM.from_pretrained(final).eval()
     assert model.config.hidden_size == 48 and model.config.tie_word_embeddings
     blocks = token_blocks(load_tokenizer(final), "demo", "heldout", 32, max_blocks=4)

@@ -62,22 +62,34 @@ def layer_pairs(pairs: Sequence[Sequence[int]], n_student: int, n_teacher: int) 
     return out
 
 
-def plan_hidden_channels(model_dir: str | os.PathLike | None) -> tuple[list[int], int] | None:
-    """``(kept, source_hidden)``: the teacher channel kept as each student channel, from the prune
-    plan in ``model_dir/minitron.json`` (written by ``prune``), or None when there is none."""
-    if model_dir is None:
-        return None
-    p = Path(model_dir) / "minitron.json"
-    if not p.is_file():
+def _malformed(p: Path, exc: Exception) -> ConfigError:
+    return ConfigError(f"{p} holds a malformed prune plan ({type(exc).__name__}: {exc}); re-export the student "
+                       "with minitron-fast prune")
+
+
+def plan_record(model_dir: str | os.PathLike | None) -> dict[str, Any] | None:
+    """The prune plan (as a dict) in ``model_dir/minitron.json`` (written by ``prune``, carried on by
+    ``distill``'s export), or None when there is none."""
+    p = Path(model_dir) / "minitron.json" if model_dir is not None else None
+    if p is None or not p.is_file():
         return None
     try:
         plan = json.loads(p.read_text()).get("plan")
-        if not plan:
-            return None
+    except (json.JSONDecodeError, AttributeError) as exc:
+        raise _malformed(p, exc) from None
+    return plan or None
+
+
+def plan_hidden_channels(model_dir: str | os.PathLike | None) -> tuple[list[int], int] | None:
+    """``(kept, source_hidden)``: the teacher channel kept as each student channel, from the prune
+    plan in ``model_dir/minitron.json``, or None when there is none."""
+    plan = plan_record(model_dir)
+    if plan is None:
+        return None
+    try:
         return [int(i) for i in plan["kept"]["hidden"]], int(plan["source"]["hidden_size"])
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as exc:
-        raise ConfigError(f"{p} holds a malformed prune plan ({type(exc).__name__}: {exc}); re-export the student "
-                          "with minitron-fast prune") from None
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise _malformed(Path(model_dir) / "minitron.json", exc) from None
 
 
 def projection(student_width: int, teacher_width: int, plan: tuple[list[int], int] | None = None, *,

@@ -487,6 +487,9 @@ class Trainer:
             if self.rank == 0:
                 record = {"stage": "distill", "mode": self.cfg.mode, "teacher": self.cfg.teacher,
                           "student": self.cfg.student, "steps": self.cfg.steps, "recipe": self.cfg.to_dict()}
+                plan = losses.plan_record(self.tokenizer_dir)  # the trained model's prune plan, carried on
+                if plan is not None:
+                    record["plan"] = plan
                 export_hf(model, final, tokenizer_from=self.tokenizer_dir, record=record, overwrite=True,
                           protect=[p for p in (self.cfg.teacher, self.cfg.student) if p and p != "demo"])
         _barrier()
