@@ -24,6 +24,9 @@ def spec_of(loss_fn: FusedLinearKDLoss, student=None, teacher=None) -> KDSpec:
     if loss_fn.reduction not in ("mean", "sum"):
         raise ValueError(f"causal_lm_kd_loss needs reduction 'mean' or 'sum', got {loss_fn.reduction!r}")
     opts = head_options(student, teacher) if student is not None else {}
+    for k in ("softcap", "vocab_size"):  # what the loss module says wins over the configs
+        if getattr(loss_fn, k, None) is not None:
+            opts[k] = getattr(loss_fn, k)
     return KDSpec(kd_weight=1.0, lm_weight=loss_fn.hard_label_weight, divergence=loss_fn.divergence,
                   beta=loss_fn.beta, temperature=loss_fn.temperature, t2_scaling=loss_fn.t2_scaling,
                   op_impl=loss_fn.impl, chunk_size=loss_fn.chunk_size, **opts)

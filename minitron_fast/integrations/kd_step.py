@@ -26,7 +26,6 @@ Example:
 from __future__ import annotations
 
 import contextlib
-import math
 from dataclasses import dataclass, replace
 from typing import Any, Sequence, Union
 
@@ -36,10 +35,10 @@ from torch import Tensor, nn
 
 from minitron_fast.errors import MinitronError
 from minitron_fast.integrations.zero3 import call_through, gathered
+from minitron_fast.ops.kd_loss.divergences import DIVERGENCES
 
 IGNORE_INDEX = -100
 IMPLS = ("fused", "materialized")
-DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
 
 
 @dataclass(frozen=True)
@@ -108,8 +107,9 @@ class TeacherHidden:
 class TopKTeacher:
     """An offline teacher: its top-k logits per token. ``values``/``indices``: ``[N, k]`` rows
     aligned with the step's ``N = B * (T - 1)`` next-token rows (or ``[B, T, k]`` / ``[B, T-1, k]``);
-    ``tail_lse``: optional ``[N]`` log-sum-exp of the logits outside the top k (one extra tail
-    bucket; None: the top-k distribution is renormalized)."""
+    ``tail_lse``: optional ``[N]`` log-sum-exp of the teacher's raw logits outside its top k (one
+    extra tail bucket, see ``fused_linear_kd_loss``'s ``teacher_topk_tail_lse``; None: the top-k
+    distribution is renormalized)."""
 
     values: Tensor
     indices: Tensor
@@ -124,12 +124,15 @@ Teacher = Union[nn.Module, TeacherHidden, TopKTeacher, None]
 def unwrap(model: nn.Module) -> nn.Module:
     """The HF causal LM inside DDP / DeepSpeed engines (``.module``) and peft wrappers."""
     while True:
-        if hasattr(model, "get_base_model") and callable(model.get_base_model):  # peft
-            model = model.get_base_model()
-        elif hasattr(model, "module") and isinstance(model.module, nn.Module):  # DDP / DeepSpeed engine
-            model = model.module
+        if callable(getattr(model, "get_base_model", None)):  # peft
+            inner = model.get_base_model()
+        elif isinstance(getattr(model, "module", None), nn.Module):  # DDP / DeepSpeed engine
+            inner = model.module
         else:
             return model
+        if inner is model:
+            return model
+        model = inner
 
 
 def decoder_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
@@ -190,8 +193,8 @@ class KDSetupError(MinitronError, ValueError):
 
 
 def _softcap_of(model: nn.Module) -> float | None:
-    from minitron_fast.models import ModelView, view_class_for_config
     from minitron_fast.errors import UnsupportedModelError
+    from minitron_fast.models import ModelView, view_class_for_config
 
     config = unwrap(model).config
     try:
@@ -254,23 +257,20 @@ def _materialized_logits(h: Tensor, w: Tensor, b: Tensor | None, spec: KDSpec) -
 
 def divergence_rows(s_logits: Tensor, t_logits: Tensor, *, divergence: str, beta: float,
                     temperature: float) -> Tensor:
-    """``[N]`` divergence between teacher and student distributions from full ``[N, V]`` logits
-    (plain torch): forward_kl = KL(p_t || p_s), reverse_kl = KL(p_s || p_t), jsd = beta KL(p_t || m)
-    + (1 - beta) KL(p_s || m), m = beta p_t + (1 - beta) p_s (beta 0 / 1: forward / reverse KL)."""
-    if divergence == "jsd" and beta in (0.0, 1.0):
-        divergence = "forward_kl" if beta == 0.0 else "reverse_kl"
+    """``[N]`` divergence between teacher and student distributions from full ``[N, V]`` logits in
+    plain torch (autograd through the log-softmaxes): the registry's definitional formula
+    (``ops.kd_loss.divergences``), in the logits' dtype."""
+    from minitron_fast.ops.kd_loss.divergences import canonical, get
+
     ls = torch.log_softmax(s_logits / temperature, dim=-1)
     lt = torch.log_softmax(t_logits / temperature, dim=-1)
-    if divergence == "forward_kl":
-        return (lt.exp() * (lt - ls)).sum(-1)
-    if divergence == "reverse_kl":
-        return (ls.exp() * (ls - lt)).sum(-1)
-    lm = torch.logaddexp(lt + math.log(beta), ls + math.log1p(-beta))
-    return beta * (lt.exp() * (lt - lm)).sum(-1) + (1 - beta) * (ls.exp() * (ls - lm)).sum(-1)
+    return get(canonical(divergence, float(beta))).reference(ls, lt, float(beta))
 
 
 def _materialized(hs, w, b, teacher, labels, spec: KDSpec, divisor: float) -> tuple[Tensor, dict[str, Tensor]]:
     valid = labels != IGNORE_INDEX
+    if spec.kd_weight == 0:  # the LM loss alone: the student's own head, padding rows included (as fused)
+        spec = replace(spec, vocab_size=None)
     z = _materialized_logits(hs, w, b, spec)
     parts: dict[str, Tensor] = {}
     total = z.new_zeros(())
@@ -283,26 +283,17 @@ def _materialized(hs, w, b, teacher, labels, spec: KDSpec, divisor: float) -> tu
             per = per * spec.temperature ** 2
         parts["kd"] = (per * valid).sum() / divisor
         total = total + spec.kd_weight * parts["kd"]
-    parts["lm"] = F.cross_entropy(z, labels, ignore_index=IGNORE_INDEX, reduction="sum") / divisor
-    if spec.lm_weight > 0:
+    if spec.lm_weight > 0:  # (a plain-torch step computes CE only when it trains on it)
+        parts["lm"] = F.cross_entropy(z, labels, ignore_index=IGNORE_INDEX, reduction="sum") / divisor
         total = total + spec.lm_weight * parts["lm"]
-    return total, parts
-
-
-def _op_kwargs(spec: KDSpec) -> dict[str, Any]:
-    kw: dict[str, Any] = {"chunk_size": spec.chunk_size, "impl": spec.op_impl, "ignore_index": IGNORE_INDEX}
-    if spec.softcap is not None:
-        kw["softcap"] = spec.softcap
-    if spec.vocab_size is not None:
-        kw["vocab_size"] = spec.vocab_size
-    return kw
+    return total, {k: v.detach() for k, v in parts.items()}
 
 
 def _fused(hs, w, b, teacher, labels, spec: KDSpec, divisor: float) -> tuple[Tensor, dict[str, Tensor]]:
     from minitron_fast.ops.kd_loss import fused_linear_cross_entropy, fused_linear_kd_loss
 
-    kw = _op_kwargs(spec)
-    if spec.kd_weight == 0:
+    kw = dict(chunk_size=spec.chunk_size, impl=spec.op_impl, ignore_index=IGNORE_INDEX, softcap=spec.softcap)
+    if spec.kd_weight == 0:  # the LM loss alone: the student's own head, padding rows included
         lm = fused_linear_cross_entropy(hs, w, labels, bias=b, num_items=divisor, **kw)
         return spec.lm_weight * lm, {"lm": lm.detach()}
     if isinstance(teacher, TopKTeacher):
@@ -312,13 +303,12 @@ def _fused(hs, w, b, teacher, labels, spec: KDSpec, divisor: float) -> tuple[Ten
     else:
         th, tw, tb = teacher
         t_kw = {"teacher_hidden": th, "teacher_weight": tw, "teacher_bias": tb}
-    # one pass: the op's gradient is that of kd + (lm_weight / kd_weight) * ce; scaled by kd_weight below
     # one pass; its loss is kd + (lm_weight / kd_weight) * ce, scaled by kd_weight here. The CE part
     # comes from the same pass whatever its weight (the student's log-sum-exp is computed anyway)
     out = fused_linear_kd_loss(hs, w, student_bias=b, labels=labels, divergence=spec.divergence, beta=spec.beta,
                                temperature=spec.temperature, t2_scaling=spec.t2_scaling,
                                hard_label_weight=spec.lm_weight / spec.kd_weight, num_items=divisor,
-                               return_parts=True, **t_kw, **kw)
+                               vocab_size=spec.vocab_size, return_parts=True, **t_kw, **kw)
     return spec.kd_weight * out.loss, {"kd": out.kd, "lm": out.ce}
 
 
