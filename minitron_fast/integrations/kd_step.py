@@ -334,10 +334,11 @@ def head_loss(student_hidden: Tensor, student_head: nn.Module, teacher: TeacherH
         w, b = student_head.weight, getattr(student_head, "bias", None)
         t = teacher
         if isinstance(teacher, TeacherHidden):
-            t = (teacher.hidden.to(teacher.weight.dtype), teacher.weight, teacher.bias)
+            t = (teacher.hidden, teacher.weight, teacher.bias)
         with gathered(*t_params) if t_params else contextlib.nullcontext():
             fn = _fused if spec.impl == "fused" else _materialized
-            total, parts = fn(h.to(w.dtype), w, b, t if spec.kd_weight > 0 else None, labels, spec, divisor)
+            # (autocast: bf16 hidden states with fp32 weights are the op's to reconcile; materialized: fp32)
+            total, parts = fn(h, w, b, t if spec.kd_weight > 0 else None, labels, spec, divisor)
         return {"loss": total, **parts}
 
     return call_through(student_head, run, student_hidden)
