@@ -25,7 +25,6 @@ Example:
 """
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass, replace
 from typing import Any, Sequence, Union
 
@@ -39,6 +38,11 @@ from minitron_fast.ops.kd_loss.divergences import DIVERGENCES
 
 IGNORE_INDEX = -100
 IMPLS = ("fused", "materialized")
+
+
+class KDSetupError(MinitronError, ValueError):
+    """A KD step that cannot run as given (options, or a teacher and student that cannot be
+    distilled at the logit level)."""
 
 
 @dataclass(frozen=True)
@@ -73,17 +77,13 @@ class KDSpec:
 
     def __post_init__(self):
         if self.impl not in IMPLS:
-            raise ValueError(f"KDSpec.impl must be one of {IMPLS}, got {self.impl!r}")
+            raise KDSetupError(f"KDSpec.impl must be one of {IMPLS}, got {self.impl!r}")
         if self.divergence not in DIVERGENCES:
-            raise ValueError(f"KDSpec.divergence must be one of {DIVERGENCES}, got {self.divergence!r}")
+            raise KDSetupError(f"KDSpec.divergence must be one of {DIVERGENCES}, got {self.divergence!r}")
         if min(self.kd_weight, self.lm_weight, self.inter_weight) < 0:
-            raise ValueError("KDSpec weights must be non-negative")
+            raise KDSetupError("KDSpec weights must be non-negative")
         if self.softcap is not None and not self.softcap > 0:
-            raise ValueError(f"KDSpec.softcap must be positive (or None), got {self.softcap}")
-
-    @property
-    def needs_teacher_logits(self) -> bool:
-        return self.kd_weight > 0
+            raise KDSetupError(f"KDSpec.softcap must be positive (or None), got {self.softcap}")
 
     def lm_only(self) -> "KDSpec":
         """The same options computing the LM loss alone (weight 1): teacher correction, evaluation."""
@@ -140,7 +140,7 @@ def decoder_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
     model = unwrap(model)
     head = model.get_output_embeddings()
     if head is None or not hasattr(head, "weight"):
-        raise ValueError(f"{type(model).__name__} has no output embedding (lm_head) to fuse into the loss")
+        raise KDSetupError(f"{type(model).__name__} has no output embedding (lm_head) to fuse into the loss")
     base = getattr(model, getattr(model, "base_model_prefix", "model"), None)
     if base is None or base is model:
         base = model.get_decoder()
@@ -188,10 +188,6 @@ def teacher_hidden(teacher: nn.Module, input_ids: Tensor, attention_mask: Tensor
                          None if getattr(head, "bias", None) is None else head.bias.detach())
 
 
-class KDSetupError(MinitronError, ValueError):
-    """A teacher and student that cannot be distilled at the logit level as given."""
-
-
 def _softcap_of(model: nn.Module) -> float | None:
     from minitron_fast.errors import UnsupportedModelError
     from minitron_fast.models import ModelView, view_class_for_config
@@ -237,7 +233,7 @@ def _rows(t: Tensor, B: int, T: int, name: str, row_dims: int) -> Tensor:
         return t[:, : T - 1].reshape(N, *t.shape[2:])
     if t.dim() == row_dims and t.shape[0] == N:
         return t
-    raise ValueError(f"{name} has shape {tuple(t.shape)}; expected per-position [{B}, {T}, ...] or "
+    raise KDSetupError(f"{name} has shape {tuple(t.shape)}; expected per-position [{B}, {T}, ...] or "
                      f"[{B}, {T - 1}, ...], or [{N}, ...] next-token rows, for input_ids [{B}, {T}]")
 
 
@@ -323,11 +319,10 @@ def head_loss(student_hidden: Tensor, student_head: nn.Module, teacher: TeacherH
     Returns ``{"loss": weighted sum (with gradient), "kd", "lm": detached parts}``.
     """
     if spec.kd_weight > 0 and teacher is None:
-        raise ValueError("kd_weight > 0 needs a teacher (a model, TeacherHidden or TopKTeacher)")
+        raise KDSetupError("kd_weight > 0 needs a teacher (a model, TeacherHidden or TopKTeacher)")
     if isinstance(teacher, TopKTeacher) and spec.impl == "materialized":
-        raise ValueError("a top-k teacher needs impl='fused' (the materialized baseline takes a teacher model)")
-    n_valid = int((labels != IGNORE_INDEX).sum())
-    divisor = float(num_items) if num_items is not None else float(max(n_valid, 1))
+        raise KDSetupError("a top-k teacher needs impl='fused' (the materialized baseline takes a teacher model)")
+    divisor = float(num_items) if num_items is not None else float(max(int((labels != IGNORE_INDEX).sum()), 1))
     t_params = (teacher.weight, teacher.bias) if isinstance(teacher, TeacherHidden) else ()
 
     def run(h: Tensor) -> dict[str, Tensor]:
@@ -335,7 +330,7 @@ def head_loss(student_hidden: Tensor, student_head: nn.Module, teacher: TeacherH
         t = teacher
         if isinstance(teacher, TeacherHidden):
             t = (teacher.hidden, teacher.weight, teacher.bias)
-        with gathered(*t_params) if t_params else contextlib.nullcontext():
+        with gathered(*t_params):
             fn = _fused if spec.impl == "fused" else _materialized
             # (autocast: bf16 hidden states with fp32 weights are the op's to reconcile; materialized: fp32)
             total, parts = fn(h, w, b, t if spec.kd_weight > 0 else None, labels, spec, divisor)
@@ -388,8 +383,8 @@ def kd_step(student: nn.Module, teacher: Teacher, input_ids: Tensor, attention_m
         labels = input_ids if attention_mask is None else input_ids.masked_fill(attention_mask == 0, IGNORE_INDEX)
     rows_labels = labels[:, 1:].reshape(-1)
     pairs = [(int(s), int(t)) for s, t in pairs]
-    if pairs and not isinstance(unwrap(teacher) if isinstance(teacher, nn.Module) else teacher, nn.Module):
-        raise ValueError("the intermediate-state loss (pairs) needs a teacher model, not precomputed logits")
+    if pairs and not isinstance(teacher, nn.Module):
+        raise KDSetupError("the intermediate-state loss (pairs) needs a teacher model, not precomputed logits")
     hs, s_inter = decoder_states(student, input_ids, attention_mask, [s for s, _ in pairs])
     t_rows: TeacherHidden | TopKTeacher | None = None
     t_inter: list[Tensor] = []
@@ -397,8 +392,10 @@ def kd_step(student: nn.Module, teacher: Teacher, input_ids: Tensor, attention_m
         if spec.kd_weight > 0 or pairs:
             with torch.no_grad():
                 th, t_inter = decoder_states(teacher, input_ids, attention_mask, [t for _, t in pairs])
-            _, t_head = decoder_and_head(teacher)
-            t_rows = TeacherHidden(th[:, :-1].reshape(-1, th.shape[-1]), t_head.weight, getattr(t_head, "bias", None))
+            if spec.kd_weight > 0:
+                _, t_head = decoder_and_head(teacher)
+                t_rows = TeacherHidden(th[:, :-1].reshape(-1, th.shape[-1]), t_head.weight,
+                                       getattr(t_head, "bias", None))
     elif isinstance(teacher, TeacherHidden):
         t_rows = TeacherHidden(_rows(teacher.hidden, B, T, "TeacherHidden.hidden", 2), teacher.weight, teacher.bias)
     elif isinstance(teacher, TopKTeacher):
@@ -406,7 +403,7 @@ def kd_step(student: nn.Module, teacher: Teacher, input_ids: Tensor, attention_m
         t_rows = TopKTeacher(_rows(teacher.values, B, T, "TopKTeacher.values", 2),
                              _rows(teacher.indices, B, T, "TopKTeacher.indices", 2), tail)
     elif teacher is not None:
-        raise TypeError(f"teacher must be a model, TeacherHidden, TopKTeacher or None, got {type(teacher).__name__}")
+        raise KDSetupError(f"teacher must be a model, TeacherHidden, TopKTeacher or None, got {type(teacher).__name__}")
     _, s_head = decoder_and_head(student)
     out = head_loss(hs[:, :-1].reshape(-1, hs.shape[-1]), s_head, t_rows, rows_labels, spec=spec,
                     num_items=num_items)
