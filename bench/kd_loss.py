@@ -228,7 +228,8 @@ def worker(case, impl, N, Hs, Ht, V, reps, warmup, check_tokens, divergence="for
     ok, errs = _check(impl, h, W, th, tW, labels, check_tokens, divergence)
     ran = rows_impl_of(impl, divergence, h) if impl.startswith("minitron_fast") else None
     flops = 2.0 * N * V * (Ht + 3 * Hs)
-    return {"case": case, "impl": impl, "divergence": divergence, "rows_impl": ran, "N": N, "Hs": Hs, "Ht": Ht, "V": V, **timing, "peak_mb": peak,
+    return {"case": case, "impl": impl, "divergence": divergence, "rows_impl": ran, "N": N, "Hs": Hs, "Ht": Ht,
+            "V": V, **timing, "peak_mb": peak,
             "inputs_mb": base_mb, "workspace_mb": (peak - base_mb - (0 if impl == "gemm_floor" else owed_mb)),
             "gflops": flops / timing["median_s"] / 1e9, "bench_total_s": total_s, "ok": ok, **errs,
             "torch_threads": torch.get_num_threads()}
@@ -303,7 +304,8 @@ def plot(rows, png_path) -> None:
     import matplotlib.pyplot as plt
 
     for r in rows:  # one group of bars per (case, divergence)
-        r["_group"] = r["case"] if r.get("divergence", "forward_kl") == "forward_kl" else f"{r['case']} {r['divergence']}"
+        div = r.get("divergence", "forward_kl")
+        r["_group"] = r["case"] if div == "forward_kl" else f"{r['case']} {div}"
     cases = list(dict.fromkeys(r["_group"] for r in rows))
     fig, axes = plt.subplots(1, 2, figsize=(12, 4))
     width = 0.8 / len(IMPLS)
