@@ -331,13 +331,15 @@ template <int DIV, bool Grad>
 __attribute__((target("avx2,fma"))) void div_avx2(float* s, std::int64_t lds, const float* t, std::int64_t ldt,
                                                   const float* a, float* kd, float beta, std::int64_t lo,
                                                   std::int64_t hi, std::int64_t V) {
-  for (std::int64_t i = lo; i < hi; ++i) kd[i] = div_row<DIV, Grad>(s + i * lds, t + i * ldt, a ? a[i] : 0.0f, beta, V);
+  for (std::int64_t i = lo; i < hi; ++i)
+    kd[i] = div_row<DIV, Grad>(s + i * lds, t + i * ldt, a ? a[i] : 0.0f, beta, V);
 }
 
 template <int DIV, bool Grad>
 void div_base(float* s, std::int64_t lds, const float* t, std::int64_t ldt, const float* a, float* kd, float beta,
               std::int64_t lo, std::int64_t hi, std::int64_t V) {
-  for (std::int64_t i = lo; i < hi; ++i) kd[i] = div_row<DIV, Grad>(s + i * lds, t + i * ldt, a ? a[i] : 0.0f, beta, V);
+  for (std::int64_t i = lo; i < hi; ++i)
+    kd[i] = div_row<DIV, Grad>(s + i * lds, t + i * ldt, a ? a[i] : 0.0f, beta, V);
 }
 
 template <bool Grad>

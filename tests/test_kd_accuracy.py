@@ -85,7 +85,8 @@ def test_fp32_error_at_most_autograd_plus_slack(B, T, H, V, divergence, beta):
                 e_ours = (ours.double() - r).abs().max().item()
                 e_auto = (a.double() - r).abs().max().item()
                 assert e_ours <= e_auto + SLACK * scale, (
-                    f"{impl} T={temperature} {name}: error {e_ours:.3g} > autograd {e_auto:.3g} + {SLACK} x {scale:.3g}")
+                    f"{impl} T={temperature} {name}: error {e_ours:.3g} > autograd {e_auto:.3g} "
+                    f"+ {SLACK} x {scale:.3g}")
 
 
 @pytest.mark.parametrize("divergence,beta", DIVS)

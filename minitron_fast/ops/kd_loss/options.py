@@ -95,9 +95,17 @@ def validate_options(divergence="forward_kl", beta=0.5, temperature=1.0, reducti
     """Checks loss options without tensors (configs and modules validate at construction): raises a
     one-line ``KDInputError`` naming the option. The divergences are the registry's."""
     _check_common(divergence, beta, temperature, reduction, None, hard_label_weight, chunk_size)
-    if softcap is not None and (isinstance(softcap, bool) or not isinstance(softcap, (int, float))
-                                or not (math.isfinite(softcap) and softcap > 0)):
+    check_softcap(softcap)
+
+
+def check_softcap(softcap) -> Optional[float]:
+    """``softcap``: None or a positive finite number (returned as float)."""
+    if softcap is None:
+        return None
+    if isinstance(softcap, bool) or not isinstance(softcap, (int, float)) or not (math.isfinite(softcap)
+                                                                                  and softcap > 0):
         raise KDInputError(f"softcap must be a positive number (e.g. 30.0 for Gemma-2) or None, got {softcap!r}")
+    return float(softcap)
 
 
 def _check_num_items(num_items):
