@@ -12,9 +12,12 @@ from minitron_fast.errors import UnsupportedModelError
 from minitron_fast.models.base import Geometry, LayerView, ModelView, info_record
 from minitron_fast.models.llama import LlamaView
 from minitron_fast.models.mistral import MistralView
+from minitron_fast.models.mixtral import MixtralView
 from minitron_fast.models.qwen2 import Qwen2View
+from minitron_fast.models.qwen2_moe import Qwen2MoeView
+from minitron_fast.models.qwen3_moe import Qwen3MoeView
 
-VIEWS: tuple[type[ModelView], ...] = (LlamaView, MistralView, Qwen2View)
+VIEWS: tuple[type[ModelView], ...] = (LlamaView, MistralView, Qwen2View, MixtralView, Qwen2MoeView, Qwen3MoeView)
 SUPPORTED = ", ".join(c for v in VIEWS for c in v.hf_classes)
 
 

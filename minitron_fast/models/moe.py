@@ -1,0 +1,194 @@
+"""Mixture-of-experts support, shared by every MoE family (Mixtral, Qwen2-MoE, Qwen3-MoE).
+
+A family file only names what differs (the config key of the expert width, whether a shared
+expert exists, the names ``save_pretrained`` writes); everything else lives here:
+
+- the layer view: a sparse layer's ``MoEBlock`` (router ``[E, H]``, stacked experts, optional
+  shared expert and its sigmoid gate); dense layers among MoE layers keep the plain MLP fields;
+- the geometry (``num_experts``, ``num_experts_per_tok``, ``moe_intermediate_size``), the
+  analytic parameter count, and the config of a pruned shape, with ``mlp_only_layers`` /
+  ``decoder_sparse_step`` remapped so each kept layer keeps its own type (dense or MoE);
+- the expert tensors' layout and the per-expert names on disk.
+
+transformers 5 keeps experts as stacked 3-D tensors in memory (``experts.gate_up_proj
+[E, 2F, H]``: gate rows, then up rows; ``experts.down_proj [E, H, F]``; router ``gate.weight
+[E, H]``), while ``save_pretrained`` writes one 2-D tensor per expert under the names of the
+original checkpoints (Mixtral ``block_sparse_moe.experts.{e}.w1/w2/w3``, Qwen
+``mlp.experts.{e}.gate_proj/up_proj/down_proj``); both are handled.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from minitron_fast.models.base import Geometry, LayerView, ModelView, info_record
+
+
+@dataclass
+class MoEBlock:
+    """The sparse MLP of one layer.
+
+    Attributes:
+        module: the sparse block (``layer.mlp``); router: ``.weight [E, H]``; experts: stacked
+        ``.gate_up_proj [E, 2F, H]`` and ``.down_proj [E, H, F]`` with ``.act_fn``; shared: the
+        shared expert (a dense MLP) or None; shared_gate: its ``nn.Linear [1, H]`` or None.
+    """
+
+    module: nn.Module
+    router: nn.Module
+    experts: nn.Module
+    shared: nn.Module | None = None
+    shared_gate: nn.Linear | None = None
+
+    @property
+    def num_experts(self) -> int:
+        return int(self.router.weight.shape[0])
+
+    @property
+    def ffn(self) -> int:
+        return int(self.experts.down_proj.shape[-1])
+
+    def expert_mlp(self, x: torch.Tensor, e: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Expert ``e`` on tokens ``x [n, H]``: ``(act(gate) * up [n, F], output [n, H])``."""
+        gate, up = nn.functional.linear(x, self.experts.gate_up_proj[e]).chunk(2, dim=-1)
+        h = self.experts.act_fn(gate) * up
+        return h, nn.functional.linear(h, self.experts.down_proj[e])
+
+
+@dataclass
+class MoELayerView(LayerView):
+    """A decoder layer of a MoE family: ``moe`` is set on sparse layers (whose ``gate_proj`` /
+    ``up_proj`` / ``down_proj`` are None), None on dense ones. ``head_norms`` are per-head norms
+    (Qwen3-MoE's ``q_norm`` / ``k_norm``, ``[head_dim]``, never sliced)."""
+
+    moe: MoEBlock | None = None
+    head_norms: tuple[nn.Module, ...] = ()
+
+
+def is_sparse_layer(config: Any, i: int) -> bool:
+    """Whether decoder layer ``i`` of ``config`` is a MoE layer (transformers' own rule: not in
+    ``mlp_only_layers`` and ``(i + 1) % decoder_sparse_step == 0``; Mixtral: every layer)."""
+    if (getattr(config, "num_experts", 0) or 0) <= 0:
+        return False
+    if i in (getattr(config, "mlp_only_layers", None) or []):
+        return False
+    return (i + 1) % (getattr(config, "decoder_sparse_step", 1) or 1) == 0
+
+
+class MoEModelView(ModelView):
+    """``ModelView`` of a MoE family. Subclasses set the class attributes below."""
+
+    expert_ffn_key: ClassVar[str] = "moe_intermediate_size"  # config key of each expert's width
+    has_shared_expert: ClassVar[bool] = False
+    saved_moe_prefix: ClassVar[str] = "mlp"  # the sparse block's name in saved checkpoints
+    # role -> the per-expert tensor name save_pretrained writes (under {saved_moe_prefix}.experts.{e}.)
+    saved_expert_names: ClassVar[dict[str, str]] = {"gate": "gate_proj.weight", "up": "up_proj.weight",
+                                                    "down": "down_proj.weight"}
+
+    @staticmethod
+    def _layer_view(i: int, layer: nn.Module) -> LayerView:
+        a, m = layer.self_attn, layer.mlp
+        sparse = hasattr(m, "experts")
+        moe = MoEBlock(module=m, router=m.gate, experts=m.experts, shared=getattr(m, "shared_expert", None),
+                       shared_gate=getattr(m, "shared_expert_gate", None)) if sparse else None
+        return MoELayerView(
+            index=i, module=layer, attn=a, mlp=m,
+            q_proj=a.q_proj, k_proj=a.k_proj, v_proj=a.v_proj, o_proj=a.o_proj,
+            gate_proj=None if sparse else m.gate_proj, up_proj=None if sparse else m.up_proj,
+            down_proj=None if sparse else m.down_proj,
+            input_norm=layer.input_layernorm, post_attn_norm=layer.post_attention_layernorm,
+            moe=moe, head_norms=tuple(n for n in (getattr(a, "q_norm", None), getattr(a, "k_norm", None)) if n is not None),
+        )
+
+    # -- geometry ---------------------------------------------------------------------------------
+    @classmethod
+    def geometry_of(cls, config: Any) -> Geometry:
+        g = super().geometry_of(config)
+        return g.replace(num_experts=int(config.num_experts), num_experts_per_tok=int(config.num_experts_per_tok),
+                         moe_intermediate_size=int(getattr(config, cls.expert_ffn_key)))
+
+    @classmethod
+    def normalize_geometry(cls, config: Any, g: Geometry) -> Geometry:
+        """``g`` made consistent for this family; ``num_experts_per_tok`` is capped at the
+        number of experts. (Mixtral overrides it: its FFN and expert widths are one field.)"""
+        return g.replace(num_experts_per_tok=min(g.num_experts_per_tok, g.num_experts))
+
+    @classmethod
+    def count_params(cls, config: Any, geometry: Geometry | None = None) -> dict[str, int]:
+        g = cls.normalize_geometry(config, geometry or cls.geometry_of(config))
+        out = super().count_params(config, g)
+        H, F, E, Fm = g.hidden_size, g.intermediate_size, g.num_experts, g.moe_intermediate_size
+        b = cls.biases_of(config)["mlp"]
+        dense = 3 * H * F + (2 * F + H) * b
+        sparse = E * H + E * 3 * H * Fm
+        if cls.has_shared_expert:
+            Fs = int(config.shared_expert_intermediate_size)
+            sparse += 3 * H * Fs + H
+        out["mlp"] = sum(sparse if is_sparse_layer(config, i) else dense for i in range(g.num_hidden_layers))
+        out["total"] = sum(v for k, v in out.items() if k != "total")
+        return out
+
+    @classmethod
+    def config_for(cls, config: Any, geometry: Geometry) -> Any:
+        g = cls.normalize_geometry(config, geometry)
+        new = super().config_for(config, g)
+        new.num_experts = g.num_experts
+        new.num_experts_per_tok = g.num_experts_per_tok
+        setattr(new, cls.expert_ffn_key, g.moe_intermediate_size)
+        return new
+
+    @classmethod
+    def config_for_layers(cls, config: Any, kept_layers: list[int]) -> dict[str, Any]:
+        """Config keys that make each kept layer keep its own type (dense or MoE) after layers
+        ``kept_layers`` (source indices) are kept: ``mlp_only_layers`` lists the dense ones
+        explicitly and ``decoder_sparse_step`` becomes 1. Empty for families without them."""
+        if not hasattr(config, "mlp_only_layers"):
+            return {}
+        return {"mlp_only_layers": [j for j, i in enumerate(kept_layers) if not is_sparse_layer(config, i)],
+                "decoder_sparse_step": 1}
+
+    def info(self) -> dict[str, Any]:
+        rec = info_record(self.family, self.config, self.param_counts()["total"])
+        rec.update(num_experts=int(self.config.num_experts), num_experts_per_tok=int(self.config.num_experts_per_tok),
+                   moe_intermediate_size=int(getattr(self.config, self.expert_ffn_key)),
+                   moe_layers=sum(lv.moe is not None for lv in self.layers))
+        if self.has_shared_expert:
+            rec["shared_expert_intermediate_size"] = int(self.config.shared_expert_intermediate_size)
+        return rec
+
+    # -- updating module attributes after surgery -----------------------------------------------
+    def update_moe_modules_(self, geo: Geometry) -> None:
+        """Makes the cached sizes of the MoE modules describe ``geo`` (after surgery)."""
+        for lv in self.layers:
+            if lv.moe is None:
+                continue
+            for mod in (lv.moe.router, lv.moe.experts, lv.moe.module):
+                if hasattr(mod, "num_experts"):
+                    mod.num_experts = geo.num_experts
+                if hasattr(mod, "top_k"):
+                    mod.top_k = geo.num_experts_per_tok
+                if hasattr(mod, "hidden_dim"):
+                    mod.hidden_dim = geo.hidden_size
+            lv.moe.experts.intermediate_dim = geo.moe_intermediate_size
+        for name, v in (("num_experts", geo.num_experts), ("num_experts_per_tok", geo.num_experts_per_tok)):
+            if hasattr(self.model, name):
+                setattr(self.model, name, v)
+
+    # -- names on disk -----------------------------------------------------------------------------
+    @classmethod
+    def saved_expert_pattern(cls) -> re.Pattern:
+        """Matches ``{i}.{saved_moe_prefix}.experts.{e}.{name}`` after the layer-list prefix;
+        groups: layer, expert, name."""
+        names = "|".join(re.escape(n) for n in cls.saved_expert_names.values())
+        return re.compile(rf"^(\d+)\.{re.escape(cls.saved_moe_prefix)}\.experts\.(\d+)\.({names})$")
+
+    @classmethod
+    def saved_router_name(cls) -> str:
+        return f"{cls.saved_moe_prefix}.gate.weight"
+
+
+__all__ = ["MoEBlock", "MoELayerView", "MoEModelView", "is_sparse_layer"]
