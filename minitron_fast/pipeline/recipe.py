@@ -282,7 +282,7 @@ def parse_budget(text: str | int | float, teacher_params: int) -> int:
     return v
 
 
-_TARGET_KEYS = ("hidden", "ffn", "heads", "kv_heads", "layers", "params")
+_TARGET_KEYS = ("hidden", "ffn", "heads", "kv_heads", "layers", "experts", "expert_ffn", "params")
 
 
 def _check_target_syntax(target: str) -> None:

@@ -41,6 +41,9 @@ class Plan:
         heads / kv_heads / neurons: per kept layer (keyed by source index), kept query heads
             ``[heads_t]``, KV groups ``[kv_heads_t]``, neurons ``[ffn_t]``.
         info: free-form provenance (scores file hash, depth metric, ...).
+        experts: per kept MoE layer, kept experts ``[num_experts_t]`` (router rows go with them).
+        expert_neurons: per kept MoE layer, per kept expert (in ``experts`` order), its own kept
+            neurons ``[moe_intermediate_size_t]``. Both empty on dense models.
     """
 
     source: dict[str, Any]
@@ -51,6 +54,8 @@ class Plan:
     kv_heads: dict[int, list[int]]
     neurons: dict[int, list[int]]
     info: dict[str, Any] = field(default_factory=dict)
+    experts: dict[int, list[int]] = field(default_factory=dict)
+    expert_neurons: dict[int, list[list[int]]] = field(default_factory=dict)
 
     # -- (de)serialization ----------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -58,7 +63,9 @@ class Plan:
             "version": PLAN_VERSION, "source": self.source, "target": self.target, "info": self.info,
             "kept": {
                 "layers": self.layers, "hidden": self.hidden,
-                "per_layer": {str(i): {"heads": self.heads[i], "kv_heads": self.kv_heads[i], "neurons": self.neurons[i]}
+                "per_layer": {str(i): {"heads": self.heads[i], "kv_heads": self.kv_heads[i], "neurons": self.neurons[i],
+                                       **({"experts": self.experts[i], "expert_neurons": self.expert_neurons[i]}
+                                          if i in self.experts else {})}
                               for i in self.layers},
             },
         }
@@ -76,7 +83,10 @@ class Plan:
                        heads={i: [int(x) for x in per[i]["heads"]] for i in layers},
                        kv_heads={i: [int(x) for x in per[i]["kv_heads"]] for i in layers},
                        neurons={i: [int(x) for x in per[i]["neurons"]] for i in layers},
-                       info=dict(d.get("info", {})))
+                       info=dict(d.get("info", {})),
+                       experts={i: [int(x) for x in per[i]["experts"]] for i in layers if "experts" in per[i]},
+                       expert_neurons={i: [[int(x) for x in e] for e in per[i]["expert_neurons"]]
+                                       for i in layers if "experts" in per[i]})
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             if isinstance(exc, PlanError):
                 raise
@@ -107,6 +117,9 @@ class Plan:
         parts = [f"{k} {getattr(s, f)}->{getattr(t, f)}" for k, f in
                  (("hidden", "hidden_size"), ("ffn", "intermediate_size"), ("heads", "num_attention_heads"),
                   ("kv_heads", "num_key_value_heads"), ("layers", "num_hidden_layers"))]
+        if s.is_moe:
+            parts += [f"{k} {getattr(s, f)}->{getattr(t, f)}" for k, f in
+                      (("experts", "num_experts"), ("top_k", "num_experts_per_tok"), ("expert_ffn", "moe_intermediate_size"))]
         return ", ".join(parts)
 
 
@@ -253,18 +266,51 @@ def make_plan(model_or_config: Any, scores: str | os.PathLike | Mapping[str, tor
                 q += [g * gsize + j for j in top_k(hs[g * gsize:(g + 1) * gsize], gsize_t)]
         else:
             q = [g * gsize + j for g in kv for j in range(gsize)]
-        if geo.intermediate_size < src.intermediate_size:
+        if geo.intermediate_size < src.intermediate_size and not _is_sparse(config, i):
             nr = top_k(_score(S, f"layers.{i}.neurons", src.intermediate_size,
                               f"prune FFN {src.intermediate_size}->{geo.intermediate_size}"), geo.intermediate_size)
-        else:
-            nr = list(range(src.intermediate_size))
+        else:  # all kept; a MoE layer has no dense neurons (its experts' are in expert_neurons)
+            nr = list(range(geo.intermediate_size if _is_sparse(config, i) else src.intermediate_size))
         heads[i], kvs[i], neurons[i] = sorted(q), kv, nr
 
+    experts, expert_neurons = _moe_kept(config, S, src, geo, layers) if src.is_moe else ({}, {})
     info = dict(info, depth_metric=depth_metric, depth_mode=depth_mode)
     plan = Plan(source=dict(src.as_dict(), family=view_cls.family), target=dict(geo.as_dict(), family=view_cls.family),
-                layers=layers, hidden=hidden, heads=heads, kv_heads=kvs, neurons=neurons, info=info)
+                layers=layers, hidden=hidden, heads=heads, kv_heads=kvs, neurons=neurons, info=info,
+                experts=experts, expert_neurons=expert_neurons)
     validate_plan(plan, config)
     return plan
+
+
+def _is_sparse(config: Any, i: int) -> bool:
+    """Whether layer ``i`` is a MoE layer (its neurons are per expert, in ``expert_neurons``)."""
+    from minitron_fast.models.moe import is_sparse_layer
+
+    return is_sparse_layer(config, i)
+
+
+def _moe_kept(config: Any, S: Mapping[str, torch.Tensor], src: Geometry, geo: Geometry,
+              layers: list[int]) -> tuple[dict[int, list[int]], dict[int, list[list[int]]]]:
+    """Per kept MoE layer: its top ``geo.num_experts`` experts by ``layers.{i}.experts`` and,
+    per kept expert, its own top ``geo.moe_intermediate_size`` neurons by
+    ``layers.{i}.expert_neurons [E, F]``."""
+    from minitron_fast.models.moe import is_sparse_layer
+
+    E, F, Et, Ft = src.num_experts, src.moe_intermediate_size, geo.num_experts, geo.moe_intermediate_size
+    experts: dict[int, list[int]] = {}
+    neurons: dict[int, list[list[int]]] = {}
+    for i in layers:
+        if not is_sparse_layer(config, i):
+            continue
+        ex = (top_k(_score(S, f"layers.{i}.experts", E, f"prune experts {E}->{Et}"), Et) if Et < E
+              else list(range(E)))
+        if Ft < F:
+            en = _score(S, f"layers.{i}.expert_neurons", E * F, f"prune expert FFN {F}->{Ft}").view(E, F)
+            neurons[i] = [top_k(en[e], Ft) for e in ex]
+        else:
+            neurons[i] = [list(range(F)) for _ in ex]
+        experts[i] = ex
+    return experts, neurons
 
 
 def validate_plan(plan: Plan, model_or_config: Any) -> Geometry:
@@ -306,6 +352,24 @@ def validate_plan(plan: Plan, model_or_config: Any) -> Geometry:
             if n != gsize_t:
                 raise PlanError(f"layer {i}: KV group {g} keeps {n} query heads, expected {gsize_t} "
                                 "(every kept group keeps the same number)")
+    if src.is_moe:
+        from minitron_fast.models.moe import is_sparse_layer
+
+        for i in plan.layers:
+            if not is_sparse_layer(config, i):
+                if i in plan.experts:
+                    raise PlanError(f"plan keeps experts of layer {i}, a dense layer")
+                continue
+            if i not in plan.experts or i not in plan.expert_neurons:
+                raise PlanError(f"plan has no experts for kept MoE layer {i}")
+            idx(f"layer {i} experts", plan.experts[i], geo.num_experts, src.num_experts)
+            if len(plan.expert_neurons[i]) != len(plan.experts[i]):
+                raise PlanError(f"layer {i}: {len(plan.expert_neurons[i])} expert neuron lists for "
+                                f"{len(plan.experts[i])} kept experts")
+            for e, nr in zip(plan.experts[i], plan.expert_neurons[i]):
+                idx(f"layer {i} expert {e} neurons", nr, geo.moe_intermediate_size, src.moe_intermediate_size)
+    elif plan.experts:
+        raise PlanError("the plan keeps experts but this model is dense")
     return geo
 
 

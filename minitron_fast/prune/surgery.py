@@ -44,6 +44,54 @@ class Rule:
         return tuple(out)
 
 
+@dataclass
+class ExpertRule:
+    """How a stacked expert tensor ``[E, R, C]`` is sliced: keep ``experts`` along dim 0, then
+    ``rows`` (dim 1) and ``cols`` (dim 2) of each kept expert. ``rows`` / ``cols`` are one index
+    tensor for every expert, a list of one per kept expert (each expert its own neurons), or None
+    (all)."""
+
+    experts: torch.Tensor | None = None
+    rows: torch.Tensor | list[torch.Tensor] | None = None
+    cols: torch.Tensor | list[torch.Tensor] | None = None
+
+    def shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        n = lambda k, full: full if k is None else (k[0] if isinstance(k, list) else k).numel()  # noqa: E731
+        return (n(self.experts, shape[0]), n(self.rows, shape[1]), n(self.cols, shape[2]))
+
+    def apply_(self, p: torch.Tensor, *, impl: str = "auto", release: bool = True) -> None:
+        """Slices ``p`` in place (its own buffer, through ``compact_2d_`` on 2-D views), except
+        per-expert columns (``down_proj`` with each expert's own neurons), which cannot be one
+        2-D compaction: that tensor is rebuilt (peak: one extra copy of the pruned tensor)."""
+        if not p.is_contiguous():
+            p.data = p.data.contiguous()
+        E, R, C = p.shape
+        if self.experts is not None:
+            p.data = p.data.view(E, R * C)
+            compact_2d_(p, self.experts, None, impl=impl, release=release)
+            E = self.experts.numel()
+            p.data = p.data.view(E, R, C)
+        if self.rows is None and self.cols is None:
+            return
+        Et, Rt, Ct = self.shape((E, R, C))
+        if isinstance(self.cols, list):
+            rows = self.rows if isinstance(self.rows, list) else [self.rows] * E
+            new = torch.stack([_take(_take(p.data[j], 0, rows[j]), 1, self.cols[j]) for j in range(E)])
+            p.data = new
+            return
+        flat = None
+        if self.rows is not None:
+            rows = self.rows if isinstance(self.rows, list) else [self.rows] * E
+            flat = torch.cat([j * R + r for j, r in enumerate(rows)])
+        p.data = p.data.view(E * R, C)
+        compact_2d_(p, flat, self.cols, impl=impl, release=release)
+        p.data = p.data.view(Et, Rt, Ct)
+
+
+def _take(t: torch.Tensor, dim: int, idx: torch.Tensor | None) -> torch.Tensor:
+    return t if idx is None else t.index_select(dim, idx.to(t.device))
+
+
 def _units_to_rows(units: list[int], width: int) -> torch.Tensor:
     """Head indices -> the rows of their ``width`` (head_dim) outputs."""
     u = torch.as_tensor(units, dtype=torch.long)
@@ -75,6 +123,15 @@ def layer_rules(view: ModelView, plan: Plan, src_layer: int, lv: Any) -> Iterato
     yield lv.o_proj.weight, Rule(hid, q_rows)
     if lv.o_proj.bias is not None:
         yield lv.o_proj.bias, Rule(hid)
+    for norm in getattr(lv, "head_norms", ()):  # per-head [head_dim] norms: head_dim is never pruned
+        for p in norm.parameters(recurse=False):
+            yield p, Rule()
+    if getattr(lv, "moe", None) is not None:
+        yield from moe_layer_rules(plan, src_layer, lv, hid)
+        for norm in (lv.input_norm, lv.post_attn_norm):
+            for p in norm.parameters(recurse=False):
+                yield p, Rule(hid)
+        return
     for proj in (lv.gate_proj, lv.up_proj):
         yield proj.weight, Rule(ff, hid)
         if proj.bias is not None:
@@ -85,6 +142,34 @@ def layer_rules(view: ModelView, plan: Plan, src_layer: int, lv: Any) -> Iterato
     for norm in (lv.input_norm, lv.post_attn_norm):
         for p in norm.parameters(recurse=False):
             yield p, Rule(hid)
+
+
+def moe_layer_rules(plan: Plan, src_layer: int, lv: Any, hid: torch.Tensor | None
+                    ) -> Iterator[tuple[nn.Parameter, Rule | ExpertRule]]:
+    """The rules of a MoE layer's sparse block: router rows of the kept experts, each kept
+    expert's own neurons (``gate_up_proj`` rows: gate rows then up rows; ``down_proj``
+    columns), hidden channels everywhere; the shared expert and its gate lose hidden channels only."""
+    src = plan.source_geometry()
+    m = lv.moe
+    F = src.moe_intermediate_size
+    ex = _maybe(plan.experts[src_layer], src.num_experts)
+    kept = plan.expert_neurons[src_layer]
+    if all(len(n) == F for n in kept):
+        gu_rows, dn_cols = None, None
+    else:
+        ks = [torch.as_tensor(n, dtype=torch.long) for n in kept]
+        gu_rows, dn_cols = [torch.cat([k, k + F]) for k in ks], ks
+    yield m.router.weight, Rule(ex, hid)
+    if getattr(m.router, "bias", None) is not None:
+        yield m.router.bias, Rule(ex)
+    yield m.experts.gate_up_proj, ExpertRule(ex, gu_rows, hid)
+    yield m.experts.down_proj, ExpertRule(ex, hid, dn_cols)
+    if m.shared is not None:
+        yield m.shared.gate_proj.weight, Rule(None, hid)
+        yield m.shared.up_proj.weight, Rule(None, hid)
+        yield m.shared.down_proj.weight, Rule(hid)
+    if m.shared_gate is not None:
+        yield m.shared_gate.weight, Rule(None, hid)
 
 
 def model_rules(view: ModelView, plan: Plan) -> Iterator[tuple[nn.Parameter, Rule]]:
@@ -177,7 +262,10 @@ def apply_plan(model: nn.Module, plan: Plan, *, impl: str = "auto", release: boo
 
         it = tqdm(rules, desc="pruning", unit="tensor")
     for p, r in it:
-        compact_2d_(p, r.rows, r.cols, impl=impl, release=release)
+        if isinstance(r, ExpertRule):
+            r.apply_(p, impl=impl, release=release)
+        else:
+            compact_2d_(p, r.rows, r.cols, impl=impl, release=release)
     # 3. module attributes that cache sizes
     for mod in model.modules():
         if isinstance(mod, nn.Linear):
@@ -191,6 +279,8 @@ def apply_plan(model: nn.Module, plan: Plan, *, impl: str = "auto", release: boo
             lv.attn.num_key_value_groups = geo.num_attention_heads // geo.num_key_value_heads
         if hasattr(lv.attn, "head_dim"):
             lv.attn.head_dim = geo.head_dim
+    if hasattr(view, "update_moe_modules_"):
+        view.update_moe_modules_(geo)
     # 4. the config, in place (modules hold references to it)
     update_config_(model.config, geo, plan, src_layer_types)
     view.refresh()
@@ -206,6 +296,12 @@ def update_config_(config: Any, geo: Any, plan: Plan, src_layer_types: list[str]
     for k in ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "head_dim",
               "num_hidden_layers", "vocab_size"):
         setattr(config, k, getattr(new, k))
+    if geo.is_moe:  # models/moe.py: expert axes, and each kept layer keeps its type (dense or MoE)
+        view_cls = view_class_for_config(config)
+        for k in ("num_experts", "num_experts_per_tok", view_cls.expert_ffn_key):
+            setattr(config, k, getattr(new, k))
+        for k, v in view_cls.config_for_layers(config, plan.layers).items():
+            setattr(config, k, v)
     if src_layer_types:
         config.layer_types = [src_layer_types[i] for i in plan.layers]
     return config

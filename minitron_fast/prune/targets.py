@@ -19,10 +19,15 @@ TARGET_KEYS = {
     "heads": "num_attention_heads",
     "kv_heads": "num_key_value_heads",
     "layers": "num_hidden_layers",
+    # mixture-of-experts models only (models/moe.py)
+    "experts": "num_experts",
+    "expert_ffn": "moe_intermediate_size",
 }
+MOE_TARGET_KEYS = ("experts", "expert_ffn")
 _ALIASES = {"hidden_size": "hidden", "intermediate_size": "ffn", "num_attention_heads": "heads",
             "num_key_value_heads": "kv_heads", "num_hidden_layers": "layers", "kv": "kv_heads",
-            "n_heads": "heads", "n_layers": "layers"}
+            "n_heads": "heads", "n_layers": "layers", "num_experts": "experts",
+            "moe_intermediate_size": "expert_ffn"}
 
 
 class TargetError(MinitronError, ValueError):
@@ -79,11 +84,14 @@ def target_geometry(config: Any, target: str | dict[str, Any] | Geometry, *, bud
     else:
         t = parse_target(target)
         budget = t.pop("params", None)
+        _check_moe_keys(view_cls, src, t)
         geo = src.replace(**{TARGET_KEYS[k]: v for k, v in t.items()})
         if budget is not None:
             kind, value = budget
             n = int(value * view_cls.count_params(config)["total"]) if kind == "fraction" else value
             geo = resolve_budget(config, n, axes=budget_axes, start=geo, round_to=round_to)
+    if hasattr(view_cls, "normalize_geometry"):  # MoE: top-k <= experts; Mixtral's one FFN field
+        geo = view_cls.normalize_geometry(config, geo)
     check_geometry(config, geo)
     return geo
 
@@ -92,7 +100,13 @@ def check_geometry(config: Any, geo: Geometry) -> None:
     """Raises TargetError naming the numbers when ``geo`` cannot be cut from ``config``'s model."""
     view_cls = view_class_for_config(config)
     src = view_cls.geometry_of(config)
+    _check_moe_keys(view_cls, src, {k: getattr(geo, TARGET_KEYS[k]) for k in MOE_TARGET_KEYS
+                                    if getattr(geo, TARGET_KEYS[k]) != getattr(src, TARGET_KEYS[k])})
+    if src.is_moe and not 1 <= geo.num_experts_per_tok <= geo.num_experts:
+        raise TargetError(f"num_experts_per_tok={geo.num_experts_per_tok} must lie in [1, experts={geo.num_experts}]")
     for key, field in TARGET_KEYS.items():
+        if key in MOE_TARGET_KEYS and not src.is_moe:
+            continue
         s, t = getattr(src, field), getattr(geo, field)
         if t > s:
             raise TargetError(f"target {key}={t} is larger than the source model's {key}={s}; pruning only shrinks")
@@ -122,6 +136,20 @@ def check_geometry(config: Any, geo: Geometry) -> None:
     if got != geo:
         raise TargetError(f"the {view_cls.family} config cannot express hidden={geo.hidden_size} with "
                           f"heads={geo.num_attention_heads}, head_dim={geo.head_dim} (it reads back as {got})")
+
+
+def _check_moe_keys(view_cls: Any, src: Geometry, t: dict[str, Any]) -> None:
+    """One-line errors for the MoE keys: on a dense model, or growing an axis."""
+    for k in MOE_TARGET_KEYS:
+        if k not in t:
+            continue
+        if not src.is_moe:
+            raise TargetError(f"target {k}={t[k]} applies to mixture-of-experts models only; this "
+                              f"{view_cls.family} model is dense (prune ffn= instead)")
+        have = src.num_experts if k == "experts" else src.moe_intermediate_size
+        if t[k] > have:
+            what = "experts per MoE layer" if k == "experts" else "neurons per expert"
+            raise TargetError(f"target {k}={t[k]} is larger than the model's {have} {what}; pruning only shrinks")
 
 
 def resolve_budget(config: Any, n_params: int, *, axes: str = "width", start: Geometry | None = None,
