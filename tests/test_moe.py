@@ -258,3 +258,83 @@ def test_experts_target_on_a_dense_model():
                                           r"model is dense") as e:
         make_plan(cfg, {}, "experts=2")
     assert "\n" not in str(e.value)
+
+
+# -- importance ------------------------------------------------------------------------------------------
+
+def _reap_reference(model, x):
+    """REAP, expert-neuron and router-mass scores of each MoE layer by hand, in float64, from the
+    sparse blocks' inputs captured in an ordinary forward."""
+    view = get_view(model)
+    inputs = {}
+    hooks = [lv.mlp.register_forward_pre_hook(lambda m, a, i=i: inputs.__setitem__(i, a[0].reshape(-1, a[0].shape[-1])))
+             for i, lv in enumerate(view.layers) if lv.moe is not None]
+    with torch.no_grad():
+        model(x)
+    for h in hooks:
+        h.remove()
+    ref = {}
+    for i, h in inputs.items():
+        moe = view.layers[i].moe
+        h = h.double()
+        gu, dn = moe.experts.gate_up_proj.double(), moe.experts.down_proj.double()
+        probs = torch.softmax(h @ moe.router.weight.double().T, -1)
+        top, idx = probs.topk(model.config.num_experts_per_tok, -1)
+        if getattr(model.config, "norm_topk_prob", True):  # Mixtral always renormalises
+            top = top / top.sum(-1, keepdim=True)
+        E, F = moe.num_experts, moe.ffn
+        reap, neur, n = torch.zeros(E, dtype=torch.float64), torch.zeros(E, F, dtype=torch.float64), torch.zeros(E)
+        for t in range(h.shape[0]):
+            for j in range(idx.shape[1]):
+                e = int(idx[t, j])
+                gate, up = (gu[e] @ h[t]).chunk(2)
+                act = torch.nn.functional.silu(gate) * up
+                reap[e] += top[t, j] * (dn[e] @ act).norm()
+                neur[e] += top[t, j] * act.abs()
+                n[e] += 1
+        ref[i] = (reap / n.clamp_min(1), neur / n.clamp_min(1)[:, None], probs.mean(0))
+    return ref
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_expert_importance_is_reap_from_the_same_pass(family, tmp_path):
+    from minitron_fast.importance.collect import ImportanceCollector
+    from minitron_fast.importance.scores import load_scores, save_scores
+
+    model = build(family)  # fp32 (the collector's fp32 sums), reference in float64
+    model.set_experts_implementation("eager")
+    x = tokens(model.config.vocab_size, (3, 7))
+    with torch.no_grad():
+        plain = model(x).logits
+    calls = {"decoder": 0, "experts": 0}
+    model.model.register_forward_hook(lambda *a: calls.__setitem__("decoder", calls["decoder"] + 1))
+    with ImportanceCollector(model, impl="torch") as col:
+        for lv in col.view.layers:
+            if lv.moe is not None:
+                fwd = lv.moe.experts.forward  # the collector's patched forward: count its calls
+
+                def counted(*a, fwd=fwd):
+                    calls["experts"] += 1
+                    return fwd(*a)
+                lv.moe.experts.forward = counted
+        out = col.step(x, run_lm_head=True)
+    torch.testing.assert_close(out.logits, plain, rtol=0, atol=1e-6)  # the patched experts compute the same
+    n_moe = sum(lv.moe is not None for lv in get_view(model).layers)
+    assert calls == {"decoder": 1, "experts": n_moe}  # one pass gives every statistic
+    assert all("forward" not in vars(lv.moe.experts) for lv in get_view(model).layers if lv.moe is not None)
+    scores = col.scores()
+    ref = _reap_reference(model, x)
+    assert sorted(scores.experts) == sorted(ref)
+    for i, (reap, neur, mass) in ref.items():
+        torch.testing.assert_close(scores.experts[i].double(), reap, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(scores.expert_neurons[i].double(), neur, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(scores.expert_mass[i].double(), mass, rtol=1e-5, atol=1e-7)
+    assert sorted(scores.shared_neurons) == (sorted(ref) if family == "qwen2_moe" else [])
+    back = load_scores(save_scores(scores, tmp_path / "s.safetensors"))
+    for i in ref:
+        assert torch.equal(back.expert_neurons[i], scores.expert_neurons[i])
+        if family == "qwen2_moe":
+            assert back.shared_neurons[i].shape == (model.config.shared_expert_intermediate_size,)
+    # the scores drive a plan
+    plan = make_plan(model, back, "experts=2")
+    assert all(len(e) == 2 for e in plan.experts.values())

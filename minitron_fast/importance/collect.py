@@ -107,6 +107,60 @@ class _Stat:
         return batch_aggregate(self.S1, self.S2, self.N, self.batch_agg).float().cpu()
 
 
+class _MoEStat:
+    """Expert statistics of one MoE layer, summed over valid tokens in fp64:
+
+    - ``reap [E]``: sum over the tokens routed to each expert of router weight x ||expert
+      output|| (REAP, arXiv 2510.13999), and ``routed [E]`` their count;
+    - ``neurons [E, F]``: the same tokens' router weight x ``|act(gate) * up|`` per neuron;
+    - ``mass [E]``: the router's softmax probability of each expert, summed over all tokens.
+    """
+
+    def __init__(self, moe, label: str):
+        E, F = moe.num_experts, moe.ffn
+        self.label = label
+        self.reap = torch.zeros(E, dtype=torch.float64)
+        self.routed = torch.zeros(E, dtype=torch.float64)
+        self.neur = torch.zeros(E, F, dtype=torch.float64)
+        self.mass_sum = torch.zeros(E, dtype=torch.float64)
+        self.tokens = 0.0
+
+    def forward(self, moe, x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
+                valid: torch.Tensor | None) -> torch.Tensor:
+        """The experts' output for ``x [N, H]`` routed by ``top_k_index / top_k_weights [N, k]``
+        (the eager loop of transformers' experts), recording the statistics."""
+        out = torch.zeros_like(x)
+        for e in torch.unique(top_k_index).tolist():
+            tok, pos = torch.where(top_k_index == e)
+            h, y = moe.expert_mlp(x[tok], e)
+            w = top_k_weights[tok, pos]
+            out.index_add_(0, tok, (y * w[:, None]).to(out.dtype))
+            wv = w.float() if valid is None else w.float() * valid[tok]
+            self.reap[e] += float((wv * y.float().norm(dim=-1)).double().sum())
+            self.routed[e] += float(tok.numel() if valid is None else valid[tok].sum())
+            self.neur[e] += (wv[:, None] * h.float().abs()).sum(0).double().cpu()
+        return out
+
+    def add_router(self, logits: torch.Tensor, valid: torch.Tensor | None) -> None:
+        p = torch.softmax(logits.float(), dim=-1)
+        if valid is not None:
+            p = p * valid[:, None]
+        self.mass_sum += p.sum(0).double().cpu()
+        self.tokens += float(p.shape[0] if valid is None else valid.sum())
+
+    def finite(self) -> bool:
+        return all(bool(torch.isfinite(t).all()) for t in (self.reap, self.neur, self.mass_sum))
+
+    def experts(self) -> torch.Tensor:
+        return (self.reap / self.routed.clamp_min(1)).float()
+
+    def neurons(self) -> torch.Tensor:
+        return (self.neur / self.routed.clamp_min(1)[:, None]).float()
+
+    def mass(self) -> torch.Tensor:
+        return (self.mass_sum / max(self.tokens, 1.0)).float()
+
+
 def _is_rmsnorm(m: nn.Module) -> bool:
     return "RMSNorm" in type(m).__name__ and hasattr(m, "weight") and hasattr(m, "variance_epsilon")
 
@@ -156,6 +210,12 @@ class ImportanceCollector:
         self.neurons = [mk(g.intermediate_size, f"layer {i} neurons (down_proj input)") for i in range(L)]
         self.norm_in = [mk(g.hidden_size, f"layer {i} channels (input norm output)") for i in range(L)]
         self.norm_post = [mk(g.hidden_size, f"layer {i} channels (post-attention norm output)") for i in range(L)]
+        # MoE layers (models/moe.py): expert statistics from the same pass
+        self.moe = {i: _MoEStat(lv.moe, f"layer {i} experts") for i, lv in enumerate(self.view.layers)
+                    if getattr(lv, "moe", None) is not None}
+        self.shared = {i: mk(lv.moe.shared.down_proj.in_features, f"layer {i} shared expert neurons")
+                       for i, lv in enumerate(self.view.layers)
+                       if getattr(lv, "moe", None) is not None and lv.moe.shared is not None}
         self.cos_sum = torch.zeros(L, dtype=torch.float64)
         self.cos_count = 0.0
         self.tokens = 0
@@ -173,7 +233,9 @@ class ImportanceCollector:
         fused = self.impl == "triton"
         for i, lv in enumerate(self.view.layers):
             self._handles.append(lv.o_proj.register_forward_pre_hook(self._head_hook(i)))
-            if fused and _is_silu_mlp(lv):
+            if i in self.moe:
+                self._attach_moe(i, lv.moe)
+            elif fused and _is_silu_mlp(lv):
                 self._patch(lv.mlp, self._fused_mlp(i, lv))
             else:
                 self._handles.append(lv.down_proj.register_forward_pre_hook(self._neuron_hook(i)))
@@ -229,6 +291,32 @@ class ImportanceCollector:
             ops.abs_stats(out, self._mask, st.s1, st.s2)
         return hook
 
+    def _attach_moe(self, i: int, moe) -> None:
+        """Experts: their forward is replaced by the eager per-expert loop that also records the
+        statistics (the output is the same sum of router-weighted expert outputs); the router's
+        probabilities are read by a hook; the shared expert's neurons like a dense MLP's."""
+        st = self.moe[i]
+
+        def experts_forward(hidden_states, top_k_index, top_k_weights):
+            valid = None if self._mask is None else self._mask.reshape(-1)
+            return st.forward(moe, hidden_states, top_k_index, top_k_weights, valid)
+
+        def router_hook(mod, args, out):
+            valid = None if self._mask is None else self._mask.reshape(-1)
+            st.add_router(out[0], valid)
+
+        self._patch(moe.experts, experts_forward)
+        self._handles.append(moe.router.register_forward_hook(router_hook))
+        if moe.shared is not None:
+            stat = self.shared[i]
+
+            def shared_hook(mod, args):  # the block runs the shared expert on [B*T, H]: back to [B, T, F]
+                x = args[0]
+                B = (stat.s1 if stat.s1 is not None else stat.s2).shape[0]
+                ops.abs_stats(x.view(B, -1, x.shape[-1]), self._mask, stat.s1, stat.s2)
+
+            self._handles.append(moe.shared.down_proj.register_forward_pre_hook(shared_hook))
+
     def _fused_mlp(self, i: int, lv):
         def forward(x):
             st = self.neurons[i]
@@ -256,7 +344,7 @@ class ImportanceCollector:
 
     # -- driving ---------------------------------------------------------------------------------
     def _all_stats(self):
-        for group in (self.heads, self.neurons, self.norm_in, self.norm_post):
+        for group in (self.heads, self.neurons, self.norm_in, self.norm_post, list(self.shared.values())):
             yield from group
 
     @torch.no_grad()
@@ -306,6 +394,11 @@ class ImportanceCollector:
                     raise NonFiniteActivationError(
                         f"NaN/inf activations in {st.label}; the model or its dtype overflows on this data "
                         f"(try --dtype float32) — no scores were written")
+            for st in ((self.moe[i],) if i in self.moe else ()) + ((self.shared[i],) if i in self.shared else ()):
+                if not st.finite():
+                    raise NonFiniteActivationError(
+                        f"NaN/inf activations in {st.label}; the model or its dtype overflows on this data "
+                        f"(try --dtype float32) — no scores were written")
             if not bool(torch.isfinite(self._cos_batch[i]).all()):
                 raise NonFiniteActivationError(f"NaN/inf activations in layer {i} output; no scores were written")
 
@@ -322,9 +415,15 @@ class ImportanceCollector:
              "head_score": self.head_score, "impl": self.impl, "dtype": str(next(self.model.parameters()).dtype).replace("torch.", ""),
              "accumulation": "fp32 per-batch sums, fp64 across batches"}
         m.update(meta or {})
+        if self.moe:
+            m["expert_score"] = "REAP: mean over routed tokens of router weight x ||expert output||"
         return ImportanceScores(heads=heads, kv_groups=kv, neurons=[s.result() for s in self.neurons],
                                 layer_channels=layer_ch, channels=torch.stack(layer_ch).sum(0),
-                                block_importance=bi, meta=m)
+                                block_importance=bi, meta=m,
+                                experts={i: st.experts() for i, st in self.moe.items()},
+                                expert_neurons={i: st.neurons() for i, st in self.moe.items()},
+                                expert_mass={i: st.mass() for i, st in self.moe.items()},
+                                shared_neurons={i: st.result() for i, st in self.shared.items()})
 
 
 def collect_importance(model: nn.Module, blocks: torch.Tensor, *, attention_mask: torch.Tensor | None = None,
