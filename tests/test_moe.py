@@ -338,3 +338,73 @@ def test_expert_importance_is_reap_from_the_same_pass(family, tmp_path):
     # the scores drive a plan
     plan = make_plan(model, back, "experts=2")
     assert all(len(e) == 2 for e in plan.experts.values())
+
+
+# -- search, distillation, evaluation of MoE students --------------------------------------------------
+
+@pytest.fixture(scope="module")
+def moe_teacher(tmp_path_factory):
+    """A tiny Qwen2-MoE (shared expert, one dense layer) with the pipeline tests' BPE tokenizer."""
+    from test_pipeline import make_tiny_teacher
+
+    d = make_tiny_teacher(tmp_path_factory.mktemp("moe") / "teacher")
+    for f in ("model.safetensors", "config.json", "generation_config.json"):
+        (d / f).unlink(missing_ok=True)
+    build("qwen2_moe", vocab_size=160, max_position_embeddings=128).save_pretrained(d)
+    return d
+
+
+def test_search_chooses_among_expert_counts(moe_teacher, tmp_path):
+    from minitron_fast.data import token_blocks
+    from minitron_fast.importance import compute_importance, save_scores
+    from minitron_fast.models import view_class_for_config
+    from minitron_fast.models.loading import load_config, load_model, load_tokenizer
+    from minitron_fast.prune import Plan, validate_plan
+    from minitron_fast.search import enumerate_candidates, run_search
+
+    config = load_config(moe_teacher)
+    full = view_class_for_config(config).count_params(config)["total"]
+    cands = enumerate_candidates(config, int(0.8 * full), tolerance=0.1, kinds=["width"], max_per_kind=None)
+    counts = {c.geometry.num_experts for c in cands}
+    assert counts <= {2, 3, 4} and len(counts) >= 2  # expert counts from top-k (2) to all compete
+    assert all(f"experts={c.geometry.num_experts}" in c.target() for c in cands)
+    calib = token_blocks(load_tokenizer(moe_teacher), "demo", "calib", 32, max_blocks=4)
+    scores = save_scores(compute_importance(load_model(moe_teacher), calib, progress=False), tmp_path / "s.safetensors")
+    res = run_search(str(moe_teacher), scores, int(0.8 * full), out_dir=tmp_path / "search", tolerance=0.1,
+                     kinds=["width"], max_per_kind=2, retrain_steps=2, micro_batch_size=2, lr=1e-3, seq_len=32,
+                     eval_blocks=2, progress=False, log=lambda s: None)
+    assert len(res["candidates"]) == 2
+    assert all(torch.isfinite(torch.tensor(c["loss"])) for c in res["candidates"])
+    plan = Plan.load(res["plan"])
+    geo = validate_plan(plan, config)
+    assert geo.num_experts == res["winner"]["num_experts"] and set(plan.experts) == {0, 2}
+
+
+@pytest.mark.slow
+def test_pipeline_prunes_distills_and_evaluates_a_moe_student(moe_teacher, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from minitron_fast.cli import main
+
+    recipe = tmp_path / "moe.yaml"
+    train = ("micro_batch_size: 2, lr: 1.0e-3, warmup_steps: 0, eval_every: 100, save_every: 100, "
+             "data: {max_blocks: 8, eval_blocks: 2}, deepspeed: {zero_stage: 1}")
+    recipe.write_text(f"""
+name: moe
+teacher: {moe_teacher}
+out: {tmp_path / 'run'}
+data: {{source: demo, seq_len: 32}}
+correct_teacher: {{enabled: false}}
+importance: {{samples: 4, batch_size: 4}}
+prune: {{target: "experts=3,expert_ffn=12,hidden=24"}}
+distill: {{steps: 2, {train}}}
+scratch: {{enabled: false}}
+evaluate: {{eval_blocks: 2, batch_size: 2}}
+""")
+    assert main(["run", str(recipe), "--no-progress"]) == 0
+    rep = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert rep["student_params"] < rep["teacher_params"]
+    student = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "student")
+    g = get_view(student).geometry()
+    assert (g.num_experts, g.moe_intermediate_size, g.hidden_size, g.num_experts_per_tok) == (3, 12, 24, 2)
+    assert [lv.moe is not None for lv in get_view(student).layers] == [True, False, True]

@@ -14,6 +14,9 @@ Kinds:
 - ``depth``: only layers removed (4B-Depth);
 - ``mixed``: layers removed and some width shrunk.
 
+On mixture-of-experts teachers the expert count is one more width axis: every count from the
+router's top-k to the teacher's is tried (``experts=N`` in the candidate's target).
+
 For each (hidden, heads, layers) the FFN size is solved for directly (parameters are linear in
 it): the largest multiple that fits the budget. Candidates must land in
 ``[budget * (1 - tolerance), budget]`` and keep the FFN/hidden ratio within 2x of the teacher's
@@ -47,13 +50,14 @@ class Candidate:
     def name(self) -> str:
         g = self.geometry
         return (f"{self.kind}-h{g.hidden_size}-f{g.intermediate_size}-q{g.num_attention_heads}"
-                f"kv{g.num_key_value_heads}-l{g.num_hidden_layers}")
+                f"kv{g.num_key_value_heads}-l{g.num_hidden_layers}" + (f"-e{g.num_experts}" if g.is_moe else ""))
 
     def target(self) -> str:
         """The pruning target string (``hidden=...,ffn=...,heads=...,kv_heads=...,layers=...``)."""
         g = self.geometry
         return (f"hidden={g.hidden_size},ffn={g.intermediate_size},heads={g.num_attention_heads},"
-                f"kv_heads={g.num_key_value_heads},layers={g.num_hidden_layers}")
+                f"kv_heads={g.num_key_value_heads},layers={g.num_hidden_layers}"
+                + (f",experts={g.num_experts}" if g.is_moe else ""))
 
     def as_dict(self) -> dict[str, Any]:
         return {"name": self.name, "kind": self.kind, "params": self.params, "target": self.target(),
@@ -126,17 +130,21 @@ def enumerate_candidates(config: Any, budget: int, *, tolerance: float = 0.05,
     heads_opts = [nkv * g for g in range(1, group + 1)] if prune_heads else [nq]
     src_ratio = F / H
     ffn_opts = _sizes(F, m)
+    # MoE: every expert count from the router's top-k up to the teacher's (width-like cuts)
+    expert_opts = list(range(max(1, src.num_experts_per_tok), src.num_experts + 1)) if src.is_moe else [0]
+    norm = getattr(view_cls, "normalize_geometry", lambda config, g: g)
 
     found: dict[str, list[Candidate]] = {k: [] for k in kinds}
     ok_shape = {(h, q): _expressible(view_cls, config, src.replace(hidden_size=h, num_attention_heads=q))
                 for h in _sizes(H, m) for q in heads_opts}
-    for layers in range(1, L + 1):
+    for layers, n_exp in ((la, e) for la in range(1, L + 1) for e in expert_opts):
         for hidden in _sizes(H, m):
             for heads in heads_opts:
                 if not ok_shape[(hidden, heads)]:
                     continue
-                width_cut = hidden < H or heads < nq
-                base = src.replace(hidden_size=hidden, num_attention_heads=heads, num_hidden_layers=layers)
+                width_cut = hidden < H or heads < nq or n_exp < src.num_experts
+                base = src.replace(hidden_size=hidden, num_attention_heads=heads, num_hidden_layers=layers,
+                                   num_experts=n_exp)
                 # params are affine in the FFN size: solve for the largest FFN that fits
                 c1, c2 = count(base.replace(intermediate_size=ffn_opts[0])), count(base.replace(intermediate_size=F))
                 if c1 > budget:
@@ -147,13 +155,13 @@ def enumerate_candidates(config: Any, budget: int, *, tolerance: float = 0.05,
                 else:
                     i = bisect.bisect_right(ffn_opts, ffn_opts[0] + (budget + 1 - c1) / slope) - 1
                     best = ffn_opts[max(0, i)]
-                g = base.replace(intermediate_size=best)
+                g = norm(config, base.replace(intermediate_size=best))
                 n = count(g)
                 while n > budget:  # guard against rounding in the affine solve
                     i = ffn_opts.index(g.intermediate_size)
                     if i == 0:
                         break
-                    g = g.replace(intermediate_size=ffn_opts[i - 1])
+                    g = norm(config, g.replace(intermediate_size=ffn_opts[i - 1]))
                     n = count(g)
                 if not lo <= n <= budget:
                     continue
@@ -183,13 +191,14 @@ def _select(cands: list[Candidate], k: int | None) -> list[Candidate]:
     over that list ordered from the widest to the narrowest; returned largest first."""
     best: dict[tuple[int, int], Candidate] = {}
     for c in cands:
-        key = (c.geometry.hidden_size, c.geometry.num_hidden_layers)
+        key = (c.geometry.hidden_size, c.geometry.num_hidden_layers, c.geometry.num_experts)
         cur = best.get(key)
         # more query heads first (they cost few parameters, and the papers keep them), then the
         # count closest to the budget
         if cur is None or (c.geometry.num_attention_heads, c.params) > (cur.geometry.num_attention_heads, cur.params):
             best[key] = c
-    pool = sorted(best.values(), key=lambda c: (-c.geometry.hidden_size, -c.geometry.num_hidden_layers, -c.params))
+    pool = sorted(best.values(), key=lambda c: (-c.geometry.hidden_size, -c.geometry.num_hidden_layers,
+                                                -c.geometry.num_experts, -c.params))
     if k is not None and len(pool) > k:
         if k == 1:
             pool = [max(pool, key=lambda c: c.params)]
