@@ -21,7 +21,6 @@ variance, ddof 0). The default, mean then L2, is the papers' best.
 """
 from __future__ import annotations
 
-import inspect
 from typing import Any, Iterable
 
 import torch
@@ -114,11 +113,6 @@ def _is_rmsnorm(m: nn.Module) -> bool:
 def _is_silu_mlp(lv) -> bool:
     act = getattr(lv.mlp, "act_fn", None)
     return isinstance(act, nn.SiLU)
-
-
-def _layer_returns_tuple(layer: nn.Module) -> bool:
-    ann = inspect.signature(type(layer).forward).return_annotation
-    return "tuple" in str(ann).lower()
 
 
 class ImportanceCollector:
