@@ -25,7 +25,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from minitron_fast.models.base import Geometry, LayerView, ModelView, info_record
+from minitron_fast.models.base import Geometry, LayerView, ModelView
 
 
 @dataclass
@@ -62,11 +62,25 @@ class MoEBlock:
 @dataclass
 class MoELayerView(LayerView):
     """A decoder layer of a MoE family: ``moe`` is set on sparse layers (whose ``gate_proj`` /
-    ``up_proj`` / ``down_proj`` are None), None on dense ones. ``head_norms`` are per-head norms
-    (Qwen3-MoE's ``q_norm`` / ``k_norm``, ``[head_dim]``, never sliced)."""
+    ``up_proj`` / ``down_proj`` are None), None on dense ones.
+
+    ``sliced_params`` describes every parameter but the router and the stacked experts, whose
+    rules (an expert axis, and each expert its own neurons) come from
+    ``prune.surgery.moe_layer_rules``; the shared expert and its gate lose hidden channels only."""
 
     moe: MoEBlock | None = None
-    head_norms: tuple[nn.Module, ...] = ()
+
+    def sliced_params(self):
+        yield from super().sliced_params()
+        if self.moe is None:
+            return
+        if self.moe.shared is not None:
+            s = self.moe.shared
+            yield s.gate_proj.weight, None, ("hidden",)
+            yield s.up_proj.weight, None, ("hidden",)
+            yield s.down_proj.weight, ("hidden",), None
+        if self.moe.shared_gate is not None:
+            yield self.moe.shared_gate.weight, None, ("hidden",)
 
 
 def is_sparse_layer(config: Any, i: int) -> bool:
@@ -89,8 +103,7 @@ class MoEModelView(ModelView):
     saved_expert_names: ClassVar[dict[str, str]] = {"gate": "gate_proj.weight", "up": "up_proj.weight",
                                                     "down": "down_proj.weight"}
 
-    @staticmethod
-    def _layer_view(i: int, layer: nn.Module) -> LayerView:
+    def layer_view(self, i: int, layer: nn.Module) -> LayerView:
         a, m = layer.self_attn, layer.mlp
         sparse = hasattr(m, "experts")
         moe = MoEBlock(module=m, router=m.gate, experts=m.experts, shared=getattr(m, "shared_expert", None),
@@ -99,9 +112,10 @@ class MoEModelView(ModelView):
             index=i, module=layer, attn=a, mlp=m,
             q_proj=a.q_proj, k_proj=a.k_proj, v_proj=a.v_proj, o_proj=a.o_proj,
             gate_proj=None if sparse else m.gate_proj, up_proj=None if sparse else m.up_proj,
-            down_proj=None if sparse else m.down_proj,
+            down_proj=None if sparse else m.down_proj, act_fn=m.experts.act_fn if sparse else m.act_fn,
             input_norm=layer.input_layernorm, post_attn_norm=layer.post_attention_layernorm,
-            moe=moe, head_norms=tuple(n for n in (getattr(a, "q_norm", None), getattr(a, "k_norm", None)) if n is not None),
+            head_norms=tuple(n for n in (getattr(a, "q_norm", None), getattr(a, "k_norm", None)) if n is not None),
+            moe=moe,
         )
 
     # -- geometry ---------------------------------------------------------------------------------
@@ -133,26 +147,23 @@ class MoEModelView(ModelView):
         return out
 
     @classmethod
-    def config_for(cls, config: Any, geometry: Geometry) -> Any:
+    def config_for(cls, config: Any, geometry: Geometry, kept_layers: list[int] | None = None) -> Any:
+        """Also the expert axes, and each kept layer keeps its own type (dense or MoE): with
+        dense layers among MoE layers, ``mlp_only_layers`` lists the kept dense ones explicitly
+        and ``decoder_sparse_step`` becomes 1."""
         g = cls.normalize_geometry(config, geometry)
-        new = super().config_for(config, g)
+        new = super().config_for(config, g, kept_layers)
         new.num_experts = g.num_experts
         new.num_experts_per_tok = g.num_experts_per_tok
         setattr(new, cls.expert_ffn_key, g.moe_intermediate_size)
+        if hasattr(config, "mlp_only_layers"):
+            kept = list(range(g.num_hidden_layers)) if kept_layers is None else list(kept_layers)
+            new.mlp_only_layers = [j for j, i in enumerate(kept) if not is_sparse_layer(config, i)]
+            new.decoder_sparse_step = 1
         return new
 
-    @classmethod
-    def config_for_layers(cls, config: Any, kept_layers: list[int]) -> dict[str, Any]:
-        """Config keys that make each kept layer keep its own type (dense or MoE) after layers
-        ``kept_layers`` (source indices) are kept: ``mlp_only_layers`` lists the dense ones
-        explicitly and ``decoder_sparse_step`` becomes 1. Empty for families without them."""
-        if not hasattr(config, "mlp_only_layers"):
-            return {}
-        return {"mlp_only_layers": [j for j, i in enumerate(kept_layers) if not is_sparse_layer(config, i)],
-                "decoder_sparse_step": 1}
-
     def info(self) -> dict[str, Any]:
-        rec = info_record(self.family, self.config, self.param_counts()["total"])
+        rec = super().info()
         rec.update(num_experts=int(self.config.num_experts), num_experts_per_tok=int(self.config.num_experts_per_tok),
                    moe_intermediate_size=int(getattr(self.config, self.expert_ffn_key)),
                    moe_layers=sum(lv.moe is not None for lv in self.layers))
@@ -161,8 +172,10 @@ class MoEModelView(ModelView):
         return rec
 
     # -- updating module attributes after surgery -----------------------------------------------
-    def update_moe_modules_(self, geo: Geometry) -> None:
-        """Makes the cached sizes of the MoE modules describe ``geo`` (after surgery)."""
+    def sync_modules_(self) -> None:
+        """Also the cached sizes of the MoE modules (experts, top-k, widths)."""
+        super().sync_modules_()
+        geo = self.geometry()
         for lv in self.layers:
             if lv.moe is None:
                 continue

@@ -10,16 +10,10 @@ class Qwen3MoeView(MoEModelView):
     family = "qwen3_moe"
     hf_classes = ("Qwen3MoeForCausalLM",)
     model_types = ("qwen3_moe",)
+    head_norms_per_layer = 2  # q_norm, k_norm
 
     @classmethod
     def biases_of(cls, config: Any) -> dict[str, bool]:
         b = bool(getattr(config, "attention_bias", False))
         return {"qkv": b, "o": b, "mlp": False}
 
-    @classmethod
-    def count_params(cls, config: Any, geometry=None) -> dict[str, int]:
-        out = super().count_params(config, geometry)
-        g = geometry or cls.geometry_of(config)
-        out["attention"] += 2 * g.head_dim * g.num_hidden_layers  # q_norm, k_norm
-        out["total"] += 2 * g.head_dim * g.num_hidden_layers
-        return out

@@ -362,6 +362,7 @@ def prune_checkpoint(src_dir: str | os.PathLike, plan: Plan, out_dir: str | os.P
                             rule.apply_(t, impl="torch")
                         else:
                             t = reader(files[name]).read_rows(name, rule.rows, rule.cols, chunk_bytes=chunk_bytes)
+                            rule.apply_affine_(t)  # Gemma's embedding rescale (the in-place pruner does the same)
                         if pbar is not None:
                             pbar.update(1)
                         yield t
