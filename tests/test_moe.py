@@ -408,3 +408,29 @@ evaluate: {{eval_blocks: 2, batch_size: 2}}
     g = get_view(student).geometry()
     assert (g.num_experts, g.moe_intermediate_size, g.hidden_size, g.num_experts_per_tok) == (3, 12, 24, 2)
     assert [lv.moe is not None for lv in get_view(student).layers] == [True, False, True]
+
+
+def test_cli_info_prune_and_one_line_errors(moe_teacher, tmp_path, capsys):
+    from minitron_fast.cli import main
+
+    assert main(["info", "--model", str(moe_teacher), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert (info["family"], info["num_experts"], info["num_experts_per_tok"], info["moe_intermediate_size"],
+            info["shared_expert_intermediate_size"]) == ("qwen2_moe", 4, 2, 16, 20)
+    from safetensors.torch import save_file
+
+    model = build("qwen2_moe", vocab_size=160, max_position_embeddings=128)
+    save_file(moe_scores(model), tmp_path / "s.safetensors")
+    out = tmp_path / "pruned"
+    assert main(["prune", "--model", str(moe_teacher), "--scores", str(tmp_path / "s.safetensors"),
+                 "--target", "experts=3,expert_ffn=8", "--out", str(out), "--streaming"]) == 0
+    capsys.readouterr()
+    assert main(["info", "--model", str(out), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert (info["num_experts"], info["num_experts_per_tok"], info["moe_intermediate_size"]) == (3, 2, 8)
+    for target, msg in (("experts=7", "experts=7 is larger than the model's 4 experts per MoE layer"),
+                        ("expert_ffn=99", "expert_ffn=99 is larger than the model's 16 neurons per expert")):
+        assert main(["prune", "--model", str(moe_teacher), "--scores", str(tmp_path / "s.safetensors"),
+                     "--target", target, "--out", str(tmp_path / "x")]) == 2
+        err = capsys.readouterr().err
+        assert msg in err and err.count("\n") == 1

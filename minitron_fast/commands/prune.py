@@ -12,7 +12,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "needed unless --plan is given")
     p.add_argument("--target", default=None,
                    help="target shape, e.g. hidden=3072,ffn=9216,heads=32,kv_heads=8,layers=32 (missing keys keep "
-                   "the source value), or a budget params=4.5e9 / params=0.5x")
+                   "the source value), or a budget params=4.5e9 / params=0.5x; MoE models also take "
+                   "experts=N (top-N experts per MoE layer) and expert_ffn=M (each expert's top-M neurons)")
     p.add_argument("--plan", default=None, help="use this plan JSON instead of --scores/--target")
     p.add_argument("--out", default=None, help="output checkpoint directory (or, with --plan-only, the plan JSON path)")
     p.add_argument("--streaming", action="store_true",

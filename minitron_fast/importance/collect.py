@@ -316,7 +316,7 @@ class ImportanceCollector:
 
         def router_hook(mod, args, out):
             valid = None if self._mask is None else self._mask.reshape(-1)
-            st.add_router(out[0], valid)
+            st.add_router(moe.router_logits(out), valid)
 
         self._patch(moe.experts, experts_forward)
         self._handles.append(moe.router.register_forward_hook(router_hook))

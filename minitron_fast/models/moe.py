@@ -45,18 +45,38 @@ class MoEBlock:
     shared_gate: nn.Linear | None = None
 
     @property
+    def router_weight(self) -> nn.Parameter:
+        """``[E, H]``: one row per expert."""
+        return self.router.weight
+
+    @property
+    def gate_up_weight(self) -> nn.Parameter:
+        """``[E, 2F, H]``: each expert's gate rows, then its up rows."""
+        return self.experts.gate_up_proj
+
+    @property
+    def down_weight(self) -> nn.Parameter:
+        """``[E, H, F]``."""
+        return self.experts.down_proj
+
+    @property
     def num_experts(self) -> int:
-        return int(self.router.weight.shape[0])
+        return int(self.router_weight.shape[0])
 
     @property
     def ffn(self) -> int:
-        return int(self.experts.down_proj.shape[-1])
+        return int(self.down_weight.shape[-1])
+
+    @staticmethod
+    def router_logits(router_output: Any) -> torch.Tensor:
+        """The ``[N, E]`` logits in the router's output ``(logits, top-k weights, top-k indices)``."""
+        return router_output[0]
 
     def expert_mlp(self, x: torch.Tensor, e: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Expert ``e`` on tokens ``x [n, H]``: ``(act(gate) * up [n, F], output [n, H])``."""
-        gate, up = nn.functional.linear(x, self.experts.gate_up_proj[e]).chunk(2, dim=-1)
+        gate, up = nn.functional.linear(x, self.gate_up_weight[e]).chunk(2, dim=-1)
         h = self.experts.act_fn(gate) * up
-        return h, nn.functional.linear(h, self.experts.down_proj[e])
+        return h, nn.functional.linear(h, self.down_weight[e])
 
 
 @dataclass
@@ -102,6 +122,9 @@ class MoEModelView(ModelView):
     # role -> the per-expert tensor name save_pretrained writes (under {saved_moe_prefix}.experts.{e}.)
     saved_expert_names: ClassVar[dict[str, str]] = {"gate": "gate_proj.weight", "up": "up_proj.weight",
                                                     "down": "down_proj.weight"}
+    # the in-memory (state-dict) names of a sparse block's router and stacked experts, after "{layer}."
+    memory_names: ClassVar[dict[str, str]] = {"router": "mlp.gate.weight", "gate_up": "mlp.experts.gate_up_proj",
+                                              "down": "mlp.experts.down_proj"}
 
     def layer_view(self, i: int, layer: nn.Module) -> LayerView:
         a, m = layer.self_attn, layer.mlp

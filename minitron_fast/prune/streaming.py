@@ -219,8 +219,8 @@ def saved_expert_jobs(config: Any, plan: Plan, prefix: str, files: dict[str, Pat
         m = pat.match(rest)
         i = int(rest.split(".", 1)[0])
         if m is None:
-            if rest.split(".", 1)[1] == router and view_cls.saved_moe_prefix != "mlp":
-                meta = f"{prefix}{i}.mlp.gate.weight"
+            if rest.split(".", 1)[1] == router and router != view_cls.memory_names["router"]:
+                meta = f"{prefix}{i}.{view_cls.memory_names['router']}"
                 kept = plan.experts.get(i)
                 ex = None if kept is None or len(kept) == src.num_experts else torch.as_tensor(kept, dtype=torch.long)
                 out[name] = None if i not in new_index else (
@@ -233,7 +233,7 @@ def saved_expert_jobs(config: Any, plan: Plan, prefix: str, files: dict[str, Pat
         j = plan.experts[i].index(e)
         kept = plan.expert_neurons[i][j]
         nr = None if len(kept) == F else torch.as_tensor(kept, dtype=torch.long)
-        meta = f"{prefix}{i}.mlp.experts.{'down_proj' if role == 'down' else 'gate_up_proj'}"
+        meta = f"{prefix}{i}.{view_cls.memory_names['down' if role == 'down' else 'gate_up']}"
         new = f"{prefix}{new_index[i]}.{view_cls.saved_moe_prefix}.experts.{j}.{m.group(3)}"
         out[name] = ((meta, new, (H, F), Rule(hid, nr)) if role == "down" else (meta, new, (F, H), Rule(nr, hid)))
     return out

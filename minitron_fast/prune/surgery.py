@@ -201,11 +201,11 @@ def moe_layer_rules(plan: Plan, src_layer: int, lv: Any, hid: torch.Tensor | Non
     else:
         ks = [torch.as_tensor(n, dtype=torch.long) for n in kept]
         gu_rows, dn_cols = [torch.cat([k, k + F]) for k in ks], ks
-    yield m.router.weight, Rule(ex, hid)
+    yield m.router_weight, Rule(ex, hid)
     if getattr(m.router, "bias", None) is not None:
         yield m.router.bias, Rule(ex)
-    yield m.experts.gate_up_proj, ExpertRule(ex, gu_rows, hid)
-    yield m.experts.down_proj, ExpertRule(ex, hid, dn_cols)
+    yield m.gate_up_weight, ExpertRule(ex, gu_rows, hid)
+    yield m.down_weight, ExpertRule(ex, hid, dn_cols)
 
 
 def model_rules(view: ModelView, plan: Plan) -> Iterator[tuple[nn.Parameter, Rule]]:
