@@ -4,7 +4,6 @@ from __future__ import annotations
 import argparse
 import json
 
-HELP = "print a model's family, geometry and parameter count"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
