@@ -241,7 +241,7 @@ def test_export_reloads_in_stock_transformers(family, streaming, tmp_path):
 @pytest.mark.parametrize("target, match", [
     pytest.param("experts=5", r"experts=5 is larger than the model's 4 experts", id="too-many-experts"),
     pytest.param("expert_ffn=17", r"expert_ffn=17 is larger than the model's 16 neurons per expert", id="wide-ffn"),
-    pytest.param("experts=0", r"experts=0 must be positive", id="zero-experts"),
+    pytest.param("experts=0", r"experts=0 must be a positive integer", id="zero-experts"),
 ])
 def test_bad_moe_targets(target, match):
     model = build("qwen2_moe")
@@ -299,7 +299,7 @@ def _reap_reference(model, x):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_expert_importance_is_reap_from_the_same_pass(family, tmp_path):
     from minitron_fast.importance.collect import ImportanceCollector
-    from minitron_fast.importance.scores import load_scores, save_scores
+    from minitron_fast.artifacts.scores import load_scores, save_scores
 
     model = build(family)  # fp32 (the collector's fp32 sums), reference in float64
     model.set_experts_implementation("eager")
@@ -360,7 +360,7 @@ def test_search_chooses_among_expert_counts(moe_teacher, tmp_path):
     from minitron_fast.models import view_class_for_config
     from minitron_fast.models.loading import load_config, load_model, load_tokenizer
     from minitron_fast.prune import Plan, validate_plan
-    from minitron_fast.search import enumerate_candidates, run_search
+    from minitron_fast.search import SearchConfig, enumerate_candidates, run_search
 
     config = load_config(moe_teacher)
     full = view_class_for_config(config).count_params(config)["total"]
@@ -370,9 +370,10 @@ def test_search_chooses_among_expert_counts(moe_teacher, tmp_path):
     assert all(f"experts={c.geometry.num_experts}" in c.target() for c in cands)
     calib = token_blocks(load_tokenizer(moe_teacher), "demo", "calib", 32, max_blocks=4)
     scores = save_scores(compute_importance(load_model(moe_teacher), calib, progress=False), tmp_path / "s.safetensors")
-    res = run_search(str(moe_teacher), scores, int(0.8 * full), out_dir=tmp_path / "search", tolerance=0.1,
-                     kinds=["width"], max_per_kind=2, retrain_steps=2, micro_batch_size=2, lr=1e-3, seq_len=32,
-                     eval_blocks=2, progress=False, log=lambda s: None)
+    cfg = SearchConfig(tolerance=0.1, kinds=["width"], max_candidates=2, retrain_steps=2, micro_batch_size=2,
+                       lr=1e-3, eval_blocks=2)
+    res = run_search(str(moe_teacher), scores, cfg, budget=int(0.8 * full), out_dir=tmp_path / "search", seq_len=32,
+                     progress=False, log=lambda s: None)
     assert len(res["candidates"]) == 2
     assert all(torch.isfinite(torch.tensor(c["loss"])) for c in res["candidates"])
     plan = Plan.load(res["plan"])
