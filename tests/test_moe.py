@@ -435,3 +435,29 @@ def test_cli_info_prune_and_one_line_errors(moe_teacher, tmp_path, capsys):
                      "--target", target, "--out", str(tmp_path / "x")]) == 2
         err = capsys.readouterr().err
         assert msg in err and err.count("\n") == 1
+
+
+def test_streaming_reads_stacked_expert_tensors_too(tmp_path):
+    """A checkpoint holding the in-memory (stacked, 3-D) expert names streams to the same model."""
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM
+
+    model = build("qwen3_moe")
+    model.save_pretrained(tmp_path / "per_expert")
+    (tmp_path / "stacked").mkdir()
+    (tmp_path / "stacked" / "config.json").write_text((tmp_path / "per_expert" / "config.json").read_text())
+    sd = {k: v.contiguous() for k, v in model.state_dict().items()}
+    assert any(v.dim() == 3 for v in sd.values())
+    save_file(sd, tmp_path / "stacked" / "model.safetensors", metadata={"format": "pt"})
+    plan = make_plan(model, moe_scores(model), "experts=2,expert_ffn=12,hidden=24")
+    x = tokens(model.config.vocab_size)
+    logits = []
+    for name in ("per_expert", "stacked"):
+        out = prune_checkpoint(tmp_path / name, plan, tmp_path / f"out_{name}", progress=False)
+        with torch.no_grad():
+            logits.append(AutoModelForCausalLM.from_pretrained(out).eval()(x).logits)
+    apply_plan(model, plan)
+    with torch.no_grad():
+        expected = model(x).logits
+    torch.testing.assert_close(logits[0], expected, rtol=0, atol=0)
+    torch.testing.assert_close(logits[1], expected, rtol=0, atol=0)
