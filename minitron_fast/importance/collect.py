@@ -120,12 +120,14 @@ class _MoEStat:
 
     def __init__(self, moe, label: str):
         E, F = moe.num_experts, moe.ffn
+        dev = moe.router_weight.device
         self.label = label
-        self.reap = torch.zeros(E, dtype=torch.float64)
-        self.routed = torch.zeros(E, dtype=torch.float64)
-        self.neur = torch.zeros(E, F, dtype=torch.float64)
-        self.mass_sum = torch.zeros(E, dtype=torch.float64)
-        self.tokens = 0.0
+        # on the model's device: no host sync per expert (fp64 sums; the counts are exact in fp64)
+        self.reap = torch.zeros(E, dtype=torch.float64, device=dev)
+        self.routed = torch.zeros(E, dtype=torch.float64, device=dev)
+        self.neur = torch.zeros(E, F, dtype=torch.float64, device=dev)
+        self.mass_sum = torch.zeros(E, dtype=torch.float64, device=dev)
+        self.tokens = torch.zeros((), dtype=torch.float64, device=dev)
 
     def forward(self, moe, x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
                 valid: torch.Tensor | None) -> torch.Tensor:
@@ -134,33 +136,33 @@ class _MoEStat:
         out = torch.zeros_like(x)
         for e in torch.unique(top_k_index).tolist():
             tok, pos = torch.where(top_k_index == e)
-            h, y = moe.expert_mlp(x[tok], e)
-            w = top_k_weights[tok, pos]
+            h, y = moe.expert_mlp(x[tok], e)  # [n, F], [n, H]
+            w = top_k_weights[tok, pos]  # [n]
             out.index_add_(0, tok, (y * w[:, None]).to(out.dtype))
-            wv = w.float() if valid is None else w.float() * valid[tok]
-            self.reap[e] += float((wv * y.float().norm(dim=-1)).double().sum())
-            self.routed[e] += float(tok.numel() if valid is None else valid[tok].sum())
-            self.neur[e] += (wv[:, None] * h.float().abs()).sum(0).double().cpu()
+            wv = w.double() if valid is None else w.double() * valid[tok]
+            self.reap[e] += (wv * y.double().norm(dim=-1)).sum()
+            self.routed[e] += tok.numel() if valid is None else valid[tok].double().sum()
+            self.neur[e] += (wv[:, None] * h.double().abs()).sum(0)
         return out
 
     def add_router(self, logits: torch.Tensor, valid: torch.Tensor | None) -> None:
-        p = torch.softmax(logits.float(), dim=-1)
+        p = torch.softmax(logits.float(), dim=-1).double()  # [N, E]
         if valid is not None:
             p = p * valid[:, None]
-        self.mass_sum += p.sum(0).double().cpu()
-        self.tokens += float(p.shape[0] if valid is None else valid.sum())
+        self.mass_sum += p.sum(0)
+        self.tokens += p.shape[0] if valid is None else valid.double().sum()
 
     def finite(self) -> bool:
         return all(bool(torch.isfinite(t).all()) for t in (self.reap, self.neur, self.mass_sum))
 
     def experts(self) -> torch.Tensor:
-        return (self.reap / self.routed.clamp_min(1)).float()
+        return (self.reap / self.routed.clamp_min(1)).float().cpu()
 
     def neurons(self) -> torch.Tensor:
-        return (self.neur / self.routed.clamp_min(1)[:, None]).float()
+        return (self.neur / self.routed.clamp_min(1)[:, None]).float().cpu()
 
     def mass(self) -> torch.Tensor:
-        return (self.mass_sum / max(self.tokens, 1.0)).float()
+        return (self.mass_sum / self.tokens.clamp_min(1)).float().cpu()
 
 
 def _fusable_norm(view: ModelView, norm: nn.Module) -> tuple[torch.Tensor, float, float] | None:

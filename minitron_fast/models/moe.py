@@ -103,14 +103,21 @@ class MoELayerView(LayerView):
             yield self.moe.shared_gate.weight, None, ("hidden",)
 
 
-def is_sparse_layer(config: Any, i: int) -> bool:
-    """Whether decoder layer ``i`` of ``config`` is a MoE layer (transformers' own rule: not in
-    ``mlp_only_layers`` and ``(i + 1) % decoder_sparse_step == 0``; Mixtral: every layer)."""
+def sparse_layers(config: Any, n: int | None = None) -> list[bool]:
+    """Whether each of the first ``n`` (default all) decoder layers of ``config`` is a MoE layer
+    (transformers' own rule: not in ``mlp_only_layers`` and ``(i + 1) % decoder_sparse_step ==
+    0``; Mixtral: every layer)."""
+    n = config.num_hidden_layers if n is None else n
     if (getattr(config, "num_experts", 0) or 0) <= 0:
-        return False
-    if i in (getattr(config, "mlp_only_layers", None) or []):
-        return False
-    return (i + 1) % (getattr(config, "decoder_sparse_step", 1) or 1) == 0
+        return [False] * n
+    only = set(getattr(config, "mlp_only_layers", None) or ())
+    step = getattr(config, "decoder_sparse_step", 1) or 1
+    return [i not in only and (i + 1) % step == 0 for i in range(n)]
+
+
+def is_sparse_layer(config: Any, i: int) -> bool:
+    """Whether decoder layer ``i`` of ``config`` is a MoE layer (see ``sparse_layers``)."""
+    return sparse_layers(config, i + 1)[i]
 
 
 class MoEModelView(ModelView):
@@ -165,7 +172,8 @@ class MoEModelView(ModelView):
         if cls.has_shared_expert:
             Fs = int(config.shared_expert_intermediate_size)
             sparse += 3 * H * Fs + H
-        out["mlp"] = sum(sparse if is_sparse_layer(config, i) else dense for i in range(g.num_hidden_layers))
+        n_sparse = sum(sparse_layers(config, g.num_hidden_layers))
+        out["mlp"] = n_sparse * sparse + (g.num_hidden_layers - n_sparse) * dense
         out["total"] = sum(v for k, v in out.items() if k != "total")
         return out
 
@@ -181,7 +189,8 @@ class MoEModelView(ModelView):
         setattr(new, cls.expert_ffn_key, g.moe_intermediate_size)
         if hasattr(config, "mlp_only_layers"):
             kept = list(range(g.num_hidden_layers)) if kept_layers is None else list(kept_layers)
-            new.mlp_only_layers = [j for j, i in enumerate(kept) if not is_sparse_layer(config, i)]
+            types = sparse_layers(config)
+            new.mlp_only_layers = [j for j, i in enumerate(kept) if not types[i]]
             new.decoder_sparse_step = 1
         return new
 
@@ -227,4 +236,4 @@ class MoEModelView(ModelView):
         return f"{cls.saved_moe_prefix}.gate.weight"
 
 
-__all__ = ["MoEBlock", "MoELayerView", "MoEModelView", "is_sparse_layer"]
+__all__ = ["MoEBlock", "MoELayerView", "MoEModelView", "is_sparse_layer", "sparse_layers"]

@@ -72,6 +72,14 @@ def _expressible(view_cls: Any, config: Any, g: Geometry) -> bool:
         return False
 
 
+def _expert_counts(top_k: int, n: int, most: int = 16) -> list[int]:
+    """Expert counts a search tries: from ``top_k`` to ``n``, every one when few, else evenly
+    spaced (always including ``n``)."""
+    lo = max(1, top_k)
+    step = max(1, -(-(n - lo) // most))
+    return sorted({*range(n, lo - 1, -step)})
+
+
 def _sizes(full: int, m: int) -> list[int]:
     out = list(range(m, full + 1, m))
     if not out or out[-1] != full:
@@ -129,8 +137,9 @@ def enumerate_candidates(config: Any, budget: int, *, tolerance: float = 0.05,
                  for g in (range(1, group + 1) if prune_heads else [group])]
     src_ratio = F / H
     ffn_opts = _sizes(F, m)
-    # MoE: every expert count from the router's top-k up to the teacher's (width-like cuts)
-    expert_opts = list(range(max(1, src.num_experts_per_tok), src.num_experts + 1)) if src.is_moe else [0]
+    # MoE: expert counts from the router's top-k up to the teacher's (width-like cuts), at most
+    # about 16 of them (Qwen3-30B-A3B has 128 experts: every 8th count)
+    expert_opts = _expert_counts(src.num_experts_per_tok, src.num_experts) if src.is_moe else [0]
     norm = getattr(view_cls, "normalize_geometry", lambda config, g: g)
 
     found: dict[str, list[Candidate]] = {k: [] for k in kinds}
