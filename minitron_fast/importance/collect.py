@@ -226,9 +226,9 @@ class ImportanceCollector:
         # MoE layers (models/moe.py): expert statistics from the same pass
         self.moe = {i: _MoEStat(lv.moe, f"layer {i} experts") for i, lv in enumerate(self.view.layers)
                     if getattr(lv, "moe", None) is not None}
-        self.shared = {i: mk(lv.moe.shared.down_proj.in_features, f"layer {i} shared expert neurons")
+        self.shared = {i: mk(lv.moe.shared_down.in_features, f"layer {i} shared expert neurons")
                        for i, lv in enumerate(self.view.layers)
-                       if getattr(lv, "moe", None) is not None and lv.moe.shared is not None}
+                       if getattr(lv, "moe", None) is not None and lv.moe.shared_down is not None}
         self.cos_sum = torch.zeros(L, dtype=torch.float64)
         self.cos_count = 0.0
         self.tokens = 0
@@ -322,7 +322,7 @@ class ImportanceCollector:
 
         self._patch(moe.experts, experts_forward)
         self._handles.append(moe.router.register_forward_hook(router_hook))
-        if moe.shared is not None:
+        if moe.shared_down is not None:
             stat = self.shared[i]
 
             def shared_hook(mod, args):  # the block runs the shared expert on [B*T, H]: back to [B, T, F]
@@ -330,7 +330,7 @@ class ImportanceCollector:
                 B = (stat.s1 if stat.s1 is not None else stat.s2).shape[0]
                 ops.abs_stats(x.view(B, -1, x.shape[-1]), self._mask, stat.s1, stat.s2)
 
-            self._handles.append(moe.shared.down_proj.register_forward_pre_hook(shared_hook))
+            self._handles.append(moe.shared_down.register_forward_pre_hook(shared_hook))
 
     def _fused_mlp(self, i: int, lv, act: str):
         def forward(x):

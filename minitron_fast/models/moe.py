@@ -60,6 +60,11 @@ class MoEBlock:
         return self.experts.down_proj
 
     @property
+    def shared_down(self) -> nn.Linear | None:
+        """The shared expert's down projection (its input is the shared expert's neurons), or None."""
+        return None if self.shared is None else self.shared.down_proj
+
+    @property
     def num_experts(self) -> int:
         return int(self.router_weight.shape[0])
 
@@ -230,6 +235,11 @@ class MoEModelView(ModelView):
         groups: layer, expert, name."""
         names = "|".join(re.escape(n) for n in cls.saved_expert_names.values())
         return re.compile(rf"^(\d+)\.{re.escape(cls.saved_moe_prefix)}\.experts\.(\d+)\.({names})$")
+
+    @classmethod
+    def saved_expert_name(cls, e: int, name: str) -> str:
+        """The on-disk name of expert ``e``'s tensor ``name`` after ``"{layer}."``."""
+        return f"{cls.saved_moe_prefix}.experts.{e}.{name}"
 
     @classmethod
     def saved_router_name(cls) -> str:

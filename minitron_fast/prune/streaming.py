@@ -234,7 +234,7 @@ def saved_expert_jobs(config: Any, plan: Plan, prefix: str, files: dict[str, Pat
         kept = plan.expert_neurons[i][j]
         nr = None if len(kept) == F else torch.as_tensor(kept, dtype=torch.long)
         meta = f"{prefix}{i}.{view_cls.memory_names['down' if role == 'down' else 'gate_up']}"
-        new = f"{prefix}{new_index[i]}.{view_cls.saved_moe_prefix}.experts.{j}.{m.group(3)}"
+        new = f"{prefix}{new_index[i]}.{view_cls.saved_expert_name(j, m.group(3))}"
         out[name] = ((meta, new, (H, F), Rule(hid, nr)) if role == "down" else (meta, new, (F, H), Rule(nr, hid)))
     return out
 
