@@ -19,6 +19,7 @@ import torch
 
 from minitron_fast.errors import MinitronError
 from minitron_fast.io import atomic_dir, same_or_inside
+from minitron_fast.models import view_class_for_config
 from minitron_fast.models.export import copy_tokenizer_files, minitron_record
 from minitron_fast.prune.plan import Plan, validate_plan
 from minitron_fast.prune.surgery import Rule, layers_prefix, named_rules, pruned_config
@@ -27,7 +28,6 @@ ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "
              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
              "BOOL": torch.bool}
 ST_NAMES = {v: k for k, v in ST_DTYPES.items()}
-IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # non-persistent buffers some old checkpoints carry
 DEFAULT_SHARD_BYTES = 5 * 2**30
 
 
@@ -248,7 +248,7 @@ def prune_checkpoint(src_dir: str | os.PathLike, plan: Plan, out_dir: str | os.P
         # the output tensors, in source order: (new name, source name, dtype, new shape, rule)
         jobs = []
         for name in sorted(files, key=lambda n: (str(files[n]), n)):
-            if name.endswith(IGNORED_SUFFIXES):
+            if name.endswith(view_class_for_config(config).ignored_checkpoint_suffixes):
                 continue
             if name not in expected:
                 raise CheckpointError(f"checkpoint tensor {name} is not a parameter of a {type(meta).__name__} "
