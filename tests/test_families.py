@@ -234,3 +234,37 @@ def test_no_family_attribute_names_outside_models():
     # and the scan does see such names where they belong
     assert {"q_norm", "embed_scale", "activation_fn"} <= set().union(
         *(_code_names(p) for p in (pkg / "models").glob("*.py")))
+
+
+# -- every stage on every new family ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", NEW_FAMILIES)
+def test_importance_plan_prune_retrain_evaluate(tiny_builders, name):
+    """The stages in memory on each family: importance scores -> plan -> in-place surgery ->
+    search's KD retraining (full and LoRA on the view's projection names) -> evaluation."""
+    from minitron_fast.evaluate.perplexity import lm_loss
+    from minitron_fast.importance.collect import collect_importance
+    from minitron_fast.search.run import retrain, teacher_targets
+
+    teacher = tiny_builders[name]()
+    geo = get_view(teacher).geometry()
+    calib = torch.randint(0, geo.vocab_size, (4, 9), generator=torch.Generator().manual_seed(5))
+    scores = collect_importance(teacher, calib, progress=False, impl="torch")
+    plan = make_plan(teacher, scores.to_tensors(), {"hidden": geo.hidden_size - 16, "ffn": 48, "heads": 2,
+                                                    "kv_heads": 1, "layers": 2}, depth_mode="top")
+    student = apply_plan(copy.deepcopy(teacher), plan)
+    assert get_view(student).geometry() == plan.target_geometry()
+    batches = [calib[:2]] * 6
+    targets = teacher_targets(teacher, batches)
+    t_weight = get_view(teacher).lm_head.weight.detach()
+    trained, losses = retrain(copy.deepcopy(student), batches, targets, t_weight, lr=2e-3)
+    assert losses[-1] < losses[0]  # the same batch six times: KD to the teacher must fall
+    lora, lora_losses = retrain(copy.deepcopy(student), batches[:2], targets[:2], t_weight, lr=1e-2, lora_rank=2)
+    assert all(torch.isfinite(torch.tensor(lora_losses)))
+    assert type(lora) is type(student)  # merged back into a stock model
+    targets_named = get_view(student).lora_targets()
+    assert ("qkv_proj" in targets_named) == (name == "phi3")
+    with torch.no_grad():  # evaluation == the NLL of the model's own (softcapped) logits
+        logits = trained(calib).logits[:, :-1].double()
+        want = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), calib[:, 1:].reshape(-1))
+    assert lm_loss(trained, calib, progress=False) == pytest.approx(float(want), rel=1e-5)
