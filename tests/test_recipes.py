@@ -210,7 +210,7 @@ def test_family_recipes_parameter_counts_on_meta_device(recipe, make_config, tea
     assert n == view_cls.count_params(config, geo)["total"]
     assert abs(n - student_count) <= 0.0005e9 and abs(n - 6.0e9) <= 0.1e9
     assert student.geometry() == geo and student.head_dim == teacher.head_dim
-    assert student.layer_types == teacher.layer_types  # width pruning keeps every layer's type
+    assert student.attn_kinds == teacher.attn_kinds  # width pruning keeps every layer's type
 
 
 def mixtral_8x7b_config():

@@ -26,9 +26,9 @@ class _SkipLayer(nn.Module):
 
     def __init__(self, replaced: nn.Module):
         super().__init__()
-        for attr in ("attention_type", "layer_type", "layer_idx"):  # read by some decoders' loops
-            if hasattr(replaced, attr):
-                setattr(self, attr, getattr(replaced, attr))
+        for attr, value in vars(replaced).items():  # plain attributes some decoders' loops read (layer index, type)
+            if not attr.startswith("_") and isinstance(value, (str, int, float, bool)):
+                setattr(self, attr, value)
 
     def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any):
         return hidden_states

@@ -102,7 +102,7 @@ class LayerView:
     act_fn: Callable[[torch.Tensor], torch.Tensor] | None = None
     extra_norms: tuple[nn.Module, ...] = ()
     head_norms: tuple[nn.Module, ...] = ()
-    layer_type: str | None = None
+    attn_kind: str | None = None  # the config's layer_types entry: "full_attention", "sliding_attention"
 
     # -- projections ---------------------------------------------------------------------------
     def linears(self) -> dict[str, nn.Linear]:
@@ -200,6 +200,12 @@ class ModelView:
     # [hidden] norms per decoder layer and per-head [head_dim] norms per layer (analytic counts)
     hidden_norms_per_layer: ClassVar[int] = 2
     head_norms_per_layer: ClassVar[int] = 0
+    # config keys that pruning rewrites (config_for sets them; in-place surgery copies them over)
+    pruned_config_keys: ClassVar[tuple[str, ...]] = (
+        "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "head_dim",
+        "num_hidden_layers", "vocab_size", "layer_types", "max_window_layers")
+    # checkpoint tensors that are not parameters (non-persistent buffers some old checkpoints carry)
+    ignored_checkpoint_suffixes: ClassVar[tuple[str, ...]] = ("rotary_emb.inv_freq",)
     # the attention implementation stages load this family with when flash-attn is not used
     default_attn_implementation: ClassVar[str] = "sdpa"
 
@@ -214,7 +220,7 @@ class ModelView:
         types = list(getattr(self.config, "layer_types", None) or [])
         self.layers = [self.layer_view(i, layer) for i, layer in enumerate(inner.layers)]
         for lv in self.layers:
-            lv.layer_type = types[lv.index] if lv.index < len(types) else None
+            lv.attn_kind = types[lv.index] if lv.index < len(types) else None
 
     # -- structure ----------------------------------------------------------------------------
     def layer_view(self, i: int, layer: nn.Module) -> LayerView:
@@ -255,9 +261,9 @@ class ModelView:
         return getattr(self.config, "attn_logit_softcapping", None) or None
 
     @property
-    def layer_types(self) -> list[str | None]:
+    def attn_kinds(self) -> list[str | None]:
         """Each layer's attention type ("full_attention", "sliding_attention") or None."""
-        return [lv.layer_type for lv in self.layers]
+        return [lv.attn_kind for lv in self.layers]
 
     def rmsnorm_of(self, norm: nn.Module) -> tuple[torch.Tensor, float, float] | None:
         """``(weight, eps, weight_offset)`` when ``norm`` claims to be this family's RMSNorm
@@ -430,7 +436,7 @@ class ModelView:
             out["fused"] = ",".join(n for n in ("qkv_proj", "gate_up_proj") if getattr(lv, n) is not None)
         if lv is not None and lv.head_norms:
             out["head_norms"] = len(lv.head_norms)
-        types = [t for t in self.layer_types if t]
+        types = [t for t in self.attn_kinds if t]
         if types and len(set(types)) > 1:
             out["layer_types"] = ", ".join(f"{t} x{types.count(t)}" for t in sorted(set(types)))
         for k, v in (("final_logit_softcap", self.final_logit_softcap), ("attn_logit_softcap", self.attn_logit_softcap)):

@@ -137,6 +137,9 @@ class MoEModelView(ModelView):
     # the in-memory (state-dict) names of a sparse block's router and stacked experts, after "{layer}."
     memory_names: ClassVar[dict[str, str]] = {"router": "mlp.gate.weight", "gate_up": "mlp.experts.gate_up_proj",
                                               "down": "mlp.experts.down_proj"}
+    # the config keys surgery rewrites: also the expert axes and which layers are MoE
+    pruned_config_keys: ClassVar[tuple[str, ...]] = ModelView.pruned_config_keys + (
+        "num_experts", "num_experts_per_tok", "moe_intermediate_size", "mlp_only_layers", "decoder_sparse_step")
 
     def layer_view(self, i: int, layer: nn.Module) -> LayerView:
         a, m = layer.self_attn, layer.mlp

@@ -13,9 +13,9 @@ parameter's rows and columns are made of comes from the family adapter
 | hidden channel  | embeddings and lm_head columns (tied or not), every projection's input   |
 |                 | columns or output rows (+o/down bias), every ``[hidden]`` norm (and bias)|
 | layer           | the decoder layer, with the survivors' ``layer_idx`` renumbered and the  |
-|                 | config's per-layer lists (``layer_types``) following the kept layers     |
+|                 | config's per-layer settings following the kept layers (``config_for``)   |
 
-Per-head norms (Qwen3/Gemma3 ``q_norm``/``k_norm``, weight ``[head_dim]``) are shared by every
+Per-head norms (Qwen3/Gemma3 query and key norms, weight ``[head_dim]``) are shared by every
 head and never sliced. When the embedding scale depends on the hidden size (Gemma), hidden
 pruning rescales the kept embedding columns (and, with tied embeddings, the final norm): see
 ``hidden_rescale``.
@@ -62,10 +62,11 @@ class Rule:
         return self.scale != 1.0 or self.shift != 0.0
 
     def apply_affine_(self, t: torch.Tensor) -> torch.Tensor:
-        """``t <- t * scale + shift`` in place, in fp32 then rounded once to ``t``'s dtype (the
-        in-place and the streaming pruner call this same function, so they agree bit for bit)."""
+        """``t <- t * scale + shift`` in place, in fp32 (fp64 for fp64 weights) then rounded once
+        to ``t``'s dtype (the in-place and the streaming pruner call this same function, so they
+        agree bit for bit)."""
         if self.affine:
-            t.copy_(t.float().mul_(self.scale).add_(self.shift))
+            t.copy_(t.to(torch.promote_types(t.dtype, torch.float32)).mul_(self.scale).add_(self.shift))
         return t
 
 
@@ -167,7 +168,7 @@ def layer_rules(view: ModelView, plan: Plan, src_layer: int, lv: Any) -> Iterato
 
 
 def hidden_rescale(view_cls: Any, config: Any, plan: Plan) -> tuple[float, float, float]:
-    """``(embed_scale, final_norm_scale, final_norm_shift)`` for a family whose embedding is
+    """``(embedding_scale, final_norm_scale, final_norm_shift)`` for a family whose embedding is
     multiplied by a function of the hidden size (Gemma: ``sqrt(hidden)``).
 
     The pruned model multiplies its embedding by the new factor, so the kept embedding columns are
@@ -269,7 +270,7 @@ def apply_plan(model: nn.Module, plan: Plan, *, impl: str = "auto", release: boo
     Layers not kept are removed and the survivors renumbered (``layer_idx``, so the KV cache
     works); every kept parameter is compacted in its own buffer with ``compact_(impl=impl)``
     (``"auto"``: the C++ extension on CPU, Triton on CUDA, else torch); module attributes
-    (``in_features``, ``num_key_value_groups``, ...) and the config are updated to describe
+    (``in_features``, the attention's cached head counts, ...) and the config are updated to describe
     the new shape exactly.
 
     Example:
@@ -301,7 +302,7 @@ def apply_plan(model: nn.Module, plan: Plan, *, impl: str = "auto", release: boo
             compact_2d_(p, r.rows, r.cols, impl=impl, release=release)
             r.apply_affine_(p.data)
     # 3. the config, in place (modules hold references to it), then module attributes that cache
-    #    sizes (layer_idx, num_key_value_groups, embedding scale, experts and top-k, ...)
+    #    sizes (layer_idx, cached head counts, embedding scale, experts and top-k, ...): ModelView.sync_modules_
     update_config_(model.config, geo, plan, src_config)
     view.refresh()
     view.sync_modules_()
@@ -310,16 +311,14 @@ def apply_plan(model: nn.Module, plan: Plan, *, impl: str = "auto", release: boo
 
 def update_config_(config: Any, geo: Any, plan: Plan, src_config: Any = None) -> Any:
     """Makes ``config`` describe ``geo`` exactly (head_dim written explicitly); per-layer settings
-    (``layer_types``, ``max_window_layers``) follow the kept layers of ``plan``. ``src_config``
+    (attention types, sliding-window boundary) follow the kept layers of ``plan``. ``src_config``
     is the source's config when ``config`` has already been changed (default: ``config``)."""
     from minitron_fast.models import view_class_for_config
 
     src = config if src_config is None else src_config
-    new = view_class_for_config(src).config_for(src, geo, plan.layers)
-    for k in ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "head_dim",
-              "num_hidden_layers", "vocab_size", "layer_types", "max_window_layers",
-              # MoE (models/moe.py): expert axes, and each kept layer keeps its type (dense or MoE)
-              "num_experts", "num_experts_per_tok", "moe_intermediate_size", "mlp_only_layers", "decoder_sparse_step"):
+    view_cls = view_class_for_config(src)
+    new = view_cls.config_for(src, geo, plan.layers)
+    for k in view_cls.pruned_config_keys:
         if hasattr(new, k):
             setattr(config, k, getattr(new, k))
     return config
