@@ -250,6 +250,23 @@ def from_dict(cls: type, d: dict[str, Any], *, error: type[Exception], prefix: s
     return cls(**{k: coerce(v, hints[k], prefix + k, error=error, skip=skip) for k, v in d.items()})
 
 
+def load_yaml_mapping(path: Any, *, error: type[Exception], what: str = "recipe") -> dict[str, Any]:
+    """The YAML mapping in the file ``path`` (``{}`` for an empty file); a missing file, invalid
+    YAML or a non-mapping is a one-line ``error``."""
+    from pathlib import Path
+
+    p = Path(path)
+    if not p.is_file():
+        raise error(f"{what} {p} does not exist")
+    try:
+        d = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise error(f"{what} {p} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    if not isinstance(d, dict):
+        raise error(f"{what} {p} must be a YAML mapping of keys to values")
+    return d
+
+
 def parse_overrides(overrides: list[str] | tuple[str, ...], *, error: type[Exception],
                     aliases: dict[str, str] | None = None, example: str = "steps=100") -> dict[str, Any]:
     """``["a.b=1", "c=x"]`` -> ``{"a": {"b": 1}, "c": "x"}``. Values are parsed as YAML, and kept
