@@ -73,7 +73,8 @@ class DeviceConfig:
               "when installed, else sdpa)")
 
     def check_device(self, where: str = "") -> None:
-        """The device's syntax (at load time; availability is checked by :meth:`resolved_device`)."""
+        """The device's syntax and every field with ``choices`` (at load time; availability is
+        checked by :meth:`resolved_device`)."""
         d = str(self.device)
         if d not in DEVICES and not (d.startswith("cuda:") and d[5:].isdigit()):
             raise OptionError(f"{where}device={d!r} is not one of cpu, cuda, cuda:N, auto")
@@ -150,6 +151,7 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, *, only: tuple[str
             if default:
                 names = ["--no-" + f.name.replace("_", "-")]
                 kw.update(action="store_false", default=True)
+                help_ = f"turn off (on by default): {help_}"
             else:
                 kw.update(action="store_true", default=False)
         elif typing.get_origin(base) is list:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from minitron_fast.configtools import DeviceMapConfig, OptionError, check_fields, opt
+from minitron_fast.configtools import DeviceMapConfig, OptionError, opt
 
 AGGREGATIONS = ("mean", "l2", "var")
 HEAD_SCORES = ("input", "output")
@@ -31,8 +31,7 @@ class ImportanceConfig(DeviceMapConfig):
     impl: str = opt("auto", "statistics kernels: auto, torch or triton", choices=("auto", "torch", "triton"))
 
     def validate(self, where: str = "") -> "ImportanceConfig":
-        self.check_device(where)
-        check_fields(self, where)
+        self.check_device(where)  # and every field with choices
         for k in ("samples", "batch_size", "heldout_samples"):
             if getattr(self, k) < 1:
                 raise OptionError(f"{where}{k} must be at least 1, got {getattr(self, k)}")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from minitron_fast.artifacts.targets import BUDGET_AXES, TargetError, parse_target
-from minitron_fast.configtools import DeviceConfig, OptionError, check_fields, opt
+from minitron_fast.configtools import DeviceConfig, OptionError, opt
 
 DEPTH_METRICS = ("block_importance", "lm_loss", "lm_loss_block")
 DEPTH_MODES = ("contiguous", "top")
@@ -28,8 +28,7 @@ class PruneConfig(DeviceConfig):
     impl: str = opt("auto", "in-place compaction backend (--no-streaming)", choices=("auto", "cpp", "torch"))
 
     def validate(self, where: str = "") -> "PruneConfig":
-        self.check_device(where)
-        check_fields(self, where)
+        self.check_device(where)  # and every field with choices
         if self.target is not None:
             try:
                 parse_target(self.target)
