@@ -8,15 +8,14 @@ from typing import Any, Callable
 
 
 def lazy_getattr(package: str, exports: dict[str, tuple[str, ...]]) -> Callable[[str], Any]:
-    """A module ``__getattr__`` that serves ``exports`` (defining module -> its public names)."""
+    """A module ``__getattr__`` that serves ``exports`` (defining module -> its public names).
+    A name must not also be a submodule's name (importing ``pkg.x`` sets ``pkg.x`` to the module)."""
     where = {name: module for module, names in exports.items() for name in names}
 
     def __getattr__(name: str) -> Any:
         if name in where:
             value = getattr(importlib.import_module(where[name]), name)
-            # cache it on the package: importing ``pkg.perplexity`` (a submodule) just set the
-            # package attribute of that name to the module, which the function must replace
-            setattr(sys.modules[package], name, value)
+            setattr(sys.modules[package], name, value)  # later lookups skip __getattr__
             return value
         raise AttributeError(f"module {package!r} has no attribute {name!r}")
 
