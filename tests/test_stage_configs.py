@@ -286,3 +286,19 @@ def test_search_considers_kv_group_pruning(tiny_builders):
     for c in with_kv:
         g = c.geometry
         assert g.num_attention_heads % g.num_key_value_heads == 0 and f"kv_heads={g.num_key_value_heads}" in c.target()
+
+
+def test_impl_that_cannot_run_here_is_one_line_naming_the_ones_that_can(monkeypatch, tmp_path, capsys):
+    import minitron_fast._ext as ext
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # as on a user's CPU machine
+    assert main(["importance", "--model", str(tmp_path / "absent"), "--out", str(tmp_path / "s"), "--device", "cpu",
+                 "--impl", "triton"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: impl=triton cannot run on cpu") and err.endswith("these run: auto, torch\n")
+    monkeypatch.setattr(ext, "HAS_C", False)
+    with pytest.raises(Exception, match=r"^prune\.impl=cpp cannot run here \(minitron_fast\._C is not built\); "
+                                        r"here these run: auto, torch$"):
+        PipelineRunner(load_recipe("demo", ["prune.streaming=false", "prune.impl=cpp"]), out=tmp_path / "r",
+                       log=lambda s: None).check_devices()
+    PruneConfig(impl="cpp").check_impl("cpu")  # streaming prunes never compact: nothing to refuse

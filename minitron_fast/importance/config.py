@@ -41,5 +41,14 @@ class ImportanceConfig(DeviceMapConfig):
             raise OptionError(f"{where}depth_block must be at least 1, got {self.depth_block}")
         return self
 
+    def check_impl(self, device: str, where: str = "") -> None:
+        """``impl=triton`` where Triton cannot run (a CPU device without TRITON_INTERPRET=1) is a
+        one-line OptionError naming the implementations that can, raised before any model loads."""
+        from minitron_fast.ops._dispatch import triton_available, triton_interpreted
+
+        if self.impl == "triton" and not (triton_available() and (device.startswith("cuda") or triton_interpreted())):
+            raise OptionError(f"{where}impl=triton cannot run on {device} (Triton kernels need a CUDA device, or "
+                              "TRITON_INTERPRET=1 for the CPU interpreter); here these run: auto, torch")
+
 
 __all__ = ["AGGREGATIONS", "HEAD_SCORES", "ImportanceConfig"]

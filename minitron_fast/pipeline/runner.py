@@ -177,11 +177,14 @@ class PipelineRunner:
         return inputs
 
     def check_devices(self) -> None:
-        """Every stage's ``device`` resolved before anything runs: ``cuda`` on a machine without
-        CUDA is a one-line error here, not after hours of earlier stages."""
+        """Every stage's ``device`` resolved, and the ``impl`` of importance and prune checked
+        against it, before anything runs: ``cuda`` on a machine without CUDA, or an ``impl`` that
+        cannot run there, is a one-line error here, not after hours of earlier stages."""
         r = self.recipe
         for section in ("importance", "search", "prune", "evaluate"):
-            getattr(r, section).resolved_device(f"{section}.")
+            device = getattr(r, section).resolved_device(f"{section}.")
+            if section in ("importance", "prune"):
+                getattr(r, section).check_impl(device, f"{section}.")
         for section in ("correct_teacher", "distill", "scratch"):
             if stage_enabled(r, section):
                 DeviceConfig(device=getattr(r, section).device).resolved_device(f"{section}.")

@@ -36,5 +36,14 @@ class PruneConfig(DeviceConfig):
                 raise OptionError(f"{where}target: {exc}") from None
         return self
 
+    def check_impl(self, device: str, where: str = "") -> None:
+        """``impl=cpp`` where the C++ compaction cannot run (``_C`` not built, or a CUDA model) is a
+        one-line OptionError naming the implementations that can, raised before any model loads."""
+        from minitron_fast._ext import HAS_C
+
+        if self.impl == "cpp" and not self.streaming and (not HAS_C or device.startswith("cuda")):
+            why = "minitron_fast._C is not built" if not HAS_C else f"it compacts host memory, not {device}"
+            raise OptionError(f"{where}impl=cpp cannot run here ({why}); here these run: auto, torch")
+
 
 __all__ = ["DEPTH_METRICS", "DEPTH_MODES", "PruneConfig"]
