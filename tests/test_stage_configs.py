@@ -302,3 +302,14 @@ def test_impl_that_cannot_run_here_is_one_line_naming_the_ones_that_can(monkeypa
         PipelineRunner(load_recipe("demo", ["prune.streaming=false", "prune.impl=cpp"]), out=tmp_path / "r",
                        log=lambda s: None).check_devices()
     PruneConfig(impl="cpp").check_impl("cpu")  # streaming prunes never compact: nothing to refuse
+
+
+def test_dumped_recipe_loads_back_identical(tmp_path):
+    """``run --dry-run`` output and ``<out>/recipe.yaml`` (every key, defaults filled) are recipes."""
+    from minitron_fast.pipeline.recipe import dump_recipe, shipped_recipes
+
+    for name in shipped_recipes():
+        r = load_recipe(name)
+        p = tmp_path / f"{name}.yaml"
+        p.write_text(dump_recipe(r))
+        assert load_recipe(p).to_dict() == r.to_dict(), name
