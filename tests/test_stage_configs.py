@@ -19,7 +19,7 @@ from minitron_fast.evaluate.config import EvaluateConfig
 from minitron_fast.export.config import ExportConfig
 from minitron_fast.importance.config import ImportanceConfig
 from minitron_fast.pipeline.recipe import Recipe, ScratchSection, TrainingSection, load_recipe
-from minitron_fast.pipeline.runner import PipelineRunner
+from minitron_fast.pipeline.runner import TASK_FIELDS, PipelineRunner
 from minitron_fast.pipeline.stages import stage_key
 from minitron_fast.prune.config import PruneConfig
 from minitron_fast.search.config import SearchConfig
@@ -151,6 +151,8 @@ def test_every_config_field_changes_its_stage_key(stage, section):
     for path, f, tp in _leaves(getattr(base, section)):
         if path == ("enabled",):  # decides whether the stage runs at all (stage_enabled), not how
             continue
+        if stage == "teacher_eval" and path[0] in TASK_FIELDS:  # lm-eval options: the evaluate stage's
+            continue
         r = copy.deepcopy(base)
         if dataclasses.is_dataclass(tp):
             new = tp()  # scratch.data/deepspeed None -> an explicit section of its own
@@ -177,6 +179,10 @@ def test_recipe_wide_values_reach_the_stages():
     r = copy.deepcopy(base)
     r.search.seed = 0  # explicit and equal to the recipe's seed: the same search
     assert _key(r, "search") == _key(base, "search")
+    r = copy.deepcopy(base)
+    r.evaluate.tasks, r.evaluate.limit = ["hellaswag"], 5  # lm-eval tasks rerun no perplexity stage
+    for stage in ("teacher_eval", "correct_teacher", "importance", "prune", "distill", "scratch"):
+        assert _key(r, stage) == _key(base, stage), stage
 
 
 # -- device, dtype, attention: passed to the loader; cuda without CUDA fails first -------------------------
