@@ -180,6 +180,12 @@ def test_recipe_wide_values_reach_the_stages():
     r.search.seed = 0  # explicit and equal to the recipe's seed: the same search
     assert _key(r, "search") == _key(base, "search")
     r = copy.deepcopy(base)
+    r.prune.depth_mode = "top"  # search prunes its candidates as prune would
+    assert _key(r, "search") != _key(base, "search")
+    r.prune.target = "layers=2"  # ... but the target is the search's output, not its input
+    r.prune.depth_mode = base.prune.depth_mode
+    assert _key(r, "search") == _key(base, "search")
+    r = copy.deepcopy(base)
     r.evaluate.tasks, r.evaluate.limit = ["hellaswag"], 5  # lm-eval tasks rerun no perplexity stage
     for stage in ("teacher_eval", "correct_teacher", "importance", "prune", "distill", "scratch"):
         assert _key(r, stage) == _key(base, stage), stage
