@@ -73,7 +73,8 @@ class DeviceConfig:
               "when installed, else sdpa)")
 
     def check_device(self, where: str = "") -> None:
-        """The device's syntax (at load time; availability is checked by :meth:`resolved_device`)."""
+        """The device's syntax and every field with ``choices`` (at load time; availability is
+        checked by :meth:`resolved_device`)."""
         d = str(self.device)
         if d not in DEVICES and not (d.startswith("cuda:") and d[5:].isdigit()):
             raise OptionError(f"{where}device={d!r} is not one of cpu, cuda, cuda:N, auto")
@@ -150,6 +151,7 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, *, only: tuple[str
             if default:
                 names = ["--no-" + f.name.replace("_", "-")]
                 kw.update(action="store_false", default=True)
+                help_ = f"turn off (on by default): {help_}"
             else:
                 kw.update(action="store_true", default=False)
         elif typing.get_origin(base) is list:
@@ -248,6 +250,23 @@ def from_dict(cls: type, d: dict[str, Any], *, error: type[Exception], prefix: s
         where = f" under {prefix[:-1]}" if prefix else ""
         raise error(f"unknown recipe key {prefix}{unknown[0]}; known keys{where}: {', '.join(names)}")
     return cls(**{k: coerce(v, hints[k], prefix + k, error=error, skip=skip) for k, v in d.items()})
+
+
+def load_yaml_mapping(path: Any, *, error: type[Exception], what: str = "recipe") -> dict[str, Any]:
+    """The YAML mapping in the file ``path`` (``{}`` for an empty file); a missing file, invalid
+    YAML or a non-mapping is a one-line ``error``."""
+    from pathlib import Path
+
+    p = Path(path)
+    if not p.is_file():
+        raise error(f"{what} {p} does not exist")
+    try:
+        d = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise error(f"{what} {p} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    if not isinstance(d, dict):
+        raise error(f"{what} {p} must be a YAML mapping of keys to values")
+    return d
 
 
 def parse_overrides(overrides: list[str] | tuple[str, ...], *, error: type[Exception],

@@ -19,7 +19,7 @@ from minitron_fast.evaluate.config import EvaluateConfig
 from minitron_fast.export.config import ExportConfig
 from minitron_fast.importance.config import ImportanceConfig
 from minitron_fast.pipeline.recipe import Recipe, ScratchSection, TrainingSection, load_recipe
-from minitron_fast.pipeline.runner import PipelineRunner
+from minitron_fast.pipeline.runner import TASK_FIELDS, PipelineRunner
 from minitron_fast.pipeline.stages import stage_key
 from minitron_fast.prune.config import PruneConfig
 from minitron_fast.search.config import SearchConfig
@@ -151,6 +151,8 @@ def test_every_config_field_changes_its_stage_key(stage, section):
     for path, f, tp in _leaves(getattr(base, section)):
         if path == ("enabled",):  # decides whether the stage runs at all (stage_enabled), not how
             continue
+        if stage == "teacher_eval" and path[0] in TASK_FIELDS:  # lm-eval options: the evaluate stage's
+            continue
         r = copy.deepcopy(base)
         if dataclasses.is_dataclass(tp):
             new = tp()  # scratch.data/deepspeed None -> an explicit section of its own
@@ -177,6 +179,16 @@ def test_recipe_wide_values_reach_the_stages():
     r = copy.deepcopy(base)
     r.search.seed = 0  # explicit and equal to the recipe's seed: the same search
     assert _key(r, "search") == _key(base, "search")
+    r = copy.deepcopy(base)
+    r.prune.depth_mode = "top"  # search prunes its candidates as prune would
+    assert _key(r, "search") != _key(base, "search")
+    r.prune.target = "layers=2"  # ... but the target is the search's output, not its input
+    r.prune.depth_mode = base.prune.depth_mode
+    assert _key(r, "search") == _key(base, "search")
+    r = copy.deepcopy(base)
+    r.evaluate.tasks, r.evaluate.limit = ["hellaswag"], 5  # lm-eval tasks rerun no perplexity stage
+    for stage in ("teacher_eval", "correct_teacher", "importance", "prune", "distill", "scratch"):
+        assert _key(r, stage) == _key(base, stage), stage
 
 
 # -- device, dtype, attention: passed to the loader; cuda without CUDA fails first -------------------------
@@ -286,3 +298,30 @@ def test_search_considers_kv_group_pruning(tiny_builders):
     for c in with_kv:
         g = c.geometry
         assert g.num_attention_heads % g.num_key_value_heads == 0 and f"kv_heads={g.num_key_value_heads}" in c.target()
+
+
+def test_impl_that_cannot_run_here_is_one_line_naming_the_ones_that_can(monkeypatch, tmp_path, capsys):
+    import minitron_fast._ext as ext
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # as on a user's CPU machine
+    assert main(["importance", "--model", str(tmp_path / "absent"), "--out", str(tmp_path / "s"), "--device", "cpu",
+                 "--impl", "triton"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: impl=triton cannot run on cpu") and err.endswith("these run: auto, torch\n")
+    monkeypatch.setattr(ext, "HAS_C", False)
+    with pytest.raises(Exception, match=r"^prune\.impl=cpp cannot run here \(minitron_fast\._C is not built\); "
+                                        r"here these run: auto, torch$"):
+        PipelineRunner(load_recipe("demo", ["prune.streaming=false", "prune.impl=cpp"]), out=tmp_path / "r",
+                       log=lambda s: None).check_devices()
+    PruneConfig(impl="cpp").check_impl("cpu")  # streaming prunes never compact: nothing to refuse
+
+
+def test_dumped_recipe_loads_back_identical(tmp_path):
+    """``run --dry-run`` output and ``<out>/recipe.yaml`` (every key, defaults filled) are recipes."""
+    from minitron_fast.pipeline.recipe import dump_recipe, shipped_recipes
+
+    for name in shipped_recipes():
+        r = load_recipe(name)
+        p = tmp_path / f"{name}.yaml"
+        p.write_text(dump_recipe(r))
+        assert load_recipe(p).to_dict() == r.to_dict(), name

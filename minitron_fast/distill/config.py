@@ -25,7 +25,6 @@ import hashlib
 import json
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import yaml
@@ -230,15 +229,7 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> Di
     ``key=value`` overrides and validates. Raises ConfigError with a one-line message."""
     d: dict[str, Any] = {}
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"recipe {p} does not exist")
-        try:
-            d = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"recipe {p} is not valid YAML: {exc}") from exc
-        if not isinstance(d, dict):
-            raise ConfigError(f"recipe {p} must be a YAML mapping of keys to values")
+        d = configtools.load_yaml_mapping(path, error=ConfigError)
         if "ds" in d and "deepspeed" not in d:
             d["deepspeed"] = d.pop("ds")
     return config_from_dict(_merge(d, parse_overrides(list(overrides))))

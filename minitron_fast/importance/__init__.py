@@ -10,18 +10,16 @@ channels, layers) from forward passes only, and the scores file the pruning stag
 
 Names are imported on first use (the CLI reads ``ImportanceConfig`` without importing torch).
 """
-from minitron_fast._lazy import lazy_getattr
+from minitron_fast._lazy import exported_names, lazy_getattr
 
 _EXPORTS = {
-    "ImportanceConfig": "minitron_fast.importance.config",
-    "compute_importance": "minitron_fast.importance.api", "run_importance": "minitron_fast.importance.api",
-    "AGGS": "minitron_fast.importance.collect", "ImportanceCollector": "minitron_fast.importance.collect",
-    "NonFiniteActivationError": "minitron_fast.importance.collect",
-    "collect_importance": "minitron_fast.importance.collect",
-    "depth_lm_loss": "minitron_fast.importance.depth", "skip_layers": "minitron_fast.importance.depth",
-    "ImportanceScores": "minitron_fast.artifacts.scores", "ScoresFileError": "minitron_fast.artifacts.scores",
-    "load_scores": "minitron_fast.artifacts.scores", "read_metadata": "minitron_fast.artifacts.scores",
-    "save_scores": "minitron_fast.artifacts.scores",
+    "minitron_fast.importance.config": ("ImportanceConfig",),
+    "minitron_fast.importance.api": ("compute_importance", "run_importance"),
+    "minitron_fast.importance.collect": ("AGGS", "ImportanceCollector", "NonFiniteActivationError",
+                                         "collect_importance"),
+    "minitron_fast.importance.depth": ("depth_lm_loss", "skip_layers"),
+    "minitron_fast.artifacts.scores": ("ImportanceScores", "ScoresFileError", "load_scores", "read_metadata",
+                                       "save_scores"),
 }
 __getattr__ = lazy_getattr(__name__, _EXPORTS)
-__all__ = sorted(_EXPORTS)
+__all__ = exported_names(_EXPORTS)

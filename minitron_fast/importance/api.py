@@ -60,6 +60,7 @@ def run_importance(model: str | os.PathLike = "demo", data: str | os.PathLike = 
     cfg = (config or ImportanceConfig()).validate()
     samples, seq_len = cfg.samples, cfg.seq_len or default_seq_len
     load_kw = cfg.load_kwargs()  # device: cuda without CUDA fails here, before any model loads
+    cfg.check_impl(load_kw["device"] if cfg.device_map in (None, "cpu") else "cuda")
     config = load_config(model)  # unsupported families fail here, before any weight is read
     src = resolve_model_path(model)
     out = Path(out)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from minitron_fast.configtools import DeviceMapConfig, OptionError, check_fields, opt
+from minitron_fast.configtools import DeviceMapConfig, OptionError, opt
 
 AGGREGATIONS = ("mean", "l2", "var")
 HEAD_SCORES = ("input", "output")
@@ -31,8 +31,7 @@ class ImportanceConfig(DeviceMapConfig):
     impl: str = opt("auto", "statistics kernels: auto, torch or triton", choices=("auto", "torch", "triton"))
 
     def validate(self, where: str = "") -> "ImportanceConfig":
-        self.check_device(where)
-        check_fields(self, where)
+        self.check_device(where)  # and every field with choices
         for k in ("samples", "batch_size", "heldout_samples"):
             if getattr(self, k) < 1:
                 raise OptionError(f"{where}{k} must be at least 1, got {getattr(self, k)}")
@@ -41,6 +40,15 @@ class ImportanceConfig(DeviceMapConfig):
         if self.depth_block is not None and self.depth_block < 1:
             raise OptionError(f"{where}depth_block must be at least 1, got {self.depth_block}")
         return self
+
+    def check_impl(self, device: str, where: str = "") -> None:
+        """``impl=triton`` where Triton cannot run (a CPU device without TRITON_INTERPRET=1) is a
+        one-line OptionError naming the implementations that can, raised before any model loads."""
+        from minitron_fast.ops._dispatch import triton_available, triton_interpreted
+
+        if self.impl == "triton" and not (triton_available() and (device.startswith("cuda") or triton_interpreted())):
+            raise OptionError(f"{where}impl=triton cannot run on {device} (Triton kernels need a CUDA device, or "
+                              "TRITON_INTERPRET=1 for the CPU interpreter); here these run: auto, torch")
 
 
 __all__ = ["AGGREGATIONS", "HEAD_SCORES", "ImportanceConfig"]

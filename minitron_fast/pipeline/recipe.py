@@ -37,7 +37,7 @@ from typing import Any
 import yaml
 
 from minitron_fast import configtools
-from minitron_fast.artifacts.targets import TargetError, parse_budget_spec, parse_target
+from minitron_fast.artifacts.targets import TargetError, parse_budget_spec
 from minitron_fast.distill.config import DataConfig, DistillConfig
 from minitron_fast.errors import MinitronError
 from minitron_fast.evaluate.config import EvaluateConfig
@@ -328,12 +328,7 @@ def load_recipe(name_or_path: str | os.PathLike, overrides: list[str] | tuple[st
 
     Raises RecipeError (one line) for unknown keys, wrong types and impossible values."""
     path = find_recipe(name_or_path)
-    try:
-        d = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise RecipeError(f"recipe {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
-    if not isinstance(d, dict):
-        raise RecipeError(f"recipe {path} must be a YAML mapping of keys to values")
+    d = configtools.load_yaml_mapping(path, error=RecipeError)
     r = recipe_from_dict(merge(d, parse_overrides(list(overrides))))
     r.source_file = str(path)
     return r

@@ -42,6 +42,10 @@ from minitron_fast.pipeline.stages import StageCache, model_fingerprint, stable_
 log_ = logging.getLogger(__name__)
 
 
+# EvaluateConfig fields that only the lm-evaluation-harness stage reads (not held-out perplexity)
+TASK_FIELDS = ("tasks", "include_path", "limit")
+
+
 class StageFailed(MinitronError):
     """A stage's subprocess failed; its message says which stage and how to resume."""
 
@@ -154,12 +158,14 @@ class PipelineRunner:
         held-out options (blocks, batch, device, dtype, attention, device_map)."""
         r, ev = self.recipe, dataclasses.asdict(self.recipe.evaluate)
         return {"data": dataclasses.asdict(r.data),
-                "evaluate": {k: v for k, v in ev.items() if k not in ("tasks", "include_path", "limit")}}
+                "evaluate": {k: v for k, v in ev.items() if k not in TASK_FIELDS}}
 
     def stage_inputs(self, stage: str, upstream: dict[str, Any], *, target: str | None = None) -> dict[str, Any]:
         """The cache inputs of ``stage``: its config (``stage_config``, as a dict), the held-out
         evaluation it reports, and ``upstream`` (the identities of the artifacts it reads: a model
         fingerprint or an upstream stage's key)."""
+        if stage == "teacher_eval":  # the held-out perplexity only: lm-eval tasks do not reach it
+            return {"eval": self.heldout_id(), **upstream}
         cfg = self.stage_config(stage, target=target)
         cfg = cfg if isinstance(cfg, dict) else dataclasses.asdict(cfg)
         inputs: dict[str, Any] = {"config": cfg, **upstream}
@@ -177,11 +183,14 @@ class PipelineRunner:
         return inputs
 
     def check_devices(self) -> None:
-        """Every stage's ``device`` resolved before anything runs: ``cuda`` on a machine without
-        CUDA is a one-line error here, not after hours of earlier stages."""
+        """Every stage's ``device`` resolved, and the ``impl`` of importance and prune checked
+        against it, before anything runs: ``cuda`` on a machine without CUDA, or an ``impl`` that
+        cannot run there, is a one-line error here, not after hours of earlier stages."""
         r = self.recipe
         for section in ("importance", "search", "prune", "evaluate"):
-            getattr(r, section).resolved_device(f"{section}.")
+            device = getattr(r, section).resolved_device(f"{section}.")
+            if section in ("importance", "prune"):
+                getattr(r, section).check_impl(device, f"{section}.")
         for section in ("correct_teacher", "distill", "scratch"):
             if stage_enabled(r, section):
                 DeviceConfig(device=getattr(r, section).device).resolved_device(f"{section}.")

@@ -11,18 +11,16 @@
 
 Names are imported on first use (the CLI reads ``PruneConfig`` without importing torch).
 """
-from minitron_fast._lazy import lazy_getattr
+from minitron_fast._lazy import exported_names, lazy_getattr
 
 _EXPORTS = {
-    "PruneConfig": "minitron_fast.prune.config", "run_prune": "minitron_fast.prune.api",
-    "plan_for": "minitron_fast.prune.api",
-    "Plan": "minitron_fast.artifacts.plan", "PlanError": "minitron_fast.artifacts.plan",
-    "validate_plan": "minitron_fast.artifacts.plan",
-    "TargetError": "minitron_fast.artifacts.targets", "parse_target": "minitron_fast.artifacts.targets",
-    "resolve_budget": "minitron_fast.artifacts.targets", "target_geometry": "minitron_fast.artifacts.targets",
-    "identity_plan": "minitron_fast.prune.plan", "make_plan": "minitron_fast.prune.plan",
-    "CheckpointError": "minitron_fast.prune.streaming", "prune_checkpoint": "minitron_fast.prune.streaming",
-    "apply_plan": "minitron_fast.prune.surgery", "pruned_config": "minitron_fast.prune.surgery",
+    "minitron_fast.prune.config": ("PruneConfig",),
+    "minitron_fast.prune.api": ("run_prune", "plan_for"),
+    "minitron_fast.artifacts.plan": ("Plan", "PlanError", "validate_plan"),
+    "minitron_fast.artifacts.targets": ("TargetError", "parse_target", "resolve_budget", "target_geometry"),
+    "minitron_fast.prune.plan": ("identity_plan", "make_plan"),
+    "minitron_fast.prune.streaming": ("CheckpointError", "prune_checkpoint"),
+    "minitron_fast.prune.surgery": ("apply_plan", "pruned_config"),
 }
 __getattr__ = lazy_getattr(__name__, _EXPORTS)
-__all__ = sorted(_EXPORTS)
+__all__ = exported_names(_EXPORTS)

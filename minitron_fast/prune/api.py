@@ -36,6 +36,7 @@ def run_prune(model: str | os.PathLike, scores: Any, out: str | os.PathLike, con
 
     cfg = config.validate()
     load_kw = None if cfg.streaming else cfg.load_kwargs()  # cuda without CUDA fails before loading
+    cfg.check_impl(load_kw["device"] if load_kw else "cpu")
     if plan is None:
         plan = plan_for(model, scores, cfg)
     else:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from minitron_fast.artifacts.targets import BUDGET_AXES, TargetError, parse_target
-from minitron_fast.configtools import DeviceConfig, OptionError, check_fields, opt
+from minitron_fast.configtools import DeviceConfig, OptionError, opt
 
 DEPTH_METRICS = ("block_importance", "lm_loss", "lm_loss_block")
 DEPTH_MODES = ("contiguous", "top")
@@ -30,14 +30,22 @@ class PruneConfig(DeviceConfig):
     impl: str = opt("auto", "in-place compaction backend (--no-streaming)", choices=("auto", "cpp", "torch"))
 
     def validate(self, where: str = "") -> "PruneConfig":
-        self.check_device(where)
-        check_fields(self, where)
+        self.check_device(where)  # and every field with choices
         if self.target is not None:
             try:
                 parse_target(self.target)
             except TargetError as exc:
                 raise OptionError(f"{where}target: {exc}") from None
         return self
+
+    def check_impl(self, device: str, where: str = "") -> None:
+        """``impl=cpp`` where the C++ compaction cannot run (``_C`` not built, or a CUDA model) is a
+        one-line OptionError naming the implementations that can, raised before any model loads."""
+        from minitron_fast._ext import HAS_C
+
+        if self.impl == "cpp" and not self.streaming and (not HAS_C or device.startswith("cuda")):
+            why = "minitron_fast._C is not built" if not HAS_C else f"it compacts host memory, not {device}"
+            raise OptionError(f"{where}impl=cpp cannot run here ({why}); here these run: auto, torch")
 
 
 __all__ = ["DEPTH_METRICS", "DEPTH_MODES", "PruneConfig"]

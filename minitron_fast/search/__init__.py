@@ -7,14 +7,12 @@ retrained by KD and ranked by held-out LM loss.
 
 Names are imported on first use (the CLI reads ``SearchConfig`` without importing torch).
 """
-from minitron_fast._lazy import lazy_getattr
+from minitron_fast._lazy import exported_names, lazy_getattr
 
 _EXPORTS = {
-    "SearchConfig": "minitron_fast.search.config", "KINDS": "minitron_fast.search.config",
-    "Candidate": "minitron_fast.search.candidates", "SearchError": "minitron_fast.search.candidates",
-    "enumerate_candidates": "minitron_fast.search.candidates", "format_candidates": "minitron_fast.search.candidates",
-    "run_search": "minitron_fast.search.run", "retrain": "minitron_fast.search.run",
-    "teacher_targets": "minitron_fast.search.run",
+    "minitron_fast.search.config": ("KINDS", "SearchConfig", "SearchError"),
+    "minitron_fast.search.candidates": ("Candidate", "enumerate_candidates", "format_candidates"),
+    "minitron_fast.search.run": ("retrain", "run_search", "teacher_targets"),
 }
 __getattr__ = lazy_getattr(__name__, _EXPORTS)
-__all__ = sorted(_EXPORTS)
+__all__ = exported_names(_EXPORTS)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from minitron_fast.artifacts.targets import BUDGET_EXAMPLES, TargetError, parse_budget_spec
-from minitron_fast.configtools import DeviceConfig, OptionError, check_fields, opt
+from minitron_fast.configtools import DeviceConfig, OptionError, opt
 from minitron_fast.errors import MinitronError
 
 KINDS = ("width", "depth", "mixed")
@@ -37,8 +37,7 @@ class SearchConfig(DeviceConfig):
                                  "command line)")
 
     def validate(self, where: str = "") -> "SearchConfig":
-        self.check_device(where)
-        check_fields(self, where)
+        self.check_device(where)  # and every field with choices
         if self.params is not None:
             try:
                 parse_budget_spec(self.params)
