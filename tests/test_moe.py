@@ -461,3 +461,20 @@ def test_streaming_reads_stacked_expert_tensors_too(tmp_path):
         expected = model(x).logits
     torch.testing.assert_close(logits[0], expected, rtol=0, atol=0)
     torch.testing.assert_close(logits[1], expected, rtol=0, atol=0)
+
+
+def test_no_moe_attribute_names_outside_models():
+    """MoE support lives in models/moe.py (and the family files): no stage names the HF MoE
+    modules, config keys or on-disk expert names."""
+    from pathlib import Path
+
+    from test_families import _code_names
+
+    names = {"shared_expert", "shared_expert_gate", "mlp_only_layers", "decoder_sparse_step", "num_local_experts",
+             "norm_topk_prob", "block_sparse_moe", "w1", "w2", "w3", "gate_up_proj", "top_k_index",
+             "shared_expert_intermediate_size"}
+    pkg = Path(__file__).resolve().parents[1] / "minitron_fast"
+    offenders = {str(p.relative_to(pkg)): sorted(_code_names(p) & names) for p in sorted(pkg.rglob("*.py"))
+                 if p.relative_to(pkg).parts[0] != "models" and _code_names(p) & names}
+    assert not offenders, f"MoE names outside minitron_fast/models/: {offenders}"
+    assert {"shared_expert", "mlp_only_layers", "gate_up_proj"} <= _code_names(pkg / "models" / "moe.py")
