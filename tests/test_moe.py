@@ -200,6 +200,7 @@ def test_dropped_layer_equals_skipped_and_types_are_kept(family, drop):
     apply_plan(model, plan)
     kept_types = [types[i] for i in plan.layers]
     assert [lv.moe is not None for lv in get_view(model).layers] == kept_types
+    assert get_view(model).param_counts()["total"] == type(view).count_params(model.config)["total"]
     # a model built from the pruned config alone has the same layer types
     rebuilt = AutoModelForCausalLM.from_config(model.config)
     assert [lv.moe is not None for lv in get_view(rebuilt).layers] == kept_types

@@ -117,7 +117,8 @@ class Plan:
                   ("kv_heads", "num_key_value_heads"), ("layers", "num_hidden_layers"))]
         if s.is_moe:
             parts += [f"{k} {getattr(s, f)}->{getattr(t, f)}" for k, f in
-                      (("experts", "num_experts"), ("top_k", "num_experts_per_tok"), ("expert_ffn", "moe_intermediate_size"))]
+                      (("experts", "num_experts"), ("top_k", "num_experts_per_tok"),
+                       ("expert_ffn", "moe_intermediate_size"))]
         return ", ".join(parts)
 
 

@@ -379,7 +379,8 @@ def prune_checkpoint(src_dir: str | os.PathLike, plan: Plan, out_dir: str | os.P
                 meta_name, new_name, src_shape, rule = moe_names[name]
                 dtype, shape, _, _ = reader(files[name]).header[name]
                 if shape != src_shape:
-                    raise CheckpointError(f"checkpoint tensor {name} has shape {shape}, but the config says {src_shape}")
+                    raise CheckpointError(f"checkpoint tensor {name} has shape {shape}, but the config says "
+                                          f"{src_shape}")
                 covered.add(meta_name)
                 jobs.append((new_name, name, dtype, rule.shape(shape), rule))
                 continue
