@@ -15,8 +15,8 @@ DEPTH_MODES = ("contiguous", "top")
 class PruneConfig(DeviceConfig):
     target: str | None = opt(None, "target shape: hidden=3072,ffn=9216,heads=32,kv_heads=8,layers=16 (missing keys "
                                    "keep the source value), or a budget params=4.5e9 / params=90M / params=0.5x; "
-                                   "MoE models also take experts=N (top-N experts per MoE layer) and expert_ffn=M (each expert's "
-                                   "top-M neurons)")
+                                   "MoE models also take experts=N (top-N experts per MoE layer) and "
+                                   "expert_ffn=M (each expert's top-M neurons)")
     depth_metric: str = opt("block_importance", "depth score that chooses the layers to drop: block_importance, "
                                                 "lm_loss (per layer) or lm_loss_block (the measured block; needs "
                                                 "importance depth_lm_loss with depth_block = layers dropped)",
