@@ -479,3 +479,21 @@ def test_no_moe_attribute_names_outside_models():
                  if p.relative_to(pkg).parts[0] != "models" and _code_names(p) & names}
     assert not offenders, f"MoE names outside minitron_fast/models/: {offenders}"
     assert {"shared_expert", "mlp_only_layers", "gate_up_proj"} <= _code_names(pkg / "models" / "moe.py")
+
+
+def test_params_budget_on_the_experts_axis():
+    from minitron_fast.artifacts.targets import target_geometry
+    from minitron_fast.models import view_class_for_config
+
+    model = build("mixtral")
+    cfg = model.config
+    view_cls = view_class_for_config(cfg)
+    three = view_cls.count_params(cfg, view_cls.geometry_of(cfg).replace(num_experts=3))["total"]
+    geo = target_geometry(cfg, f"params={three}", budget_axes="experts")
+    assert (geo.num_experts, geo.num_experts_per_tok, geo.hidden_size) == (3, 2, 32)
+    assert target_geometry(cfg, f"params={three - 1}", budget_axes="experts").num_experts == 2
+    assert target_geometry(cfg, "params=0.999x", budget_axes="experts").num_experts == 3  # a fraction of the source
+    from transformers import LlamaConfig
+
+    with pytest.raises(TargetError, match="budget axes 'experts' apply to mixture-of-experts models only"):
+        target_geometry(LlamaConfig(**{**COMMON, "intermediate_size": 16}), "params=0.5x", budget_axes="experts")

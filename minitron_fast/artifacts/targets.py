@@ -36,7 +36,7 @@ _ALIASES = {"hidden_size": "hidden", "intermediate_size": "ffn", "num_attention_
             "num_key_value_heads": "kv_heads", "num_hidden_layers": "layers", "kv": "kv_heads",
             "n_heads": "heads", "n_layers": "layers", "num_experts": "experts",
             "moe_intermediate_size": "expert_ffn"}
-BUDGET_AXES = ("width", "ffn", "depth")
+BUDGET_AXES = ("width", "ffn", "depth", "experts")  # experts: MoE models only
 _SUFFIX = {"k": 1e3, "m": 1e6, "b": 1e9, "g": 1e9}
 BUDGET_EXAMPLES = "4.5e9, 4.5B, 90M or 0.7x (a fraction of the source model)"
 
@@ -227,7 +227,8 @@ def resolve_budget(config: Any, n_params: int, *, axes: str = "width", start: Ge
     ``axes="width"`` shrinks hidden size and FFN size by one common factor (the Minitron 4B-Width
     recipe keeps heads and layers), rounded down to multiples of ``round_to`` (default 64 when
     the source hidden size is at least 1024, else 8); ``axes="depth"`` removes layers;
-    ``axes="ffn"`` shrinks the FFN only. ``start`` is the geometry to shrink from (other target
+    ``axes="ffn"`` shrinks the FFN only; ``axes="experts"`` (MoE models) removes experts from every
+    MoE layer (top-k capped at the count). ``start`` is the geometry to shrink from (other target
     keys already applied). Raises TargetError when even the smallest shape is over budget.
     """
     from minitron_fast.models import view_class_for_config
@@ -239,6 +240,17 @@ def resolve_budget(config: Any, n_params: int, *, axes: str = "width", start: Ge
         return g0
     if round_to is None:
         round_to = 64 if g0.hidden_size >= 1024 else 8
+    if check_budget_axes(axes) == "experts":
+        if not g0.is_moe:
+            raise TargetError(f"budget axes 'experts' apply to mixture-of-experts models only; this "
+                              f"{view_cls.family} model is dense (use width, ffn or depth)")
+        norm = view_cls.normalize_geometry
+        for n in range(g0.num_experts, 0, -1):
+            g = norm(config, g0.replace(num_experts=n))
+            if count(g) <= n_params:
+                return g
+        raise TargetError(f"a budget of {n_params:,} parameters cannot be met by removing experts "
+                          f"(one expert per MoE layer already has {count(norm(config, g0.replace(num_experts=1))):,})")
     if check_budget_axes(axes) == "depth":
         for n in range(g0.num_hidden_layers, 0, -1):
             g = g0.replace(num_hidden_layers=n)

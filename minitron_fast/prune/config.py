@@ -23,7 +23,8 @@ class PruneConfig(DeviceConfig):
                             choices=DEPTH_METRICS)
     depth_mode: str = opt("contiguous", "drop the best contiguous block of layers (the 2nd paper) or keep the top "
                                         "layers", choices=DEPTH_MODES)
-    budget_axes: str = opt("width", "axes a params= budget shrinks (width: hidden and FFN)", choices=BUDGET_AXES)
+    budget_axes: str = opt("width", "axes a params= budget shrinks (width: hidden and FFN; experts: MoE "
+                                                    "models' expert count)", choices=BUDGET_AXES)
     streaming: bool = opt(True, "prune straight from the safetensors shards, reading only kept slices (a model "
                                 "larger than RAM); --no-streaming loads the model and prunes it in place",
                           aliases=("--in-memory",))
