@@ -493,6 +493,9 @@ def test_params_budget_on_the_experts_axis():
     assert (geo.num_experts, geo.num_experts_per_tok, geo.hidden_size) == (3, 2, 32)
     assert target_geometry(cfg, f"params={three - 1}", budget_axes="experts").num_experts == 2
     assert target_geometry(cfg, "params=0.999x", budget_axes="experts").num_experts == 3  # a fraction of the source
+    # Mixtral's FFN is its experts' width: ffn= and expert_ffn= are one axis
+    assert target_geometry(cfg, "ffn=12") == target_geometry(cfg, "expert_ffn=12")
+    assert target_geometry(cfg, "ffn=12").moe_intermediate_size == 12
     from transformers import LlamaConfig
 
     with pytest.raises(TargetError, match="budget axes 'experts' apply to mixture-of-experts models only"):
