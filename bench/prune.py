@@ -29,7 +29,7 @@ above the process's baseline, over the model's bytes), ``end_x_model`` (RSS afte
 the model's bytes; the pruned model is ``pruned_x_model``), ``gb_s`` (pruned bytes written per
 second) and ``x_memcpy`` (that throughput over the memcpy row's). The two loaded cases also
 report ``loaded_x_model`` (RSS after loading and reading every weight once, as the importance
-pass before pruning does), ``load_s``, and the growth of anonymous (``end_anon_x_model``) and
+pass before pruning does), ``load_s`` and ``touch_s`` (that first read), and the growth of anonymous (``end_anon_x_model``) and
 file-backed (``end_file_x_model``) RSS over the process's baseline; their ``peak_x_model`` is
 the pruning step's peak over the RSS before loading.
 """
@@ -348,9 +348,11 @@ def case(impl: str, size: str, layers: int | None, vocab: int | None, workdir: s
             else:
                 model = load_private(src_dir, dtype=torch.float32)
             out["load_s"] = time.perf_counter() - t0
+            t0 = time.perf_counter()
             with torch.no_grad():  # use the weights once, as the importance pass before pruning does
                 for p in model.parameters():
                     p.sum()
+            out["touch_s"] = time.perf_counter() - t0  # from_pretrained's lazy mapping faults the pages in here
             gc.collect()
             out["loaded_x_model"] = (_rss_mb() - base) / (model_bytes / 2**20)
             _reset_peak()
@@ -418,7 +420,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
             times = sorted(r["time_s"] for r in rs)
             row.update({"median_s": statistics.median(times), "p20_s": times[0], "p80_s": times[-1],
                         "peak_mb": max(r["peak_mb"] for r in rs)})
-            for k in ("model_mb", "pruned_x_model", "peak_x_model", "end_x_model", "gb_s", "load_s", "loaded_x_model",
+            for k in ("model_mb", "pruned_x_model", "peak_x_model", "end_x_model", "gb_s", "load_s", "touch_s", "loaded_x_model",
                       "end_anon_x_model", "end_file_x_model"):
                 if k in rs[0]:
                     row[k] = statistics.median(r[k] for r in rs)

@@ -248,27 +248,32 @@ def block_cos(x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor | None, out: 
 
 def _specs() -> list[dict]:
     specs = []
-    for dt in ("bf16", "fp16", "fp32"):
+    for dt, act in (("bf16", "silu"), ("fp16", "silu"), ("fp32", "silu"), ("bf16", "gelu_tanh")):
         p = f"*{dt}"
         specs.append({
-            "name": f"importance_swiglu_stats[{dt},BLOCK_T=16,BLOCK_F=128]", "fn": _swiglu_stats_kernel,
+            "name": f"importance_swiglu_stats[{dt},{act},BLOCK_T=16,BLOCK_F=128]", "fn": _swiglu_stats_kernel,
             "signature": {"g_ptr": p, "u_ptr": p, "h_ptr": p, "mask_ptr": "*fp32", "s1_ptr": "*fp32",
                           "s2_ptr": "*fp32", "T": "i32", "F": "i32", "n_tblocks": "i32", "HAS_MASK": "constexpr",
                           "WANT_S1": "constexpr", "WANT_S2": "constexpr", "BLOCK_T": "constexpr",
-                          "BLOCK_F": "constexpr"},
-            "constexprs": {"HAS_MASK": True, "WANT_S1": True, "WANT_S2": True, "BLOCK_T": 16, "BLOCK_F": 128},
+                          "BLOCK_F": "constexpr", "ACT": "constexpr"},
+            "constexprs": {"HAS_MASK": True, "WANT_S1": True, "WANT_S2": True, "BLOCK_T": 16, "BLOCK_F": 128,
+                           "ACT": ACT_CODES[act]},
             "num_warps": 4, "num_stages": 1,
             "flops": "~6*R*F (silu, product, abs, square, two sums)",
             "min_bytes": "3*R*F*E (read gate, up; write h) + atomics 2*B*F*4*ceil(T/16)"})
+        off = 1.0 if act == "gelu_tanh" else 0.0  # the Gemma variant: (1 + w) with its GELU-tanh MLP
         specs.append({
-            "name": f"importance_rmsnorm_stats[{dt},BLOCK_T=16,BLOCK_H=128]", "fn": _rmsnorm_stats_kernel,
+            "name": f"importance_rmsnorm_stats[{dt},offset={off:g},BLOCK_T=16,BLOCK_H=128]", "fn": _rmsnorm_stats_kernel,
             "signature": {"x_ptr": p, "w_ptr": p, "y_ptr": p, "mask_ptr": "*fp32", "s1_ptr": "*fp32",
                           "s2_ptr": "*fp32", "T": "i32", "H": "i32", "eps": "fp32", "n_tblocks": "i32",
                           "HAS_MASK": "constexpr", "WANT_S1": "constexpr", "WANT_S2": "constexpr",
-                          "BLOCK_T": "constexpr", "BLOCK_H": "constexpr"},
-            "constexprs": {"HAS_MASK": True, "WANT_S1": True, "WANT_S2": True, "BLOCK_T": 16, "BLOCK_H": 128},
+                          "BLOCK_T": "constexpr", "BLOCK_H": "constexpr", "OFFSET": "constexpr"},
+            "constexprs": {"HAS_MASK": True, "WANT_S1": True, "WANT_S2": True, "BLOCK_T": 16, "BLOCK_H": 128,
+                           "OFFSET": off},
             "num_warps": 4, "num_stages": 1,
             "flops": "~8*R*H", "min_bytes": "2*R*H*E (read x, write y) + H*E; x is read twice (2nd from L2)"})
+        if act != "silu":
+            continue  # head and cosine kernels do not depend on the family
         specs.append({
             "name": f"importance_head_stats[{dt},BLOCK_T=16,BLOCK_D=128]", "fn": _head_stats_kernel,
             "signature": {"x_ptr": p, "mask_ptr": "*fp32", "s1_ptr": "*fp32", "s2_ptr": "*fp32", "T": "i32",

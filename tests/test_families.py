@@ -14,6 +14,7 @@ from __future__ import annotations
 import ast
 import copy
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -268,3 +269,48 @@ def test_importance_plan_prune_retrain_evaluate(tiny_builders, name):
         logits = trained(calib).logits[:, :-1].double()
         want = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), calib[:, 1:].reshape(-1))
     assert lm_loss(trained, calib, progress=False) == pytest.approx(float(want), rel=1e-5)
+
+
+@pytest.mark.slow
+def test_distill_each_family_single_process(tiny_builders, tmp_path, demo_model_dir):
+    """The distillation trainer (DeepSpeed, ZeRO-1, one process) on each family: a student pruned
+    from the teacher by the streaming pruner trains by logit KD, its loss falls, and its exported
+    checkpoint reloads in stock transformers. One subprocess runs all four (a process start costs
+    ~10 s)."""
+    import subprocess
+    import sys
+
+    from transformers import AutoModelForCausalLM
+
+    from minitron_fast.models.export import TOKENIZER_FILES
+    from test_distill import WORKER, _env, _metrics, _results
+
+    runs = []
+    for name in NEW_FAMILIES:
+        teacher = tiny_builders[name](vocab_size=49152, initializer_range=0.2)  # SmolLM2 tokenizer; peaked logits
+        tdir = tmp_path / name / "teacher"
+        teacher.save_pretrained(tdir)
+        for t in TOKENIZER_FILES:
+            if (Path(demo_model_dir) / t).is_file():
+                (tdir / t).write_bytes((Path(demo_model_dir) / t).read_bytes())
+        geo = get_view(teacher).geometry()
+        plan = make_plan(teacher, _scores(geo), {"hidden": geo.hidden_size - 16, "ffn": 48, "layers": 2},
+                         depth_mode="top")
+        prune_checkpoint(tdir, plan, tmp_path / name / "student", streaming=True, progress=False)
+        o = {"teacher": tdir, "student": tmp_path / name / "student", "out": tmp_path / name / "run", "steps": 6,
+             "micro_batch_size": 2, "grad_accum": 1, "data.seq_len": 16, "data.max_blocks": 16,
+             "data.eval_blocks": 2, "eval_every": 6, "save_every": 6, "lr": 3e-3, "warmup_steps": 0,
+             "schedule": "constant", "export": True, "threads": 1, "ds.zero_stage": 1}
+        runs.append({"name": name, "overrides": [f"{k}={v}" for k, v in o.items()]})
+    (tmp_path / "worker.py").write_text(WORKER)
+    (tmp_path / "runs.json").write_text(json.dumps(runs))
+    proc = subprocess.run([sys.executable, str(tmp_path / "worker.py"), str(tmp_path / "runs.json")], env=_env(),
+                          capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    res = _results(proc.stdout)
+    assert proc.returncode == 0 and len(res) == len(runs), proc.stdout[-3000:] + proc.stderr[-3000:]
+    for name in NEW_FAMILIES:
+        assert res[name]["ok"], res[name]
+        losses = [r["loss"] for r in _metrics(tmp_path / name / "run") if "loss" in r]
+        assert len(losses) == 6 and all(map(math.isfinite, losses)) and min(losses[-2:]) < losses[0], (name, losses)
+        final = AutoModelForCausalLM.from_pretrained(tmp_path / name / "run" / "final")
+        assert get_view(final).family == name
