@@ -39,9 +39,15 @@ def opt(default: Any = None, help: str = "", *, choices: tuple[str, ...] | None 
     return field(default=default, metadata=meta)
 
 
-def check_choice(value: Any, choices: tuple[str, ...], key: str) -> None:
+def key(where: str, name: str) -> str:
+    """How an error names option ``name``: ``importance.seq_agg`` in a recipe (``where`` is the
+    section prefix), ``--seq-agg`` on the command line (``where`` is ``"--"``)."""
+    return flag_name(name) if where == "--" else f"{where}{name}"
+
+
+def check_choice(value: Any, choices: tuple[str, ...], name: str) -> None:
     if value not in choices:
-        raise OptionError(f"{key}={value!r} is not one of {', '.join(map(str, choices))}")
+        raise OptionError(f"{name}={value!r} is not one of {', '.join(map(str, choices))}")
 
 
 def check_fields(cfg: Any, where: str = "") -> None:
@@ -51,7 +57,7 @@ def check_fields(cfg: Any, where: str = "") -> None:
         value = getattr(cfg, f.name)
         if choices and value is not None:
             for v in value if isinstance(value, list) else [value]:
-                check_choice(v, choices, where + f.name)
+                check_choice(v, choices, key(where, f.name))
 
 
 # -- where a stage runs ---------------------------------------------------------------------------
@@ -77,7 +83,7 @@ class DeviceConfig:
         checked by :meth:`resolved_device`)."""
         d = str(self.device)
         if d not in DEVICES and not (d.startswith("cuda:") and d[5:].isdigit()):
-            raise OptionError(f"{where}device={d!r} is not one of cpu, cuda, cuda:N, auto")
+            raise OptionError(f"{key(where, 'device')}={d!r} is not one of cpu, cuda, cuda:N, auto")
         check_fields(self, where)
 
     def resolved_device(self, where: str = "") -> str:
@@ -90,10 +96,10 @@ class DeviceConfig:
             return "cuda" if torch.cuda.is_available() else "cpu"
         if d.startswith("cuda"):
             if not torch.cuda.is_available():
-                raise OptionError(f"{where}device={d} but this machine has no CUDA device (torch "
-                                  f"{torch.__version__}); set {where}device=cpu (or auto)")
+                raise OptionError(f"{key(where, 'device')}={d} but CUDA is not available on this machine (torch "
+                                  f"{torch.__version__}); set {key(where, 'device')}=cpu (or auto)")
             if ":" in d and int(d.split(":")[1]) >= torch.cuda.device_count():
-                raise OptionError(f"{where}device={d} but this machine has {torch.cuda.device_count()} CUDA devices")
+                raise OptionError(f"{key(where, 'device')}={d} but this machine has {torch.cuda.device_count()} CUDA devices")
         return d
 
     def load_kwargs(self, where: str = "") -> dict[str, Any]:
@@ -261,7 +267,9 @@ def load_yaml_mapping(path: Any, *, error: type[Exception], what: str = "recipe"
     if not p.is_file():
         raise error(f"{what} {p} does not exist")
     try:
-        d = yaml.safe_load(p.read_text()) or {}
+        d = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as exc:
+        raise error(f"{what} {p} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     except yaml.YAMLError as exc:
         raise error(f"{what} {p} is not valid YAML: {str(exc).splitlines()[0]}") from None
     if not isinstance(d, dict):

@@ -200,13 +200,13 @@ def test_device_cuda_without_cuda_is_one_line_before_loading(tmp_path, capsys):
                  ["search", "--model", "demo", "--scores", "s", "--params", "0.5x"]):
         assert main(argv + ["--device", "cuda"]) == 2, argv
         err = capsys.readouterr().err
-        assert err.startswith("error: ") and "no CUDA device" in err and err.count("\n") == 1, err
-    with pytest.raises(Exception, match="no CUDA device"):
+        assert err.startswith("error: ") and "CUDA is not available" in err and err.count("\n") == 1, err
+    with pytest.raises(Exception, match="CUDA is not available"):
         DistillConfig(teacher="t", student="s", device="cuda").validate().train_device()
     from minitron_fast.pipeline.runner import run_recipe
 
     for override in ("importance.device=cuda", "distill.device=cuda:0", "evaluate.device=cuda"):
-        with pytest.raises(Exception, match=r"device=cuda.* no CUDA device") as e:
+        with pytest.raises(Exception, match=r"device=cuda.* CUDA is not available") as e:
             run_recipe(load_recipe("demo", [override]), out=tmp_path / "run", log=lambda s: None)
         assert "\n" not in str(e.value)
         assert not (tmp_path / "run").exists()  # nothing ran, nothing was written
@@ -325,3 +325,19 @@ def test_dumped_recipe_loads_back_identical(tmp_path):
         p = tmp_path / f"{name}.yaml"
         p.write_text(dump_recipe(r))
         assert load_recipe(p).to_dict() == r.to_dict(), name
+
+
+def test_cli_errors_name_the_flag_and_recipe_errors_the_key(capsys, tmp_path):
+    argv = ["search", "--model", "demo", "--scores", "s", "--params", "0.5x"]
+    for extra, msg in ((["--max-candidates", "0"], "--max-candidates must be at least 1, got 0"),
+                       (["--lr", "nan"], "--lr must be a finite positive number"),
+                       (["--micro-batch-size", "0"], "--micro-batch-size must be at least 1"),
+                       (["--kinds", "width,wide"], "--kinds='wide' is not one of width, depth, mixed")):
+        assert main(argv + extra) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {msg}") and err.count("\n") == 1, err
+    with pytest.raises(Exception, match=r"^search\.max_candidates must be at least 1, got 0$"):
+        load_recipe("demo", ["search.max_candidates=0"])
+    (tmp_path / "latin1.yaml").write_bytes("teacher: caf\xe9\n".encode("latin-1"))
+    with pytest.raises(Exception, match=r"is not UTF-8 text"):
+        load_recipe(tmp_path / "latin1.yaml")

@@ -41,6 +41,8 @@ def run(args: argparse.Namespace) -> int:
         raise MinitronError(f"--out {args.out} lies inside the input model directory; choose another --out")
     cfg = configtools.from_args(SearchConfig, args, enabled=True)
     if args.retrain_tokens is not None:
+        if args.retrain_tokens < 0:
+            raise MinitronError(f"--retrain-tokens must be >= 0, got {args.retrain_tokens}")
         cfg.retrain_steps = args.retrain_tokens // (cfg.micro_batch_size * args.seq_len)
     res = run_search(args.model, args.scores, cfg.validate("--"),
                      prune=configtools.from_args(PruneConfig, args, only=PRUNE_FIELDS).validate("--"),

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from minitron_fast.configtools import DeviceMapConfig, OptionError, opt
+from minitron_fast.configtools import key, DeviceMapConfig, OptionError, opt
 
 
 @dataclass
@@ -21,10 +21,10 @@ class EvaluateConfig(DeviceMapConfig):
     def validate(self, where: str = "") -> "EvaluateConfig":
         self.check_device(where)
         if self.eval_blocks < 1 or self.batch_size < 1:
-            raise OptionError(f"{where}eval_blocks and {where}batch_size must be at least 1, got "
+            raise OptionError(f"{key(where, 'eval_blocks')} and {key(where, 'batch_size')} must be at least 1, got "
                               f"{self.eval_blocks} and {self.batch_size}")
         if self.limit is not None and self.limit < 1:
-            raise OptionError(f"{where}limit must be at least 1 (or null for every example), got {self.limit}")
+            raise OptionError(f"{key(where, 'limit')} must be at least 1 (or null for every example), got {self.limit}")
         return self
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from minitron_fast.configtools import DeviceMapConfig, OptionError, opt
+from minitron_fast.configtools import key, DeviceMapConfig, OptionError, opt
 
 AGGREGATIONS = ("mean", "l2", "var")
 HEAD_SCORES = ("input", "output")
@@ -34,11 +34,11 @@ class ImportanceConfig(DeviceMapConfig):
         self.check_device(where)  # and every field with choices
         for k in ("samples", "batch_size", "heldout_samples"):
             if getattr(self, k) < 1:
-                raise OptionError(f"{where}{k} must be at least 1, got {getattr(self, k)}")
+                raise OptionError(f"{key(where, k)} must be at least 1, got {getattr(self, k)}")
         if self.seq_len is not None and self.seq_len < 2:
-            raise OptionError(f"{where}seq_len must be at least 2, got {self.seq_len}")
+            raise OptionError(f"{key(where, 'seq_len')} must be at least 2, got {self.seq_len}")
         if self.depth_block is not None and self.depth_block < 1:
-            raise OptionError(f"{where}depth_block must be at least 1, got {self.depth_block}")
+            raise OptionError(f"{key(where, 'depth_block')} must be at least 1, got {self.depth_block}")
         return self
 
     def check_impl(self, device: str, where: str = "") -> None:
@@ -47,7 +47,7 @@ class ImportanceConfig(DeviceMapConfig):
         from minitron_fast.ops._dispatch import triton_available, triton_interpreted
 
         if self.impl == "triton" and not (triton_available() and (device.startswith("cuda") or triton_interpreted())):
-            raise OptionError(f"{where}impl=triton cannot run on {device} (Triton kernels need a CUDA device, or "
+            raise OptionError(f"{key(where, 'impl')}=triton cannot run on {device} (Triton kernels need a CUDA device, or "
                               "TRITON_INTERPRET=1 for the CPU interpreter); here these run: auto, torch")
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from minitron_fast.artifacts.targets import BUDGET_AXES, TargetError, parse_target
-from minitron_fast.configtools import DeviceConfig, OptionError, opt
+from minitron_fast.configtools import key, DeviceConfig, OptionError, opt
 
 DEPTH_METRICS = ("block_importance", "lm_loss", "lm_loss_block")
 DEPTH_MODES = ("contiguous", "top")
@@ -36,7 +36,7 @@ class PruneConfig(DeviceConfig):
             try:
                 parse_target(self.target)
             except TargetError as exc:
-                raise OptionError(f"{where}target: {exc}") from None
+                raise OptionError(f"{key(where, 'target')}: {exc}") from None
         return self
 
     def check_impl(self, device: str, where: str = "") -> None:
@@ -46,7 +46,7 @@ class PruneConfig(DeviceConfig):
 
         if self.impl == "cpp" and not self.streaming and (not HAS_C or device.startswith("cuda")):
             why = "minitron_fast._C is not built" if not HAS_C else f"it compacts host memory, not {device}"
-            raise OptionError(f"{where}impl=cpp cannot run here ({why}); here these run: auto, torch")
+            raise OptionError(f"{key(where, 'impl')}=cpp cannot run here ({why}); here these run: auto, torch")
 
 
 __all__ = ["DEPTH_METRICS", "DEPTH_MODES", "PruneConfig"]

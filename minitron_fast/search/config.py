@@ -2,10 +2,11 @@
 ``minitron-fast search`` flags and :func:`~minitron_fast.search.run_search`."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from minitron_fast.artifacts.targets import BUDGET_EXAMPLES, TargetError, parse_budget_spec
-from minitron_fast.configtools import DeviceConfig, OptionError, opt
+from minitron_fast.configtools import key, DeviceConfig, OptionError, opt
 from minitron_fast.errors import MinitronError
 
 KINDS = ("width", "depth", "mixed")
@@ -42,18 +43,20 @@ class SearchConfig(DeviceConfig):
             try:
                 parse_budget_spec(self.params)
             except TargetError as exc:
-                raise OptionError(f"{where}params: {exc}") from None
+                raise OptionError(f"{key(where, 'params')}: {exc}") from None
         if not self.kinds:
-            raise OptionError(f"{where}kinds must be a non-empty list of {', '.join(KINDS)}")
+            raise OptionError(f"{key(where, 'kinds')} must be a non-empty list of {', '.join(KINDS)}")
         if not 0 < self.tolerance < 1:
-            raise OptionError(f"{where}tolerance must lie in (0, 1), got {self.tolerance}")
+            raise OptionError(f"{key(where, 'tolerance')} must lie in (0, 1), got {self.tolerance}")
         if self.retrain_steps < 0 or self.lora_rank < 0:
-            raise OptionError(f"{where}retrain_steps and {where}lora_rank must be >= 0")
+            raise OptionError(f"{key(where, 'retrain_steps')} and {key(where, 'lora_rank')} must be >= 0")
         for k in ("max_candidates", "micro_batch_size", "eval_blocks"):
             if getattr(self, k) < 1:
-                raise OptionError(f"{where}{k} must be at least 1, got {getattr(self, k)}")
+                raise OptionError(f"{key(where, k)} must be at least 1, got {getattr(self, k)}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise OptionError(f"{key(where, 'lr')} must be a finite positive number, got {self.lr}")
         if self.multiple is not None and self.multiple < 1:
-            raise OptionError(f"{where}multiple must be positive, got {self.multiple}")
+            raise OptionError(f"{key(where, 'multiple')} must be positive, got {self.multiple}")
         return self
 
 
