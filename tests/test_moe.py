@@ -500,3 +500,28 @@ def test_params_budget_on_the_experts_axis():
 
     with pytest.raises(TargetError, match="budget axes 'experts' apply to mixture-of-experts models only"):
         target_geometry(LlamaConfig(**{**COMMON, "intermediate_size": 16}), "params=0.5x", budget_axes="experts")
+
+
+@pytest.mark.parametrize("family", ["qwen2_moe", "qwen3_moe"])
+def test_heads_and_dense_layer_neurons_equal_zeroed_units(family):
+    """Attention heads of every layer and the neurons of the dense layers among MoE layers."""
+    model = f64(build(family))
+    view = get_view(model)
+    geo = view.geometry()
+    plan = make_plan(model, moe_scores(model), "heads=2,ffn=17")
+    ref = f64(type(model)(model.config)).eval()
+    ref.load_state_dict(model.state_dict())
+    hd = geo.head_dim
+    with torch.no_grad():
+        for i, lv in enumerate(get_view(ref).layers):
+            for h in set(range(geo.num_attention_heads)) - set(plan.heads[i]):
+                lv.o_proj.weight[:, h * hd:(h + 1) * hd] = 0
+            if lv.moe is None:
+                lv.down_proj.weight[:, sorted(set(range(geo.intermediate_size)) - set(plan.neurons[i]))] = 0
+    x = tokens(geo.vocab_size)
+    with torch.no_grad():
+        expected = ref(x).logits
+        apply_plan(model, plan)
+        got = model(x).logits
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-12)
+    assert get_view(model).param_counts()["total"] == type(view).count_params(model.config)["total"]
