@@ -225,3 +225,24 @@ def test_softcap_and_padded_vocabulary_from_the_configs():
     with pytest.raises(ks.KDSetupError, match=r"tokenizer has 136 tokens but the teacher vocabulary only 131"):
         ks.head_options(student, teacher, n_tokens=V + 5)
     assert math.isclose(float(kd_step(student, teacher, ids, spec=spec)["loss"]), float(ref), rel_tol=2e-5)
+
+
+def test_gemma2_softcap_reaches_the_loss(tiny_builders):
+    """A real Gemma-2 pair: the step (decoders only, the cap from the configs) equals float64 on
+    the logits stock transformers computes, which carry Gemma's final-logit softcap."""
+    torch.manual_seed(0)
+    teacher = tiny_builders["gemma2"](initializer_range=0.2)
+    student = tiny_builders["gemma2"](hidden_size=48, num_hidden_layers=2, initializer_range=0.2)
+    opts = ks.head_options(student, teacher)
+    assert opts == {"softcap": 3.0, "vocab_size": None}
+    ids = torch.randint(0, 137, (2, 11))
+    with torch.no_grad():
+        zs = student(input_ids=ids).logits[:, :-1].reshape(-1, 137)
+        zt = teacher(input_ids=ids).logits[:, :-1].reshape(-1, 137)
+    assert zs.abs().max() <= 3.0  # transformers applied the cap
+    ref = kd_loss_reference(zs, zt, labels=ids[:, 1:].reshape(-1), temperature=2.0, hard_label_weight=0.3)
+    for impl in ("fused", "materialized"):
+        out = kd_step(student, teacher, ids, spec=KDSpec(impl=impl, temperature=2.0, lm_weight=0.3, **opts))
+        torch.testing.assert_close(out["loss"].double(), ref, rtol=2e-5, atol=2e-6)
+    uncapped = kd_step(student, teacher, ids, spec=KDSpec(temperature=2.0, lm_weight=0.3))["loss"]
+    assert abs(float(uncapped) - float(ref)) > 1e-3  # without the cap it is another objective

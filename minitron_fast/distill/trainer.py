@@ -255,15 +255,15 @@ class Trainer:
 
         cfg = self.cfg
         dtype = torch.bfloat16 if cfg.deepspeed.bf16 else torch.float32
-        dev = _device()
+        dev = cfg.train_device()  # cuda without CUDA fails here, before any model loads
         t_tok = load_tokenizer(cfg.teacher)
         self.n_tokens = len(t_tok)
         if cfg.mode == "distill":
             losses.check_tokenizers(t_tok, load_tokenizer(cfg.student), cfg.teacher, cfg.student)
         self.tokenizer_dir = resolve_model_path(cfg.student if cfg.mode == "distill" else cfg.teacher)
-        teacher = load_model(cfg.teacher, dtype=dtype, device=dev)
+        teacher = load_model(cfg.teacher, dtype=dtype, device=dev, attn_implementation=cfg.attn_implementation)
         if cfg.mode == "distill":
-            student = load_model(cfg.student, dtype=dtype, device=dev)
+            student = load_model(cfg.student, dtype=dtype, device=dev, attn_implementation=cfg.attn_implementation)
         else:
             student, teacher = teacher, None
         blocks = token_blocks(t_tok, cfg.data.source, "train", cfg.data.seq_len, max_blocks=cfg.data.max_blocks,

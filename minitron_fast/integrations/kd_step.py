@@ -189,14 +189,17 @@ def teacher_hidden(teacher: nn.Module, input_ids: Tensor, attention_mask: Tensor
 
 
 def _softcap_of(model: nn.Module) -> float | None:
+    """The final-logit softcap of a supported family (its ``ModelView``); None for a model the
+    package has no adapter for (the HF integration takes any causal LM: pass the loss's
+    ``softcap`` yourself there)."""
     from minitron_fast.errors import UnsupportedModelError
-    from minitron_fast.models import ModelView, view_class_for_config
+    from minitron_fast.models import get_view
 
-    config = unwrap(model).config
     try:
-        return view_class_for_config(config).final_logit_softcap_of(config)
-    except UnsupportedModelError:  # the HF integration takes any causal LM
-        return ModelView.final_logit_softcap_of(config)
+        c = get_view(unwrap(model)).final_logit_softcap
+    except UnsupportedModelError:
+        return None
+    return float(c) if c else None
 
 
 def head_options(student: nn.Module, teacher: nn.Module | None = None, n_tokens: int | None = None) -> dict[str, Any]:
@@ -210,7 +213,7 @@ def head_options(student: nn.Module, teacher: nn.Module | None = None, n_tokens:
     t_cap = _softcap_of(teacher)
     if t_cap != softcap:
         raise KDSetupError(f"the teacher's final-logit softcap is {t_cap} but the student's {softcap}: the fused loss "
-                           "applies one cap to both; give the student the teacher's final_logit_softcapping")
+                           "applies one cap to both; give the student's config.json the teacher's final-logit softcap")
     vt, vs = unwrap(teacher).config.vocab_size, unwrap(student).config.vocab_size
     if vt == vs:
         return {"softcap": softcap, "vocab_size": None}
