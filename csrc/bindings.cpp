@@ -120,5 +120,16 @@ PYBIND11_MODULE(_C, m) {
       py::arg("n_threads") = 0,
       "Any divergence (div 0/1/2) against a top-k teacher (+ tail bucket; tail=0: none) over k + 1 buckets: kd[i]; "
       "with need_grad, s becomes a[i] * dD/du_s. idx int64 [rows, k], tv fp32 [rows, k], contiguous.");
+  m.def(
+      "softcap_rows",
+      [](std::uintptr_t x, std::int64_t ldx, std::uintptr_t deriv, std::int64_t ldd, float c, float post,
+         std::int64_t rows, std::int64_t V, int n_threads) {
+        py::gil_scoped_release nogil;
+        minitron::softcap_rows(reinterpret_cast<float*>(x), ldx, reinterpret_cast<float*>(deriv), ldd, c, post, rows,
+                               V, n_threads);
+      },
+      py::arg("x"), py::arg("ldx"), py::arg("deriv"), py::arg("ldd"), py::arg("c"), py::arg("post"), py::arg("rows"),
+      py::arg("V"), py::arg("n_threads") = 0,
+      "Softcap fp32 rows in place: x = post * c * tanh(x / c); deriv (address or 0) = 1 - tanh^2.");
   m.def("kd_rows_isa", &minitron::kd_rows_isa, "The code path the row kernels take on this CPU.");
 }

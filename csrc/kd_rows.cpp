@@ -327,6 +327,42 @@ __attribute__((always_inline)) inline float topk_row(int div, float beta, float*
   return static_cast<float>(kd);
 }
 
+// tanh(y) for finite y: odd Taylor polynomial below |y| = 0.0625 (relative error < 1e-9), else
+// sign(y) (1 - e) / (1 + e) with e = exp(-2|y|) <= 1 (no cancellation there: 1 - e >= 0.118).
+__attribute__((always_inline)) inline float tanh_f(float y) {
+  const float ay = y < 0.0f ? -y : y;
+  const float y2 = y * y;
+  const float small = y * (1.0f + y2 * (-0.333333333f + y2 * (0.133333333f + y2 * -0.0539682540f)));
+  const float e = exp_nonpos(-2.0f * ay);
+  const float big = (1.0f - e) / (1.0f + e);
+  return ay < 0.0625f ? small : (y < 0.0f ? -big : big);
+}
+
+// Softcap rows in one pass: x = post * c * tanh(x * inv_c); deriv (or null) = 1 - tanh^2.
+template <bool Deriv>
+__attribute__((always_inline)) inline void cap_row(float* __restrict x, float* __restrict d, float inv_c, float cp,
+                                                   std::int64_t V) {
+#pragma omp simd
+  for (std::int64_t v = 0; v < V; ++v) {
+    const float th = tanh_f(x[v] * inv_c);
+    if (Deriv) d[v] = 1.0f - th * th;
+    x[v] = x[v] <= -1e30f ? x[v] : cp * th;  // masked (-inf / -1e30) entries stay masked
+  }
+}
+
+template <bool Deriv>
+__attribute__((target("avx2,fma"))) void cap_avx2(float* x, std::int64_t ldx, float* d, std::int64_t ldd,
+                                                  float inv_c, float cp, std::int64_t lo, std::int64_t hi,
+                                                  std::int64_t V) {
+  for (std::int64_t i = lo; i < hi; ++i) cap_row<Deriv>(x + i * ldx, Deriv ? d + i * ldd : nullptr, inv_c, cp, V);
+}
+
+template <bool Deriv>
+void cap_base(float* x, std::int64_t ldx, float* d, std::int64_t ldd, float inv_c, float cp, std::int64_t lo,
+              std::int64_t hi, std::int64_t V) {
+  for (std::int64_t i = lo; i < hi; ++i) cap_row<Deriv>(x + i * ldx, Deriv ? d + i * ldd : nullptr, inv_c, cp, V);
+}
+
 template <int DIV, bool Grad>
 __attribute__((target("avx2,fma"))) void div_avx2(float* s, std::int64_t lds, const float* t, std::int64_t ldt,
                                                   const float* a, float* kd, float beta, std::int64_t lo,
@@ -440,6 +476,22 @@ void kd_topk_rows(int div, float beta, float* s, std::int64_t lds, const std::in
     } else {
       need_grad ? topk_base<true>(div, beta, s, lds, idx, tv, k, tail, a, kd, lo, hi, V, work.data())
                 : topk_base<false>(div, beta, s, lds, idx, tv, k, tail, a, kd, lo, hi, V, work.data());
+    }
+  });
+}
+
+void softcap_rows(float* x, std::int64_t ldx, float* deriv, std::int64_t ldd, float c, float post, std::int64_t rows,
+                  std::int64_t V, int n_threads) {
+  if (rows <= 0 || V <= 0) return;
+  const int T = row_threads(n_threads, rows, V);
+  const bool avx2 = has_avx2_fma();
+  const float inv_c = 1.0f / c, cp = c * post;
+  parallel_blocks(T, 0, rows, [&](int, std::int64_t lo, std::int64_t hi) {
+    if (deriv) {
+      avx2 ? cap_avx2<true>(x, ldx, deriv, ldd, inv_c, cp, lo, hi, V) : cap_base<true>(x, ldx, deriv, ldd, inv_c, cp, lo, hi, V);
+    } else {
+      avx2 ? cap_avx2<false>(x, ldx, deriv, ldd, inv_c, cp, lo, hi, V)
+           : cap_base<false>(x, ldx, deriv, ldd, inv_c, cp, lo, hi, V);
     }
   });
 }

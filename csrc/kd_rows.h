@@ -40,6 +40,11 @@ void kd_topk_rows(int div, float beta, float* s, std::int64_t lds, const std::in
                   std::int64_t k, const float* tail, const float* a, float* kd, std::int64_t rows, std::int64_t V,
                   bool need_grad, int n_threads);
 
+// Softcap of raw logit rows in one pass: x = post * c * tanh(x / c) (entries <= -1e30 stay
+// masked); with deriv non-null, deriv[i, :] = 1 - tanh^2 (the factor dL/dz picks up).
+void softcap_rows(float* x, std::int64_t ldx, float* deriv, std::int64_t ldd, float c, float post, std::int64_t rows,
+                  std::int64_t V, int n_threads);
+
 // Which code path the row kernels take on this CPU: "avx2+fma" or "baseline".
 const char* kd_rows_isa();
 

@@ -97,20 +97,34 @@ def test_softcap_matches_float64_on_every_impl(divergence):
         _close(gW, rW, 2e-5, f"{impl} grad W")
 
 
-def test_softcap_with_logits_and_topk_teachers():
+@pytest.mark.parametrize("impl", ["torch", "cpp"])
+def test_softcap_with_logits_and_topk_teachers(impl):
     g = torch.Generator().manual_seed(1)
     zs = (torch.randn(23, 40, generator=g) * 4).requires_grad_()
+    zs.data[0, :5] = torch.tensor([0.0, 1e-4, -3e-3, 0.05, -0.07])  # tanh's small-argument branch
     zt = torch.randn(23, 40, generator=g) * 4
     zt[:, -3:] = -math.inf  # masked teacher entries stay masked under the cap
     vals, idx = zt.topk(6, 1)
     for teacher in (dict(teacher_logits=zt), dict(teacher_topk=(vals, idx))):
-        loss = kd_loss_from_logits(zs, softcap=3.0, divergence="jsd", impl="torch", **teacher)
+        loss = kd_loss_from_logits(zs, softcap=3.0, divergence="jsd", impl=impl, hard_label_weight=0.5,
+                                   labels=torch.arange(23), **teacher)
         (gz,) = torch.autograd.grad(loss, zs)
         z64 = zs.detach().double().requires_grad_()
-        ref = kd_loss_reference(z64, softcap=3.0, divergence="jsd", **teacher)
+        ref = kd_loss_reference(z64, softcap=3.0, divergence="jsd", hard_label_weight=0.5, labels=torch.arange(23),
+                                **teacher)
         (rz,) = torch.autograd.grad(ref, z64)
         _close(loss, ref, 2e-5, "loss")
         _close(gz, rz, 2e-5, "grad")
+
+
+def test_cpp_softcap_runs_in_the_cpp_rows(monkeypatch):
+    calls = _count(monkeypatch, "_cap_cpp")
+    torch_calls = _count(monkeypatch, "_cap_")
+    h, W, th, tW, labels = _head()
+    fused_linear_kd_loss(h, W, th, tW, labels=labels, softcap=4.0, impl="cpp", chunk_size=10).backward()
+    assert len(calls) == 8 and not torch_calls  # student and teacher, 4 chunks
+    fused_linear_kd_loss(h, W, th, tW, labels=labels, softcap=4.0, impl="torch", chunk_size=10)
+    assert len(torch_calls) == 8 and len(calls) == 8
 
 
 # ------------------------------------------------------------------------------------------------
