@@ -194,18 +194,32 @@ def _timed(dev: Device, fn: Callable[[], Any], reps: int) -> dict[str, float]:
 
 # -- 1. correctness at real shapes ----------------------------------------------------------------
 
+def _randn(dev: Device, *shape: int, gen: Any, scale: float = 1.0):
+    """Random normal values made on the device itself (8B-sized tensors made on the host and
+    copied would cost the budget minutes)."""
+    import torch
+
+    t = torch.randn(shape, generator=gen, device=dev.dev, dtype=dev.dtype)
+    return t.mul_(scale) if scale != 1.0 else t
+
+
+def _gen(dev: Device, seed: int):
+    import torch
+
+    return torch.Generator(device=dev.dev).manual_seed(seed)
+
+
 def _kd_inputs(dev: Device, N: int, Hs: int, Ht: int, V: int, seed: int = 0):
     import torch
 
-    g = torch.Generator().manual_seed(seed)
-    h = torch.randn(N, Hs, generator=g)
-    W = torch.randn(V, Hs, generator=g) / Hs ** 0.5
-    th = torch.randn(N, Ht, generator=g)
-    tW = torch.randn(V, Ht, generator=g) * 1.5 / Ht ** 0.5
-    labels = torch.randint(0, V, (N,), generator=g)
+    g = _gen(dev, seed)
+    h = _randn(dev, N, Hs, gen=g)
+    W = _randn(dev, V, Hs, gen=g, scale=Hs ** -0.5)
+    th = _randn(dev, N, Ht, gen=g)
+    tW = _randn(dev, V, Ht, gen=g, scale=1.5 * Ht ** -0.5)
+    labels = torch.randint(0, V, (N,), generator=g, device=dev.dev)
     labels[::17] = -100
-    to = lambda t: t.to(dev.dev, dev.dtype)  # noqa: E731
-    return to(h), to(W), to(th), to(tW), labels.to(dev.dev)
+    return h, W, th, tW, labels
 
 
 def _kd_fwd_bwd(h, W, th, tW, labels, impl: str, **kw: Any):
@@ -293,15 +307,14 @@ def check_importance_kernels(dev: Device, s: Shapes) -> list[dict[str, Any]]:
     B, T = 1, s.imp_seq
     H, F, nh = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_attention_heads"]
     hd = H // nh
-    g = torch.Generator().manual_seed(1)
-    to = lambda t: t.to(dev.dev, dev.dtype)  # noqa: E731
+    g = _gen(dev, 1)
     mask = torch.ones(B, T, device=dev.dev)
     mask[:, -T // 8:] = 0  # padding at the end of the sample
-    x = to(torch.randn(B, T, H, generator=g))
-    y = to(torch.randn(B, T, H, generator=g)) + x
-    gate, up = to(torch.randn(B, T, F, generator=g)), to(torch.randn(B, T, F, generator=g))
-    attn = to(torch.randn(B, T, nh * hd, generator=g))
-    w = to(1 + 0.1 * torch.randn(H, generator=g))
+    x = _randn(dev, B, T, H, gen=g)
+    y = _randn(dev, B, T, H, gen=g) + x
+    gate, up = _randn(dev, B, T, F, gen=g), _randn(dev, B, T, F, gen=g)
+    attn = _randn(dev, B, T, nh * hd, gen=g)
+    w = _randn(dev, H, gen=g, scale=0.1) + 1
 
     def stats(n_units: int):
         return torch.zeros(B, n_units, device=dev.dev), torch.zeros(B, n_units, device=dev.dev)
@@ -347,7 +360,7 @@ def check_compaction(dev: Device, s: Shapes) -> list[dict[str, Any]]:
     g = torch.Generator().manual_seed(2)
     rows = []
     for dim, kept_n in ((0, keep["ffn"]), (1, keep["hidden"])):
-        t = torch.randn(F, H, generator=g).to(dev.dev, dev.dtype)
+        t = _randn(dev, F, H, gen=_gen(dev, 2 + dim))
         kept = torch.randperm(t.shape[dim], generator=g)[:kept_n].sort().values.to(dev.dev)
         expect = t.index_select(dim, kept)
         compact_(t, kept, dim, impl="triton")
@@ -427,20 +440,24 @@ def bench_kd_loss(dev: Device, s: Shapes, budget: Budget) -> list[dict[str, Any]
     case = f"llama8b->4b N={N} Hs={Hs} Ht={Ht} V={V} {str(dev.dtype).replace('torch.', '')}"
     rows, est = [], s.est_s["kd_loss"]
     n = s.kd_check_rows
+    try:
+        h, W, th, tW, labels = _kd_inputs(dev, N, Hs, Ht, V)
+    except dev.oom_types() as exc:
+        return [_skipped("kd_loss", case, "all", f"out of memory for the inputs ({exc})")]
+    h.requires_grad_(), W.requires_grad_()
     for impl in KD_IMPLS:
-        if impl.startswith("liger") and dev.cuda is False:
+        if impl.startswith("liger") and not dev.cuda:
             rows.append(_skipped("kd_loss", case, impl, "Liger's Triton kernels need CUDA"))
             continue
         if not budget.fits(est):
             rows.append(_skipped("kd_loss", case, impl, f"budget ({budget.left():.0f} s left, needs ~{est:.0f} s)"))
             continue
-        h, W, th, tW, labels = _kd_inputs(dev, N, Hs, Ht, V)
-        h.requires_grad_(), W.requires_grad_()
         try:
             base = dev.reset_peak()
             step = _kd_step(impl, h, W, th, tW, labels)
             timing = _timed(dev, step, s.reps)
             peak = dev.peak_above(base)
+            h.grad = W.grad = None
             row = _row("kd_loss", case, impl, **timing, peak_mb=peak, N=N, V=V,
                        tflops=2.0 * N * V * (Ht + 3 * Hs) / timing["median_s"] / 1e12)
             if impl != "gemm_floor":  # the loss this impl gives on a slice, against float64 forward KL
@@ -452,8 +469,9 @@ def bench_kd_loss(dev: Device, s: Shapes, budget: Budget) -> list[dict[str, Any]
                 row["ok"] = True
         except dev.oom_types() as exc:
             row = _skipped("kd_loss", case, impl, f"out of memory ({str(exc).splitlines()[0][:120]})")
+        step = None
+        h.grad = W.grad = None
         rows.append(row)
-        del h, W, th, tW, labels
         dev.free()
     _ratios(rows, "kd_loss", {"gemm_floor": "vs_floor", "torch_naive": "vs_naive", "liger_fused_jsd": "vs_liger_fused",
                               "liger_chunked": "vs_liger_chunked"})
@@ -586,8 +604,8 @@ def bench_compaction(dev: Device, s: Shapes, budget: Budget) -> list[dict[str, A
             rows.append(_skipped("compaction", case, impl, f"budget ({budget.left():.0f} s left)"))
             continue
         try:
-            layers = [[torch.randn(shape, generator=g).to(dev.dev, dev.dtype) for shape, _, _ in plan]
-                      for _ in range(s.compact_layers)]
+            gd = _gen(dev, 5)
+            layers = [[_randn(dev, *shape, gen=gd) for shape, _, _ in plan] for _ in range(s.compact_layers)]
             idx = [(r.to(dev.dev) if r is not None else None, c.to(dev.dev) if c is not None else None)
                    for _, r, c in plan]
             expect = [t.index_select(0, r) if r is not None else t for t, (r, _) in zip(layers[0], idx)]
