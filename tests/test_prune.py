@@ -122,8 +122,8 @@ def test_export_reloads_in_stock_transformers(tiny_model, tmp_path, streaming):
     assert rec["plan"]["kept"]["layers"] == plan.layers and rec["streaming"] == streaming
     # generate() with the KV cache agrees with a cache-free greedy decode
     prompt = x[:1, :5]
-    a = reloaded.generate(prompt, max_new_tokens=6, do_sample=False, use_cache=True, pad_token_id=0)
-    b = reloaded.generate(prompt, max_new_tokens=6, do_sample=False, use_cache=False, pad_token_id=0)
+    a = reloaded.generate(prompt, max_new_tokens=6, min_new_tokens=6, do_sample=False, use_cache=True, pad_token_id=0)
+    b = reloaded.generate(prompt, max_new_tokens=6, min_new_tokens=6, do_sample=False, use_cache=False, pad_token_id=0)
     assert torch.equal(a, b) and a.shape[1] == 11
     assert sorted(p.name for p in src.iterdir()) == sorted(["config.json", "generation_config.json", "model.safetensors"])
 

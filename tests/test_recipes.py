@@ -9,7 +9,8 @@ from minitron_fast.models.loading import meta_model
 from minitron_fast.pipeline.recipe import (RecipeError, load_recipe, parse_budget, parse_overrides, parse_target,
                                            shipped_recipes, stage_enabled, training_config)
 
-SHIPPED = ["demo", "llama3.1-8b-to-4b-width", "llama3.1-8b-to-4b-depth", "mistral-nemo-12b-to-8b"]
+SHIPPED = ["demo", "llama3.1-8b-to-4b-width", "llama3.1-8b-to-4b-depth", "mistral-nemo-12b-to-8b",
+           "qwen3-8b-to-6b-width", "gemma2-9b-to-6b-width"]
 
 
 def llama31_8b_config():
@@ -30,6 +31,27 @@ def mistral_nemo_12b_config():
     return MistralConfig(vocab_size=131072, hidden_size=5120, intermediate_size=14336, num_hidden_layers=40,
                          num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=128000,
                          rope_theta=1e6, rms_norm_eps=1e-5, tie_word_embeddings=False, sliding_window=None)
+
+
+def qwen3_8b_config():
+    """Qwen/Qwen3-8B's config.json values: head_dim 128, per-head q/k norms, untied."""
+    from transformers import Qwen3Config
+
+    return Qwen3Config(vocab_size=151936, hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
+                       num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=40960,
+                       rms_norm_eps=1e-6, rope_theta=1e6, tie_word_embeddings=False, use_sliding_window=False,
+                       sliding_window=None, max_window_layers=36)
+
+
+def gemma2_9b_config():
+    """google/gemma-2-9b's config.json values: head_dim 256, four norms per layer, tied, softcaps."""
+    from transformers import Gemma2Config
+
+    return Gemma2Config(vocab_size=256000, hidden_size=3584, intermediate_size=14336, num_hidden_layers=42,
+                        num_attention_heads=16, num_key_value_heads=8, head_dim=256, query_pre_attn_scalar=256,
+                        sliding_window=4096, max_position_embeddings=8192, final_logit_softcapping=30.0,
+                        attn_logit_softcapping=50.0, rms_norm_eps=1e-6, tie_word_embeddings=True,
+                        hidden_activation="gelu_pytorch_tanh", pad_token_id=0, eos_token_id=1, bos_token_id=2)
 
 
 def test_every_shipped_recipe_validates():
@@ -161,3 +183,30 @@ def test_big_recipes_match_published_parameter_counts(recipe, make_config, teach
         assert (geo.hidden_size, geo.intermediate_size, geo.num_hidden_layers) == (4096, 14336, 16)
     else:
         assert (geo.hidden_size, geo.intermediate_size, geo.num_hidden_layers, geo.head_dim) == (4096, 11520, 40, 128)
+
+
+# The model cards: Qwen3-8B "8.2B", gemma-2-9b 9.24B. The students aim at ~6B (the size of NVIDIA's
+# Minitron search result from Qwen3-8B); the recipes' comments state the exact counts checked here.
+FAMILIES = [
+    pytest.param("qwen3-8b-to-6b-width", qwen3_8b_config, 8.2e9, 5.978e9, (3584, 9216, 36), id="qwen3-6b-width"),
+    pytest.param("gemma2-9b-to-6b-width", gemma2_9b_config, 9.24e9, 5.940e9, (3072, 9216, 42), id="gemma2-6b-width"),
+]
+
+
+@pytest.mark.parametrize("recipe, make_config, teacher_published, student_count, shape", FAMILIES)
+def test_family_recipes_parameter_counts_on_meta_device(recipe, make_config, teacher_published, student_count, shape):
+    r = load_recipe(recipe)
+    config = make_config()
+    view_cls = view_class_for_config(config)
+    teacher = get_view(meta_model(config))
+    assert abs(teacher.param_counts()["total"] - teacher_published) <= TOL
+    assert teacher.param_counts() == view_cls.count_params(config)
+    geo = pruned_geometry(config, r.prune.target)
+    assert (geo.hidden_size, geo.intermediate_size, geo.num_hidden_layers) == shape
+    student_config = view_cls.config_for(config, geo)
+    student = get_view(meta_model(student_config))
+    n = student.param_counts()["total"]
+    assert n == view_cls.count_params(config, geo)["total"]
+    assert abs(n - student_count) <= 0.0005e9 and abs(n - 6.0e9) <= 0.1e9
+    assert student.geometry() == geo and student.head_dim == teacher.head_dim
+    assert student.layer_types == teacher.layer_types  # width pruning keeps every layer's type

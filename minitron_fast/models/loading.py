@@ -57,7 +57,7 @@ def load_model(model: str | os.PathLike, *, dtype: torch.dtype | str = torch.flo
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
     if attn_implementation is None:
-        attn_implementation = default_attn_implementation(device)
+        attn_implementation = default_attn_implementation(device, config)
     m = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype, attn_implementation=attn_implementation)
     m.to(device)
     m.eval()
@@ -68,13 +68,15 @@ def load_view(model: str | os.PathLike, **kw: Any) -> ModelView:
     return get_view(load_model(model, **kw))
 
 
-def default_attn_implementation(device: str | torch.device) -> str:
+def default_attn_implementation(device: str | torch.device, config: Any = None) -> str:
+    """flash-attn 2 on CUDA when installed, else the family's own default (SDPA; Gemma 2: eager,
+    since SDPA cannot softcap attention scores)."""
     if torch.device(device).type == "cuda":
         import importlib.util
 
         if importlib.util.find_spec("flash_attn") is not None:
             return "flash_attention_2"
-    return "sdpa"
+    return view_class_for_config(config).default_attn_implementation if config is not None else "sdpa"
 
 
 def meta_model(config: Any) -> torch.nn.Module:

@@ -299,6 +299,7 @@ def prune_checkpoint(src_dir: str | os.PathLike, plan: Plan, out_dir: str | os.P
                 def produce(shard=shard):
                     for new_name, name, dtype, shape, rule in shard:
                         t = reader(files[name]).read_rows(name, rule.rows, rule.cols, chunk_bytes=chunk_bytes)
+                        rule.apply_affine_(t)  # Gemma's embedding rescale (the in-place pruner does the same)
                         if pbar is not None:
                             pbar.update(1)
                         yield t
