@@ -45,10 +45,12 @@ def load_config(model: str | os.PathLike) -> Any:
 
 
 def load_model(model: str | os.PathLike, *, dtype: torch.dtype | str = torch.float32, device: str | torch.device = "cpu",
-               attn_implementation: str | None = None) -> torch.nn.Module:
+               attn_implementation: str | None = None, device_map: str | dict | None = None) -> torch.nn.Module:
     """Loads a supported causal LM for training or analysis (eval mode, no hub access).
 
     ``attn_implementation`` defaults to flash-attn 2 on CUDA when installed, else SDPA.
+    ``device_map`` (e.g. ``"auto"``, through accelerate) spreads a model larger than one GPU over
+    the visible devices; ``device`` is then ignored.
     """
     from transformers import AutoModelForCausalLM
 
@@ -58,8 +60,11 @@ def load_model(model: str | os.PathLike, *, dtype: torch.dtype | str = torch.flo
         dtype = getattr(torch, dtype)
     if attn_implementation is None:
         attn_implementation = default_attn_implementation(device, config)
-    m = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype, attn_implementation=attn_implementation)
-    m.to(device)
+    kw = {"device_map": device_map} if device_map else {}
+    m = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype, attn_implementation=attn_implementation,
+                                             **kw)
+    if not device_map:
+        m.to(device)
     m.eval()
     return m
 

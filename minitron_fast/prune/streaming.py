@@ -21,7 +21,7 @@ from minitron_fast.errors import MinitronError
 from minitron_fast.io import atomic_dir, same_or_inside
 from minitron_fast.models import view_class_for_config
 from minitron_fast.models.export import copy_tokenizer_files, minitron_record
-from minitron_fast.prune.plan import Plan, validate_plan
+from minitron_fast.artifacts.plan import Plan, validate_plan
 from minitron_fast.prune.surgery import Rule, layers_prefix, named_rules, pruned_config
 
 ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -260,7 +260,8 @@ def load_private(src_dir: str | os.PathLike, *, dtype: torch.dtype | None = None
 def prune_checkpoint(src_dir: str | os.PathLike, plan: Plan, out_dir: str | os.PathLike, *, streaming: bool = True,
                      overwrite: bool = False, scores_file: str | os.PathLike | None = None,
                      record: dict[str, Any] | None = None, chunk_bytes: int = 64 << 20,
-                     max_shard_bytes: int = DEFAULT_SHARD_BYTES, impl: str = "auto", progress: bool = True) -> Path:
+                     max_shard_bytes: int = DEFAULT_SHARD_BYTES, impl: str = "auto", progress: bool = True,
+                     load_kwargs: dict[str, Any] | None = None) -> Path:
     """Prunes the checkpoint in ``src_dir`` (a ``save_pretrained`` directory or ``"demo"``) to
     ``plan`` and writes a stock HF checkpoint to ``out_dir`` (config, safetensors, tokenizer
     files, ``minitron.json`` with the source, plan and scores-file hash), atomically.
@@ -268,7 +269,9 @@ def prune_checkpoint(src_dir: str | os.PathLike, plan: Plan, out_dir: str | os.P
     ``streaming=True`` reads only the kept slices of each tensor from the shards (peak memory
     near the largest output tensor); ``streaming=False`` loads the model into private memory
     (``load_private``: peak the model's size), prunes it in place (``apply_plan``: it ends at the
-    pruned size) and saves it. ``src_dir`` is never written to.
+    pruned size) and saves it (``load_kwargs``: ``load_model``'s device, dtype, attention; the
+    dtype defaults to the checkpoint's; a CUDA device loads with ``load_model`` and compacts on
+    the GPU). ``src_dir`` is never written to.
 
     Example:
         >>> prune_checkpoint("llama-8b/", plan, "llama-4b/", streaming=True)
@@ -290,7 +293,15 @@ def prune_checkpoint(src_dir: str | os.PathLike, plan: Plan, out_dir: str | os.P
         from minitron_fast.models.export import export_hf
         from minitron_fast.prune.surgery import apply_plan
 
-        model = load_private(src)
+        kw = dict(load_kwargs or {})
+        dtype = kw.pop("dtype", None) or getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) \
+            or torch.float32
+        if torch.device(kw.get("device") or "cpu").type == "cpu":
+            model = load_private(src, dtype=dtype, attn_implementation=kw.get("attn_implementation"))
+        else:
+            from minitron_fast.models.loading import load_model
+
+            model = load_model(src, dtype=dtype, **kw)
         apply_plan(model, plan, impl=impl, progress=progress)
         return export_hf(model, out, tokenizer_from=src, record=rec, overwrite=overwrite, protect=[src])
 
