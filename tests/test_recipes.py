@@ -11,7 +11,7 @@ from minitron_fast.pipeline.recipe import (RecipeError, load_recipe, parse_overr
                                            training_config)
 
 SHIPPED = ["demo", "llama3.1-8b-to-4b-width", "llama3.1-8b-to-4b-depth", "mistral-nemo-12b-to-8b",
-           "qwen3-8b-to-6b-width", "gemma2-9b-to-6b-width"]
+           "qwen3-8b-to-6b-width", "gemma2-9b-to-6b-width", "mixtral-8x7b-experts-8-to-6"]
 
 
 def llama31_8b_config():
@@ -211,3 +211,37 @@ def test_family_recipes_parameter_counts_on_meta_device(recipe, make_config, tea
     assert abs(n - student_count) <= 0.0005e9 and abs(n - 6.0e9) <= 0.1e9
     assert student.geometry() == geo and student.head_dim == teacher.head_dim
     assert student.attn_kinds == teacher.attn_kinds  # width pruning keeps every layer's type
+
+
+def mixtral_8x7b_config():
+    """mistralai/Mixtral-8x7B-v0.1's config.json values."""
+    from transformers import MixtralConfig
+
+    return MixtralConfig(vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                         num_attention_heads=32, num_key_value_heads=8, num_local_experts=8, num_experts_per_tok=2,
+                         max_position_embeddings=32768, rope_theta=1e6, rms_norm_eps=1e-5, tie_word_embeddings=False,
+                         sliding_window=None)
+
+
+def test_mixtral_experts_recipe_parameter_counts():
+    """Mixtral-8x7B is published as 46.7B parameters, 12.9B active per token; 6 of 8 experts per
+    layer leaves 35.4B (32 layers x 2 experts x 3 x 4096 x 14336 fewer, plus 2 router rows each),
+    with the same active count but the two router rows (top-2 routing kept)."""
+    from minitron_fast.prune import target_geometry
+
+    r = load_recipe("mixtral-8x7b-experts-8-to-6")
+    config = mixtral_8x7b_config()
+    view_cls = view_class_for_config(config)
+    teacher = get_view(meta_model(config))
+    assert abs(teacher.param_counts()["total"] - 46.7e9) <= TOL
+    geo = target_geometry(config, r.prune.target)
+    assert (geo.num_experts, geo.num_experts_per_tok, geo.moe_intermediate_size) == (6, 2, 14336)
+    student = get_view(meta_model(view_cls.config_for(config, geo)))
+    n = student.param_counts()["total"]
+    assert n == view_cls.count_params(config, geo)["total"]
+    assert abs(n - 35.4e9) <= TOL and student.geometry() == geo
+    assert teacher.param_counts()["total"] - n == 32 * 2 * (3 * 4096 * 14336 + 4096)
+    per_expert = 3 * 4096 * 14336 * 32
+    active = lambda total, e: total - (e - 2) * per_expert  # noqa: E731  two experts per token
+    assert abs(active(n, 6) - 12.9e9) <= TOL
+    assert active(teacher.param_counts()["total"], 8) - active(n, 6) == 32 * 2 * 4096  # only the router rows

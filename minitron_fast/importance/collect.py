@@ -109,6 +109,62 @@ class _Stat:
         return batch_aggregate(self.S1, self.S2, self.N, self.batch_agg).float().cpu()
 
 
+class _MoEStat:
+    """Expert statistics of one MoE layer, summed over valid tokens in fp64:
+
+    - ``reap [E]``: sum over the tokens routed to each expert of router weight x ||expert
+      output|| (REAP, arXiv 2510.13999), and ``routed [E]`` their count;
+    - ``neurons [E, F]``: the same tokens' router weight x ``|act(gate) * up|`` per neuron;
+    - ``mass [E]``: the router's softmax probability of each expert, summed over all tokens.
+    """
+
+    def __init__(self, moe, label: str):
+        E, F = moe.num_experts, moe.ffn
+        dev = moe.router_weight.device
+        self.label = label
+        # on the model's device: no host sync per expert (fp64 sums; the counts are exact in fp64)
+        self.reap = torch.zeros(E, dtype=torch.float64, device=dev)
+        self.routed = torch.zeros(E, dtype=torch.float64, device=dev)
+        self.neur = torch.zeros(E, F, dtype=torch.float64, device=dev)
+        self.mass_sum = torch.zeros(E, dtype=torch.float64, device=dev)
+        self.tokens = torch.zeros((), dtype=torch.float64, device=dev)
+
+    def forward(self, moe, x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
+                valid: torch.Tensor | None) -> torch.Tensor:
+        """The experts' output for ``x [N, H]`` routed by ``top_k_index / top_k_weights [N, k]``
+        (the eager loop of transformers' experts), recording the statistics."""
+        out = torch.zeros_like(x)
+        for e in torch.unique(top_k_index).tolist():
+            tok, pos = torch.where(top_k_index == e)
+            h, y = moe.expert_mlp(x[tok], e)  # [n, F], [n, H]
+            w = top_k_weights[tok, pos]  # [n]
+            out.index_add_(0, tok, (y * w[:, None]).to(out.dtype))
+            wv = w.double() if valid is None else w.double() * valid[tok]
+            self.reap[e] += (wv * y.double().norm(dim=-1)).sum()
+            self.routed[e] += tok.numel() if valid is None else valid[tok].double().sum()
+            self.neur[e] += (wv[:, None] * h.double().abs()).sum(0)
+        return out
+
+    def add_router(self, logits: torch.Tensor, valid: torch.Tensor | None) -> None:
+        p = torch.softmax(logits.float(), dim=-1).double()  # [N, E]
+        if valid is not None:
+            p = p * valid[:, None]
+        self.mass_sum += p.sum(0)
+        self.tokens += p.shape[0] if valid is None else valid.double().sum()
+
+    def finite(self) -> bool:
+        return all(bool(torch.isfinite(t).all()) for t in (self.reap, self.neur, self.mass_sum))
+
+    def experts(self) -> torch.Tensor:
+        return (self.reap / self.routed.clamp_min(1)).float().cpu()
+
+    def neurons(self) -> torch.Tensor:
+        return (self.neur / self.routed.clamp_min(1)[:, None]).float().cpu()
+
+    def mass(self) -> torch.Tensor:
+        return (self.mass_sum / self.tokens.clamp_min(1)).float().cpu()
+
+
 def _fusable_norm(view: ModelView, norm: nn.Module) -> tuple[torch.Tensor, float, float] | None:
     """``(weight, eps, offset)`` when ``norm`` behaves as the RMSNorm the fused kernel computes:
     the adapter's claim (``rmsnorm_of``) checked on a probe, so a family whose norm differs keeps
@@ -167,6 +223,12 @@ class ImportanceCollector:
         # post-feed-forward norms), summed into the layer's channel scores
         self.norms = [[mk(g.hidden_size, f"layer {i} channels (norm {j} output)")
                        for j in range(len(lv.hidden_norms()))] for i, lv in enumerate(self.view.layers)]
+        # MoE layers (models/moe.py): expert statistics from the same pass
+        self.moe = {i: _MoEStat(lv.moe, f"layer {i} experts") for i, lv in enumerate(self.view.layers)
+                    if getattr(lv, "moe", None) is not None}
+        self.shared = {i: mk(lv.moe.shared_down.in_features, f"layer {i} shared expert neurons")
+                       for i, lv in enumerate(self.view.layers)
+                       if getattr(lv, "moe", None) is not None and lv.moe.shared_down is not None}
         self.cos_sum = torch.zeros(L, dtype=torch.float64)
         self.cos_count = 0.0
         self.tokens = 0
@@ -184,8 +246,10 @@ class ImportanceCollector:
         fused = self.impl == "triton"
         for i, lv in enumerate(self.view.layers):
             self._handles.append(lv.o_proj.register_forward_pre_hook(self._head_hook(i)))
-            act = _gate_act(lv) if fused else None
-            if act is not None:
+            act = _gate_act(lv) if fused and i not in self.moe else None
+            if i in self.moe:
+                self._attach_moe(i, lv.moe)
+            elif act is not None:
                 self._patch(lv.mlp, self._fused_mlp(i, lv, act))
             else:
                 self._handles.append(lv.down_proj.register_forward_pre_hook(self._neuron_hook(i)))
@@ -242,6 +306,32 @@ class ImportanceCollector:
             ops.abs_stats(out, self._mask, st.s1, st.s2)
         return hook
 
+    def _attach_moe(self, i: int, moe) -> None:
+        """Experts: their forward is replaced by the eager per-expert loop that also records the
+        statistics (the output is the same sum of router-weighted expert outputs); the router's
+        probabilities are read by a hook; the shared expert's neurons like a dense MLP's."""
+        st = self.moe[i]
+
+        def experts_forward(hidden_states, top_k_index, top_k_weights):
+            valid = None if self._mask is None else self._mask.reshape(-1)
+            return st.forward(moe, hidden_states, top_k_index, top_k_weights, valid)
+
+        def router_hook(mod, args, out):
+            valid = None if self._mask is None else self._mask.reshape(-1)
+            st.add_router(moe.router_logits(out), valid)
+
+        self._patch(moe.experts, experts_forward)
+        self._handles.append(moe.router.register_forward_hook(router_hook))
+        if moe.shared_down is not None:
+            stat = self.shared[i]
+
+            def shared_hook(mod, args):  # the block runs the shared expert on [B*T, H]: back to [B, T, F]
+                x = args[0]
+                B = (stat.s1 if stat.s1 is not None else stat.s2).shape[0]
+                ops.abs_stats(x.view(B, -1, x.shape[-1]), self._mask, stat.s1, stat.s2)
+
+            self._handles.append(moe.shared_down.register_forward_pre_hook(shared_hook))
+
     def _fused_mlp(self, i: int, lv, act: str):
         def forward(x):
             st = self.neurons[i]
@@ -275,6 +365,7 @@ class ImportanceCollector:
         yield from self.neurons
         for per_layer in self.norms:
             yield from per_layer
+        yield from self.shared.values()
 
     @torch.no_grad()
     def step(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
@@ -318,7 +409,8 @@ class ImportanceCollector:
 
     def _check_finite(self) -> None:
         for i in range(self.view.num_layers):
-            for st in (*self.norms[i], self.heads[i], self.neurons[i]):
+            moe = [d[i] for d in (self.moe, self.shared) if i in d]
+            for st in (*self.norms[i], self.heads[i], self.neurons[i], *moe):
                 if not st.finite():
                     raise NonFiniteActivationError(
                         f"NaN/inf activations in {st.label}; the model or its dtype overflows on this data "
@@ -339,9 +431,15 @@ class ImportanceCollector:
              "head_score": self.head_score, "impl": self.impl, "dtype": str(next(self.model.parameters()).dtype).replace("torch.", ""),
              "accumulation": "fp32 per-batch sums, fp64 across batches"}
         m.update(meta or {})
+        if self.moe:
+            m["expert_score"] = "REAP: mean over routed tokens of router weight x ||expert output||"
         return ImportanceScores(heads=heads, kv_groups=kv, neurons=[s.result() for s in self.neurons],
                                 layer_channels=layer_ch, channels=torch.stack(layer_ch).sum(0),
-                                block_importance=bi, meta=m)
+                                block_importance=bi, meta=m,
+                                experts={i: st.experts() for i, st in self.moe.items()},
+                                expert_neurons={i: st.neurons() for i, st in self.moe.items()},
+                                expert_mass={i: st.mass() for i, st in self.moe.items()},
+                                shared_neurons={i: st.result() for i, st in self.shared.items()})
 
 
 def collect_importance(model: nn.Module, blocks: torch.Tensor, *, attention_mask: torch.Tensor | None = None,

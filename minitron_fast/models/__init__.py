@@ -14,11 +14,15 @@ from minitron_fast.models.gemma2 import Gemma2View
 from minitron_fast.models.gemma3 import Gemma3View
 from minitron_fast.models.llama import LlamaView
 from minitron_fast.models.mistral import MistralView
+from minitron_fast.models.mixtral import MixtralView
 from minitron_fast.models.phi3 import Phi3View
 from minitron_fast.models.qwen2 import Qwen2View
+from minitron_fast.models.qwen2_moe import Qwen2MoeView
 from minitron_fast.models.qwen3 import Qwen3View
+from minitron_fast.models.qwen3_moe import Qwen3MoeView
 
-VIEWS: tuple[type[ModelView], ...] = (LlamaView, MistralView, Qwen2View, Qwen3View, Gemma2View, Gemma3View, Phi3View)
+VIEWS: tuple[type[ModelView], ...] = (LlamaView, MistralView, Qwen2View, Qwen3View, Gemma2View, Gemma3View, Phi3View,
+                                      MixtralView, Qwen2MoeView, Qwen3MoeView)
 SUPPORTED = ", ".join(c for v in VIEWS for c in v.hf_classes)
 
 

@@ -46,9 +46,13 @@ class Geometry:
     head_dim: int
     num_hidden_layers: int
     vocab_size: int
+    # mixture-of-experts axes (0 on dense models, where ``as_dict`` leaves them out); see models/moe.py
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
 
     def replace(self, **kw: int) -> "Geometry":
-        d = self.as_dict()
+        d = dict(self.__dict__)
         unknown = set(kw) - set(d)
         if unknown:
             raise ValueError(f"unknown geometry keys {sorted(unknown)}; known: {sorted(d)}")
@@ -56,7 +60,18 @@ class Geometry:
         return Geometry(**d)
 
     def as_dict(self) -> dict[str, int]:
-        return dict(self.__dict__)
+        d = dict(self.__dict__)
+        if not self.num_experts:
+            for k in MOE_FIELDS:
+                d.pop(k)
+        return d
+
+    @property
+    def is_moe(self) -> bool:
+        return self.num_experts > 0
+
+
+MOE_FIELDS = ("num_experts", "num_experts_per_tok", "moe_intermediate_size")
 
 
 @dataclass

@@ -70,6 +70,54 @@ class Rule:
         return t
 
 
+@dataclass
+class ExpertRule:
+    """How a stacked expert tensor ``[E, R, C]`` is sliced: keep ``experts`` along dim 0, then
+    ``rows`` (dim 1) and ``cols`` (dim 2) of each kept expert. ``rows`` / ``cols`` are one index
+    tensor for every expert, a list of one per kept expert (each expert its own neurons), or None
+    (all)."""
+
+    experts: torch.Tensor | None = None
+    rows: torch.Tensor | list[torch.Tensor] | None = None
+    cols: torch.Tensor | list[torch.Tensor] | None = None
+
+    def shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        n = lambda k, full: full if k is None else (k[0] if isinstance(k, list) else k).numel()  # noqa: E731
+        return (n(self.experts, shape[0]), n(self.rows, shape[1]), n(self.cols, shape[2]))
+
+    def apply_(self, p: torch.Tensor, *, impl: str = "auto", release: bool = True) -> None:
+        """Slices ``p`` in place (its own buffer, through ``compact_2d_`` on 2-D views), except
+        per-expert columns (``down_proj`` with each expert's own neurons), which cannot be one
+        2-D compaction: that tensor is rebuilt (peak: one extra copy of the pruned tensor)."""
+        if not p.is_contiguous():
+            p.data = p.data.contiguous()
+        E, R, C = p.shape
+        if self.experts is not None:
+            p.data = p.data.view(E, R * C)
+            compact_2d_(p, self.experts, None, impl=impl, release=release)
+            E = self.experts.numel()
+            p.data = p.data.view(E, R, C)
+        if self.rows is None and self.cols is None:
+            return
+        Et, Rt, Ct = self.shape((E, R, C))
+        if isinstance(self.cols, list):
+            rows = self.rows if isinstance(self.rows, list) else [self.rows] * E
+            new = torch.stack([_take(_take(p.data[j], 0, rows[j]), 1, self.cols[j]) for j in range(E)])
+            p.data = new
+            return
+        flat = None
+        if self.rows is not None:
+            rows = self.rows if isinstance(self.rows, list) else [self.rows] * E
+            flat = torch.cat([j * R + r for j, r in enumerate(rows)])
+        p.data = p.data.view(E * R, C)
+        compact_2d_(p, flat, self.cols, impl=impl, release=release)
+        p.data = p.data.view(Et, Rt, Ct)
+
+
+def _take(t: torch.Tensor, dim: int, idx: torch.Tensor | None) -> torch.Tensor:
+    return t if idx is None else t.index_select(dim, idx.to(t.device))
+
+
 def _units_to_rows(units: list[int], width: int) -> torch.Tensor:
     """Head indices -> the rows of their ``width`` (head_dim) outputs."""
     u = torch.as_tensor(units, dtype=torch.long)
@@ -115,6 +163,8 @@ def layer_rules(view: ModelView, plan: Plan, src_layer: int, lv: Any) -> Iterato
     kept = _kept_units(plan, src_layer)
     for p, rows, cols in lv.sliced_params():
         yield p, Rule(_segments_index(rows, kept), _segments_index(cols, kept))
+    if getattr(lv, "moe", None) is not None:  # a MoE layer's router and stacked experts
+        yield from moe_layer_rules(plan, src_layer, lv, _maybe(plan.hidden, plan.source_geometry().hidden_size))
 
 
 def hidden_rescale(view_cls: Any, config: Any, plan: Plan) -> tuple[float, float, float]:
@@ -134,6 +184,29 @@ def hidden_rescale(view_cls: Any, config: Any, plan: Plan) -> tuple[float, float
         return c, 1.0, 0.0
     off = view_cls.norm_weight_offset
     return c, 1.0 / c, off * (1.0 / c - 1.0)
+
+
+def moe_layer_rules(plan: Plan, src_layer: int, lv: Any, hid: torch.Tensor | None
+                    ) -> Iterator[tuple[nn.Parameter, Rule | ExpertRule]]:
+    """The rules of a MoE layer's router and stacked experts (models/moe.py; the shared expert and
+    its gate come with ``sliced_params``): router rows of the kept experts, each kept expert's own
+    neurons (``gate_up_proj`` rows: gate rows then up rows; ``down_proj`` columns), hidden
+    channels everywhere."""
+    src = plan.source_geometry()
+    m = lv.moe
+    F = src.moe_intermediate_size
+    ex = _maybe(plan.experts[src_layer], src.num_experts)
+    kept = plan.expert_neurons[src_layer]
+    if all(len(n) == F for n in kept):
+        gu_rows, dn_cols = None, None
+    else:
+        ks = [torch.as_tensor(n, dtype=torch.long) for n in kept]
+        gu_rows, dn_cols = [torch.cat([k, k + F]) for k in ks], ks
+    yield m.router_weight, Rule(ex, hid)
+    if getattr(m.router, "bias", None) is not None:
+        yield m.router.bias, Rule(ex)
+    yield m.gate_up_weight, ExpertRule(ex, gu_rows, hid)
+    yield m.down_weight, ExpertRule(ex, hid, dn_cols)
 
 
 def model_rules(view: ModelView, plan: Plan) -> Iterator[tuple[nn.Parameter, Rule]]:
@@ -223,10 +296,13 @@ def apply_plan(model: nn.Module, plan: Plan, *, impl: str = "auto", release: boo
 
         it = tqdm(rules, desc="pruning", unit="tensor")
     for p, r in it:
-        compact_2d_(p, r.rows, r.cols, impl=impl, release=release)
-        r.apply_affine_(p.data)
+        if isinstance(r, ExpertRule):
+            r.apply_(p, impl=impl, release=release)
+        else:
+            compact_2d_(p, r.rows, r.cols, impl=impl, release=release)
+            r.apply_affine_(p.data)
     # 3. the config, in place (modules hold references to it), then module attributes that cache
-    #    sizes (layer_idx, cached head counts, embedding scale, ...): ModelView.sync_modules_
+    #    sizes (layer_idx, cached head counts, embedding scale, experts and top-k, ...): ModelView.sync_modules_
     update_config_(model.config, geo, plan, src_config)
     view.refresh()
     view.sync_modules_()

@@ -29,7 +29,6 @@ from minitron_fast.search.candidates import Candidate, enumerate_candidates, for
 from minitron_fast.search.config import SearchConfig, SearchError
 
 
-
 def _final_hidden(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
     """``[B, T, H]`` final hidden states (after the final norm) of a causal LM."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
