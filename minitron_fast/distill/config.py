@@ -73,6 +73,7 @@ class DataConfig:
     max_blocks: int | None = None   # cap on training blocks (tests, smoke runs)
     eval_blocks: int = 8            # held-out blocks for the held-out loss
     seed: int = 0                   # data order (the block permutation of each epoch)
+    cache_dir: str | None = None    # token shards (None: $MINITRON_FAST_TOKEN_CACHE or ~/.cache/minitron_fast/tokens)
 
 
 @dataclass
@@ -170,6 +171,7 @@ class DistillConfig:
         for k in ("steps", "out", "save_every", "eval_every", "log_every", "export", "threads"):
             d.pop(k, None)
         d["deepspeed"] = {k: v for k, v in d["deepspeed"].items() if k not in ("config_file",)}
+        d["data"].pop("cache_dir", None)  # where token shards are cached does not change what is read
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -289,7 +289,6 @@ class Trainer:
 
     # ----- setup
     def _load(self):
-        from minitron_fast.data import token_blocks
         from minitron_fast.models.loading import load_model, load_tokenizer, resolve_model_path
 
         cfg = self.cfg
@@ -310,13 +309,23 @@ class Trainer:
                                     f"{student.config.vocab_size}; logit KD needs one vocabulary")
         else:
             student, teacher = teacher, None
-        blocks = token_blocks(t_tok, cfg.data.source, "train", cfg.data.seq_len, max_blocks=cfg.data.max_blocks,
-                              text_field=cfg.data.text_field)
-        eval_blocks = None
-        if cfg.data.eval_blocks > 0:
-            eval_blocks = token_blocks(t_tok, cfg.data.source, "heldout", cfg.data.seq_len,
-                                       max_blocks=cfg.data.eval_blocks, text_field=cfg.data.text_field)
+        blocks, eval_blocks = self._data(t_tok)
         return student, teacher, blocks, eval_blocks
+
+    def _data(self, tokenizer):
+        """The training split as memory-mapped ``TokenBlocks`` (each rank reads only the blocks of
+        its micro-batches) and the held-out blocks (a small ``[n, T]`` tensor, or None)."""
+        from minitron_fast.data import TokenBlocks, token_blocks
+
+        d = self.cfg.data
+        blocks = TokenBlocks.open(tokenizer, d.source, "train", d.seq_len, max_blocks=d.max_blocks,
+                                  text_field=d.text_field, cache=d.cache_dir,
+                                  progress=self.progress and int(os.environ.get("RANK", "0")) == 0).require_one()
+        eval_blocks = None
+        if d.eval_blocks > 0:
+            eval_blocks = token_blocks(tokenizer, d.source, "heldout", d.seq_len, max_blocks=d.eval_blocks,
+                                       text_field=d.text_field, cache=d.cache_dir)
+        return blocks, eval_blocks
 
     def _layer_pairs(self, student: nn.Module, teacher: nn.Module) -> list[tuple[int, int]]:
         ns, nt = student.config.num_hidden_layers, teacher.config.num_hidden_layers
@@ -513,7 +522,7 @@ class Trainer:
             rec.update({k: float(v) for k, v in zip(sorted(sums), red)})
             dt = time.perf_counter() - t0
             rec.update(lr=None if lr_now is None else float(lr_now), tokens=int(num_items),
-                       tokens_per_s=data.global_batch * data.blocks.shape[1] / dt, step_s=dt,
+                       tokens_per_s=data.global_batch * data.seq_len / dt, step_s=dt,
                        peak_mem_mb=peak_memory_mb(), rss_mb=resident_memory_mb())
             final_loss = rec["loss"]
             done = step + 1
