@@ -23,6 +23,7 @@ BENCHES: dict[str, str] = {
     "prune": "bench.prune",
     "distill_step": "bench.distill_step",
     "paper_claims": "bench.paper_claims",
+    "scale": "bench.scale",
 }
 
 

@@ -117,6 +117,35 @@ def gathered(params: list[nn.Parameter]):
         yield
 
 
+@contextlib.contextmanager
+def partitioned(ds_config: dict[str, Any] | None):
+    """While active, transformers builds models under ``deepspeed.zero.Init`` (its DeepSpeed
+    integration, ``HfDeepSpeedConfig``) when ``ds_config`` is ZeRO stage 3: each rank allocates
+    only its partition, and ``from_pretrained`` loads the checkpoint shard file by shard file in
+    the training dtype, so no rank ever holds the whole model (with ``offload_param`` the
+    partitions live in CPU memory). A no-op for ``None`` or stages 0-2."""
+    if not ds_config or ds_config.get("zero_optimization", {}).get("stage", 0) != 3:
+        yield
+        return
+    from transformers.integrations import HfDeepSpeedConfig
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    keep = HfDeepSpeedConfig(ds_config)  # transformers holds only a weak reference: keep it alive
+    try:
+        yield keep
+    finally:
+        unset_hf_deepspeed_config()
+
+
+def enable_activation_checkpointing(model: nn.Module) -> nn.Module:
+    """Recomputes each decoder layer's activations in the backward pass instead of storing them
+    (transformers' non-reentrant gradient checkpointing): activation memory per micro-batch
+    drops from every layer's intermediates to one layer's plus the layer inputs. The loss and
+    gradients are unchanged (the recomputation is the same forward)."""
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
 # -- the trained module ---------------------------------------------------------------------------
 
 class HiddenStates(nn.Module):
@@ -224,7 +253,7 @@ def _teacher_ds_config(cfg: DistillConfig, world: int) -> dict[str, Any]:
     zero: dict[str, Any] = {"stage": 3}
     if cfg.deepspeed.persistence_threshold is not None:
         zero["stage3_param_persistence_threshold"] = cfg.deepspeed.persistence_threshold
-    if cfg.deepspeed.offload_param:
+    if cfg.deepspeed.offload_param or cfg.deepspeed.teacher_offload_param:
         zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
     return {"train_micro_batch_size_per_gpu": cfg.micro_batch_size, "gradient_accumulation_steps": 1,
             "train_batch_size": cfg.micro_batch_size * world, "zero_optimization": zero,
@@ -301,9 +330,13 @@ class Trainer:
                 raise MinitronError(f"teacher {cfg.teacher} and student {cfg.student} use different tokenizers "
                                     f"({len(t_tok)} vs {len(s_tok)} tokens); logit KD needs one vocabulary")
         self.tokenizer_dir = resolve_model_path(cfg.student if cfg.mode == "distill" else cfg.teacher)
-        teacher = load_model(cfg.teacher, dtype=dtype, device=dev)
+        s_ds = deepspeed_config(cfg, self.world)[0] if cfg.deepspeed.zero_stage == 3 else None
+        t_ds = _teacher_ds_config(cfg, self.world) if cfg.deepspeed.teacher_zero3 else None
+        with partitioned(t_ds if cfg.mode == "distill" else s_ds):
+            teacher = load_model(cfg.teacher, dtype=dtype, device=dev)
         if cfg.mode == "distill":
-            student = load_model(cfg.student, dtype=dtype, device=dev)
+            with partitioned(s_ds):
+                student = load_model(cfg.student, dtype=dtype, device=dev)
             if student.config.vocab_size != teacher.config.vocab_size:
                 raise MinitronError(f"teacher vocabulary {teacher.config.vocab_size} != student vocabulary "
                                     f"{student.config.vocab_size}; logit KD needs one vocabulary")
@@ -370,6 +403,8 @@ class Trainer:
         self.pairs = pairs
         student.train()
         student.config.use_cache = False
+        if cfg.activation_checkpointing:
+            enable_activation_checkpointing(student)
         wrapped = HiddenStates(student, proj)
 
         ds_cfg, client = deepspeed_config(cfg, world)
