@@ -137,6 +137,14 @@ def partitioned(ds_config: dict[str, Any] | None):
         unset_hf_deepspeed_config()
 
 
+def _hidden_size(model: str) -> int:
+    from minitron_fast.models import view_class_for_config
+    from minitron_fast.models.loading import load_config
+
+    c = load_config(model)
+    return view_class_for_config(c).geometry_of(c).hidden_size
+
+
 def enable_activation_checkpointing(model: nn.Module) -> nn.Module:
     """Recomputes each decoder layer's activations in the backward pass instead of storing them
     (transformers' non-reentrant gradient checkpointing): activation memory per micro-batch
@@ -197,9 +205,25 @@ def lr_lambda(cfg: DistillConfig):
 
 # -- DeepSpeed config -----------------------------------------------------------------------------
 
-def deepspeed_config(cfg: DistillConfig, world: int) -> tuple[dict[str, Any], bool]:
+def _size_buckets(zero: dict[str, Any], hidden: int | None) -> None:
+    """Communication buckets sized to the model, as transformers' ``"auto"`` does (hidden^2
+    elements; DeepSpeed's defaults are 5e8 elements: a 2 GB fp32 gradient bucket on every rank
+    whatever the model's size, more than a small model's whole partition)."""
+    if not hidden:
+        return
+    stage = zero.get("stage", 0)
+    if stage >= 2:
+        zero.setdefault("reduce_bucket_size", hidden * hidden)
+        zero.setdefault("allgather_bucket_size", hidden * hidden)
+    if stage == 3:
+        zero.setdefault("stage3_prefetch_bucket_size", int(0.9 * hidden * hidden))
+        zero.setdefault("stage3_param_persistence_threshold", 10 * hidden)
+
+
+def deepspeed_config(cfg: DistillConfig, world: int, hidden: int | None = None) -> tuple[dict[str, Any], bool]:
     """The DeepSpeed config for ``cfg`` on ``world`` ranks: the user's JSON (checked against the
-    recipe) or one generated from the recipe. Returns ``(config, uses_client_optimizer)``."""
+    recipe) or one generated from the recipe (communication buckets sized by the trained model's
+    ``hidden`` size when given). Returns ``(config, uses_client_optimizer)``."""
     d = cfg.deepspeed
     want = {"train_micro_batch_size_per_gpu": cfg.micro_batch_size, "gradient_accumulation_steps": cfg.grad_accum,
             "train_batch_size": cfg.micro_batch_size * cfg.grad_accum * world}
@@ -237,6 +261,7 @@ def deepspeed_config(cfg: DistillConfig, world: int) -> tuple[dict[str, Any], bo
         zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
     if d.zero_stage == 3 and d.persistence_threshold is not None:
         zero["stage3_param_persistence_threshold"] = d.persistence_threshold
+    _size_buckets(zero, hidden)
     ds = dict(want, zero_optimization=zero, gradient_clipping=d.gradient_clipping, steps_per_print=10**9,
               wall_clock_breakdown=False, bf16={"enabled": bool(d.bf16)})
     client = d.optimizer == "torch_adamw"
@@ -249,10 +274,11 @@ def deepspeed_config(cfg: DistillConfig, world: int) -> tuple[dict[str, Any], bo
     return ds, client
 
 
-def _teacher_ds_config(cfg: DistillConfig, world: int) -> dict[str, Any]:
+def _teacher_ds_config(cfg: DistillConfig, world: int, hidden: int | None = None) -> dict[str, Any]:
     zero: dict[str, Any] = {"stage": 3}
     if cfg.deepspeed.persistence_threshold is not None:
         zero["stage3_param_persistence_threshold"] = cfg.deepspeed.persistence_threshold
+    _size_buckets(zero, hidden)
     if cfg.deepspeed.offload_param or cfg.deepspeed.teacher_offload_param:
         zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
     return {"train_micro_batch_size_per_gpu": cfg.micro_batch_size, "gradient_accumulation_steps": 1,
@@ -330,8 +356,10 @@ class Trainer:
                 raise MinitronError(f"teacher {cfg.teacher} and student {cfg.student} use different tokenizers "
                                     f"({len(t_tok)} vs {len(s_tok)} tokens); logit KD needs one vocabulary")
         self.tokenizer_dir = resolve_model_path(cfg.student if cfg.mode == "distill" else cfg.teacher)
-        s_ds = deepspeed_config(cfg, self.world)[0] if cfg.deepspeed.zero_stage == 3 else None
-        t_ds = _teacher_ds_config(cfg, self.world) if cfg.deepspeed.teacher_zero3 else None
+        trained = cfg.student if cfg.mode == "distill" else cfg.teacher
+        self.hidden = {"student": _hidden_size(trained), "teacher": _hidden_size(cfg.teacher)}
+        s_ds = deepspeed_config(cfg, self.world, self.hidden["student"])[0] if cfg.deepspeed.zero_stage == 3 else None
+        t_ds = _teacher_ds_config(cfg, self.world, self.hidden["teacher"]) if cfg.deepspeed.teacher_zero3 else None
         with partitioned(t_ds if cfg.mode == "distill" else s_ds):
             teacher = load_model(cfg.teacher, dtype=dtype, device=dev)
         if cfg.mode == "distill":
@@ -359,6 +387,22 @@ class Trainer:
             eval_blocks = token_blocks(tokenizer, d.source, "heldout", d.seq_len, max_blocks=d.eval_blocks,
                                        text_field=d.text_field, cache=d.cache_dir)
         return blocks, eval_blocks
+
+    def _check_memory_plan(self) -> None:
+        """On a GPU, says before loading anything when the memory plan does not fit the device,
+        and names the knobs (``minitron-fast memory`` prints the whole plan)."""
+        if not torch.cuda.is_available():
+            return
+        from minitron_fast.distill.memory import plan_config
+
+        try:
+            p = plan_config(self.cfg, self.world, gpu_mem=torch.cuda.get_device_properties(_device()).total_memory)
+        except (MinitronError, OSError, ValueError) as exc:  # a plan is advice: never block training on it
+            log.info("no memory plan (%s)", exc)
+            return
+        if p.fits is False:
+            log.warning("memory plan: %.1f GB per GPU does not fit this %.0f GB GPU; change %s",
+                        p.total / 1e9, p.gpu_mem / 1e9, "; or ".join(p.advice(self.cfg)) or "the micro-batch")
 
     def _layer_pairs(self, student: nn.Module, teacher: nn.Module) -> list[tuple[int, int]]:
         ns, nt = student.config.num_hidden_layers, teacher.config.num_hidden_layers
@@ -390,6 +434,8 @@ class Trainer:
             atomic_write_text(out / "recipe.yaml", dump_config(cfg))
 
         torch.manual_seed(cfg.seed)
+        if rank == 0:
+            self._check_memory_plan()
         student, teacher, blocks, eval_blocks = self._load()
         pairs: list[tuple[int, int]] = []
         proj = None
@@ -407,7 +453,7 @@ class Trainer:
             enable_activation_checkpointing(student)
         wrapped = HiddenStates(student, proj)
 
-        ds_cfg, client = deepspeed_config(cfg, world)
+        ds_cfg, client = deepspeed_config(cfg, world, self.hidden["student"])
         params = [p for p in wrapped.parameters() if p.requires_grad]
         optimizer = None
         if client:
@@ -428,7 +474,8 @@ class Trainer:
             teacher.eval()
             teacher.requires_grad_(False)
             if cfg.deepspeed.teacher_zero3:
-                t_engine, _, _, _ = deepspeed.initialize(model=teacher, config=_teacher_ds_config(cfg, world))
+                t_engine, _, _, _ = deepspeed.initialize(model=teacher, config=_teacher_ds_config(cfg, world,
+                                                                                          self.hidden["teacher"]))
                 t_engine.eval()
                 teacher = t_engine.module
         self.teacher = teacher
