@@ -145,6 +145,22 @@ def _hidden_size(model: str) -> int:
     return view_class_for_config(c).geometry_of(c).hidden_size
 
 
+def release_freed_memory() -> None:
+    """Returns freed heap memory to the OS (glibc ``malloc_trim``; a no-op elsewhere). Building a
+    model under ``zero.Init`` allocates and frees every whole parameter once; on CPU ranks glibc
+    would otherwise keep those pages resident for the whole run."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+        if libc is not None and hasattr(libc, "malloc_trim"):
+            libc.malloc_trim(0)
+    except OSError:  # pragma: no cover - not glibc
+        pass
+
+
 def enable_activation_checkpointing(model: nn.Module) -> nn.Module:
     """Recomputes each decoder layer's activations in the backward pass instead of storing them
     (transformers' non-reentrant gradient checkpointing): activation memory per micro-batch
@@ -370,6 +386,8 @@ class Trainer:
                                     f"{student.config.vocab_size}; logit KD needs one vocabulary")
         else:
             student, teacher = teacher, None
+        if cfg.deepspeed.zero_stage == 3 or cfg.deepspeed.teacher_zero3:
+            release_freed_memory()
         blocks, eval_blocks = self._data(t_tok)
         return student, teacher, blocks, eval_blocks
 
