@@ -231,8 +231,8 @@ def _size_buckets(zero: dict[str, Any], hidden: int | None) -> None:
     if stage >= 2:
         zero.setdefault("reduce_bucket_size", hidden * hidden)
         zero.setdefault("allgather_bucket_size", hidden * hidden)
-    if stage == 3:
-        zero.setdefault("stage3_prefetch_bucket_size", int(0.9 * hidden * hidden))
+    if stage == 3:  # (the prefetch bucket stays DeepSpeed's: a smaller one leaves the tied lm_head in flight
+        # when the loss's GatheredParameters exits)
         zero.setdefault("stage3_param_persistence_threshold", 10 * hidden)
 
 
