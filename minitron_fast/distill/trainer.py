@@ -364,7 +364,7 @@ class Trainer:
 
         cfg = self.cfg
         dtype = torch.bfloat16 if cfg.deepspeed.bf16 else torch.float32
-        dev = _device()
+        dev = cfg.train_device()  # cuda without CUDA fails here, before any model loads
         t_tok = load_tokenizer(cfg.teacher)
         if cfg.mode == "distill":
             s_tok = load_tokenizer(cfg.student)
@@ -377,10 +377,11 @@ class Trainer:
         s_ds = deepspeed_config(cfg, self.world, self.hidden["student"])[0] if cfg.deepspeed.zero_stage == 3 else None
         t_ds = _teacher_ds_config(cfg, self.world, self.hidden["teacher"]) if cfg.deepspeed.teacher_zero3 else None
         with partitioned(t_ds if cfg.mode == "distill" else s_ds):
-            teacher = load_model(cfg.teacher, dtype=dtype, device=dev)
+            teacher = load_model(cfg.teacher, dtype=dtype, device=dev, attn_implementation=cfg.attn_implementation)
         if cfg.mode == "distill":
             with partitioned(s_ds):
-                student = load_model(cfg.student, dtype=dtype, device=dev)
+                student = load_model(cfg.student, dtype=dtype, device=dev,
+                                     attn_implementation=cfg.attn_implementation)
             if student.config.vocab_size != teacher.config.vocab_size:
                 raise MinitronError(f"teacher vocabulary {teacher.config.vocab_size} != student vocabulary "
                                     f"{student.config.vocab_size}; logit KD needs one vocabulary")
