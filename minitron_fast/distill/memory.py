@@ -346,7 +346,7 @@ def plan_recipe(recipe: str | os.PathLike, overrides: list[str] = (), *, gpu_mem
         W = world or 1
         return [(plan_config(cfg, W, gpu_mem=mem, title=f"{Path(str(recipe)).stem}: {cfg.mode}"), cfg)]
     from minitron_fast.models import view_class_for_config
-    from minitron_fast.prune.targets import target_geometry
+    from minitron_fast.artifacts.targets import target_geometry
 
     W = world or r.launch.num_procs
     hostfile = getattr(r.launch, "hostfile", None)
