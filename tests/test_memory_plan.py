@@ -34,7 +34,8 @@ def test_student_states_follow_deepspeeds_estimators():
     t = ModelStats.of(model_config("meta-llama/Llama-3.1-8B"))
     s = ModelStats.of(model_config("nvidia/Llama-3.1-Minitron-4B-Width-Base"))
     assert 8.0e9 < t.params < 8.1e9 and 4.4e9 < s.params < 4.6e9     # the published 8.03B / 4.51B
-    cfg = config_from_dict({"teacher": "t", "student": "s", "deepspeed": {"zero_stage": 2, "bf16": True}})
+    cfg = config_from_dict({"teacher": "t", "student": "s", "data": {"seq_len": 4096},
+                            "deepspeed": {"zero_stage": 2, "bf16": True}})
     p = plan(cfg, t, s, 8)
     states = p.parts["student"] + p.parts["gradients"] + p.parts["optimizer"]
     assert states == pytest.approx(p.ds_estimate, rel=1e-6)
@@ -47,7 +48,7 @@ def test_student_states_follow_deepspeeds_estimators():
     # checkpointing: same everything else, activations layer inputs + one layer
     on = plan(config_from_dict({**cfg.to_dict(), "activation_checkpointing": True}), t, s, 8)
     assert on.activations_full == p.activations_full and on.parts["activations"] < p.parts["activations"] / 5
-    # the materialized loss holds [N, V] logits; the fused one a few [chunk, V] buffers
+    # the materialized loss holds [N, V] logits (N = 4 x 4095); the fused one a few [chunk, V] buffers
     mat = plan(config_from_dict({**cfg.to_dict(), "loss": {"impl": "materialized"}}), t, s, 8)
     assert mat.parts["kd_loss"] > 5 * p.parts["kd_loss"]
 
