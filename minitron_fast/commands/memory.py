@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("recipe", help="a shipped recipe name, a pipeline recipe YAML, or a trainer recipe (configs/distill/)")
     p.add_argument("--gpu-mem", default="80GB", help="memory of one GPU (default 80GB)")
