@@ -30,8 +30,12 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from minitron_fast.evaluate.harness import evaluate_model, format_eval
-    from minitron_fast.io import atomic_write_json
+    from minitron_fast.io import atomic_write_json, check_output
+    from minitron_fast.models.loading import resolve_model_path
 
+    if args.json:  # never over an input (the model directory, the data), checked before any work
+        check_output(args.json, inputs=[resolve_model_path(args.model), args.data], kind="--json",
+                     allow_existing_file=True)
     if args.threads:
         torch.set_num_threads(args.threads)
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else None

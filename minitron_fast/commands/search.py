@@ -30,12 +30,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import math
+    from pathlib import Path
+
     import torch
 
     from minitron_fast.errors import MinitronError
-    from minitron_fast.io import same_or_inside
+    from minitron_fast.io import check_output, same_or_inside
     from minitron_fast.models import view_class_for_config
-    from minitron_fast.models.loading import load_config, resolve_model_path
+    from minitron_fast.models.loading import check_seq_len, load_config, resolve_model_path
     from minitron_fast.pipeline.recipe import parse_budget
     from minitron_fast.search import run_search
 
@@ -44,6 +47,18 @@ def run(args: argparse.Namespace) -> int:
     config = load_config(args.model)
     if args.model != "demo" and same_or_inside(args.out, resolve_model_path(args.model)):
         raise MinitronError(f"--out {args.out} lies inside the input model directory; choose another --out")
+    check_output(args.out, kind="--out", want="dir", overwrite=True)  # a file is refused
+    for name in ("plan.json", "search.json", "table.txt"):  # the files it writes: never an input
+        check_output(Path(args.out) / name, inputs=[args.scores, args.data], kind="--out", allow_existing_file=True)
+    check_seq_len(config, args.seq_len)
+    if args.max_candidates < 1:
+        raise MinitronError(f"--max-candidates must be at least 1, got {args.max_candidates}")
+    for name in ("micro_batch_size", "eval_blocks", "seq_len"):
+        if getattr(args, name) < (2 if name == "seq_len" else 1):
+            raise MinitronError(f"--{name.replace('_', '-')} must be at least {2 if name == 'seq_len' else 1}, "
+                                f"got {getattr(args, name)}")
+    if args.retrain_tokens < 0 or not math.isfinite(args.lr) or args.lr <= 0:
+        raise MinitronError("--retrain-tokens must be >= 0 and --lr a finite positive number")
     full = view_class_for_config(config).count_params(config)["total"]
     budget = parse_budget(args.params, full)
     steps = args.retrain_tokens // (args.micro_batch_size * args.seq_len)

@@ -46,23 +46,33 @@ def run_importance(model: str | os.PathLike = "demo", data: str | os.PathLike = 
                    batch_agg: str = "l2", with_depth_lm_loss: bool = False, depth_block: int | None = None,
                    heldout_samples: int = 16, allow_fewer: bool = False, text_field: str = "text",
                    dtype: str = "float32", device: str = "cpu", impl: str = "auto", heatmap_png: bool = True,
-                   progress: bool = True, head_score: str = "input") -> tuple[ImportanceScores, dict[str, Path]]:
+                   progress: bool = True, head_score: str = "input",
+                   overwrite: bool = False) -> tuple[ImportanceScores, dict[str, Path]]:
     """Loads ``model`` and the ``calib`` split of ``data``, computes the scores, writes ``out``
-    (and ``<out stem>.png`` beside it). Returns the scores and the written paths."""
+    (and ``<out stem>.png`` beside it). Returns the scores and the written paths. An existing
+    ``out`` (or heatmap) is an error unless ``overwrite``; neither may be an input."""
     from minitron_fast.data import token_blocks
-    from minitron_fast.io import same_or_inside
-    from minitron_fast.models.loading import load_config, load_model, load_tokenizer, resolve_model_path
+    from minitron_fast.io import check_output
+    from minitron_fast.models.loading import check_device, check_seq_len, load_config, load_model, load_tokenizer, \
+        resolve_model_path
 
-    if samples < 1:
-        raise MinitronError(f"--samples must be at least 1, got {samples}")
+    for name, v in (("--samples", samples), ("--batch-size", batch_size), ("--heldout-samples", heldout_samples)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise MinitronError(f"{name} must be at least 1, got {v}")
+    if depth_block is not None and depth_block < 1:
+        raise MinitronError(f"--depth-block must be at least 1, got {depth_block}")
     config = load_config(model)  # unsupported families fail here, before any weight is read
     src = resolve_model_path(model)
-    out = Path(out)
-    if same_or_inside(out.parent, src):
-        raise MinitronError(f"--out {out} lies inside the input model directory {src}; write the scores elsewhere")
-    max_pos = getattr(config, "max_position_embeddings", None)
-    if max_pos and seq_len > max_pos:
-        raise MinitronError(f"--seq-len {seq_len} exceeds the model's max_position_embeddings ({max_pos})")
+    inputs = [src, data]
+    out = check_output(out, inputs=inputs, kind="--out", overwrite=overwrite)
+    if heatmap_png:
+        png = out.with_suffix(".png")
+        if png == out:
+            raise MinitronError(f"--out {out}: the heatmap {png} would be written over the scores; name the scores "
+                                "file *.safetensors, or pass --no-heatmap")
+        check_output(png, inputs=inputs, kind="heatmap", overwrite=overwrite)
+    check_seq_len(config, seq_len)
+    check_device(device)
     tok = load_tokenizer(model)
     calib = token_blocks(tok, data, "calib", seq_len, text_field=text_field)
     if calib.shape[0] < samples:

@@ -123,6 +123,7 @@ def load_model(model: str | os.PathLike, *, dtype: torch.dtype | str = torch.flo
         dtype = getattr(torch, dtype)
     if attn_implementation is None:
         attn_implementation = default_attn_implementation(device)
+    check_tensor_shapes(path, config)
     try:
         m, info = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype,
                                                        attn_implementation=attn_implementation,
@@ -133,6 +134,54 @@ def load_model(model: str | os.PathLike, *, dtype: torch.dtype | str = torch.flo
     m.to(device)
     m.eval()
     return m
+
+
+def safetensors_shapes(path: Path) -> dict[str, tuple[int, ...]] | None:
+    """Tensor name -> shape from the safetensors headers of a checkpoint directory (no tensor
+    data is read); None when it holds no safetensors. A missing shard or a corrupt/truncated
+    header is a one-line error."""
+    from safetensors import safe_open
+
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise MinitronError(f"{index} is not a valid safetensors index ({_one_line(exc)})") from None
+    elif (path / "model.safetensors").exists():
+        shards = ["model.safetensors"]
+    else:
+        return None
+    shapes: dict[str, tuple[int, ...]] = {}
+    for shard in shards:
+        f = path / shard
+        if not f.is_file():
+            raise MinitronError(f"checkpoint shard {f} is missing or not a file; restore the checkpoint")
+        try:
+            with safe_open(str(f), framework="pt") as st:
+                for k in st.keys():
+                    shapes[k] = tuple(st.get_slice(k).get_shape())
+        except Exception as exc:  # SafetensorError (truncated, corrupt header), OSError
+            raise MinitronError(f"cannot load the weights in {path}: {f.name} is corrupt or truncated "
+                                f"({_one_line(exc)}); restore the checkpoint") from None
+    return shapes
+
+
+def check_tensor_shapes(path: Path, config: Any) -> None:
+    """Every tensor the safetensors headers share by name with the model ``config`` describes
+    has that model's shape (names transformers would rename, and missing or extra tensors, are
+    left to :func:`check_loading_info`)."""
+    shapes = safetensors_shapes(path)
+    if shapes is None:
+        return
+    meta = meta_model(config)
+    want = {n: tuple(t.shape) for n, t in meta.state_dict(keep_vars=True).items()}
+    bad = [f"{n} {tuple(s)} (the config says {want[n]})" for n, s in sorted(shapes.items())
+           if n in want and tuple(s) != want[n]]
+    if bad:
+        raise MinitronError(f"checkpoint in {path} has tensors of the wrong shape: {', '.join(bad[:2])}"
+                            + (f" and {len(bad) - 2} more" if len(bad) > 2 else "")
+                            + "; the weights belong to another model")
 
 
 def check_loading_info(info: dict[str, Any], path: Path) -> None:

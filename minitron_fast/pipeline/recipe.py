@@ -21,6 +21,7 @@ Example::
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -140,6 +141,10 @@ class Recipe:
                 raise RecipeError(f"importance.{k}={getattr(imp, k)!r} is not one of mean, l2, var")
         if imp.samples < 1 or imp.batch_size < 1:
             raise RecipeError("importance.samples and importance.batch_size must be at least 1")
+        if imp.seq_len is not None and imp.seq_len < 2:
+            raise RecipeError(f"importance.seq_len must be at least 2, got {imp.seq_len}")
+        if self.evaluate.batch_size < 1:
+            raise RecipeError(f"evaluate.batch_size must be at least 1, got {self.evaluate.batch_size}")
         if self.prune.depth_metric not in ("block_importance", "lm_loss"):
             raise RecipeError(f"prune.depth_metric={self.prune.depth_metric!r} is not one of block_importance, lm_loss")
         if self.prune.depth_mode not in ("contiguous", "top"):
@@ -158,6 +163,10 @@ class Recipe:
                 raise RecipeError(f"search.kinds {s.kinds} must be a non-empty list of width, depth, mixed")
             if not 0 < s.tolerance < 1:
                 raise RecipeError(f"search.tolerance must lie in (0, 1), got {s.tolerance}")
+            if not (isinstance(s.lr, (int, float)) and math.isfinite(s.lr) and s.lr > 0):
+                raise RecipeError(f"search.lr must be a finite positive number, got {s.lr}")
+            if s.micro_batch_size < 1 or s.eval_blocks < 1:
+                raise RecipeError("search.micro_batch_size and search.eval_blocks must be at least 1")
             if s.retrain_steps < 0 or s.lora_rank < 0 or s.max_candidates < 1:
                 raise RecipeError("search.retrain_steps and lora_rank must be >= 0, max_candidates >= 1")
         elif not self.prune.target:
@@ -365,6 +374,9 @@ def find_recipe(name_or_path: str | os.PathLike) -> Path:
     p = Path(name_or_path).expanduser()
     if p.is_file():
         return p
+    if p.is_dir():
+        hint = "; to rerun that run, pass its recipe: " + str(p / "recipe.yaml") if (p / "recipe.yaml").is_file() else ""
+        raise RecipeError(f"recipe {p} is a directory, not a recipe YAML file{hint}")
     name = p.name[:-5] if p.name.endswith(".yaml") else p.name
     if str(p.parent) in (".", "") or p.parent.name == "configs":
         shipped = shipped_recipes()
@@ -382,6 +394,8 @@ def load_recipe(name_or_path: str | os.PathLike, overrides: list[str] | tuple[st
     path = find_recipe(name_or_path)
     try:
         d = yaml.safe_load(path.read_text()) or {}
+    except UnicodeDecodeError as exc:
+        raise RecipeError(f"recipe {path} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     except yaml.YAMLError as exc:
         raise RecipeError(f"recipe {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
     if not isinstance(d, dict):

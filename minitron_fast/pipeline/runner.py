@@ -130,7 +130,7 @@ class PipelineRunner:
     def run(self) -> dict[str, Any]:
         import torch
 
-        from minitron_fast.models.loading import load_config, load_tokenizer, resolve_model_path
+        from minitron_fast.models.loading import check_seq_len, load_config, load_tokenizer, resolve_model_path
 
         r = self.recipe
         if r.threads:
@@ -144,7 +144,10 @@ class PipelineRunner:
                 raise MinitronError(f"the recipe sets evaluate.tasks but {LM_EVAL_MISSING}, or set evaluate.tasks: []")
         if same_or_inside(self.out, teacher_path):
             raise MinitronError(f"out {self.out} lies inside the teacher's directory {teacher_path}; choose another out")
-        self.out.mkdir(parents=True, exist_ok=True)
+        check_seq_len(load_config(teacher_path), r.data.seq_len, what="data.seq_len")
+        if self.out.exists() and not self.out.is_dir():
+            raise MinitronError(f"out {self.out} is a file; choose a directory")
+        self.cache.acquire()  # the run lock, held until run_recipe returns
         atomic_write_text(self.out / "recipe.yaml", yaml.safe_dump(r.to_dict(), sort_keys=False))
         self.tokenizer = load_tokenizer(teacher_path)
         self.heldout = self._eval_blocks()
@@ -183,7 +186,7 @@ class PipelineRunner:
                                       samples=imp.samples, seq_len=imp.seq_len or r.data.seq_len,
                                       batch_size=imp.batch_size, seq_agg=imp.seq_agg, batch_agg=imp.batch_agg,
                                       with_depth_lm_loss=imp.depth_lm_loss, text_field=r.data.text_field,
-                                      heatmap_png=True, progress=self.progress)
+                                      heatmap_png=True, progress=self.progress, overwrite=True)
             return {k: str(v) for k, v in paths.items()}
 
         im = c.run("importance", {"model": corrected_id, "importance": vars(imp).copy(),
@@ -336,7 +339,11 @@ def run_recipe(recipe: Recipe, **kw: Any) -> dict[str, Any]:
         >>> from minitron_fast.pipeline import load_recipe
         >>> report = run_recipe(load_recipe("demo", ["distill.steps=4"]), out="runs/smoke")
     """
-    return PipelineRunner(recipe, **kw).run()
+    runner = PipelineRunner(recipe, **kw)
+    try:
+        return runner.run()
+    finally:
+        runner.cache.release()
 
 
 __all__ = ["PipelineRunner", "run_recipe", "trainer_tokens", "stable_hash"]
