@@ -180,6 +180,16 @@ def test_overwrite_removes_only_what_minitron_fast_wrote(tmp_path):
         check_output(tmp_path / "hard" / "link.txt", inputs=[tmp_path / "ours" / "b"], allow_existing_file=True)
 
 
+# -- CLI ----------------------------------------------------------------------------------------------
+
+def test_overrides_may_follow_options(capsys):
+    from minitron_fast.cli import main
+
+    assert main(["run", "demo", "--dry-run", "distill.steps=3", "--no-progress", "seed=7"]) == 0
+    out = capsys.readouterr().out
+    assert "steps: 3" in out and "seed: 7" in out
+
+
 # -- the stage cache ----------------------------------------------------------------------------------
 
 def test_stage_cache_verifies_artifacts_and_ignores_list_vs_tuple(tmp_path):
@@ -434,11 +444,16 @@ def test_sigkill_during_distill_checkpoint_save_then_resume(kill_env, tmp_path):
     torch.save({"module": _Evil(str(pwned))}, tmp_path / "evil" / "checkpoints" / "step2" / "mp_rank_00_model_states.pt")
     runs.write_text(json.dumps([
         {"name": "evil", "resume": True, "overrides": overrides(tmp_path / "evil")},
-        {"name": "resumed", "resume": True, "overrides": overrides(tmp_path / "run")}]))
+        {"name": "resumed", "resume": True, "overrides": overrides(tmp_path / "run")},
+        # a run whose data fails to load records nothing, so the fixed rerun (no --resume) just runs
+        {"name": "bad_data", "overrides": overrides(tmp_path / "fresh", **{"data.source": r / "nope.txt"})},
+        {"name": "fixed", "overrides": overrides(tmp_path / "fresh", steps=1)}]))
     proc = subprocess.run([sys.executable, str(tmp_path / "worker.py"), str(runs)], env=_env(), capture_output=True,
                           text=True, timeout=300, cwd=str(tmp_path))
     res = {json.loads(x[7:])["name"]: json.loads(x[7:]) for x in proc.stdout.splitlines() if x.startswith("RESULT ")}
-    assert proc.returncode == 0 and len(res) == 2, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert proc.returncode == 0 and len(res) == 4, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert not res["bad_data"]["ok"] and "nope.txt" in res["bad_data"]["error"], res["bad_data"]
+    assert res["fixed"]["ok"], res["fixed"]
     assert not res["evil"]["ok"] and "never unpickles code" in res["evil"]["error"], res["evil"]
     assert not pwned.exists()
     assert res["resumed"]["ok"], res
