@@ -143,8 +143,9 @@ def check_output(out: PathLike, *, inputs: Iterable[PathLike | None] = (), kind:
         if _same_file(out, ip) or out.resolve() == ip.resolve():
             raise OutputError(f"{kind} {out} is an input of this command ({ip}); choose another {kind}")
         if ip.is_dir() and same_or_inside(out, ip):
-            raise OutputError(f"{kind} {out} lies inside the input directory {ip}; minitron_fast never writes into "
-                              f"its inputs: choose another {kind}")
+            what = "input model directory" if (ip / "config.json").exists() else "input directory"
+            raise OutputError(f"{kind} {out} lies inside the {what} {ip}; minitron_fast never writes into its "
+                              f"inputs: choose another {kind}")
         if want == "dir" and same_or_inside(ip, out):
             raise OutputError(f"{kind} {out} holds the input {ip}; writing it would delete that input: choose "
                               f"another {kind} (or move the input out of it)")

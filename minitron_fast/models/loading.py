@@ -84,7 +84,7 @@ def check_seq_len(config: Any, seq_len: int, what: str = "--seq-len") -> None:
         raise MinitronError(f"{what} must be an integer of at least 2, got {seq_len!r}")
     max_pos = getattr(config, "max_position_embeddings", None)
     if max_pos and seq_len > max_pos:
-        raise MinitronError(f"{what} {seq_len} exceeds the model's context (max_position_embeddings {max_pos}); "
+        raise MinitronError(f"{what} {seq_len} exceeds the model's context, max_position_embeddings ({max_pos}); "
                             f"use at most {max_pos}")
 
 
