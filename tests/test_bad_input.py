@@ -208,6 +208,18 @@ def _eacces_on_mkstemp(root, mp):
     mp.setattr(tempfile, "mkstemp", deny)
 
 
+def _unreadable_config(root, mp):
+    import pathlib
+
+    real = pathlib.Path.read_text
+
+    def read_text(self, *a, **k):  # what chmod 000 does to a non-root user
+        if self.name == "config.json":
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(self))
+        return real(self, *a, **k)
+    mp.setattr(pathlib.Path, "read_text", read_text)
+
+
 def _hold_lock(sub: str):
     def setup(root, mp):
         from minitron_fast.io import RunLock
@@ -236,6 +248,7 @@ ROWS: list[tuple] = [
     ("info-config-mistyped", "info --model {r}/m_typo", 2, "hidden_size"),
     ("info-config-negative", "info --model {r}/m_neg", 2, "num_hidden_layers must be a positive integer"),
     ("info-config-auto-map", "info --model {r}/m_automap", 2, "custom model code"),
+    ("info-config-unreadable", "info --model {r}/model", 2, "Permission denied", _unreadable_config),
     ("info-unsupported-family", "info --model {r}/m_gpt2", 2, "unsupported model family"),
     ("no-subcommand-args", "info", 2, "--model"),
     # -- eval: every loading failure is one line, and --json never lands on an input
