@@ -47,7 +47,9 @@ def run(args: argparse.Namespace) -> int:
     config = load_config(args.model)
     if args.model != "demo" and same_or_inside(args.out, resolve_model_path(args.model)):
         raise MinitronError(f"--out {args.out} lies inside the input model directory; choose another --out")
-    check_output(args.out, kind="--out", want="dir", overwrite=True)  # a file is refused
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise MinitronError(f"--out {args.out} is a file; pass a directory (it receives plan.json, search.json, "
+                            "table.txt)")
     for name in ("plan.json", "search.json", "table.txt"):  # the files it writes: never an input
         check_output(Path(args.out) / name, inputs=[args.scores, args.data], kind="--out", allow_existing_file=True)
     check_seq_len(config, args.seq_len)
