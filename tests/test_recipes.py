@@ -6,8 +6,9 @@ import pytest
 
 from minitron_fast.models import Geometry, get_view, view_class_for_config
 from minitron_fast.models.loading import meta_model
-from minitron_fast.pipeline.recipe import (RecipeError, load_recipe, parse_budget, parse_overrides, parse_target,
-                                           shipped_recipes, stage_enabled, training_config)
+from minitron_fast.artifacts.targets import TargetError, parse_budget, parse_target
+from minitron_fast.pipeline.recipe import (RecipeError, load_recipe, parse_overrides, shipped_recipes, stage_enabled,
+                                           training_config)
 
 SHIPPED = ["demo", "llama3.1-8b-to-4b-width", "llama3.1-8b-to-4b-depth", "mistral-nemo-12b-to-8b"]
 
@@ -57,7 +58,7 @@ def test_recipe_found_by_path_and_name(tmp_path):
 def test_overrides_apply_and_are_typed():
     r = load_recipe("demo", ["distill.steps=3", "prune.target=hidden=448,ffn=768", "importance.samples=4",
                              "evaluate.eval_blocks=2", "threads=2"])
-    assert r.distill["steps"] == 3 and r.prune.target == "hidden=448,ffn=768"
+    assert r.distill.steps == 3 and r.prune.target == "hidden=448,ffn=768"
     assert r.importance.samples == 4 and r.evaluate.eval_blocks == 2 and r.threads == 2
     # scratch inherits distill's token count unless it says otherwise
     assert training_config(r, "scratch", teacher="t", student=None, out="o")["steps"] == 3
@@ -71,10 +72,10 @@ def test_overrides_apply_and_are_typed():
     pytest.param("importance.samples=many", r"importance\.samples must be an integer", id="wrong-type-int"),
     pytest.param("search.enabled=maybe", r"search\.enabled must be true or false", id="wrong-type-bool"),
     pytest.param("data=3", r"data must be a mapping", id="wrong-type-section"),
-    pytest.param("prune.target=width=3", r"prune\.target key 'width' is unknown", id="bad-target-key"),
+    pytest.param("prune.target=width=3", r"prune\.target: unknown target key 'width'", id="bad-target-key"),
     pytest.param("prune.target=hidden=-3", r"positive integer", id="bad-target-value"),
-    pytest.param("distill.stepz=3", r"^distill: unknown recipe key stepz", id="unknown-trainer-key"),
-    pytest.param("distill.lr=fast", r"^distill: lr must be a number", id="wrong-trainer-type"),
+    pytest.param("distill.stepz=3", r"^unknown recipe key distill\.stepz", id="unknown-trainer-key"),
+    pytest.param("distill.lr=fast", r"^distill\.lr must be a number", id="wrong-trainer-type"),
     pytest.param("distill.mode=distill", r"distill\.mode is set by the pipeline", id="reserved-key"),
     pytest.param("distill.data.seq_len=3", r"set data\.seq_len instead", id="data-from-recipe"),
     pytest.param("importance.seq_agg=max", r"importance\.seq_agg='max' is not one of", id="bad-choice"),
@@ -114,7 +115,7 @@ def test_parse_budget():
     assert parse_budget("90M", 1) == 90_000_000
     assert parse_budget("0.5x", 1000) == 500
     for bad in ("lots", "1.5x", "-3", "0"):
-        with pytest.raises(RecipeError):
+        with pytest.raises(TargetError):
             parse_budget(bad, 1000)
 
 

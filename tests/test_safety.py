@@ -352,7 +352,7 @@ def test_sigkill_during_prune_then_rerun(kill_env, tmp_path, mode):
     r = kill_env
     def argv(out: Path) -> list[str]:
         return ["prune", "--model", str(r / "model"), "--scores", str(r / "scores.safetensors"), "--target",
-                "ffn=32,hidden=24", "--out", str(out)] + (["--streaming"] if mode == "streaming" else [])
+                "ffn=32,hidden=24", "--out", str(out)] + (["--streaming"] if mode == "streaming" else ["--no-streaming"])
 
     _killed(KILL_ON_SAVE if mode == "in_memory" else KILL_MID_STREAM, argv(tmp_path / "p"))
     assert not (tmp_path / "p").exists()  # nothing that looks complete

@@ -399,7 +399,7 @@ class Trainer:
 
         cfg = self.cfg
         dtype = torch.bfloat16 if cfg.deepspeed.bf16 else torch.float32
-        dev = _device()
+        dev = cfg.train_device()  # cuda without CUDA fails here, before any model loads
         t_tok = load_tokenizer(cfg.teacher)
         if cfg.mode == "distill":
             s_tok = load_tokenizer(cfg.student)
@@ -407,9 +407,9 @@ class Trainer:
                 raise MinitronError(f"teacher {cfg.teacher} and student {cfg.student} use different tokenizers "
                                     f"({len(t_tok)} vs {len(s_tok)} tokens); logit KD needs one vocabulary")
         self.tokenizer_dir = resolve_model_path(cfg.student if cfg.mode == "distill" else cfg.teacher)
-        teacher = load_model(cfg.teacher, dtype=dtype, device=dev)
+        teacher = load_model(cfg.teacher, dtype=dtype, device=dev, attn_implementation=cfg.attn_implementation)
         if cfg.mode == "distill":
-            student = load_model(cfg.student, dtype=dtype, device=dev)
+            student = load_model(cfg.student, dtype=dtype, device=dev, attn_implementation=cfg.attn_implementation)
             if student.config.vocab_size != teacher.config.vocab_size:
                 raise MinitronError(f"teacher vocabulary {teacher.config.vocab_size} != student vocabulary "
                                     f"{student.config.vocab_size}; logit KD needs one vocabulary")

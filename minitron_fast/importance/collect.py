@@ -29,7 +29,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from minitron_fast.errors import MinitronError
-from minitron_fast.importance.scores import ImportanceScores
+from minitron_fast.artifacts.scores import ImportanceScores
 from minitron_fast.models import ModelView, get_view
 from minitron_fast.ops import importance as ops
 from minitron_fast.ops._dispatch import resolve_impl

@@ -109,10 +109,12 @@ IGNORED_UNEXPECTED = ("rotary_emb.inv_freq",)
 
 
 def load_model(model: str | os.PathLike, *, dtype: torch.dtype | str = torch.float32, device: str | torch.device = "cpu",
-               attn_implementation: str | None = None) -> torch.nn.Module:
+               attn_implementation: str | None = None, device_map: str | dict | None = None) -> torch.nn.Module:
     """Loads a supported causal LM for training or analysis (eval mode, no hub access).
 
     ``attn_implementation`` defaults to flash-attn 2 on CUDA when installed, else SDPA.
+    ``device_map`` (e.g. ``"auto"``, through accelerate) spreads a model larger than one GPU over
+    the visible devices; ``device`` is then ignored.
     """
     from transformers import AutoModelForCausalLM
 
@@ -124,14 +126,16 @@ def load_model(model: str | os.PathLike, *, dtype: torch.dtype | str = torch.flo
     if attn_implementation is None:
         attn_implementation = default_attn_implementation(device)
     check_tensor_shapes(path, config)
+    kw = {"device_map": device_map} if device_map else {}
     try:
         m, info = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype,
                                                        attn_implementation=attn_implementation,
-                                                       trust_remote_code=False, output_loading_info=True)
+                                                       trust_remote_code=False, output_loading_info=True, **kw)
     except Exception as exc:  # safetensors, OS and size-mismatch errors; each names the tensor or file
         raise MinitronError(f"cannot load the weights in {path}: {_one_line(exc)}") from None
     check_loading_info(info, path)
-    m.to(device)
+    if not device_map:
+        m.to(device)
     m.eval()
     return m
 

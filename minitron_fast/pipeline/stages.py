@@ -31,6 +31,11 @@ def stable_hash(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def stage_key(name: str, inputs: dict[str, Any]) -> str:
+    """The cache key of stage ``name`` run on ``inputs`` (its config and its upstream artifacts)."""
+    return stable_hash({"format": STAGE_FORMAT, "stage": name, "inputs": inputs})
+
+
 def model_fingerprint(path: str | os.PathLike) -> dict[str, Any]:
     """Identity of a checkpoint directory by content: the sha256 of its config and of each weight
     file (``io.content_digest``: hashed once, then cached by file identity, so an unchanged 16 GB
@@ -153,7 +158,7 @@ class StageCache:
         previous run with the same inputs was interrupted."""
         d = self.dir(name)
         inputs = normalize(inputs)
-        key = stable_hash({"format": STAGE_FORMAT, "stage": name, "inputs": inputs})
+        key = stage_key(name, inputs)
         marker = d / "stage.json"
         started = d / "stage.started.json"
         resume = False

@@ -20,7 +20,7 @@ import torch
 from minitron_fast.errors import MinitronError
 from minitron_fast.io import atomic_dir, same_or_inside
 from minitron_fast.models.export import copy_tokenizer_files, minitron_record
-from minitron_fast.prune.plan import Plan, validate_plan
+from minitron_fast.artifacts.plan import Plan, validate_plan
 from minitron_fast.prune.surgery import Rule, layers_prefix, named_rules, pruned_config
 
 ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -195,14 +195,16 @@ def checkpoint_files(src: Path) -> dict[str, Path]:
 def prune_checkpoint(src_dir: str | os.PathLike, plan: Plan, out_dir: str | os.PathLike, *, streaming: bool = True,
                      overwrite: bool = False, scores_file: str | os.PathLike | None = None,
                      record: dict[str, Any] | None = None, chunk_bytes: int = 64 << 20,
-                     max_shard_bytes: int = DEFAULT_SHARD_BYTES, impl: str = "auto", progress: bool = True) -> Path:
+                     max_shard_bytes: int = DEFAULT_SHARD_BYTES, impl: str = "auto", progress: bool = True,
+                     load_kwargs: dict[str, Any] | None = None) -> Path:
     """Prunes the checkpoint in ``src_dir`` (a ``save_pretrained`` directory or ``"demo"``) to
     ``plan`` and writes a stock HF checkpoint to ``out_dir`` (config, safetensors, tokenizer
     files, ``minitron.json`` with the source, plan and scores-file hash), atomically.
 
     ``streaming=True`` reads only the kept slices of each tensor from the shards (peak memory
     near the largest output tensor); ``streaming=False`` loads the model, prunes it in place
-    (``apply_plan``) and saves it. ``src_dir`` is never written to.
+    (``apply_plan``) and saves it (``load_kwargs``: ``load_model``'s device, dtype, ...; the dtype
+    defaults to the checkpoint's). ``src_dir`` is never written to.
 
     Example:
         >>> prune_checkpoint("llama-8b/", plan, "llama-4b/", streaming=True)
@@ -226,7 +228,7 @@ def prune_checkpoint(src_dir: str | os.PathLike, plan: Plan, out_dir: str | os.P
         from minitron_fast.prune.surgery import apply_plan
 
         dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.float32
-        model = load_model(src, dtype=dtype)
+        model = load_model(src, **{"dtype": dtype, **(load_kwargs or {})})
         apply_plan(model, plan, impl=impl, progress=progress)
         return export_hf(model, out, tokenizer_from=src, record=rec, overwrite=overwrite, protect=[src])
 

@@ -25,7 +25,7 @@ from torch import nn
 
 from minitron_fast.models import ModelView, get_view
 from minitron_fast.ops.compact import compact_2d_
-from minitron_fast.prune.plan import Plan, PlanError, validate_plan
+from minitron_fast.artifacts.plan import Plan, PlanError, validate_plan
 
 
 @dataclass

@@ -1,6 +1,10 @@
 """The importance scores file: one safetensors file (fp32 tensors) plus JSON metadata.
 
-This format is a contract between the importance stage (writer) and pruning/search (readers).
+This module is the only reader and writer of the file: the importance stage writes it with
+:func:`save_scores`; :func:`load_scores` reads a whole, validated file back as
+:class:`ImportanceScores`; pruning and search read the tensors they need through
+:func:`scores_tensors` (which also takes an in-memory dict, so tests and callers can pass
+partial scores). Both readers go through :func:`read_scores_file`.
 
 Keys (``i`` = decoder layer index, 0-based; **higher means more important everywhere**):
 
@@ -39,7 +43,7 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 
@@ -184,10 +188,37 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
         with safe_open(str(p), framework="pt") as f:
             raw = (f.metadata() or {}).get(META_KEY)
     except Exception as exc:  # safetensors raises its own error types for a bad header
-        raise ScoresFileError(f"{p} is not a safetensors file ({exc})") from exc
+        raise ScoresFileError(f"cannot read scores file {p}: not a safetensors file ({exc})") from exc
     if raw is None:
         raise ScoresFileError(f"{p} has no minitron_fast metadata; not an importance scores file")
-    return json.loads(raw)
+    return _parse_meta(p, raw)
+
+
+def _parse_meta(p: Path, raw: str) -> dict[str, Any]:
+    try:
+        meta = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise ScoresFileError(f"{p}: its minitron_fast metadata is not JSON ({exc})") from None
+    if meta.get("format") != FORMAT:
+        raise ScoresFileError(f"{p}: scores format {meta.get('format')!r}, this minitron_fast reads {FORMAT}")
+    return meta
+
+
+def read_scores_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The one reader of a scores file: ``({key: fp32 tensor}, metadata)``. The metadata is
+    ``{}`` for a safetensors file written without it (hand-made scores); when present, its
+    ``format`` must be this module's. Raises ScoresFileError (one line) for a missing or unreadable
+    file."""
+    from safetensors import safe_open
+
+    p = _check_path(path)
+    try:
+        with safe_open(str(p), framework="pt") as f:
+            raw = (f.metadata() or {}).get(META_KEY)
+            tensors = {k: f.get_tensor(k).float() for k in f.keys()}
+    except Exception as exc:  # safetensors raises its own error types for a bad header or truncated data
+        raise ScoresFileError(f"cannot read scores file {p}: not a safetensors file ({exc})") from exc
+    return tensors, ({} if raw is None else _parse_meta(p, raw))
 
 
 def load_scores(path: str | os.PathLike) -> ImportanceScores:
@@ -197,13 +228,27 @@ def load_scores(path: str | os.PathLike) -> ImportanceScores:
         >>> s = load_scores("scores.safetensors")
         >>> keep = s.neurons[0].argsort(descending=True)[:1024]
     """
-    from safetensors.torch import load_file
+    tensors, meta = read_scores_file(path)
+    if not meta:
+        raise ScoresFileError(f"{path} has no minitron_fast metadata; not an importance scores file")
+    return ImportanceScores.from_tensors(tensors, meta, where=str(path))
 
-    p = _check_path(path)
-    meta = read_metadata(p)
-    if meta.get("format") != FORMAT:
-        raise ScoresFileError(f"{p}: scores format {meta.get('format')!r}, this minitron_fast reads {FORMAT}")
-    return ImportanceScores.from_tensors(load_file(str(p)), meta, where=str(p))
+
+def scores_tensors(scores: str | os.PathLike | ImportanceScores | Mapping[str, torch.Tensor]
+                   ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The flat ``{key: fp32 tensor}`` dict of ``scores`` (a file path, an :class:`ImportanceScores`
+    or such a dict, possibly partial) and provenance ``info``: for a file its path, sha256 and
+    metadata (recorded in prune plans), else ``{"scores_file": None}``. Readers check the keys
+    they need themselves (pruning needs only the axes it cuts)."""
+    if isinstance(scores, ImportanceScores):
+        scores = scores.to_tensors()
+    if isinstance(scores, Mapping):
+        return {k: torch.as_tensor(v).float() for k, v in scores.items()}, {"scores_file": None}
+    from minitron_fast.models.export import file_sha256
+
+    tensors, meta = read_scores_file(scores)
+    p = Path(scores)
+    return tensors, {"scores_file": str(p), "scores_sha256": file_sha256(p), "scores_metadata": meta}
 
 
 def _check_path(path: str | os.PathLike) -> Path:
@@ -213,4 +258,5 @@ def _check_path(path: str | os.PathLike) -> Path:
     return p
 
 
-__all__ = ["ImportanceScores", "ScoresFileError", "save_scores", "load_scores", "read_metadata", "FORMAT"]
+__all__ = ["ImportanceScores", "ScoresFileError", "save_scores", "load_scores", "read_metadata", "read_scores_file",
+           "scores_tensors", "FORMAT"]
