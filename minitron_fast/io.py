@@ -322,7 +322,8 @@ def content_digest(path: PathLike) -> str:
     if key in db:
         return db[key]
     digest = file_sha256(p)
-    db = {k: v for k, v in db.items() if not k.startswith(f"{p}|")}
+    # drop this file's older entries and those of files that no longer exist (the cache stays small)
+    db = {k: v for k, v in db.items() if not k.startswith(f"{p}|") and os.path.exists(k.split("|", 1)[0])}
     db[key] = digest
     with contextlib.suppress(OSError):  # a read-only cache only costs a re-hash
         atomic_write_json(db_path, db)
