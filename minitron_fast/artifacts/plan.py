@@ -1,7 +1,8 @@
 """The prune plan file: which units of each axis to keep, in the source model's numbering.
 
 A plan records the source and target geometry and every kept index: the kept layers, the kept
-hidden channels, and per kept layer the kept query heads, KV groups and MLP neurons. It is JSON
+hidden channels, and per kept layer the kept query heads, KV groups and MLP neurons (and, per
+kept MoE layer, the kept experts and each kept expert's own neurons). It is JSON
 (``Plan.save`` / ``Plan.load``), validated against the source model's config before any surgery
 (:func:`validate_plan`). Choosing the indices from importance scores is the prune stage's job
 (``minitron_fast.prune.make_plan``); this module owns only the file and its checks.
@@ -38,6 +39,9 @@ class Plan:
         heads / kv_heads / neurons: per kept layer (keyed by source index), kept query heads
             ``[heads_t]``, KV groups ``[kv_heads_t]``, neurons ``[ffn_t]``.
         info: free-form provenance (scores file hash, depth metric, ...).
+        experts: per kept MoE layer, kept experts ``[num_experts_t]`` (router rows go with them).
+        expert_neurons: per kept MoE layer, per kept expert (in ``experts`` order), its own kept
+            neurons ``[moe_intermediate_size_t]``. Both empty on dense models.
     """
 
     source: dict[str, Any]
@@ -48,6 +52,8 @@ class Plan:
     kv_heads: dict[int, list[int]]
     neurons: dict[int, list[int]]
     info: dict[str, Any] = field(default_factory=dict)
+    experts: dict[int, list[int]] = field(default_factory=dict)
+    expert_neurons: dict[int, list[list[int]]] = field(default_factory=dict)
 
     # -- (de)serialization ----------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -55,7 +61,9 @@ class Plan:
             "version": PLAN_VERSION, "source": self.source, "target": self.target, "info": self.info,
             "kept": {
                 "layers": self.layers, "hidden": self.hidden,
-                "per_layer": {str(i): {"heads": self.heads[i], "kv_heads": self.kv_heads[i], "neurons": self.neurons[i]}
+                "per_layer": {str(i): {"heads": self.heads[i], "kv_heads": self.kv_heads[i], "neurons": self.neurons[i],
+                                       **({"experts": self.experts[i], "expert_neurons": self.expert_neurons[i]}
+                                          if i in self.experts else {})}
                               for i in self.layers},
             },
         }
@@ -73,7 +81,10 @@ class Plan:
                        heads={i: [int(x) for x in per[i]["heads"]] for i in layers},
                        kv_heads={i: [int(x) for x in per[i]["kv_heads"]] for i in layers},
                        neurons={i: [int(x) for x in per[i]["neurons"]] for i in layers},
-                       info=dict(d.get("info", {})))
+                       info=dict(d.get("info", {})),
+                       experts={i: [int(x) for x in per[i]["experts"]] for i in layers if "experts" in per[i]},
+                       expert_neurons={i: [[int(x) for x in e] for e in per[i]["expert_neurons"]]
+                                       for i in layers if "experts" in per[i]})
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             if isinstance(exc, PlanError):
                 raise
@@ -104,6 +115,10 @@ class Plan:
         parts = [f"{k} {getattr(s, f)}->{getattr(t, f)}" for k, f in
                  (("hidden", "hidden_size"), ("ffn", "intermediate_size"), ("heads", "num_attention_heads"),
                   ("kv_heads", "num_key_value_heads"), ("layers", "num_hidden_layers"))]
+        if s.is_moe:
+            parts += [f"{k} {getattr(s, f)}->{getattr(t, f)}" for k, f in
+                      (("experts", "num_experts"), ("top_k", "num_experts_per_tok"),
+                       ("expert_ffn", "moe_intermediate_size"))]
         return ", ".join(parts)
 
 
@@ -152,6 +167,24 @@ def validate_plan(plan: Plan, model_or_config: Any) -> Geometry:
             if n != gsize_t:
                 raise PlanError(f"layer {i}: KV group {g} keeps {n} query heads, expected {gsize_t} "
                                 "(every kept group keeps the same number)")
+    if src.is_moe:
+        from minitron_fast.models.moe import is_sparse_layer
+
+        for i in plan.layers:
+            if not is_sparse_layer(config, i):
+                if i in plan.experts:
+                    raise PlanError(f"plan keeps experts of layer {i}, a dense layer")
+                continue
+            if i not in plan.experts or i not in plan.expert_neurons:
+                raise PlanError(f"plan has no experts for kept MoE layer {i}")
+            idx(f"layer {i} experts", plan.experts[i], geo.num_experts, src.num_experts)
+            if len(plan.expert_neurons[i]) != len(plan.experts[i]):
+                raise PlanError(f"layer {i}: {len(plan.expert_neurons[i])} expert neuron lists for "
+                                f"{len(plan.experts[i])} kept experts")
+            for e, nr in zip(plan.experts[i], plan.expert_neurons[i]):
+                idx(f"layer {i} expert {e} neurons", nr, geo.moe_intermediate_size, src.moe_intermediate_size)
+    elif plan.experts:
+        raise PlanError("the plan keeps experts but this model is dense")
     return geo
 
 

@@ -23,6 +23,16 @@ key                               shape                 meaning
 ``depth.block_importance``        ``[n_layers]``        BI = 1 - mean cos(layer input, layer output)
                                                         over calibration tokens (higher: the layer
                                                         changes the residual stream more)
+``layers.{i}.experts``            ``[num_experts]``     MoE layers only: REAP, the mean over the tokens
+                                                        routed to each expert of router weight x
+                                                        ||expert output||
+``layers.{i}.expert_neurons``     ``[num_experts,       MoE layers only: per expert, the mean over its
+                                  expert_ffn]``         routed tokens of router weight x
+                                                        ``|act(gate) * up|``
+``layers.{i}.expert_mass``        ``[num_experts]``     MoE layers only: the router's mean softmax
+                                                        probability of each expert over all tokens
+``layers.{i}.shared_neurons``     ``[shared_ffn]``      MoE layers with a shared expert: its neurons,
+                                                        aggregated like ``neurons``
 ``depth.lm_loss``  (optional)     ``[n_layers]``        held-out LM loss (nats/token) of the model with
                                                         that one layer skipped (higher: removing it
                                                         hurts more); the full model's loss is in the
@@ -79,6 +89,11 @@ class ImportanceScores:
     lm_loss: torch.Tensor | None = None
     block_lm_loss: torch.Tensor | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    # MoE layers only, keyed by layer index (see the table above)
+    experts: dict[int, torch.Tensor] = field(default_factory=dict)
+    expert_neurons: dict[int, torch.Tensor] = field(default_factory=dict)
+    expert_mass: dict[int, torch.Tensor] = field(default_factory=dict)
+    shared_neurons: dict[int, torch.Tensor] = field(default_factory=dict)
 
     @property
     def num_layers(self) -> int:
@@ -92,6 +107,9 @@ class ImportanceScores:
             t[f"layers.{i}.kv_groups"] = self.kv_groups[i]
             t[f"layers.{i}.neurons"] = self.neurons[i]
             t[f"layers.{i}.channels"] = self.layer_channels[i]
+        for key, d in _MOE_KEYS.items():
+            for i, v in getattr(self, d).items():
+                t[f"layers.{i}.{key}"] = v
         t["channels"] = self.channels
         t["depth.block_importance"] = self.block_importance
         if self.lm_loss is not None:
@@ -124,6 +142,8 @@ class ImportanceScores:
             lm_loss=tensors["depth.lm_loss"].float() if "depth.lm_loss" in tensors else None,
             block_lm_loss=tensors["depth.lm_loss_block"].float() if "depth.lm_loss_block" in tensors else None,
             meta=dict(meta or {}),
+            **{d: {i: tensors[f"layers.{i}.{key}"].float() for i in range(n) if f"layers.{i}.{key}" in tensors}
+               for key, d in _MOE_KEYS.items()},
         )
         s.validate(where=where)
         return s
@@ -148,6 +168,11 @@ class ImportanceScores:
         for key, t in (("depth.block_importance", self.block_importance), ("depth.lm_loss", self.lm_loss)):
             if t is not None and tuple(t.shape) != (n,):
                 raise ScoresFileError(f"{where}: {key} has shape {tuple(t.shape)}, expected ({n},)")
+        for i, e in self.experts.items():
+            if e.dim() != 1 or i not in self.expert_neurons or self.expert_neurons[i].dim() != 2 \
+                    or self.expert_neurons[i].shape[0] != e.numel():
+                raise ScoresFileError(f"{where}: layers.{i}.experts must be [num_experts] with "
+                                      f"layers.{i}.expert_neurons [num_experts, expert_ffn]")
         for k, t in self.to_tensors().items():
             if not torch.isfinite(t).all():
                 raise ScoresFileError(f"{where}: {k} holds NaN or inf")
@@ -156,6 +181,10 @@ class ImportanceScores:
         return {"num_hidden_layers": self.num_layers, "num_attention_heads": self.heads[0].numel(),
                 "num_key_value_heads": self.kv_groups[0].numel(), "intermediate_size": self.neurons[0].numel(),
                 "hidden_size": self.channels.numel()}
+
+
+_MOE_KEYS = {"experts": "experts", "expert_neurons": "expert_neurons", "expert_mass": "expert_mass",
+             "shared_neurons": "shared_neurons"}  # file key suffix -> ImportanceScores field
 
 
 def save_scores(scores: ImportanceScores, path: str | os.PathLike) -> Path:

@@ -27,11 +27,16 @@ TARGET_KEYS = {
     "heads": "num_attention_heads",
     "kv_heads": "num_key_value_heads",
     "layers": "num_hidden_layers",
+    # mixture-of-experts models only (models/moe.py)
+    "experts": "num_experts",
+    "expert_ffn": "moe_intermediate_size",
 }
+MOE_TARGET_KEYS = ("experts", "expert_ffn")
 _ALIASES = {"hidden_size": "hidden", "intermediate_size": "ffn", "num_attention_heads": "heads",
             "num_key_value_heads": "kv_heads", "num_hidden_layers": "layers", "kv": "kv_heads",
-            "n_heads": "heads", "n_layers": "layers"}
-BUDGET_AXES = ("width", "ffn", "depth")
+            "n_heads": "heads", "n_layers": "layers", "num_experts": "experts",
+            "moe_intermediate_size": "expert_ffn"}
+BUDGET_AXES = ("width", "ffn", "depth", "experts")  # experts: MoE models only
 _SUFFIX = {"k": 1e3, "m": 1e6, "b": 1e9, "g": 1e9}
 BUDGET_EXAMPLES = "4.5e9, 4.5B, 90M or 0.7x (a fraction of the source model)"
 
@@ -146,10 +151,13 @@ def target_geometry(config: Any, target: str | dict[str, Any] | Geometry, *, bud
     else:
         t = parse_target(target)
         budget = t.pop("params", None)
+        _check_moe_keys(view_cls, src, t)
         geo = src.replace(**{TARGET_KEYS[k]: v for k, v in t.items()})
         if budget is not None:
             n = budget.resolve(view_cls.count_params(config)["total"])
             geo = resolve_budget(config, n, axes=budget_axes, start=geo, round_to=round_to)
+    if hasattr(view_cls, "normalize_geometry"):  # MoE: top-k <= experts; Mixtral's one FFN field
+        geo = view_cls.normalize_geometry(config, geo)
     check_geometry(config, geo)
     return geo
 
@@ -160,7 +168,13 @@ def check_geometry(config: Any, geo: Geometry) -> None:
 
     view_cls = view_class_for_config(config)
     src = view_cls.geometry_of(config)
+    _check_moe_keys(view_cls, src, {k: getattr(geo, TARGET_KEYS[k]) for k in MOE_TARGET_KEYS
+                                    if getattr(geo, TARGET_KEYS[k]) != getattr(src, TARGET_KEYS[k])})
+    if src.is_moe and not 1 <= geo.num_experts_per_tok <= geo.num_experts:
+        raise TargetError(f"num_experts_per_tok={geo.num_experts_per_tok} must lie in [1, experts={geo.num_experts}]")
     for key, field in TARGET_KEYS.items():
+        if key in MOE_TARGET_KEYS and not src.is_moe:
+            continue
         s, t = getattr(src, field), getattr(geo, field)
         if t > s:
             raise TargetError(f"target {key}={t} is larger than the source model's {key}={s}; pruning only shrinks")
@@ -192,6 +206,20 @@ def check_geometry(config: Any, geo: Geometry) -> None:
                           f"heads={geo.num_attention_heads}, head_dim={geo.head_dim} (it reads back as {got})")
 
 
+def _check_moe_keys(view_cls: Any, src: Geometry, t: dict[str, Any]) -> None:
+    """One-line errors for the MoE keys: on a dense model, or growing an axis."""
+    for k in MOE_TARGET_KEYS:
+        if k not in t:
+            continue
+        if not src.is_moe:
+            raise TargetError(f"target {k}={t[k]} applies to mixture-of-experts models only; this "
+                              f"{view_cls.family} model is dense (prune ffn= instead)")
+        have = src.num_experts if k == "experts" else src.moe_intermediate_size
+        if t[k] > have:
+            what = "experts per MoE layer" if k == "experts" else "neurons per expert"
+            raise TargetError(f"target {k}={t[k]} is larger than the model's {have} {what}; pruning only shrinks")
+
+
 def resolve_budget(config: Any, n_params: int, *, axes: str = "width", start: Geometry | None = None,
                    round_to: int | None = None) -> Geometry:
     """The largest shape of ``config``'s family with at most ``n_params`` parameters.
@@ -199,7 +227,8 @@ def resolve_budget(config: Any, n_params: int, *, axes: str = "width", start: Ge
     ``axes="width"`` shrinks hidden size and FFN size by one common factor (the Minitron 4B-Width
     recipe keeps heads and layers), rounded down to multiples of ``round_to`` (default 64 when
     the source hidden size is at least 1024, else 8); ``axes="depth"`` removes layers;
-    ``axes="ffn"`` shrinks the FFN only. ``start`` is the geometry to shrink from (other target
+    ``axes="ffn"`` shrinks the FFN only; ``axes="experts"`` (MoE models) removes experts from every
+    MoE layer (top-k capped at the count). ``start`` is the geometry to shrink from (other target
     keys already applied). Raises TargetError when even the smallest shape is over budget.
     """
     from minitron_fast.models import view_class_for_config
@@ -211,6 +240,17 @@ def resolve_budget(config: Any, n_params: int, *, axes: str = "width", start: Ge
         return g0
     if round_to is None:
         round_to = 64 if g0.hidden_size >= 1024 else 8
+    if check_budget_axes(axes) == "experts":
+        if not g0.is_moe:
+            raise TargetError(f"budget axes 'experts' apply to mixture-of-experts models only; this "
+                              f"{view_cls.family} model is dense (use width, ffn or depth)")
+        norm = view_cls.normalize_geometry
+        for n in range(g0.num_experts, 0, -1):
+            g = norm(config, g0.replace(num_experts=n))
+            if count(g) <= n_params:
+                return g
+        raise TargetError(f"a budget of {n_params:,} parameters cannot be met by removing experts "
+                          f"(one expert per MoE layer already has {count(norm(config, g0.replace(num_experts=1))):,})")
     if check_budget_axes(axes) == "depth":
         for n in range(g0.num_hidden_layers, 0, -1):
             g = g0.replace(num_hidden_layers=n)

@@ -33,6 +33,7 @@ def run(args: argparse.Namespace) -> int:
     from minitron_fast.models import view_class_for_config
     from minitron_fast.models.loading import load_config, resolve_model_path
     from minitron_fast.prune.api import plan_for, run_prune
+    from minitron_fast.prune.surgery import pruned_config
 
     cfg = configtools.from_args(PruneConfig, args).validate("--")
     config = load_config(args.model)
@@ -49,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
         plan = plan_for(args.model, args.scores, cfg)
     view_cls = view_class_for_config(config)
     before = view_cls.count_params(config)["total"]
-    after = view_cls.count_params(config, plan.target_geometry())["total"]
+    after = view_cls.count_params(pruned_config(config, plan))["total"]  # kept layers' own types (dense or MoE)
     print(f"plan: {plan.summary()}")
     print(f"parameters: {before:,} -> {after:,} ({after / before:.1%})")
     if args.plan_only:

@@ -124,7 +124,7 @@ def load_model(model: str | os.PathLike, *, dtype: torch.dtype | str = torch.flo
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
     if attn_implementation is None:
-        attn_implementation = default_attn_implementation(device)
+        attn_implementation = default_attn_implementation(device, config)
     check_tensor_shapes(path, config)
     kw = {"device_map": device_map} if device_map else {}
     try:
@@ -217,13 +217,15 @@ def load_view(model: str | os.PathLike, **kw: Any) -> ModelView:
     return get_view(load_model(model, **kw))
 
 
-def default_attn_implementation(device: str | torch.device) -> str:
+def default_attn_implementation(device: str | torch.device, config: Any = None) -> str:
+    """flash-attn 2 on CUDA when installed, else the family's own default (SDPA; Gemma 2: eager,
+    since SDPA cannot softcap attention scores)."""
     if torch.device(device).type == "cuda":
         import importlib.util
 
         if importlib.util.find_spec("flash_attn") is not None:
             return "flash_attention_2"
-    return "sdpa"
+    return view_class_for_config(config).default_attn_implementation if config is not None else "sdpa"
 
 
 def meta_model(config: Any) -> torch.nn.Module:

@@ -14,14 +14,17 @@ DEPTH_MODES = ("contiguous", "top")
 @dataclass
 class PruneConfig(DeviceConfig):
     target: str | None = opt(None, "target shape: hidden=3072,ffn=9216,heads=32,kv_heads=8,layers=16 (missing keys "
-                                   "keep the source value), or a budget params=4.5e9 / params=90M / params=0.5x")
+                                   "keep the source value), or a budget params=4.5e9 / params=90M / params=0.5x; "
+                                   "MoE models also take experts=N (top-N experts per MoE layer) and "
+                                   "expert_ffn=M (each expert's top-M neurons)")
     depth_metric: str = opt("block_importance", "depth score that chooses the layers to drop: block_importance, "
                                                 "lm_loss (per layer) or lm_loss_block (the measured block; needs "
                                                 "importance depth_lm_loss with depth_block = layers dropped)",
                             choices=DEPTH_METRICS)
     depth_mode: str = opt("contiguous", "drop the best contiguous block of layers (the 2nd paper) or keep the top "
                                         "layers", choices=DEPTH_MODES)
-    budget_axes: str = opt("width", "axes a params= budget shrinks (width: hidden and FFN)", choices=BUDGET_AXES)
+    budget_axes: str = opt("width", "axes a params= budget shrinks (width: hidden and FFN; experts: MoE "
+                                                    "models' expert count)", choices=BUDGET_AXES)
     streaming: bool = opt(True, "prune straight from the safetensors shards, reading only kept slices (a model "
                                 "larger than RAM); --no-streaming loads the model and prunes it in place",
                           aliases=("--in-memory",))

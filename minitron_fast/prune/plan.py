@@ -135,18 +135,51 @@ def make_plan(model_or_config: Any, scores: str | os.PathLike | ImportanceScores
                 q += [g * gsize + j for j in top_k(hs[g * gsize:(g + 1) * gsize], gsize_t)]
         else:
             q = [g * gsize + j for g in kv for j in range(gsize)]
-        if geo.intermediate_size < src.intermediate_size:
+        if geo.intermediate_size < src.intermediate_size and not _is_sparse(config, i):
             nr = top_k(_score(S, f"layers.{i}.neurons", src.intermediate_size,
                               f"prune FFN {src.intermediate_size}->{geo.intermediate_size}"), geo.intermediate_size)
-        else:
-            nr = list(range(src.intermediate_size))
+        else:  # all kept; a MoE layer has no dense neurons (its experts' are in expert_neurons)
+            nr = list(range(geo.intermediate_size if _is_sparse(config, i) else src.intermediate_size))
         heads[i], kvs[i], neurons[i] = sorted(q), kv, nr
 
+    experts, expert_neurons = _moe_kept(config, S, src, geo, layers) if src.is_moe else ({}, {})
     info = dict(info, depth_metric=depth_metric, depth_mode=depth_mode)
     plan = Plan(source=dict(src.as_dict(), family=view_cls.family), target=dict(geo.as_dict(), family=view_cls.family),
-                layers=layers, hidden=hidden, heads=heads, kv_heads=kvs, neurons=neurons, info=info)
+                layers=layers, hidden=hidden, heads=heads, kv_heads=kvs, neurons=neurons, info=info,
+                experts=experts, expert_neurons=expert_neurons)
     validate_plan(plan, config)
     return plan
+
+
+def _is_sparse(config: Any, i: int) -> bool:
+    """Whether layer ``i`` is a MoE layer (its neurons are per expert, in ``expert_neurons``)."""
+    from minitron_fast.models.moe import is_sparse_layer
+
+    return is_sparse_layer(config, i)
+
+
+def _moe_kept(config: Any, S: Mapping[str, torch.Tensor], src: Geometry, geo: Geometry,
+              layers: list[int]) -> tuple[dict[int, list[int]], dict[int, list[list[int]]]]:
+    """Per kept MoE layer: its top ``geo.num_experts`` experts by ``layers.{i}.experts`` and,
+    per kept expert, its own top ``geo.moe_intermediate_size`` neurons by
+    ``layers.{i}.expert_neurons [E, F]``."""
+    from minitron_fast.models.moe import is_sparse_layer
+
+    E, F, Et, Ft = src.num_experts, src.moe_intermediate_size, geo.num_experts, geo.moe_intermediate_size
+    experts: dict[int, list[int]] = {}
+    neurons: dict[int, list[list[int]]] = {}
+    for i in layers:
+        if not is_sparse_layer(config, i):
+            continue
+        ex = (top_k(_score(S, f"layers.{i}.experts", E, f"prune experts {E}->{Et}"), Et) if Et < E
+              else list(range(E)))
+        if Ft < F:
+            en = _score(S, f"layers.{i}.expert_neurons", E * F, f"prune expert FFN {F}->{Ft}").view(E, F)
+            neurons[i] = [top_k(en[e], Ft) for e in ex]
+        else:
+            neurons[i] = [list(range(F)) for _ in ex]
+        experts[i] = ex
+    return experts, neurons
 
 
 def identity_plan(model_or_config: Any) -> Plan:

@@ -15,6 +15,9 @@ Kinds:
 - ``depth``: only layers removed (4B-Depth);
 - ``mixed``: layers removed and some width shrunk.
 
+On mixture-of-experts teachers the expert count is one more width axis: every count from the
+router's top-k to the teacher's is tried (``experts=N`` in the candidate's target).
+
 For each (hidden, heads, layers) the FFN size is solved for directly (parameters are linear in
 it): the largest multiple that fits the budget. Candidates must land in
 ``[budget * (1 - tolerance), budget]`` and keep the FFN/hidden ratio within 2x of the teacher's
@@ -42,13 +45,14 @@ class Candidate:
     def name(self) -> str:
         g = self.geometry
         return (f"{self.kind}-h{g.hidden_size}-f{g.intermediate_size}-q{g.num_attention_heads}"
-                f"kv{g.num_key_value_heads}-l{g.num_hidden_layers}")
+                f"kv{g.num_key_value_heads}-l{g.num_hidden_layers}" + (f"-e{g.num_experts}" if g.is_moe else ""))
 
     def target(self) -> str:
         """The pruning target string (``hidden=...,ffn=...,heads=...,kv_heads=...,layers=...``)."""
         g = self.geometry
         return (f"hidden={g.hidden_size},ffn={g.intermediate_size},heads={g.num_attention_heads},"
-                f"kv_heads={g.num_key_value_heads},layers={g.num_hidden_layers}")
+                f"kv_heads={g.num_key_value_heads},layers={g.num_hidden_layers}"
+                + (f",experts={g.num_experts}" if g.is_moe else ""))
 
     def as_dict(self) -> dict[str, Any]:
         return {"name": self.name, "kind": self.kind, "params": self.params, "target": self.target(),
@@ -66,6 +70,14 @@ def _expressible(view_cls: Any, config: Any, g: Geometry) -> bool:
         return view_cls.geometry_of(back) == g
     except Exception:  # transformers raises its own validation error types
         return False
+
+
+def _expert_counts(top_k: int, n: int, most: int = 16) -> list[int]:
+    """Expert counts a search tries: from ``top_k`` to ``n``, every one when few, else evenly
+    spaced (always including ``n``)."""
+    lo = max(1, top_k)
+    step = max(1, -(-(n - lo) // most))
+    return sorted({*range(n, lo - 1, -step)})
 
 
 def _sizes(full: int, m: int) -> list[int]:
@@ -125,19 +137,23 @@ def enumerate_candidates(config: Any, budget: int, *, tolerance: float = 0.05,
                  for g in (range(1, group + 1) if prune_heads else [group])]
     src_ratio = F / H
     ffn_opts = _sizes(F, m)
+    # MoE: expert counts from the router's top-k up to the teacher's (width-like cuts), at most
+    # about 16 of them (Qwen3-30B-A3B has 128 experts: every 8th count)
+    expert_opts = _expert_counts(src.num_experts_per_tok, src.num_experts) if src.is_moe else [0]
+    norm = getattr(view_cls, "normalize_geometry", lambda config, g: g)
 
     found: dict[str, list[Candidate]] = {k: [] for k in kinds}
     ok_shape = {(h, q, kv): _expressible(view_cls, config, src.replace(hidden_size=h, num_attention_heads=q,
                                                                        num_key_value_heads=kv))
                 for h in _sizes(H, m) for q, kv in attn_opts}
-    for layers in range(1, L + 1):
+    for layers, n_exp in ((la, e) for la in range(1, L + 1) for e in expert_opts):
         for hidden in _sizes(H, m):
             for heads, kv in attn_opts:
                 if not ok_shape[(hidden, heads, kv)]:
                     continue
-                width_cut = hidden < H or heads < nq or kv < nkv
+                width_cut = hidden < H or heads < nq or kv < nkv or n_exp < src.num_experts
                 base = src.replace(hidden_size=hidden, num_attention_heads=heads, num_key_value_heads=kv,
-                                   num_hidden_layers=layers)
+                                   num_hidden_layers=layers, num_experts=n_exp)
                 # params are affine in the FFN size: solve for the largest FFN that fits
                 c1, c2 = count(base.replace(intermediate_size=ffn_opts[0])), count(base.replace(intermediate_size=F))
                 if c1 > budget:
@@ -148,13 +164,13 @@ def enumerate_candidates(config: Any, budget: int, *, tolerance: float = 0.05,
                 else:
                     i = bisect.bisect_right(ffn_opts, ffn_opts[0] + (budget + 1 - c1) / slope) - 1
                     best = ffn_opts[max(0, i)]
-                g = base.replace(intermediate_size=best)
+                g = norm(config, base.replace(intermediate_size=best))
                 n = count(g)
                 while n > budget:  # guard against rounding in the affine solve
                     i = ffn_opts.index(g.intermediate_size)
                     if i == 0:
                         break
-                    g = g.replace(intermediate_size=ffn_opts[i - 1])
+                    g = norm(config, g.replace(intermediate_size=ffn_opts[i - 1]))
                     n = count(g)
                 if not lo <= n <= budget:
                     continue
@@ -184,14 +200,15 @@ def _select(cands: list[Candidate], k: int | None) -> list[Candidate]:
     spread evenly over that list ordered from the widest to the narrowest; returned largest first."""
     best: dict[tuple[int, int, int], Candidate] = {}
     for c in cands:
-        key = (c.geometry.hidden_size, c.geometry.num_hidden_layers, c.geometry.num_key_value_heads)
+        key = (c.geometry.hidden_size, c.geometry.num_hidden_layers, c.geometry.num_key_value_heads,
+               c.geometry.num_experts)
         cur = best.get(key)
         # more query heads first (they cost few parameters, and the papers keep them), then the
         # count closest to the budget
         if cur is None or (c.geometry.num_attention_heads, c.params) > (cur.geometry.num_attention_heads, cur.params):
             best[key] = c
     pool = sorted(best.values(), key=lambda c: (-c.geometry.hidden_size, -c.geometry.num_hidden_layers,
-                                                -c.geometry.num_key_value_heads, -c.params))
+                                                -c.geometry.num_key_value_heads, -c.geometry.num_experts, -c.params))
     if k is not None and len(pool) > k:
         if k == 1:
             pool = [max(pool, key=lambda c: c.params)]

@@ -23,11 +23,10 @@ import torch
 from minitron_fast.artifacts.targets import parse_budget
 from minitron_fast.errors import MinitronError
 from minitron_fast.io import atomic_write_json
+from minitron_fast.models import get_view
 from minitron_fast.prune.config import PruneConfig
 from minitron_fast.search.candidates import Candidate, enumerate_candidates, format_candidates
 from minitron_fast.search.config import SearchConfig, SearchError
-
-LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 def _final_hidden(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
@@ -70,7 +69,7 @@ def retrain(student: torch.nn.Module, batches: list[torch.Tensor], targets: list
         except ImportError:
             raise MinitronError("lora_rank > 0 needs peft: pip install 'minitron_fast[search]'") from None
         model = get_peft_model(student, LoraConfig(r=lora_rank, lora_alpha=2 * lora_rank, lora_dropout=0.0,
-                                                   target_modules=LORA_TARGETS))
+                                                   target_modules=get_view(student).lora_targets()))
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
     model.train()
