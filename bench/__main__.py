@@ -23,7 +23,11 @@ BENCHES: dict[str, str] = {
     "prune": "bench.prune",
     "distill_step": "bench.distill_step",
     "paper_claims": "bench.paper_claims",
+    # needs a CUDA GPU (its CPU rehearsal is `python -m bench device_check --tiny`); `all` runs it
+    # only where one is visible
+    "device_check": "bench.device_check",
 }
+GPU_ONLY = ("device_check",)
 
 
 def _available() -> dict[str, str]:

@@ -112,8 +112,8 @@ def test_fused_loss_cpp_matches_float64_and_torch(temperature, w):
 
 
 def test_logits_loss_cpp_masked_teacher_and_other_divergences():
-    """-inf teacher logits (a masked vocabulary) through kd_loss_from_logits; under impl="cpp"
-    the divergences the kernel does not cover run the torch math and still match."""
+    """-inf teacher logits (a masked vocabulary) through kd_loss_from_logits under impl="cpp":
+    forward KL in kd_forward_kl_rows, reverse KL and JSD in kd_div_rows."""
     g = torch.Generator().manual_seed(3)
     zs = (torch.randn(20, 777, generator=g) * 3).requires_grad_()
     zt = torch.randn(20, 777, generator=g) * 3

@@ -39,7 +39,7 @@ class ConfigError(MinitronError, ValueError):
 
 
 MODES = ("distill", "correct-teacher")
-DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
+from minitron_fast.ops.kd_loss.divergences import DIVERGENCES  # noqa: E402  (the one registry)
 LOSS_IMPLS = ("fused", "materialized")
 
 

@@ -49,18 +49,12 @@ def divergence_per_token(s_logits: Tensor, t_logits: Tensor, *, divergence: str,
     """``[N]`` divergence between teacher and student distributions from ``[N, V]`` logits
     (fp32): forward_kl = KL(p_t || p_s), reverse_kl = KL(p_s || p_t), jsd = beta KL(p_t || m) +
     (1 - beta) KL(p_s || m) with m = beta p_t + (1 - beta) p_s."""
-    if divergence == "jsd" and beta in (0.0, 1.0):  # the limits, as minitron_fast.ops.kd_loss defines them
-        divergence = "forward_kl" if beta == 0.0 else "reverse_kl"
+    from minitron_fast.ops.kd_loss.divergences import canonical, get
+
+    div = get(canonical(divergence, float(beta)))  # the one registry (raises on an unknown name)
     ls = torch.log_softmax(s_logits / temperature, dim=-1)
     lt = torch.log_softmax(t_logits / temperature, dim=-1)
-    if divergence == "forward_kl":
-        return (lt.exp() * (lt - ls)).sum(-1)
-    if divergence == "reverse_kl":
-        return (ls.exp() * (ls - lt)).sum(-1)
-    if divergence == "jsd":
-        lm = torch.logaddexp(lt + math.log(beta), ls + math.log1p(-beta))
-        return beta * (lt.exp() * (lt - lm)).sum(-1) + (1 - beta) * (ls.exp() * (ls - lm)).sum(-1)
-    raise ValueError(f"unknown divergence {divergence!r}")
+    return div.reference(ls, lt, float(beta))
 
 
 def materialized_kd_loss(student_hidden: Tensor, student_weight: Tensor, teacher_hidden: Tensor, teacher_weight: Tensor,

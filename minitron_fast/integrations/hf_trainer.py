@@ -108,8 +108,10 @@ class KDTrainer(_trainer_base()):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         labels = inputs.get("labels")
-        loss = causal_lm_kd_loss(model, self.teacher_model, inputs["input_ids"], inputs.get("attention_mask"),
-                                 labels, loss_fn=self.kd_loss_fn, num_items=num_items_in_batch)
+        # bf16/fp16=True: accelerate autocasts only model.forward, which the fused path bypasses
+        with self.accelerator.autocast():
+            loss = causal_lm_kd_loss(model, self.teacher_model, inputs["input_ids"], inputs.get("attention_mask"),
+                                     labels, loss_fn=self.kd_loss_fn, num_items=num_items_in_batch)
         # divided by the accumulated batch's token count: the Trainer must not divide again
         self.loss_is_scaled_for_ga = num_items_in_batch is not None
         if num_items_in_batch is not None and self.args.average_tokens_across_devices:
