@@ -23,6 +23,7 @@ BENCHES: dict[str, str] = {
     "prune": "bench.prune",
     "distill_step": "bench.distill_step",
     "paper_claims": "bench.paper_claims",
+    "scale": "bench.scale",
     # needs a CUDA GPU (its CPU rehearsal is `python -m bench device_check --tiny`); `all` runs it
     # only where one is visible
     "device_check": "bench.device_check",

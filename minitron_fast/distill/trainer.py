@@ -119,6 +119,59 @@ def gathered(params: list[nn.Parameter]):
         yield
 
 
+@contextlib.contextmanager
+def partitioned(ds_config: dict[str, Any] | None):
+    """While active, transformers builds models under ``deepspeed.zero.Init`` (its DeepSpeed
+    integration, ``HfDeepSpeedConfig``) when ``ds_config`` is ZeRO stage 3: each rank allocates
+    only its partition, and ``from_pretrained`` loads the checkpoint shard file by shard file in
+    the training dtype, so no rank ever holds the whole model (with ``offload_param`` the
+    partitions live in CPU memory). A no-op for ``None`` or stages 0-2."""
+    if not ds_config or ds_config.get("zero_optimization", {}).get("stage", 0) != 3:
+        yield
+        return
+    from transformers.integrations import HfDeepSpeedConfig
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    keep = HfDeepSpeedConfig(ds_config)  # transformers holds only a weak reference: keep it alive
+    try:
+        yield keep
+    finally:
+        unset_hf_deepspeed_config()
+
+
+def _hidden_size(model: str) -> int:
+    from minitron_fast.models import view_class_for_config
+    from minitron_fast.models.loading import load_config
+
+    c = load_config(model)
+    return view_class_for_config(c).geometry_of(c).hidden_size
+
+
+def release_freed_memory() -> None:
+    """Returns freed heap memory to the OS (glibc ``malloc_trim``; a no-op elsewhere). Building a
+    model under ``zero.Init`` allocates and frees every whole parameter once; on CPU ranks glibc
+    would otherwise keep those pages resident for the whole run."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+        if libc is not None and hasattr(libc, "malloc_trim"):
+            libc.malloc_trim(0)
+    except OSError:  # pragma: no cover - not glibc
+        pass
+
+
+def enable_activation_checkpointing(model: nn.Module) -> nn.Module:
+    """Recomputes each decoder layer's activations in the backward pass instead of storing them
+    (transformers' non-reentrant gradient checkpointing): activation memory per micro-batch
+    drops from every layer's intermediates to one layer's plus the layer inputs. The loss and
+    gradients are unchanged (the recomputation is the same forward)."""
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
 # -- the trained module ---------------------------------------------------------------------------
 
 class HiddenStates(nn.Module):
@@ -170,9 +223,25 @@ def lr_lambda(cfg: DistillConfig):
 
 # -- DeepSpeed config -----------------------------------------------------------------------------
 
-def deepspeed_config(cfg: DistillConfig, world: int) -> tuple[dict[str, Any], bool]:
+def _size_buckets(zero: dict[str, Any], hidden: int | None) -> None:
+    """Communication buckets sized to the model, as transformers' ``"auto"`` does (hidden^2
+    elements; DeepSpeed's defaults are 5e8 elements: a 2 GB fp32 gradient bucket on every rank
+    whatever the model's size, more than a small model's whole partition)."""
+    if not hidden:
+        return
+    stage = zero.get("stage", 0)
+    if stage >= 2:
+        zero.setdefault("reduce_bucket_size", hidden * hidden)
+        zero.setdefault("allgather_bucket_size", hidden * hidden)
+    if stage == 3:  # (the prefetch bucket stays DeepSpeed's: a smaller one leaves the tied lm_head in flight
+        # when the loss's GatheredParameters exits)
+        zero.setdefault("stage3_param_persistence_threshold", 10 * hidden)
+
+
+def deepspeed_config(cfg: DistillConfig, world: int, hidden: int | None = None) -> tuple[dict[str, Any], bool]:
     """The DeepSpeed config for ``cfg`` on ``world`` ranks: the user's JSON (checked against the
-    recipe) or one generated from the recipe. Returns ``(config, uses_client_optimizer)``."""
+    recipe) or one generated from the recipe (communication buckets sized by the trained model's
+    ``hidden`` size when given). Returns ``(config, uses_client_optimizer)``."""
     d = cfg.deepspeed
     want = {"train_micro_batch_size_per_gpu": cfg.micro_batch_size, "gradient_accumulation_steps": cfg.grad_accum,
             "train_batch_size": cfg.micro_batch_size * cfg.grad_accum * world}
@@ -210,6 +279,7 @@ def deepspeed_config(cfg: DistillConfig, world: int) -> tuple[dict[str, Any], bo
         zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
     if d.zero_stage == 3 and d.persistence_threshold is not None:
         zero["stage3_param_persistence_threshold"] = d.persistence_threshold
+    _size_buckets(zero, hidden)
     ds = dict(want, zero_optimization=zero, gradient_clipping=d.gradient_clipping, steps_per_print=10**9,
               wall_clock_breakdown=False, bf16={"enabled": bool(d.bf16)})
     client = d.optimizer == "torch_adamw"
@@ -222,11 +292,12 @@ def deepspeed_config(cfg: DistillConfig, world: int) -> tuple[dict[str, Any], bo
     return ds, client
 
 
-def _teacher_ds_config(cfg: DistillConfig, world: int) -> dict[str, Any]:
+def _teacher_ds_config(cfg: DistillConfig, world: int, hidden: int | None = None) -> dict[str, Any]:
     zero: dict[str, Any] = {"stage": 3}
     if cfg.deepspeed.persistence_threshold is not None:
         zero["stage3_param_persistence_threshold"] = cfg.deepspeed.persistence_threshold
-    if cfg.deepspeed.offload_param:
+    _size_buckets(zero, hidden)
+    if cfg.deepspeed.offload_param or cfg.deepspeed.teacher_offload_param:
         zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
     return {"train_micro_batch_size_per_gpu": cfg.micro_batch_size, "gradient_accumulation_steps": 1,
             "train_batch_size": cfg.micro_batch_size * world, "zero_optimization": zero,
@@ -394,7 +465,6 @@ class Trainer:
 
     # ----- setup
     def _load(self):
-        from minitron_fast.data import token_blocks
         from minitron_fast.models.loading import load_model, load_tokenizer, resolve_model_path
 
         cfg = self.cfg
@@ -407,21 +477,56 @@ class Trainer:
                 raise MinitronError(f"teacher {cfg.teacher} and student {cfg.student} use different tokenizers "
                                     f"({len(t_tok)} vs {len(s_tok)} tokens); logit KD needs one vocabulary")
         self.tokenizer_dir = resolve_model_path(cfg.student if cfg.mode == "distill" else cfg.teacher)
-        teacher = load_model(cfg.teacher, dtype=dtype, device=dev, attn_implementation=cfg.attn_implementation)
+        trained = cfg.student if cfg.mode == "distill" else cfg.teacher
+        self.hidden = {"student": _hidden_size(trained), "teacher": _hidden_size(cfg.teacher)}
+        s_ds = deepspeed_config(cfg, self.world, self.hidden["student"])[0] if cfg.deepspeed.zero_stage == 3 else None
+        t_ds = _teacher_ds_config(cfg, self.world, self.hidden["teacher"]) if cfg.deepspeed.teacher_zero3 else None
+        with partitioned(t_ds if cfg.mode == "distill" else s_ds):
+            teacher = load_model(cfg.teacher, dtype=dtype, device=dev, attn_implementation=cfg.attn_implementation)
         if cfg.mode == "distill":
-            student = load_model(cfg.student, dtype=dtype, device=dev, attn_implementation=cfg.attn_implementation)
+            with partitioned(s_ds):
+                student = load_model(cfg.student, dtype=dtype, device=dev,
+                                     attn_implementation=cfg.attn_implementation)
             if student.config.vocab_size != teacher.config.vocab_size:
                 raise MinitronError(f"teacher vocabulary {teacher.config.vocab_size} != student vocabulary "
                                     f"{student.config.vocab_size}; logit KD needs one vocabulary")
         else:
             student, teacher = teacher, None
-        blocks = token_blocks(t_tok, cfg.data.source, "train", cfg.data.seq_len, max_blocks=cfg.data.max_blocks,
-                              text_field=cfg.data.text_field)
-        eval_blocks = None
-        if cfg.data.eval_blocks > 0:
-            eval_blocks = token_blocks(t_tok, cfg.data.source, "heldout", cfg.data.seq_len,
-                                       max_blocks=cfg.data.eval_blocks, text_field=cfg.data.text_field)
+        if cfg.deepspeed.zero_stage == 3 or cfg.deepspeed.teacher_zero3:
+            release_freed_memory()
+        blocks, eval_blocks = self._data(t_tok)
         return student, teacher, blocks, eval_blocks
+
+    def _data(self, tokenizer):
+        """The training split as memory-mapped ``TokenBlocks`` (each rank reads only the blocks of
+        its micro-batches) and the held-out blocks (a small ``[n, T]`` tensor, or None)."""
+        from minitron_fast.data import TokenBlocks, token_blocks
+
+        d = self.cfg.data
+        blocks = TokenBlocks.open(tokenizer, d.source, "train", d.seq_len, max_blocks=d.max_blocks,
+                                  text_field=d.text_field, cache=d.cache_dir,
+                                  progress=self.progress and int(os.environ.get("RANK", "0")) == 0).require_one()
+        eval_blocks = None
+        if d.eval_blocks > 0:
+            eval_blocks = token_blocks(tokenizer, d.source, "heldout", d.seq_len, max_blocks=d.eval_blocks,
+                                       text_field=d.text_field, cache=d.cache_dir)
+        return blocks, eval_blocks
+
+    def _check_memory_plan(self) -> None:
+        """On a GPU, says before loading anything when the memory plan does not fit the device,
+        and names the knobs (``minitron-fast memory`` prints the whole plan)."""
+        if not torch.cuda.is_available():
+            return
+        from minitron_fast.distill.memory import plan_config
+
+        try:
+            p = plan_config(self.cfg, self.world, gpu_mem=torch.cuda.get_device_properties(_device()).total_memory)
+        except (MinitronError, OSError, ValueError) as exc:  # a plan is advice: never block training on it
+            log.info("no memory plan (%s)", exc)
+            return
+        if p.fits is False:
+            log.warning("memory plan: %.1f GB per GPU does not fit this %.0f GB GPU; change %s",
+                        p.total / 1e9, p.gpu_mem / 1e9, "; or ".join(p.advice(self.cfg)) or "the micro-batch")
 
     def _layer_pairs(self, student: nn.Module, teacher: nn.Module) -> list[tuple[int, int]]:
         ns, nt = student.config.num_hidden_layers, teacher.config.num_hidden_layers
@@ -466,6 +571,8 @@ class Trainer:
         _barrier()
 
         torch.manual_seed(cfg.seed)
+        if rank == 0:
+            self._check_memory_plan()
         student, teacher, blocks, eval_blocks = self._load()
         if rank == 0:  # recorded only now that every input loaded: a run that failed validation reruns as is
             write_marker(out)
@@ -485,9 +592,11 @@ class Trainer:
         self.pairs = pairs
         student.train()
         student.config.use_cache = False
+        if cfg.activation_checkpointing:
+            enable_activation_checkpointing(student)
         wrapped = HiddenStates(student, proj)
 
-        ds_cfg, client = deepspeed_config(cfg, world)
+        ds_cfg, client = deepspeed_config(cfg, world, self.hidden["student"])
         params = [p for p in wrapped.parameters() if p.requires_grad]
         optimizer = None
         if client:
@@ -508,7 +617,8 @@ class Trainer:
             teacher.eval()
             teacher.requires_grad_(False)
             if cfg.deepspeed.teacher_zero3:
-                t_engine, _, _, _ = deepspeed.initialize(model=teacher, config=_teacher_ds_config(cfg, world))
+                t_engine, _, _, _ = deepspeed.initialize(model=teacher, config=_teacher_ds_config(cfg, world,
+                                                                                          self.hidden["teacher"]))
                 t_engine.eval()
                 teacher = t_engine.module
         self.teacher = teacher
@@ -638,7 +748,7 @@ class Trainer:
             rec.update({k: float(v) for k, v in zip(sorted(sums), red)})
             dt = time.perf_counter() - t0
             rec.update(lr=None if lr_now is None else float(lr_now), tokens=int(num_items),
-                       tokens_per_s=data.global_batch * data.blocks.shape[1] / dt, step_s=dt,
+                       tokens_per_s=data.global_batch * data.seq_len / dt, step_s=dt,
                        peak_mem_mb=peak_memory_mb(), rss_mb=resident_memory_mb())
             final_loss = rec["loss"]
             done = step + 1
