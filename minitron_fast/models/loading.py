@@ -175,8 +175,12 @@ def check_tensor_shapes(path: Path, config: Any) -> None:
     """Every tensor the safetensors headers share by name with the model ``config`` describes
     has that model's shape (names transformers would rename, and missing or extra tensors, are
     left to :func:`check_loading_info`)."""
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
     shapes = safetensors_shapes(path)
-    if shapes is None:
+    if shapes is None or is_deepspeed_zero3_enabled():
+        # under ZeRO-3 model building (zero.Init) a meta model cannot be built; transformers'
+        # own size check (an error, caught by load_model) and check_loading_info still apply
         return
     meta = meta_model(config)
     want = {n: tuple(t.shape) for n, t in meta.state_dict(keep_vars=True).items()}
