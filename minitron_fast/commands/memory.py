@@ -11,8 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 
-HELP = "per-GPU memory plan of a recipe's training stages, with a verdict against a GPU size"
-
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("recipe", help="a shipped recipe name, a pipeline recipe YAML, or a trainer recipe (configs/distill/)")
