@@ -51,7 +51,7 @@ def _module(name: str):
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse_args(parser, argv)
     if not getattr(args, "command", None):
         parser.print_help()
         return 2
@@ -64,6 +64,45 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except OSError as exc:
+        msg = os_error_message(exc)
+        if msg is None:
+            raise
+        print(f"error: {msg}", file=sys.stderr)
+        return 2
+
+
+def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """Parses with the subcommand's ``key=value`` overrides allowed anywhere, also after an
+    option (``run demo --out x distill.steps=2``): the subcommand's arguments are parsed with
+    argparse's intermixed parsing."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args, rest = parser.parse_known_args(argv)
+    sub = getattr(args, "command", None)
+    if rest and sub and sub in argv:
+        sub_parser = parser._subparsers._group_actions[0].choices[sub]  # noqa: SLF001
+        sub_args = sub_parser.parse_intermixed_args(argv[argv.index(sub) + 1:])
+        for k, v in vars(sub_args).items():
+            setattr(args, k, v)
+    elif rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    return args
+
+
+def os_error_message(exc: OSError) -> str | None:
+    """A one-line message for an OS error the user can fix (disk full, permissions, read-only
+    file system); None for others (a bug: keep the traceback)."""
+    import errno
+
+    where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return (f"no space left on the device{where}: free some space and rerun (the partial output was removed; "
+                "finished outputs are intact)")
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return f"{exc.strerror}{where}: check the permissions, or choose another path"
+    if exc.errno in (errno.EIO, errno.ENAMETOOLONG, errno.ELOOP, errno.ENOTDIR, errno.EISDIR):
+        return f"{exc.strerror}{where}"
+    return None
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,34 +1,204 @@
-"""Atomic outputs: write under a temporary name next to the target, then rename.
+"""Safe outputs: written under a temporary name next to the target, then renamed; never over an
+input; ``--overwrite`` only replaces what minitron_fast itself wrote; modes follow the umask.
 
-A killed run never leaves a half-written file or directory under the final name, and a
-user's input directory is never written into.
+- A killed run never leaves a half-written file or directory under the final name; its hidden
+  ``.NAME.tmp-PID-*`` leftovers are removed by the next write of the same target once PID is gone.
+- Every output directory carries a marker file (``.minitron_fast``); ``--overwrite`` removes an
+  existing directory only when it carries the marker (or is empty).
+- :func:`check_output` refuses an output that is, or lies inside, or would delete an input (the
+  model directory, data files, scores, a plan in use).
+- :class:`RunLock` is an advisory lock on a run directory: a second run on it is an error that
+  names the holder's PID.
 """
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 from minitron_fast.errors import MinitronError
 
+MARKER = ".minitron_fast"      # written into every output directory
+LOCK = ".minitron_fast.lock"   # advisory run lock (fcntl) of a run directory
+PathLike = str | os.PathLike
+
+
+class OutputError(MinitronError, ValueError):
+    """An output that would overwrite an input, or a directory minitron_fast did not write."""
+
+
+# -- modes ------------------------------------------------------------------------------------------
+
+def current_umask() -> int:
+    """The process umask (read by setting and restoring it; single-threaded use)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def fix_mode(path: PathLike, *, is_dir: bool) -> None:
+    """Gives ``path`` the mode a plain ``open``/``mkdir`` would (0666/0777 less the umask):
+    ``mkstemp``/``mkdtemp`` create 0600/0700."""
+    os.chmod(path, (0o777 if is_dir else 0o666) & ~current_umask())
+
+
+# -- leftovers of killed runs -------------------------------------------------------------------------
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _tmp_prefix(target: Path) -> str:
+    return f".{target.name}.tmp-"
+
+
+def clean_stale_tmp(target: PathLike) -> list[Path]:
+    """Removes ``.NAME.tmp-PID-*`` / ``.NAME.old-PID`` siblings of ``target`` left by killed
+    processes (PID no longer running). Returns what was removed."""
+    target = Path(target)
+    removed = []
+    if not target.parent.is_dir():
+        return removed
+    for p in target.parent.iterdir():
+        for tag in (".tmp-", ".old-"):
+            head = f".{target.name}{tag}"
+            if not p.name.startswith(head):
+                continue
+            pid = p.name[len(head):].split("-", 1)[0]
+            if pid.isdigit() and not _pid_alive(int(pid)):
+                if p.is_dir() and not p.is_symlink():
+                    shutil.rmtree(p, ignore_errors=True)
+                else:
+                    with contextlib.suppress(FileNotFoundError):
+                        p.unlink()
+                removed.append(p)
+    return removed
+
+
+def clean_stale_tmp_in(directory: PathLike) -> list[Path]:
+    """:func:`clean_stale_tmp` for every target in ``directory`` (run directories at start)."""
+    d = Path(directory)
+    if not d.is_dir():
+        return []
+    removed = []
+    for p in list(d.iterdir()):
+        for tag in (".tmp-", ".old-"):
+            if p.name.startswith(".") and tag in p.name:
+                name = p.name[1:].split(tag, 1)[0]
+                removed += clean_stale_tmp(d / name)
+    return removed
+
+
+# -- the output guard ---------------------------------------------------------------------------------
+
+def same_or_inside(path: PathLike, parent: PathLike) -> bool:
+    """True if ``path`` is ``parent`` or lies inside it (used to refuse writing into inputs)."""
+    p, q = Path(path).resolve(), Path(parent).resolve()
+    return p == q or q in p.parents
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return a.exists() and b.exists() and os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def is_minitron_output(path: PathLike) -> bool:
+    """True for a directory minitron_fast wrote (it carries the marker file)."""
+    return (Path(path) / MARKER).is_file()
+
+
+def check_output(out: PathLike, *, inputs: Iterable[PathLike | None] = (), kind: str = "--out", want: str = "file",
+                 overwrite: bool = False, allow_existing_file: bool = False) -> Path:
+    """Checks, before any work, that writing ``out`` (a ``want`` = "file" or "dir") loses nothing:
+
+    - ``out`` is not an input and does not lie inside an input directory (the model directory);
+    - replacing a directory ``out`` would not delete an input inside it;
+    - an existing ``out`` is of the right kind; an existing file is refused unless
+      ``allow_existing_file`` or ``overwrite``; an existing non-empty directory is refused unless
+      ``overwrite``, and then only when minitron_fast wrote it (its marker file).
+
+    Returns ``out`` as a Path. Raises :class:`OutputError` (one line) otherwise."""
+    out = Path(out).expanduser()
+    for inp in inputs:
+        if inp is None or str(inp) == "demo":
+            continue
+        ip = Path(inp).expanduser()
+        if not ip.exists():
+            continue
+        if _same_file(out, ip) or out.resolve() == ip.resolve():
+            raise OutputError(f"{kind} {out} is an input of this command ({ip}); choose another {kind}")
+        if ip.is_dir() and same_or_inside(out, ip):
+            what = "input model directory" if (ip / "config.json").exists() else "input directory"
+            raise OutputError(f"{kind} {out} lies inside the {what} {ip}; minitron_fast never writes into its "
+                              f"inputs: choose another {kind}")
+        if want == "dir" and same_or_inside(ip, out):
+            raise OutputError(f"{kind} {out} holds the input {ip}; writing it would delete that input: choose "
+                              f"another {kind} (or move the input out of it)")
+    if out.is_symlink() and not out.exists():
+        raise OutputError(f"{kind} {out} is a dangling symbolic link; remove it or choose another {kind}")
+    if out.exists():
+        if want == "file" and out.is_dir():
+            raise OutputError(f"{kind} {out} is a directory; pass a file path")
+        if want == "dir" and not out.is_dir():
+            raise OutputError(f"{kind} {out} is a file; pass a directory path (or remove the file)")
+        if want == "file" and not (overwrite or allow_existing_file):
+            raise OutputError(f"{kind} {out} already exists; delete it or choose another {kind}")
+        if want == "dir" and any(out.iterdir()):
+            if not overwrite:
+                raise OutputError(f"output directory {out} already exists; pass --overwrite or choose another {kind}")
+            if not is_minitron_output(out):
+                raise OutputError(f"--overwrite: {out} was not written by minitron_fast (no {MARKER} marker file); "
+                                  "it is never deleted: remove it yourself or choose another " + kind)
+    elif out.parent.exists() and not out.parent.is_dir():
+        raise OutputError(f"{kind} {out}: its parent {out.parent} is a file, not a directory")
+    return out
+
+
+# -- atomic writes -------------------------------------------------------------------------------------
+
+def write_marker(directory: PathLike, **info: Any) -> None:
+    from minitron_fast import __version__
+
+    p = Path(directory) / MARKER
+    p.write_text(json.dumps({"written_by": "minitron_fast", "version": __version__, **info}, sort_keys=True) + "\n")
+    fix_mode(p, is_dir=False)
+
 
 @contextlib.contextmanager
-def atomic_dir(target: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
-    """Yields a fresh temporary directory beside ``target``; on success it becomes ``target``.
+def atomic_dir(target: PathLike, *, overwrite: bool = False, inputs: Iterable[PathLike | None] = (),
+               require_marker: bool = True) -> Iterator[Path]:
+    """Yields a fresh temporary directory beside ``target`` (mode 0777 less the umask, holding the
+    marker file); on success it becomes ``target``.
 
-    Raises MinitronError if ``target`` exists and ``overwrite`` is False. On an exception the
-    temporary directory is removed and ``target`` is left as it was.
-    """
+    Refuses (:func:`check_output`) an existing non-empty ``target`` unless ``overwrite``, and
+    then only one minitron_fast wrote (``require_marker=False``: a cache the caller owns). On an
+    exception the temporary directory is removed and ``target`` is left as it was."""
     target = Path(target)
-    if target.exists() and not overwrite:
-        raise MinitronError(f"output directory {target} already exists; pass --overwrite or choose another --out")
+    if require_marker:
+        check_output(target, inputs=inputs, want="dir", overwrite=overwrite)
+    elif target.exists() and not overwrite:
+        raise OutputError(f"output directory {target} already exists; pass --overwrite or choose another --out")
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    clean_stale_tmp(target)
+    tmp = Path(tempfile.mkdtemp(prefix=f"{_tmp_prefix(target)}{os.getpid()}-", dir=target.parent))
     try:
+        fix_mode(tmp, is_dir=True)
+        write_marker(tmp)
         yield tmp
         if target.exists():
             old = target.with_name(f".{target.name}.old-{os.getpid()}")
@@ -42,15 +212,21 @@ def atomic_dir(target: str | os.PathLike, *, overwrite: bool = False) -> Iterato
         raise
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+def atomic_write_bytes(path: PathLike, data: bytes) -> None:
+    """Writes ``data`` to ``path`` through a temporary file and a rename (mode 0666 less the
+    umask). Replaces an existing file: user-facing outputs are checked by :func:`check_output`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    if path.is_dir():
+        raise OutputError(f"{path} is a directory; pass a file path")
+    clean_stale_tmp(path)
+    fd, tmp = tempfile.mkstemp(prefix=f"{_tmp_prefix(path)}{os.getpid()}-", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        fix_mode(tmp, is_dir=False)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -58,19 +234,103 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         raise
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+def atomic_write_text(path: PathLike, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
-def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
+def atomic_write_json(path: PathLike, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
-def same_or_inside(path: str | os.PathLike, parent: str | os.PathLike) -> bool:
-    """True if ``path`` is ``parent`` or lies inside it (used to refuse writing into inputs)."""
-    p, q = Path(path).resolve(), Path(parent).resolve()
-    return p == q or q in p.parents
+# -- run lock ------------------------------------------------------------------------------------------
 
+class RunLock:
+    """An advisory ``fcntl`` lock on a run directory, held while the run lasts (released by the
+    kernel when the process dies, so a killed run never blocks the next one). The lock file
+    holds the holder's PID; a second run gets a one-line error naming it.
+
+    Example:
+        >>> with RunLock("runs/demo"):
+        ...     ...
+    """
+
+    def __init__(self, directory: PathLike):
+        self.dir = Path(directory)
+        self.path = self.dir / LOCK
+        self.fd: int | None = None
+
+    def acquire(self) -> "RunLock":
+        import fcntl
+
+        self.dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno not in (errno.EWOULDBLOCK, errno.EACCES, errno.EAGAIN):
+                os.close(fd)
+                raise
+            holder = os.pread(fd, 64, 0).decode("ascii", "replace").strip() or "unknown"
+            os.close(fd)
+            raise MinitronError(f"{self.dir} is in use by another minitron_fast run (PID {holder}); wait for it to "
+                                "finish, stop it, or choose another out") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self.fd = fd
+        return self
+
+    def release(self) -> None:
+        if self.fd is not None:
+            with contextlib.suppress(OSError):
+                os.ftruncate(self.fd, 0)
+            os.close(self.fd)  # closing drops the flock
+            self.fd = None
+
+    def __enter__(self) -> "RunLock":
+        return self.acquire()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.release()
+
+
+# -- content identity ----------------------------------------------------------------------------------
+
+def file_sha256(path: PathLike) -> str:
+    """Hex sha256 of a file, read in 1 MiB chunks."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def content_digest(path: PathLike) -> str:
+    """sha256 of a file's content, cached in ``cache_dir()/digests.json`` by (path, size, mtime,
+    ctime, inode): a weight file is read once, and any change to it (even one that keeps its size
+    and mtime, like ``cp -p``, which cannot keep the ctime) is hashed again."""
+    p = Path(path).resolve()
+    st = p.stat()
+    key = f"{p}|{st.st_size}|{st.st_mtime_ns}|{st.st_ctime_ns}|{st.st_ino}"
+    db_path = cache_dir() / "digests.json"
+    db: dict[str, str] = {}
+    with contextlib.suppress(OSError, ValueError):
+        db = json.loads(db_path.read_text())
+        if not isinstance(db, dict):
+            db = {}
+    if key in db:
+        return db[key]
+    digest = file_sha256(p)
+    # drop this file's older entries and those of files that no longer exist (the cache stays small)
+    db = {k: v for k, v in db.items() if not k.startswith(f"{p}|") and os.path.exists(k.split("|", 1)[0])}
+    db[key] = digest
+    with contextlib.suppress(OSError):  # a read-only cache only costs a re-hash
+        atomic_write_json(db_path, db)
+    return digest
+
+
+# -- misc ----------------------------------------------------------------------------------------------
 
 def cache_dir() -> Path:
     """minitron_fast's cache: $MINITRON_FAST_CACHE, else $XDG_CACHE_HOME/minitron_fast, else
@@ -82,7 +342,7 @@ def cache_dir() -> Path:
     return Path(base) / "minitron_fast"
 
 
-def save_figure(fig: Any, path: str | os.PathLike, *, dpi: int = 100) -> Path:
+def save_figure(fig: Any, path: PathLike, *, dpi: int = 100) -> Path:
     """Renders a matplotlib figure to PNG, writes it atomically to ``path`` and closes it."""
     import io
 

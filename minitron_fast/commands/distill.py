@@ -37,6 +37,12 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if args.nproc < 1:
         raise MinitronError(f"--nproc must be at least 1, got {args.nproc}")
+    if args.hostfile:  # DeepSpeed's launcher only warns about a missing hostfile, then trains on one node
+        from pathlib import Path
+
+        if not Path(args.hostfile).is_file():
+            raise MinitronError(f"--hostfile {args.hostfile} does not exist; pass a DeepSpeed hostfile "
+                                "(lines 'host slots=N'), or leave it out for this node only")
     if args.nproc == 1 and not args.hostfile:
         from minitron_fast.distill import train
 

@@ -23,8 +23,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from minitron_fast.evaluate.harness import evaluate_model, format_eval
-    from minitron_fast.io import atomic_write_json
+    from minitron_fast.io import atomic_write_json, check_output
+    from minitron_fast.models.loading import resolve_model_path
 
+    if args.json:  # never over an input (the model directory, the data), checked before any work
+        check_output(args.json, inputs=[resolve_model_path(args.model), args.data], kind="--json",
+                     allow_existing_file=True)
     set_threads(args.threads)
     r = evaluate_model(args.model, configtools.from_args(EvaluateConfig, args).validate("--"), data=args.data,
                        split=args.split, seq_len=args.seq_len, text_field=args.text_field)

@@ -24,10 +24,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from minitron_fast.distill.memory import plan_recipe
     from minitron_fast.errors import MinitronError
-    from minitron_fast.io import atomic_write_json
+    from minitron_fast.io import atomic_write_json, check_output
 
     if args.world is not None and args.world < 1:
         raise MinitronError(f"--world must be at least 1, got {args.world}")
+    if args.json:  # never over an input (the recipe), checked before any work
+        check_output(args.json, inputs=[args.recipe], kind="--json", allow_existing_file=True)
     plans = plan_recipe(args.recipe, list(args.overrides), gpu_mem=args.gpu_mem, world=args.world)
     for p, cfg in plans:
         print(p.render(cfg))

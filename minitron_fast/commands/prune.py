@@ -29,13 +29,18 @@ def run(args: argparse.Namespace) -> int:
 
     from minitron_fast.artifacts.plan import Plan, validate_plan
     from minitron_fast.errors import MinitronError
+    from minitron_fast.io import check_output
     from minitron_fast.models import view_class_for_config
-    from minitron_fast.models.loading import load_config
+    from minitron_fast.models.loading import load_config, resolve_model_path
     from minitron_fast.prune.api import plan_for, run_prune
     from minitron_fast.prune.surgery import pruned_config
 
     cfg = configtools.from_args(PruneConfig, args).validate("--")
     config = load_config(args.model)
+    src = resolve_model_path(args.model)
+    if args.out:  # never over an input (model, scores, plan), checked before any work
+        check_output(args.out, inputs=[src, args.scores, args.plan], want="file" if args.plan_only else "dir",
+                     overwrite=args.overwrite)
     if args.plan:
         plan = Plan.load(args.plan)
         validate_plan(plan, config)
@@ -53,8 +58,6 @@ def run(args: argparse.Namespace) -> int:
             print(json.dumps(plan.to_dict(), indent=2))
             return 0
         out = Path(args.out)
-        if out.exists() and not args.overwrite:
-            raise MinitronError(f"{out} already exists; pass --overwrite or choose another --out")
         plan.save(out)
         print(f"wrote plan {out}")
         return 0

@@ -31,15 +31,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     from minitron_fast.errors import MinitronError
-    from minitron_fast.io import same_or_inside
-    from minitron_fast.models.loading import resolve_model_path
+    from minitron_fast.io import check_output, same_or_inside
+    from minitron_fast.models.loading import check_seq_len, load_config, resolve_model_path
     from minitron_fast.search import run_search
 
     set_threads(args.threads)
     if args.model != "demo" and same_or_inside(args.out, resolve_model_path(args.model)):
         raise MinitronError(f"--out {args.out} lies inside the input model directory; choose another --out")
-    cfg = configtools.from_args(SearchConfig, args, enabled=True)
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise MinitronError(f"--out {args.out} is a file; pass a directory (it receives plan.json, search.json, "
+                            "table.txt)")
+    for name in ("plan.json", "search.json", "table.txt"):  # the files it writes: never an input
+        check_output(Path(args.out) / name, inputs=[args.scores, args.data], kind="--out", allow_existing_file=True)
+    check_seq_len(load_config(args.model), args.seq_len)
+    cfg = configtools.from_args(SearchConfig, args, enabled=True).validate("--")  # before dividing by its sizes
     if args.retrain_tokens is not None:
         if args.retrain_tokens < 0:
             raise MinitronError(f"--retrain-tokens must be >= 0, got {args.retrain_tokens}")

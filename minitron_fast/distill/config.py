@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -40,6 +41,30 @@ class ConfigError(MinitronError, ValueError):
 MODES = ("distill", "correct-teacher")
 from minitron_fast.ops.kd_loss.divergences import DIVERGENCES  # noqa: E402  (the one registry)
 LOSS_IMPLS = ("fused", "materialized")
+
+
+def _int(name: str, v: Any, low: int | None) -> int:
+    """``v`` must be an integer (not a bool) of at least ``low``."""
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise ConfigError(f"{name} must be an integer, got {v!r}")
+    if low is not None and v < low:
+        raise ConfigError(f"{name} must be at least {low}, got {v}")
+    return v
+
+
+def _num(name: str, v: Any, *, low: float | None = None, high: float | None = None, low_open: bool = False,
+         high_open: bool = False) -> float:
+    """``v`` must be a finite number within [low, high] (open ends where asked); NaN and inf are
+    refused here, where ``lr <= 0``-style checks would let NaN through."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise ConfigError(f"{name} must be a number, got {v!r}")
+    if not math.isfinite(v):
+        raise ConfigError(f"{name} must be a finite number, got {v}")
+    if low is not None and (v <= low if low_open else v < low):
+        raise ConfigError(f"{name} must be {'above' if low_open else 'at least'} {low}, got {v}")
+    if high is not None and (v >= high if high_open else v > high):
+        raise ConfigError(f"{name} must be {'below' if high_open else 'at most'} {high}, got {v}")
+    return float(v)
 
 
 @dataclass
@@ -130,10 +155,20 @@ class DistillConfig(configtools.DeviceConfig):
         if self.mode == "distill" and self.student is None:
             raise ConfigError("mode distill needs a student; set student: PATH")
         for name in ("steps", "micro_batch_size", "grad_accum", "save_every", "eval_every", "log_every"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.warmup_steps < 0 or self.lr <= 0 or self.min_lr < 0:
-            raise ConfigError("lr must be positive and min_lr, warmup_steps non-negative")
+            _int(name, getattr(self, name), 1)
+        _int("warmup_steps", self.warmup_steps, 0)
+        _int("seed", self.seed, None)
+        if self.threads is not None:
+            _int("threads", self.threads, 1)
+        _num("lr", self.lr, low=0.0, low_open=True)
+        _num("min_lr", self.min_lr, low=0.0)
+        if self.min_lr > self.lr:
+            raise ConfigError(f"min_lr ({self.min_lr}) is above lr ({self.lr}); the schedule decays from lr to min_lr")
+        _num("weight_decay", self.weight_decay, low=0.0)
+        if not (isinstance(self.adam_betas, (list, tuple)) and len(self.adam_betas) == 2):
+            raise ConfigError(f"adam_betas must be two numbers in [0, 1), got {self.adam_betas!r}")
+        for i, b in enumerate(self.adam_betas):
+            _num(f"adam_betas[{i}]", b, low=0.0, high=1.0, high_open=True)
         if self.schedule not in ("cosine", "linear", "constant"):
             raise ConfigError(f"schedule={self.schedule!r} is not one of cosine, linear, constant")
         L = self.loss
@@ -141,10 +176,13 @@ class DistillConfig(configtools.DeviceConfig):
             raise ConfigError(f"loss.divergence={L.divergence!r} is not one of {DIVERGENCES}")
         if L.impl not in LOSS_IMPLS:
             raise ConfigError(f"loss.impl={L.impl!r} is not one of {LOSS_IMPLS}")
-        if L.temperature <= 0:
-            raise ConfigError(f"loss.temperature must be positive, got {L.temperature}")
-        if L.kd_weight < 0 or L.lm_weight < 0 or self.intermediate.weight < 0:
-            raise ConfigError("loss weights must be non-negative")
+        _num("loss.temperature", L.temperature, low=0.0, low_open=True)
+        _num("loss.beta", L.beta, low=0.0, high=1.0)
+        for name, v in (("loss.kd_weight", L.kd_weight), ("loss.lm_weight", L.lm_weight),
+                        ("intermediate.weight", self.intermediate.weight)):
+            _num(name, v, low=0.0)
+        if L.chunk_size is not None:
+            _int("loss.chunk_size", L.chunk_size, 1)
         if self.mode == "distill" and L.kd_weight == 0 and L.lm_weight == 0 and self.intermediate.weight == 0:
             raise ConfigError("every loss weight is 0; set loss.kd_weight (or lm_weight / intermediate.weight)")
         for p in self.intermediate.pairs:
@@ -152,9 +190,14 @@ class DistillConfig(configtools.DeviceConfig):
                 raise ConfigError(f"intermediate.pairs entries must be [student_layer, teacher_layer], got {p!r}")
         if self.intermediate.weight > 0 and not self.intermediate.pairs:
             raise ConfigError("intermediate.weight > 0 needs intermediate.pairs: [[s, t], ...]")
-        if self.data.seq_len < 2:
-            raise ConfigError(f"data.seq_len must be at least 2, got {self.data.seq_len}")
+        _int("data.seq_len", self.data.seq_len, 2)
+        _int("data.eval_blocks", self.data.eval_blocks, 0)
+        if self.data.max_blocks is not None:
+            _int("data.max_blocks", self.data.max_blocks, 1)
         ds = self.deepspeed
+        _num("deepspeed.gradient_clipping", ds.gradient_clipping, low=0.0)
+        if ds.persistence_threshold is not None:
+            _int("deepspeed.persistence_threshold", ds.persistence_threshold, 0)
         if ds.zero_stage not in (0, 1, 2, 3):
             raise ConfigError(f"deepspeed.zero_stage must be 0, 1, 2 or 3, got {ds.zero_stage}")
         if ds.offload_param and ds.zero_stage != 3:
@@ -165,8 +208,6 @@ class DistillConfig(configtools.DeviceConfig):
             raise ConfigError("deepspeed.teacher_offload_param needs deepspeed.teacher_zero3: true")
         if ds.optimizer not in ("torch_adamw", "deepspeed"):
             raise ConfigError(f"deepspeed.optimizer={ds.optimizer!r} is not one of torch_adamw, deepspeed")
-        if len(self.adam_betas) != 2:
-            raise ConfigError(f"adam_betas must be two numbers, got {self.adam_betas}")
         try:
             self.check_device()
         except MinitronError as exc:

@@ -24,6 +24,7 @@ import logging
 import math
 import os
 import resource
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -38,7 +39,8 @@ from minitron_fast.distill.sharding import ShardedBlocks, eval_shard
 from minitron_fast.errors import MinitronError
 from minitron_fast.integrations.kd_step import KDStudent, head_options
 from minitron_fast.integrations.zero3 import gathered
-from minitron_fast.io import atomic_write_json, atomic_write_text, same_or_inside, save_figure
+from minitron_fast.io import (LOCK, MARKER, RunLock, atomic_write_json, atomic_write_text, clean_stale_tmp_in,
+                              same_or_inside, save_figure, write_marker)
 
 log = logging.getLogger("minitron_fast.distill")
 
@@ -265,32 +267,135 @@ def _teacher_ds_config(cfg: DistillConfig, world: int, hidden: int | None = None
 
 # -- run directory --------------------------------------------------------------------------------
 
+def _check_inputs(cfg: DistillConfig, out: Path) -> None:
+    """The run directory must not overlap an input model directory (checked before anything is
+    created in it)."""
+    for src in (cfg.teacher, cfg.student):
+        if src and src != "demo" and (same_or_inside(out, src) or same_or_inside(src, out)):
+            raise ResumeError(f"refusing to write into the input model directory {src}; choose another out")
+    if out.exists() and not out.is_dir():
+        raise ResumeError(f"out {out} is a file; choose a directory")
+
+
+_OWN_FILES = (LOCK, MARKER)  # present in a run directory before anything is recorded
+
+
+def _read_json(path: Path, what: str) -> dict[str, Any]:
+    try:
+        rec = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ResumeError(f"--resume: {path} is unreadable or corrupt ({exc}); {what}") from None
+    if not isinstance(rec, dict):
+        raise ResumeError(f"--resume: {path} is not a JSON object; {what}")
+    return rec
+
+
+def read_latest(ckpt_dir: Path) -> int | None:
+    """The step of the last complete checkpoint (``checkpoints/latest``), or None; a corrupt
+    ``latest`` or one naming a missing checkpoint is a one-line error."""
+    latest = ckpt_dir / "latest"
+    if not latest.is_file():
+        return None
+    try:
+        tag = latest.read_text().strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ResumeError(f"--resume: cannot read {latest} ({exc})") from None
+    if not (tag.startswith("step") and tag[4:].isdigit()):
+        raise ResumeError(f"--resume: {latest} is corrupt (holds {tag[:40]!r}, not a tag like step50); write the tag "
+                          f"of a complete checkpoint in {ckpt_dir} into it, or start the run over in another out")
+    if not (ckpt_dir / tag).is_dir():
+        raise ResumeError(f"--resume: {latest} names {tag}, which is not in {ckpt_dir}; write the tag of a complete "
+                          "checkpoint into it, or start the run over in another out")
+    return int(tag[4:])
+
+
 def _check_out_dir(cfg: DistillConfig, out: Path, resume: bool, world: int) -> int | None:
     """Validates the run directory; returns the step to resume from (None: start fresh)."""
-    for src in (cfg.teacher, cfg.student):
-        if src and src != "demo" and same_or_inside(out, src):
-            raise ResumeError(f"refusing to write into the input model directory {src}; choose another out")
+    _check_inputs(cfg, out)
     run_json = out / "run.json"
+    used = [p for p in out.iterdir() if p.name not in _OWN_FILES] if out.is_dir() else []
     if not resume:
-        if out.exists() and any(out.iterdir()):
+        if used:
             raise ResumeError(f"output directory {out} is not empty; pass --resume to continue that run, "
                               "or choose another out")
         return None
     if not run_json.is_file():
-        if out.exists() and any(p.name != "run.json" for p in out.iterdir()):
+        if any(p.name != "run.json" for p in used):
             raise ResumeError(f"{out} holds no run.json: it is not a minitron_fast distill run directory")
         return None  # killed before anything was written: start fresh
-    rec = json.loads(run_json.read_text())
+    rec = _read_json(run_json, "start the run over in another out (or delete it to restart this one)")
     if rec.get("fingerprint") != cfg.fingerprint():
         raise ResumeError(f"--resume: {out} belongs to a different run (recipe fingerprint {rec.get('fingerprint')} "
                           f"!= {cfg.fingerprint()}); use the same recipe or another out")
     if rec.get("world_size") != world:
         raise ResumeError(f"--resume: {out} was written by {rec.get('world_size')} ranks, this launch has {world}; "
                           "resume with the same number of processes")
-    latest = out / "checkpoints" / "latest"
-    if not latest.is_file():
-        return None
-    return int(latest.read_text().strip().removeprefix("step"))
+    return read_latest(out / "checkpoints")
+
+
+# classes DeepSpeed's optimizer checkpoints hold besides tensors and plain data (found with
+# torch.serialization.get_unsafe_globals_in_checkpoint on ZeRO 0-3, fp32 and bf16): plain
+# records, allowed by name; nothing else is ever unpickled.
+_DS_SAFE_GLOBALS = ("deepspeed.runtime.fp16.loss_scaler.LossScaler",
+                    "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
+                    "deepspeed.runtime.zero.config.ZeroStageEnum",
+                    "deepspeed.utils.tensor_fragment.fragment_address")
+
+
+def _safe_globals() -> list[Any]:
+    import importlib
+
+    out = []
+    for name in _DS_SAFE_GLOBALS:
+        mod, _, attr = name.rpartition(".")
+        with contextlib.suppress(ImportError, AttributeError):
+            out.append(getattr(importlib.import_module(mod), attr))
+    return out
+
+
+@contextlib.contextmanager
+def weights_only_load():
+    """Within the block, every ``torch.load`` (DeepSpeed's checkpoint loader calls it with
+    ``weights_only=False``) runs with ``weights_only=True`` and an allowlist of DeepSpeed's plain
+    record classes: a checkpoint that would execute code on unpickling is refused in one line."""
+    import pickle
+
+    real = torch.load
+    allowed = _safe_globals()
+
+    def load(f, *args: Any, **kw: Any):
+        kw["weights_only"] = True
+        try:
+            with torch.serialization.safe_globals(allowed):
+                return real(f, *args, **kw)
+        except pickle.UnpicklingError as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ResumeError(f"--resume: {f} holds more than tensors and plain data ({first}); minitron_fast never "
+                              "unpickles code from a run directory: resume only from checkpoints it wrote") from None
+
+    torch.load = load
+    try:
+        yield
+    finally:
+        torch.load = real
+
+
+_TMP_CKPT = ".tmp-step"
+
+
+def _clean_tmp_checkpoints(ckpt_dir: Path) -> None:
+    """Removes checkpoints a killed run left half-written (hidden ``.tmp-stepN``)."""
+    if ckpt_dir.is_dir():
+        for p in ckpt_dir.glob(f"{_TMP_CKPT}*"):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def _check_model_inputs(cfg: DistillConfig) -> None:
+    """The models' configs read, are of a supported family, and fit ``data.seq_len``."""
+    from minitron_fast.models.loading import check_seq_len, load_config
+
+    for role in ("teacher", "student") if cfg.mode == "distill" else ("teacher",):
+        check_seq_len(load_config(getattr(cfg, role)), cfg.data.seq_len, what=f"data.seq_len ({role})")
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
@@ -406,24 +511,43 @@ class Trainer:
         cfg = self.cfg
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
-        rank, world = init_distributed()
-        self.rank, self.world = rank, world
-        import deepspeed
-
+        # Inputs and the run directory are checked before the process group starts (ranks and
+        # world size as the launcher sets them), and nothing is recorded until they pass.
         out = Path(cfg.out)
         ckpt_dir = out / "checkpoints"
-        resume_step = _check_out_dir(cfg, out, self.resume, world)
-        _barrier()
+        _check_inputs(cfg, out)
+        _check_model_inputs(cfg)
+        env_rank, env_world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+        self._lock = RunLock(out).acquire() if env_rank == 0 else None  # released when run() returns or dies
+        try:
+            resume_step = _check_out_dir(cfg, out, self.resume, env_world)
+            rank, world = init_distributed()
+            self.rank, self.world = rank, world
+            import deepspeed
+
+            return self._run(out, ckpt_dir, rank, world, deepspeed, resume_step)
+        finally:
+            if self._lock is not None:
+                self._lock.release()
+
+    def _run(self, out: Path, ckpt_dir: Path, rank: int, world: int, deepspeed: Any,
+             resume_step: int | None) -> dict[str, Any]:
+        cfg = self.cfg
         if rank == 0:
-            out.mkdir(parents=True, exist_ok=True)
-            atomic_write_json(out / "run.json", {"fingerprint": cfg.fingerprint(), "world_size": world,
-                                                 "recipe": cfg.to_dict()})
-            atomic_write_text(out / "recipe.yaml", dump_config(cfg))
+            clean_stale_tmp_in(out)
+            _clean_tmp_checkpoints(ckpt_dir)
+        _barrier()
 
         torch.manual_seed(cfg.seed)
         if rank == 0:
             self._check_memory_plan()
         student, teacher, blocks, eval_blocks = self._load()
+        if rank == 0:  # recorded only now that every input loaded: a run that failed validation reruns as is
+            write_marker(out)
+            atomic_write_json(out / "run.json", {"fingerprint": cfg.fingerprint(), "world_size": world,
+                                                 "recipe": cfg.to_dict()})
+            atomic_write_text(out / "recipe.yaml", dump_config(cfg))
+        _barrier()
         proj = self._loss_setup(student, teacher, self.n_tokens)
         student.train()
         student.config.use_cache = False
@@ -462,7 +586,8 @@ class Trainer:
                              grad_accum=cfg.grad_accum, seed=cfg.data.seed)
         start = 0
         if resume_step is not None:
-            _, client_state = engine.load_checkpoint(str(ckpt_dir), tag=f"step{resume_step}")
+            with weights_only_load():
+                _, client_state = engine.load_checkpoint(str(ckpt_dir), tag=f"step{resume_step}")
             if client_state is None:
                 raise ResumeError(f"--resume: checkpoint step{resume_step} in {ckpt_dir} could not be loaded")
             if client_state.get("fingerprint") != cfg.fingerprint():
@@ -565,7 +690,17 @@ class Trainer:
     def _save(self, engine, ckpt_dir: Path, step: int, data: ShardedBlocks) -> None:
         state = {"step": step, "fingerprint": self.cfg.fingerprint(), "data": data.position(step),
                  "torch_rng": torch.get_rng_state()}
-        engine.save_checkpoint(str(ckpt_dir), tag=f"step{step}", client_state=state)
+        # written under a hidden temporary tag, renamed when every rank is done, then 'latest':
+        # a kill mid-save never leaves a stepN/ that looks complete
+        tmp_tag, tag = f"{_TMP_CKPT}{step}", f"step{step}"
+        engine.save_checkpoint(str(ckpt_dir), tag=tmp_tag, client_state=state, save_latest=False)
+        _barrier()
+        if self.rank == 0:
+            final = ckpt_dir / tag
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(ckpt_dir / tmp_tag, final)
+            atomic_write_text(ckpt_dir / "latest", tag)
         _barrier()
 
     @torch.no_grad()

@@ -44,18 +44,20 @@ def compute_importance(model: nn.Module, calib: torch.Tensor, *, attention_mask:
 
 def run_importance(model: str | os.PathLike = "demo", data: str | os.PathLike = "demo", *, out: str | os.PathLike,
                    config: ImportanceConfig | None = None, text_field: str = "text", default_seq_len: int = 256,
-                   heatmap_png: bool = True, progress: bool = True) -> tuple[ImportanceScores, dict[str, Path]]:
+                   heatmap_png: bool = True, progress: bool = True,
+                   overwrite: bool = False) -> tuple[ImportanceScores, dict[str, Path]]:
     """Loads ``model`` and the ``calib`` split of ``data``, computes the scores with the options in
     ``config`` (:class:`ImportanceConfig`; its ``seq_len`` None means ``default_seq_len``), writes
-    ``out`` (and ``<out stem>.png`` beside it). Returns the scores and the written paths.
+    ``out`` (and ``<out stem>.png`` beside it). Returns the scores and the written paths. An
+    existing ``out`` (or heatmap) is an error unless ``overwrite``; neither may be an input.
 
     Example:
         >>> scores, paths = run_importance("demo", "demo", out="scores.safetensors",
         ...                                config=ImportanceConfig(samples=64, device="cuda", dtype="bfloat16"))
     """
     from minitron_fast.data import token_blocks
-    from minitron_fast.io import same_or_inside
-    from minitron_fast.models.loading import load_config, load_model, load_tokenizer, resolve_model_path
+    from minitron_fast.io import check_output
+    from minitron_fast.models.loading import check_seq_len, load_config, load_model, load_tokenizer, resolve_model_path
 
     cfg = (config or ImportanceConfig()).validate()
     samples, seq_len = cfg.samples, cfg.seq_len or default_seq_len
@@ -63,12 +65,15 @@ def run_importance(model: str | os.PathLike = "demo", data: str | os.PathLike = 
     cfg.check_impl(load_kw["device"] if cfg.device_map in (None, "cpu") else "cuda")
     config = load_config(model)  # unsupported families fail here, before any weight is read
     src = resolve_model_path(model)
-    out = Path(out)
-    if same_or_inside(out.parent, src):
-        raise MinitronError(f"--out {out} lies inside the input model directory {src}; write the scores elsewhere")
-    max_pos = getattr(config, "max_position_embeddings", None)
-    if max_pos and seq_len > max_pos:
-        raise MinitronError(f"--seq-len {seq_len} exceeds the model's max_position_embeddings ({max_pos})")
+    inputs = [src, data]
+    out = check_output(out, inputs=inputs, kind="--out", overwrite=overwrite)
+    if heatmap_png:
+        png = out.with_suffix(".png")
+        if png == out:
+            raise MinitronError(f"--out {out}: the heatmap {png} would be written over the scores; name the scores "
+                                "file *.safetensors, or pass --no-heatmap")
+        check_output(png, inputs=inputs, kind="heatmap", overwrite=overwrite)
+    check_seq_len(config, seq_len)
     tok = load_tokenizer(model)
     calib = token_blocks(tok, data, "calib", seq_len, text_field=text_field)
     if calib.shape[0] < samples:

@@ -73,8 +73,9 @@ def _convert(target: Path) -> None:
 
     print(f"minitron_fast: converting the embedded SmolLM2-135M-Instruct ({src.name}) to an fp32 HF "
           f"checkpoint in {target} (once; about a minute)", flush=True)
-    q = AutoModelForCausalLM.from_pretrained(src.parent, gguf_file=src.name, dtype=torch.float32)
-    tok = AutoTokenizer.from_pretrained(src.parent, gguf_file=src.name)
+    q = AutoModelForCausalLM.from_pretrained(src.parent, gguf_file=src.name, dtype=torch.float32,
+                                             trust_remote_code=False)
+    tok = AutoTokenizer.from_pretrained(src.parent, gguf_file=src.name, trust_remote_code=False)
     cfg = q.config.to_dict()
     for k in ("quantization_config", "_name_or_path", "_model_name_or_path", "transformers_version",
               "architectures", "model_type", "dtype", "torch_dtype"):
@@ -87,7 +88,7 @@ def _convert(target: Path) -> None:
         raise MinitronError(f"embedded model conversion: missing {missing[:4]}, unexpected {unexpected[:4]}")
     model.tie_weights()
     del q
-    with atomic_dir(target, overwrite=True) as tmp:
+    with atomic_dir(target, overwrite=True, require_marker=False) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
         (tmp / "minitron_fast_source.json").write_text(json.dumps(

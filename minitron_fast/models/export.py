@@ -1,7 +1,6 @@
 """Exporting a model as a stock Hugging Face checkpoint (loadable with no minitron_fast import)."""
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -11,19 +10,10 @@ from typing import Any
 import torch
 
 from minitron_fast.errors import MinitronError
-from minitron_fast.io import atomic_dir, same_or_inside
+from minitron_fast.io import atomic_dir, file_sha256, same_or_inside
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "generation_config.json")
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    """Hex sha256 of a file, read in 1 MiB chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def minitron_record(*, source: str | os.PathLike | None = None, plan: Any = None,
@@ -74,7 +64,7 @@ def export_hf(model: torch.nn.Module, out_dir: str | os.PathLike, *, tokenizer_f
             raise MinitronError(f"refusing to write into the input model directory {p}; choose another --out")
     if source is not None or plan is not None or scores_file is not None:
         record = {**minitron_record(source=source, plan=plan, scores_file=scores_file), **(record or {})}
-    with atomic_dir(out, overwrite=overwrite) as tmp:
+    with atomic_dir(out, overwrite=overwrite, inputs=protect) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         if tokenizer_from is not None:
             copy_tokenizer_files(tokenizer_from, tmp)

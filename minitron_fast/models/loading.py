@@ -31,17 +31,81 @@ def resolve_model_path(model: str | os.PathLike) -> Path:
     return p
 
 
+# geometry fields that must be positive integers for every supported family
+_POSITIVE_INTS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                  "num_key_value_heads", "max_position_embeddings")
+
+
+def _one_line(exc: BaseException) -> str:
+    """An exception's message on one line (transformers and safetensors write several)."""
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def read_config_json(path: Path) -> dict[str, Any]:
+    """``path/config.json`` as a dict; unreadable or malformed files are one-line errors."""
+    f = path / "config.json"
+    try:
+        d = json.loads(f.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise MinitronError(f"cannot read {f}: {_one_line(exc)}; restore the checkpoint's config.json") from None
+    if not isinstance(d, dict):
+        raise MinitronError(f"{f} holds a JSON {type(d).__name__}, not an object; restore the checkpoint's config.json")
+    return d
+
+
 def load_config(model: str | os.PathLike) -> Any:
-    """The HF config of ``model`` (a directory or ``demo``), checked to be a supported family."""
+    """The HF config of ``model`` (a directory or ``demo``), checked to be a supported family.
+
+    Never runs code from the directory: a config that names custom code (``auto_map``) is an
+    error, and transformers is called with ``trust_remote_code=False``."""
     from transformers import AutoConfig
 
     path = resolve_model_path(model)
+    raw = read_config_json(path)
+    if raw.get("auto_map"):
+        raise MinitronError(f"{path / 'config.json'} asks for custom model code (auto_map: "
+                            f"{', '.join(sorted(raw['auto_map']))}); minitron_fast never runs code from a model "
+                            "directory: use a checkpoint of a supported family without auto_map")
     try:
-        config = AutoConfig.from_pretrained(path)
-    except (ValueError, KeyError, json.JSONDecodeError) as exc:
-        raise MinitronError(f"cannot read {path / 'config.json'}: {exc}") from exc
+        config = AutoConfig.from_pretrained(path, trust_remote_code=False)
+    except Exception as exc:  # transformers raises ValueError, KeyError, strict-dataclass and OS errors here
+        raise MinitronError(f"cannot read {path / 'config.json'}: {_one_line(exc)}") from None
     view_class_for_config(config)
+    for k in _POSITIVE_INTS:
+        v = getattr(config, k, None)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+            raise MinitronError(f"{path / 'config.json'}: {k} must be a positive integer, got {v!r}")
     return config
+
+
+def check_seq_len(config: Any, seq_len: int, what: str = "--seq-len") -> None:
+    """``seq_len`` must be at least 2 and fit the model's context (``max_position_embeddings``)."""
+    if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 2:
+        raise MinitronError(f"{what} must be an integer of at least 2, got {seq_len!r}")
+    max_pos = getattr(config, "max_position_embeddings", None)
+    if max_pos and seq_len > max_pos:
+        raise MinitronError(f"{what} {seq_len} exceeds the model's context, max_position_embeddings ({max_pos}); "
+                            f"use at most {max_pos}")
+
+
+def check_device(device: str | torch.device) -> torch.device:
+    """``device`` as a torch.device, checked to exist on this machine (one-line error otherwise)."""
+    try:
+        d = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise MinitronError(f"--device {device!r} is not a device ({_one_line(exc)}); use cpu or cuda") from None
+    if d.type == "cuda":
+        if not torch.cuda.is_available():
+            raise MinitronError(f"--device {device} but CUDA is not available on this machine; use --device cpu")
+        if d.index is not None and d.index >= torch.cuda.device_count():
+            raise MinitronError(f"--device {device} but this machine has {torch.cuda.device_count()} CUDA devices")
+    elif d.type not in ("cpu", "meta"):
+        raise MinitronError(f"--device {device}: only cpu and cuda are supported")
+    return d
+
+
+# non-persistent buffers some older checkpoints still carry; harmless when unexpected
+IGNORED_UNEXPECTED = ("rotary_emb.inv_freq",)
 
 
 def load_model(model: str | os.PathLike, *, dtype: torch.dtype | str = torch.float32, device: str | torch.device = "cpu",
@@ -56,17 +120,101 @@ def load_model(model: str | os.PathLike, *, dtype: torch.dtype | str = torch.flo
 
     config = load_config(model)
     path = resolve_model_path(model)
+    device = check_device(device)
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
     if attn_implementation is None:
         attn_implementation = default_attn_implementation(device, config)
+    check_tensor_shapes(path, config)
     kw = {"device_map": device_map} if device_map else {}
-    m = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype, attn_implementation=attn_implementation,
-                                             **kw)
+    try:
+        m, info = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype,
+                                                       attn_implementation=attn_implementation,
+                                                       trust_remote_code=False, output_loading_info=True, **kw)
+    except Exception as exc:  # safetensors, OS and size-mismatch errors; each names the tensor or file
+        raise MinitronError(f"cannot load the weights in {path}: {_one_line(exc)}") from None
+    check_loading_info(info, path)
     if not device_map:
         m.to(device)
     m.eval()
     return m
+
+
+def safetensors_shapes(path: Path) -> dict[str, tuple[int, ...]] | None:
+    """Tensor name -> shape from the safetensors headers of a checkpoint directory (no tensor
+    data is read); None when it holds no safetensors. A missing shard or a corrupt/truncated
+    header is a one-line error."""
+    from safetensors import safe_open
+
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise MinitronError(f"{index} is not a valid safetensors index ({_one_line(exc)})") from None
+    elif (path / "model.safetensors").exists():
+        shards = ["model.safetensors"]
+    else:
+        return None
+    shapes: dict[str, tuple[int, ...]] = {}
+    for shard in shards:
+        f = path / shard
+        if not f.is_file():
+            raise MinitronError(f"checkpoint shard {f} is missing or not a file; restore the checkpoint")
+        try:
+            with safe_open(str(f), framework="pt") as st:
+                for k in st.keys():
+                    shapes[k] = tuple(st.get_slice(k).get_shape())
+        except Exception as exc:  # SafetensorError (truncated, corrupt header), OSError
+            raise MinitronError(f"cannot load the weights in {path}: {f.name} is corrupt or truncated "
+                                f"({_one_line(exc)}); restore the checkpoint") from None
+    return shapes
+
+
+def check_tensor_shapes(path: Path, config: Any) -> None:
+    """Every tensor the safetensors headers share by name with the model ``config`` describes
+    has that model's shape (names transformers would rename, and missing or extra tensors, are
+    left to :func:`check_loading_info`)."""
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    shapes = safetensors_shapes(path)
+    if shapes is None or is_deepspeed_zero3_enabled():
+        # under ZeRO-3 model building (zero.Init) a meta model cannot be built; transformers'
+        # own size check (an error, caught by load_model) and check_loading_info still apply
+        return
+    meta = meta_model(config)
+    want = {n: tuple(t.shape) for n, t in meta.state_dict(keep_vars=True).items()}
+    bad = [f"{n} {tuple(s)} (the config says {want[n]})" for n, s in sorted(shapes.items())
+           if n in want and tuple(s) != want[n]]
+    if bad:
+        raise MinitronError(f"checkpoint in {path} has tensors of the wrong shape: {', '.join(bad[:2])}"
+                            + (f" and {len(bad) - 2} more" if len(bad) > 2 else "")
+                            + "; the weights belong to another model")
+
+
+def check_loading_info(info: dict[str, Any], path: Path) -> None:
+    """Strict loading, as the streaming prune path: a tensor the model has but the checkpoint
+    lacks (transformers would initialize it randomly), one the model does not have, or one of
+    another shape is an error, never a silently different model."""
+    missing = sorted(info.get("missing_keys") or ())
+    unexpected = sorted(k for k in info.get("unexpected_keys") or () if not k.endswith(IGNORED_UNEXPECTED))
+    mismatched = sorted(str(k) for k in info.get("mismatched_keys") or ())
+    errors = [str(e) for e in info.get("error_msgs") or ()]
+
+    def few(xs: list[str]) -> str:
+        return ", ".join(xs[:3]) + (f" and {len(xs) - 3} more" if len(xs) > 3 else "")
+
+    if missing:
+        raise MinitronError(f"checkpoint in {path} has no tensor {few(missing)} (the config describes it); "
+                            "the weights are incomplete or belong to another model")
+    if unexpected:
+        raise MinitronError(f"checkpoint in {path} holds tensor {few(unexpected)}, which the model its config "
+                            "describes does not have; the weights belong to another model")
+    if mismatched:
+        raise MinitronError(f"checkpoint in {path} has tensors of the wrong shape ({few(mismatched)}); "
+                            "the weights belong to another model")
+    if errors:
+        raise MinitronError(f"cannot load the weights in {path}: {_one_line(Exception(errors[0]))}")
 
 
 def load_view(model: str | os.PathLike, **kw: Any) -> ModelView:
@@ -97,6 +245,7 @@ def load_tokenizer(model: str | os.PathLike) -> Any:
 
     path = resolve_model_path(model)
     try:
-        return AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError) as exc:
-        raise MinitronError(f"{path} has no usable tokenizer files ({exc}); copy the tokenizer next to the weights") from exc
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+    except Exception as exc:  # OSError, ValueError, tokenizers' JSON errors, ...
+        raise MinitronError(f"{path} has no usable tokenizer files ({_one_line(exc)}); copy the tokenizer next to "
+                            "the weights") from None

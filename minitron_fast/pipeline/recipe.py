@@ -314,6 +314,9 @@ def find_recipe(name_or_path: str | os.PathLike) -> Path:
     p = Path(name_or_path).expanduser()
     if p.is_file():
         return p
+    if p.is_dir():
+        hint = "; to rerun that run, pass its recipe: " + str(p / "recipe.yaml") if (p / "recipe.yaml").is_file() else ""
+        raise RecipeError(f"recipe {p} is a directory, not a recipe YAML file{hint}")
     name = p.name[:-5] if p.name.endswith(".yaml") else p.name
     if str(p.parent) in (".", "") or p.parent.name == "configs":
         shipped = shipped_recipes()

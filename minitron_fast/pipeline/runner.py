@@ -199,7 +199,7 @@ class PipelineRunner:
     def run(self) -> dict[str, Any]:
         import torch
 
-        from minitron_fast.models.loading import load_config, load_tokenizer, resolve_model_path
+        from minitron_fast.models.loading import check_seq_len, load_config, load_tokenizer, resolve_model_path
 
         r = self.recipe
         if r.threads:
@@ -214,7 +214,10 @@ class PipelineRunner:
                 raise MinitronError(f"the recipe sets evaluate.tasks but {LM_EVAL_MISSING}, or set evaluate.tasks: []")
         if same_or_inside(self.out, teacher_path):
             raise MinitronError(f"out {self.out} lies inside the teacher's directory {teacher_path}; choose another out")
-        self.out.mkdir(parents=True, exist_ok=True)
+        check_seq_len(load_config(teacher_path), r.data.seq_len, what="data.seq_len")
+        if self.out.exists() and not self.out.is_dir():
+            raise MinitronError(f"out {self.out} is a file; choose a directory")
+        self.cache.acquire()  # the run lock, held until run_recipe returns
         atomic_write_text(self.out / "recipe.yaml", yaml.safe_dump(r.to_dict(), sort_keys=False))
         self.tokenizer = load_tokenizer(teacher_path)
         self.heldout = self._eval_blocks()
@@ -244,7 +247,7 @@ class PipelineRunner:
 
             _, paths = run_importance(str(corrected_path), r.data.source, out=d / "scores.safetensors",
                                       config=self.stage_config("importance"), text_field=r.data.text_field,
-                                      heatmap_png=True, progress=self.progress)
+                                      heatmap_png=True, progress=self.progress, overwrite=True)
             return {k: str(v) for k, v in paths.items()}
 
         im = c.run("importance", self.stage_inputs("importance", {"model": corrected_id}), importance)
@@ -376,7 +379,11 @@ def run_recipe(recipe: Recipe, **kw: Any) -> dict[str, Any]:
         >>> from minitron_fast.pipeline import load_recipe
         >>> report = run_recipe(load_recipe("demo", ["distill.steps=4"]), out="runs/smoke")
     """
-    return PipelineRunner(recipe, **kw).run()
+    runner = PipelineRunner(recipe, **kw)
+    try:
+        return runner.run()
+    finally:
+        runner.cache.release()
 
 
 __all__ = ["PipelineRunner", "run_recipe", "trainer_tokens", "stable_hash"]

@@ -4,6 +4,12 @@ stages' hashes, the input model's files). A rerun with the same hash reuses the 
 different hash redoes the stage and says which inputs changed (the stale artifact is kept as
 ``<stage>.stale/`` until the next change); a stage killed midway is redone (the trainer stages
 resume from their last DeepSpeed checkpoint).
+
+Safety: the run directory is locked for the run (``io.RunLock``: a second run on it is an error
+naming the first one's PID); a cached stage is reused only after its artifacts are verified
+(each exists and has the sha256 recorded when it was written); input models are identified by
+the sha256 of their files (cached by file identity, ``io.content_digest``); hidden temporary
+files of killed runs are removed when the next run starts.
 """
 from __future__ import annotations
 
@@ -16,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from minitron_fast.io import atomic_write_json
+from minitron_fast.io import LOCK, MARKER, RunLock, atomic_write_json, clean_stale_tmp_in, content_digest, write_marker
 
 STAGE_FORMAT = 1
 
@@ -31,15 +37,63 @@ def stage_key(name: str, inputs: dict[str, Any]) -> str:
 
 
 def model_fingerprint(path: str | os.PathLike) -> dict[str, Any]:
-    """Identity of a checkpoint directory without reading its weights: the config's text and
-    each weight file's name, size and modification time."""
+    """Identity of a checkpoint directory by content: the sha256 of its config and of each weight
+    file (``io.content_digest``: hashed once, then cached by file identity, so an unchanged 16 GB
+    checkpoint costs a stat per run while any rewrite, even one keeping size and mtime, is seen)."""
     p = Path(path)
     out: dict[str, Any] = {"path": str(p.resolve())}
     cfg = p / "config.json"
     out["config"] = hashlib.sha256(cfg.read_bytes()).hexdigest()[:16] if cfg.is_file() else None
     files = sorted(list(p.glob("*.safetensors")) + list(p.glob("*.bin")))
-    out["weights"] = [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files]
+    out["weights"] = [[f.name, content_digest(f)[:16]] for f in files]
     return out
+
+
+def normalize(obj: Any) -> Any:
+    """``obj`` as it reads back from JSON (tuples become lists, keys strings), so a recorded
+    input compares equal to the same input in memory."""
+    return json.loads(json.dumps(obj, sort_keys=True, default=str))
+
+
+def artifact_digests(root: Path, outputs: dict[str, Any]) -> dict[str, str]:
+    """sha256 of every file of every output that is a path inside ``root`` (a file, or a
+    directory's files), keyed by path relative to ``root``."""
+    root = root.resolve()
+    out: dict[str, str] = {}
+
+    def add(f: Path) -> None:
+        if f.name in (LOCK, MARKER):
+            return
+        out[str(f.resolve().relative_to(root))] = content_digest(f)
+
+    for v in _flat(outputs).values():
+        if not isinstance(v, str) or "\n" in v or len(v) > 4096:
+            continue
+        p = Path(v)
+        try:
+            rp = p.resolve()
+        except OSError:
+            continue
+        if root not in rp.parents or not rp.exists():
+            continue
+        if rp.is_file():
+            add(rp)
+        else:
+            for f in sorted(rp.rglob("*")):
+                if f.is_file() and not any(part.startswith(".") for part in f.relative_to(rp).parts):
+                    add(f)
+    return out
+
+
+def verify_artifacts(root: Path, digests: dict[str, str]) -> str | None:
+    """None when every recorded artifact exists with its recorded sha256; else what is wrong."""
+    for rel, want in sorted(digests.items()):
+        f = root / rel
+        if not f.is_file():
+            return f"{f} is missing"
+        if content_digest(f) != want:
+            return f"{f} changed since it was written"
+    return None
 
 
 def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
@@ -78,6 +132,22 @@ class StageCache:
         self.log = log
         self.force = set(force)
         self.results: dict[str, StageResult] = {}
+        self._lock: RunLock | None = None
+
+    def acquire(self) -> None:
+        """Locks the run directory for this run (a second run gets an error naming this PID),
+        marks it as minitron_fast's, and removes what killed runs left half-written."""
+        if self._lock is None:
+            self._lock = RunLock(self.out).acquire()
+            write_marker(self.out)
+            for d in [self.out] + [p for p in self.out.iterdir() if p.is_dir() and not p.name.startswith(".")]:
+                for p in clean_stale_tmp_in(d):
+                    self.log(f"removed {p}, left by an interrupted run")
+
+    def release(self) -> None:
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
     def dir(self, name: str) -> Path:
         return self.out / name
@@ -87,6 +157,7 @@ class StageCache:
         inputs hash. ``fn`` returns the stage's outputs (JSON-able); ``resume`` is True when a
         previous run with the same inputs was interrupted."""
         d = self.dir(name)
+        inputs = normalize(inputs)
         key = stage_key(name, inputs)
         marker = d / "stage.json"
         started = d / "stage.started.json"
@@ -96,13 +167,18 @@ class StageCache:
                 rec = json.loads(marker.read_text())
             except json.JSONDecodeError:
                 rec = {}
+            bad = None
             if rec.get("key") == key and name not in self.force:
-                res = StageResult(name, key, "cached", rec.get("outputs", {}), rec.get("seconds", 0.0),
-                                  "artifact exists for the same inputs")
-                self.log(f"[{name}] cached: reusing {d} (inputs {key})")
-                self.results[name] = res
-                return res
+                bad = verify_artifacts(self.out, rec.get("artifacts") or {}) if "artifacts" in rec else \
+                    "no artifact hashes were recorded (written by an older minitron_fast)"
+                if bad is None:
+                    res = StageResult(name, key, "cached", rec.get("outputs", {}), rec.get("seconds", 0.0),
+                                      "artifact exists for the same inputs")
+                    self.log(f"[{name}] cached: reusing {d} (inputs {key}, artifacts verified)")
+                    self.results[name] = res
+                    return res
             why = "forced by --redo" if name in self.force else \
+                f"its artifact cannot be trusted ({bad})" if bad else \
                 f"inputs changed ({describe_changes(rec.get('inputs', {}), inputs)})"
             self.log(f"[{name}] stale artifact in {d}: {why}; redoing the stage (old artifact kept in {d.name}.stale/)")
             self._retire(d)
@@ -124,6 +200,7 @@ class StageCache:
         outputs = fn(d, resume) or {}
         dt = time.perf_counter() - t0
         atomic_write_json(marker, {"key": key, "inputs": inputs, "outputs": outputs, "seconds": dt,
+                                   "artifacts": artifact_digests(self.out, outputs),
                                    "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
         started.unlink(missing_ok=True)
         self.log(f"[{name}] done in {dt:.1f} s")
