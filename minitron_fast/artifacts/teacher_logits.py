@@ -136,8 +136,9 @@ def truncate_rows(values: torch.Tensor, indices: torch.Tensor, tail: torch.Tenso
         raise ValueError(f"cannot take the top {k} of rows stored with top_k={K}")
     if k == K:
         return values, indices, tail
-    rest = torch.logsumexp(values[..., k:].float(), -1)
-    return values[..., :k], indices[..., :k], torch.logaddexp(tail.float(), rest)
+    dt = torch.promote_types(tail.dtype, torch.float32)
+    rest = torch.logsumexp(values[..., k:].to(dt), -1)
+    return values[..., :k], indices[..., :k], torch.logaddexp(tail.to(dt), rest)
 
 
 def _pack_bit16(indices: torch.Tensor) -> torch.Tensor:

@@ -41,6 +41,7 @@ class ConfigError(MinitronError, ValueError):
 MODES = ("distill", "correct-teacher")
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
 LOSS_IMPLS = ("fused", "materialized")
+TOPK_SEMANTICS = ("tail", "renorm")
 
 
 @dataclass
@@ -52,6 +53,10 @@ class LossConfig:
     beta: float = 0.5               # generalized JSD's beta
     impl: str = "fused"             # fused: never materializes [N, V]; materialized: plain torch logits
     chunk_size: int | None = None   # tokens per chunk inside the fused loss (None: its default)
+    # A top-k teacher: with teacher_logits, the stored rows (topk: fewer than stored folds the rest
+    # into the tail; None: all stored); with a live teacher, topk truncates it the same way online.
+    topk: int | None = None
+    topk_semantics: str = "tail"    # tail: top-k + one bucket for the rest; renorm: softmax over the top-k
 
 
 @dataclass
@@ -93,6 +98,7 @@ class DistillConfig:
     mode: str = "distill"
     teacher: str | None = None
     student: str | None = None
+    teacher_logits: str | None = None  # stored top-k teacher logits (minitron-fast teacher-logits): no teacher loaded
     out: str = "runs/distill"
     steps: int = 100
     micro_batch_size: int = 4
@@ -118,8 +124,13 @@ class DistillConfig:
     def validate(self) -> "DistillConfig":
         if self.mode not in MODES:
             raise ConfigError(f"mode={self.mode!r} is not one of {MODES}")
-        if self.teacher is None:
-            raise ConfigError("the recipe names no teacher; set teacher: PATH (or demo)")
+        if self.teacher is None and not (self.teacher_logits and self.mode == "distill"):
+            raise ConfigError("the recipe names no teacher; set teacher: PATH (or demo), or teacher_logits: DIR")
+        if self.teacher_logits and self.mode != "distill":
+            raise ConfigError("teacher_logits serves mode distill only; remove it for correct-teacher")
+        if self.teacher_logits and self.intermediate.weight > 0:
+            raise ConfigError("the intermediate-state loss needs the live teacher's hidden states; "
+                              "set intermediate.weight=0 or drop teacher_logits")
         if self.mode == "distill" and self.student is None:
             raise ConfigError("mode distill needs a student; set student: PATH")
         for name in ("steps", "micro_batch_size", "grad_accum", "save_every", "eval_every", "log_every"):
@@ -134,6 +145,13 @@ class DistillConfig:
             raise ConfigError(f"loss.divergence={L.divergence!r} is not one of {DIVERGENCES}")
         if L.impl not in LOSS_IMPLS:
             raise ConfigError(f"loss.impl={L.impl!r} is not one of {LOSS_IMPLS}")
+        if L.topk_semantics not in TOPK_SEMANTICS:
+            raise ConfigError(f"loss.topk_semantics={L.topk_semantics!r} is not one of {TOPK_SEMANTICS}")
+        if L.topk is not None and L.topk < 1:
+            raise ConfigError(f"loss.topk must be at least 1 (or null), got {L.topk}")
+        if (L.topk or self.teacher_logits) and L.topk_semantics == "renorm" and L.divergence == "reverse_kl":
+            raise ConfigError("reverse_kl is infinite against a renormalized top-k teacher (zero mass outside "
+                              "the top-k); use loss.topk_semantics=tail or another divergence")
         if L.temperature <= 0:
             raise ConfigError(f"loss.temperature must be positive, got {L.temperature}")
         if L.kd_weight < 0 or L.lm_weight < 0 or self.intermediate.weight < 0:

@@ -235,7 +235,7 @@ def _teacher_ds_config(cfg: DistillConfig, world: int) -> dict[str, Any]:
 
 def _check_out_dir(cfg: DistillConfig, out: Path, resume: bool, world: int) -> int | None:
     """Validates the run directory; returns the step to resume from (None: start fresh)."""
-    for src in (cfg.teacher, cfg.student):
+    for src in (cfg.teacher, cfg.student, cfg.teacher_logits):
         if src and src != "demo" and same_or_inside(out, src):
             raise ResumeError(f"refusing to write into the input model directory {src}; choose another out")
     run_json = out / "run.json"
@@ -295,6 +295,8 @@ class Trainer:
         cfg = self.cfg
         dtype = torch.bfloat16 if cfg.deepspeed.bf16 else torch.float32
         dev = _device()
+        if cfg.teacher_logits:
+            return self._load_offline(dtype, dev)
         t_tok = load_tokenizer(cfg.teacher)
         if cfg.mode == "distill":
             s_tok = load_tokenizer(cfg.student)
@@ -317,6 +319,36 @@ class Trainer:
             eval_blocks = token_blocks(t_tok, cfg.data.source, "heldout", cfg.data.seq_len,
                                        max_blocks=cfg.data.eval_blocks, text_field=cfg.data.text_field)
         return student, teacher, blocks, eval_blocks
+
+    def _load_offline(self, dtype: torch.dtype, dev: torch.device):
+        """Student and data for a run from stored teacher logits: the teacher is never loaded;
+        the logits' manifest is checked against this run's tokenizer, data, seq_len (and teacher,
+        when the recipe names one)."""
+        from minitron_fast.artifacts import teacher_logits as tl
+        from minitron_fast.data import token_blocks
+        from minitron_fast.models.loading import load_model, load_tokenizer, resolve_model_path
+
+        cfg = self.cfg
+        reader = tl.TeacherLogits(cfg.teacher_logits)
+        tok = load_tokenizer(cfg.student)
+        self.tokenizer_dir = resolve_model_path(cfg.student)
+        student = load_model(cfg.student, dtype=dtype, device=dev)
+        teacher_digest = tl.model_digest(resolve_model_path(cfg.teacher)) if cfg.teacher else None
+        run = tl.RunIdentity(seq_len=cfg.data.seq_len, tokenizer_digest=tl.tokenizer_digest(tok),
+                             vocab_size=int(student.config.vocab_size), data_source=str(cfg.data.source),
+                             text_field=cfg.data.text_field, teacher_digest=teacher_digest)
+        reader.check_run(run)  # cheap checks first, then the data itself
+        blocks = token_blocks(tok, cfg.data.source, "train", cfg.data.seq_len,
+                              max_blocks=cfg.data.max_blocks if cfg.data.max_blocks is not None else reader.n_blocks,
+                              text_field=cfg.data.text_field)
+        reader.check_run(run, tl.block_hashes(blocks))
+        eval_blocks = None
+        if cfg.data.eval_blocks > 0:
+            eval_blocks = token_blocks(tok, cfg.data.source, "heldout", cfg.data.seq_len,
+                                       max_blocks=cfg.data.eval_blocks, text_field=cfg.data.text_field)
+        from minitron_fast.distill.teacher import StoredTeacher
+
+        return student, StoredTeacher(reader, topk=cfg.loss.topk, device=dev), blocks, eval_blocks
 
     def _layer_pairs(self, student: nn.Module, teacher: nn.Module) -> list[tuple[int, int]]:
         ns, nt = student.config.num_hidden_layers, teacher.config.num_hidden_layers
@@ -380,7 +412,7 @@ class Trainer:
         self.engine = engine
 
         t_engine = None
-        if teacher is not None:
+        if teacher is not None and not cfg.teacher_logits:
             teacher.eval()
             teacher.requires_grad_(False)
             if cfg.deepspeed.teacher_zero3:
@@ -388,6 +420,10 @@ class Trainer:
                 t_engine.eval()
                 teacher = t_engine.module
         self.teacher = teacher
+        if teacher is not None and not cfg.teacher_logits:
+            from minitron_fast.distill.teacher import LiveTeacher
+
+            self.teacher = LiveTeacher(teacher, layers=tuple(t for _, t in pairs), topk=cfg.loss.topk, gather=gathered)
 
         data = ShardedBlocks(blocks, world=world, rank=rank, micro_batch=cfg.micro_batch_size,
                              grad_accum=cfg.grad_accum, seed=cfg.data.seed)
@@ -421,19 +457,15 @@ class Trainer:
         return result
 
     # ----- one micro-batch
-    def _forward(self, engine, ids: torch.Tensor, *, train: bool = True):
-        """Student (engine) and teacher hidden states of one micro-batch; no lm_head involved."""
+    def _forward(self, engine, ids: torch.Tensor, blocks: torch.Tensor | None = None, *, train: bool = True):
+        """Student (engine) hidden states of one micro-batch (train blocks ``blocks``) and the
+        teacher's signal from its source (``minitron_fast.distill.teacher``); no lm_head involved."""
         ids = ids.to(_device())
         want_s = tuple(s for s, _ in self.pairs) if train else ()
         hidden, inter = engine(ids, want_s)
         fw = {"ids": ids, "hs": hidden[:, :-1].reshape(-1, hidden.shape[-1]), "inter": inter}
         if self.cfg.mode == "distill" and train:
-            with torch.no_grad():
-                want_t = tuple(t for _, t in self.pairs)
-                t_out = self.teacher.base_model(input_ids=ids, use_cache=False, output_hidden_states=bool(want_t))
-                last = t_out.last_hidden_state
-                fw["th"] = last[:, :-1].reshape(-1, last.shape[-1])
-                fw["t_inter"] = [t_out.hidden_states[i + 1] for i in want_t]
+            fw.update(self.teacher.micro_batch(ids, blocks))
         return fw
 
     def _losses(self, engine, fw: dict[str, Any], num_items: float) -> dict[str, torch.Tensor]:
@@ -448,9 +480,15 @@ class Trainer:
                                                chunk_size=L.chunk_size)
             parts["loss"] = parts["lm"]
             return parts
-        tw, tb = lm_head_params(self.teacher)
         total = hs.new_zeros((), dtype=torch.float32)
-        if L.kd_weight > 0:
+        if L.kd_weight > 0 and "topk" in fw:
+            v, i, t = fw["topk"]
+            parts["kd"] = losses.kd_loss_topk(hs, w, v, i, t, labels, num_items=num_items, semantics=L.topk_semantics,
+                                              impl=L.impl, student_bias=b, divergence=L.divergence, beta=L.beta,
+                                              temperature=L.temperature, chunk_size=L.chunk_size)
+            total = total + L.kd_weight * parts["kd"]
+        elif L.kd_weight > 0:
+            tw, tb = self.teacher.head()
             with gathered([tw, tb]):
                 parts["kd"] = losses.kd_loss(hs, w, fw["th"], tw, labels, num_items=num_items, impl=L.impl,
                                              student_bias=b, teacher_bias=tb, divergence=L.divergence, beta=L.beta,
@@ -488,12 +526,13 @@ class Trainer:
         for step in range(start, cfg.steps):
             t0 = time.perf_counter()
             lr_now = engine.get_lr()[0] if engine.get_lr() else None  # the lr this step applies
-            micros = data.micro_batches(step)
+            block_ids = data.micro_batch_indices(step)
+            micros = [data.blocks[i] for i in block_ids]
             n_local = sum((m[:, 1:] != losses.IGNORE_INDEX).sum().item() for m in micros)
             num_items = float(_all_reduce(torch.tensor([float(n_local)], dtype=torch.float64))[0])
             sums: dict[str, float] = {}
-            for ids in micros:
-                fw = self._forward(engine, ids)
+            for ids, blk in zip(micros, block_ids):
+                fw = self._forward(engine, ids, blk)
                 with gathered(head):  # the student lm_head, whole across the loss's forward and backward
                     parts = self._losses(engine, fw, num_items)
                     check = _all_reduce(parts["loss"].detach().float().reshape(1).clone())
