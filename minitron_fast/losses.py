@@ -30,7 +30,8 @@ class FusedLinearKDLoss(nn.Module):
 
     def __init__(self, divergence: str = "forward_kl", *, beta: float = 0.5, temperature: float = 1.0,
                  ignore_index: int = -100, hard_label_weight: float = 0.0, reduction: str = "mean",
-                 chunk_size: int | None = None, impl: str = "auto", t2_scaling: bool = False):
+                 chunk_size: int | None = None, impl: str = "auto", t2_scaling: bool = False,
+                 return_parts: bool = False):
         super().__init__()
         # validate now, so a bad option fails at construction rather than at the first step
         from minitron_fast.ops.kd_loss import _check_common
@@ -39,17 +40,19 @@ class FusedLinearKDLoss(nn.Module):
         self.divergence, self.beta, self.temperature = divergence, beta, temperature
         self.ignore_index, self.hard_label_weight, self.reduction = ignore_index, hard_label_weight, reduction
         self.chunk_size, self.impl, self.t2_scaling = chunk_size, impl, t2_scaling
+        self.return_parts = return_parts  # forward returns KDLossParts(loss, kd, ce, num_tokens)
 
     def forward(self, student_hidden: torch.Tensor, student_weight: torch.Tensor,
                 teacher_hidden: torch.Tensor | None = None, teacher_weight: torch.Tensor | None = None, *,
                 teacher_logits=None, teacher_topk=None, student_bias=None, teacher_bias=None, labels=None,
-                num_items=None) -> torch.Tensor:
+                num_items=None, teacher_topk_tail_lse=None):
         return fused_linear_kd_loss(
             student_hidden, student_weight, teacher_hidden, teacher_weight, teacher_logits=teacher_logits,
             teacher_topk=teacher_topk, student_bias=student_bias, teacher_bias=teacher_bias, labels=labels,
             divergence=self.divergence, beta=self.beta, temperature=self.temperature,
             ignore_index=self.ignore_index, hard_label_weight=self.hard_label_weight, reduction=self.reduction,
-            num_items=num_items, chunk_size=self.chunk_size, impl=self.impl, t2_scaling=self.t2_scaling)
+            num_items=num_items, chunk_size=self.chunk_size, impl=self.impl, t2_scaling=self.t2_scaling,
+            teacher_topk_tail_lse=teacher_topk_tail_lse, return_parts=self.return_parts)
 
     def extra_repr(self) -> str:
         return (f"divergence={self.divergence!r}, beta={self.beta}, temperature={self.temperature}, "

@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -299,48 +299,90 @@ def _chunk_torch(S, teacher, a, cfg, bufs, need_grad):
             G.addcmul_(Et, -g_scale / St[:, None].expand(c, 1))
         return kd_rows, G
 
+    if teacher[0] == "topk":
+        _, vals, idx, tail = teacher
+        return _topk_rows(S, vals, idx, tail, cfg, bufs, need_grad, g_scale)
+    # dense reverse KL / JSD: log-probabilities in place, then the accurate per-element rows
     Es = bufs.get("e", c)
     torch.exp(S, out=Es)
-    Ss = Es.sum(1, keepdim=True)
-    S.sub_(Ss.log())  # S = log p_s
-    Es.div_(Ss)  # Es = p_s
-    ls, ps = S, Es
-    if teacher[0] == "dense":
-        lt = teacher[1]
-        lt.sub_(torch.logsumexp(lt, 1, keepdim=True))  # log p_t
-    else:
-        _, vals, idx = teacher
-        lt_k = torch.log_softmax(vals, 1)
-        pt_k = lt_k.exp()
-        ent_t = (pt_k * lt_k).sum(1)  # sum p_t log p_t (0 log 0 = 0 outside the top-k)
-    if div == "forward_kl":  # top-k teacher
-        kd_rows = ent_t - (pt_k * ls.gather(1, idx)).sum(1)
-        G = ps
-        if need_grad:
-            G.scatter_add_(1, idx, -pt_k)
-            G.mul_(g_scale)
-    elif div == "reverse_kl":  # dense teacher (top-k is refused up front)
-        kd_rows = _rowdot(ps, ls) - _rowdot(ps, lt)
-        G = ls
-        if need_grad:
-            G.sub_(lt).sub_(kd_rows[:, None]).mul_(ps).mul_(g_scale)
-    else:  # jsd, 0 < beta < 1
-        beta = cfg.beta
-        if teacher[0] == "dense":
-            ent_t = _rowdot(lt.exp(), lt)
-        else:
-            lt = bufs.get("lt", c)
-            lt.fill_(-math.inf)
-            lt.scatter_(1, idx, lt_k)
-        lm = bufs.get("lm", c)
-        torch.logaddexp(lt + math.log(beta), ls + math.log1p(-beta), out=lm)  # log m
-        ent_s = _rowdot(ps, ls)
-        ps_lm = _rowdot(ps, lm)
-        kd_rows = beta * ent_t + (1 - beta) * ent_s - _rowdot(lm.exp(), lm)
-        G = ls
-        if need_grad:
-            G.sub_(lm).sub_((ent_s - ps_lm)[:, None]).mul_(ps).mul_(g_scale * (1 - beta))
+    S.sub_(Es.sum(1, keepdim=True).log())  # S = log p_s
+    lt = teacher[1]
+    lt.sub_(torch.logsumexp(lt, 1, keepdim=True))  # log p_t
+    kd_rows, G = _ROWS[div](S, lt, cfg.beta)
+    if need_grad:
+        G.mul_(g_scale)
     return kd_rows, G
+
+
+def _fkl_rows(ls, lt, beta):
+    """KL(p_t || p_s) per row and its gradient w.r.t. the student's logits, from log-probabilities
+    ``ls``, ``lt`` ``[c, K]``: ``sum_v p_t (log p_t - log p_s)`` summed per element, gradient ``p_s - p_t``."""
+    pt = lt.exp()
+    kd = torch.where(pt > 0, pt * (lt - ls), 0.0).sum(1)
+    return kd, ls.exp().sub_(pt)
+
+
+def _rkl_rows(ls, lt, beta):
+    """KL(p_s || p_t): ``d = log p_s - log p_t`` per element first, ``kd = sum p_s d``; gradient
+    ``p_s (d - dbar)`` with ``dbar = kd / sum p_s`` so each gradient row sums to zero up to rounding
+    (no difference of two ~log V row sums, which was the source of the old 1e-3 errors)."""
+    ps = ls.exp()
+    d = torch.where(ps > 0, ls - lt, 0.0)  # p_s = 0: no contribution (also where both are -inf)
+    pd = ps * d
+    kd = pd.sum(1)
+    dbar = (kd / ps.sum(1))[:, None]
+    return kd, pd.sub_(ps * dbar)
+
+
+def _jsd_rows(ls, lt, beta):
+    """Generalized JSD ``beta KL(p_t || m) + (1 - beta) KL(p_s || m)``, ``m = beta p_t + (1 - beta) p_s``,
+    per element from ``d = log p_s - log p_t``: ``log p_s - log m = -log((1 - beta) + beta e^-d)`` and
+    ``log p_t - log m = -log(beta + (1 - beta) e^d)`` (no cancellation of ~log V terms); gradient
+    ``(1 - beta) p_s (r - rbar)``, ``r = log p_s - log m``, ``rbar = <p_s, r> / sum p_s``."""
+    lb, l1b = math.log(beta), math.log1p(-beta)
+    ps, pt = ls.exp(), lt.exp()
+    both = (ps > 0) | (pt > 0)
+    d = torch.where(both, ls - lt, 0.0)  # +-inf where exactly one side is 0
+    rs = -torch.logaddexp(torch.full_like(d, l1b), lb - d)  # log p_s - log m
+    rt = -torch.logaddexp(torch.full_like(d, lb), l1b + d)  # log p_t - log m
+    f = beta * torch.where(pt > 0, pt * rt, 0.0) + (1 - beta) * torch.where(ps > 0, ps * rs, 0.0)
+    kd = f.sum(1)
+    prs = torch.where(ps > 0, ps * rs, 0.0)
+    rbar = (prs.sum(1) / ps.sum(1))[:, None]
+    return kd, prs.sub_(ps * rbar).mul_(1 - beta)
+
+
+_ROWS = {"forward_kl": _fkl_rows, "reverse_kl": _rkl_rows, "jsd": _jsd_rows}
+
+
+def _topk_rows(S, vals, idx, tail, cfg, bufs, need_grad, g_scale):
+    """A top-k teacher as k + 1 buckets: its k entries and one tail bucket (teacher logit ``tail``,
+    or ``-inf`` = probability 0 when no tail is given: the renormalized top-k). The student's
+    buckets are its k entries and the log-sum-exp of all its other logits, exact (the top-k
+    entries are zeroed in the exp buffer before the sum, no subtraction). The divergence and its
+    gradient w.r.t. the bucket logits ``y_b`` come from the same per-element rows as dense
+    teachers; a tail entry ``j`` gets ``dD/dy_tail * p_s,j / P_s,tail``.
+
+    S: ``[c, V]`` the student's scaled logits (overwritten); vals ``[c, k]`` and tail ``[c]`` (or None)
+    the teacher's scaled logits. Returns (kd_rows ``[c]``, G ``[c, V]`` = dL/dz_s when need_grad)."""
+    c, k = vals.shape
+    S.sub_(S.amax(1, keepdim=True))
+    E = bufs.get("e", c)
+    torch.exp(S, out=E)
+    log_ss = E.sum(1, keepdim=True).log()
+    xk = S.gather(1, idx)  # [c, k]
+    E.scatter_(1, idx, 0.0)
+    s_tail = E.sum(1, keepdim=True)  # the student's mass outside the teacher's top-k (unnormalized)
+    ls = torch.cat([xk, s_tail.log()], 1) - log_ss  # [c, k + 1] the student's bucket log-probabilities
+    tt = tail[:, None] if tail is not None else vals.new_full((c, 1), -math.inf)
+    lt = torch.log_softmax(torch.cat([vals, tt], 1), 1)
+    kd, gb = _ROWS[cfg.divergence](ls, lt, cfg.beta)  # gb: [c, k + 1] dD/dy_b
+    G = E
+    if need_grad:
+        coef = torch.where(s_tail > 0, gb[:, k:] / s_tail, 0.0)
+        G.mul_(coef * g_scale)
+        G.scatter_(1, idx, gb[:, :k] * g_scale)
+    return kd, G
 
 
 def _chunk_cpp(S, Tt, a, cfg, need_grad):
@@ -383,18 +425,21 @@ def _chunk_triton(S, Tt, a, cfg, need_grad):
     return kd_rows, S
 
 
-def _run(student, teacher_kind, teacher_src, labels, N, V, cfg, row_scale, need_grad, device):
-    """Loops over chunks. Returns the per-token loss ``[N]`` fp32 (``kd * kd_scale + w * ce``, 0 on
-    ignored rows); ``student`` accumulates ``row_scale``-weighted gradients when ``need_grad``.
+def _run(student, teacher_kind, teacher_src, labels, N, V, cfg, row_scale, need_grad, device, want_ce=False):
+    """Loops over chunks. Returns the per-token terms ``(kd [N], ce [N] or None)`` fp32 (``kd`` already
+    times ``kd_scale``; both 0 on ignored rows; the loss row is ``kd + w * ce``); ``student``
+    accumulates ``row_scale``-weighted gradients when ``need_grad``. ``want_ce``: compute the CE
+    term (for ``return_parts``) even when its weight is 0.
 
     teacher_kind: "hidden"/"logits" (``teacher_src`` a source), "topk" (``(vals, idx)``), None (CE).
     row_scale: ``[N]`` fp32 per-token dL/dloss_i (already 0 on ignored rows)."""
     T = cfg.temperature
     w = cfg.hard_label_weight
     div = cfg.divergence
-    out = torch.zeros(N, dtype=torch.float32, device=device)
+    kd_out = torch.zeros(N, dtype=torch.float32, device=device)
     valid = None if labels is None else labels != cfg.ignore_index
-    need_ce = labels is not None and (w > 0 or div is None)
+    need_ce = labels is not None and (w > 0 or div is None or want_ce)
+    ce_out = torch.zeros(N, dtype=torch.float32, device=device) if need_ce else None
     chunk = max(1, min(cfg.chunk_size or default_chunk_size(V, N, _n_buffers(cfg, teacher_kind, need_ce)), N))
     bufs = _Buffers(chunk, V, device)
     if div is None:
@@ -411,7 +456,7 @@ def _run(student, teacher_kind, teacher_src, labels, N, V, cfg, row_scale, need_
         a = row_scale[c0:c1]
         S = bufs.get("s", c)
         student.fill(S, c0, c1, 1.0 if need_ce else 1.0 / T)
-        rows = torch.zeros(c, dtype=torch.float32, device=device)
+        kd = None
         Gce = None
         ce_cpp = _cpp_fn("ce_rows") if need_ce and cfg.impl == "cpp" and _cpu_rows(S) else None
         if ce_cpp is not None:  # hard-label CE in the C++ row kernel: in place without KD, else in its own buffer
@@ -420,9 +465,9 @@ def _run(student, teacher_kind, teacher_src, labels, N, V, cfg, row_scale, need_
             ce = torch.empty(c, dtype=torch.float32)
             b = (a * w).contiguous()
             ce_cpp(S.data_ptr(), S.stride(0), P.data_ptr(), P.stride(0), lab.data_ptr(), b.data_ptr(), ce.data_ptr(),
-                   c, V, bool(need_grad), torch.get_num_threads())
-            rows += w * ce
-            if need_grad:
+                   c, V, bool(need_grad and w > 0), torch.get_num_threads())
+            ce_c = ce
+            if need_grad and w > 0:
                 Gce = P
             if div is not None and T != 1.0:
                 S.mul_(1.0 / T)
@@ -434,8 +479,8 @@ def _run(student, teacher_kind, teacher_src, labels, N, V, cfg, row_scale, need_
             torch.sub(S, m1, out=P)
             P.exp_()
             s1 = P.sum(1, keepdim=True)
-            rows += w * ((m1 + s1.log()).view(-1) - zl)
-            if need_grad:
+            ce_c = (m1 + s1.log()).view(-1) - zl
+            if need_grad and w > 0:
                 b = (a * w)[:, None]
                 P.mul_(b / s1)
                 P.scatter_add_(1, lab[:, None], -b)
@@ -445,8 +490,9 @@ def _run(student, teacher_kind, teacher_src, labels, N, V, cfg, row_scale, need_
         G = Gce
         if div is not None:
             if teacher_kind == "topk":
-                vals, idx = teacher_src
-                tch = ("topk", vals[c0:c1].float() / T, idx[c0:c1].long())
+                vals, idx, tail = teacher_src
+                tch = ("topk", vals[c0:c1].float() / T, idx[c0:c1].long(),
+                       None if tail is None else tail[c0:c1].float() / T)
             else:
                 Tt = bufs.get("t", c)
                 teacher_src.fill(Tt, c0, c1, 1.0 / T)
@@ -459,15 +505,16 @@ def _run(student, teacher_kind, teacher_src, labels, N, V, cfg, row_scale, need_
                 kd, G = _chunk_cpp(S, tch[1], a, cfg, need_grad)
             else:  # top-k teachers use the torch math (k entries per row: a scatter, no vocabulary scan)
                 kd, G = _chunk_torch(S, tch, a, cfg, bufs, need_grad)
-            rows += kd * cfg.kd_scale
+            kd = kd * cfg.kd_scale
             if Gce is not None and need_grad:
                 G.add_(Gce)
-        if need_grad:
+        if need_grad and G is not None:
             student.backprop(G, c0, c1)
-        if vc is not None:
-            rows = torch.where(vc, rows, 0.0)
-        out[c0:c1] = rows
-    return out
+        if kd is not None:
+            kd_out[c0:c1] = kd if vc is None else torch.where(vc, kd, 0.0)
+        if need_ce:
+            ce_out[c0:c1] = torch.where(vc, ce_c, 0.0)
+    return kd_out, ce_out
 
 
 # ------------------------------------------------------------------------------------------------
@@ -487,6 +534,24 @@ def _reduce(rows, reduction, divisor):
     return rows.sum() / divisor
 
 
+def _outputs(ctx, kd, ce, cfg, reduction, divisor, n_valid, device):
+    """(loss, kd part, ce part, valid-token count): the loss is ``kd + w * ce``; the parts are
+    detached outputs (gradients flow through the loss only)."""
+    if cfg.divergence is None:
+        rows = ce
+    elif ce is not None and cfg.hard_label_weight > 0:
+        rows = kd + cfg.hard_label_weight * ce
+    else:
+        rows = kd
+    kd_p = _reduce(kd, reduction, divisor)
+    ce_p = _reduce(ce, reduction, divisor) if ce is not None else kd_p.new_full(kd_p.shape, math.nan)
+    if reduction == "none":  # distinct tensors from the (differentiable) loss rows
+        kd_p, ce_p = kd_p.clone(), ce_p.clone()
+    count = torch.tensor(n_valid, dtype=torch.int64, device=device)
+    ctx.mark_non_differentiable(kd_p, ce_p, count)
+    return _reduce(rows, reduction, divisor), kd_p, ce_p, count
+
+
 class _FusedKD(torch.autograd.Function):
     """Inputs: student hidden ``[N, Hs]``, weight ``[V, Hs]``, bias ``[V]`` or None; the teacher
     (kind + tensors) and the labels ride in ``spec``. Gradients are computed in forward for
@@ -494,7 +559,7 @@ class _FusedKD(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h, W, b, spec):
-        labels, teacher_kind, teacher, cfg, reduction, num_items = spec
+        labels, teacher_kind, teacher, cfg, reduction, num_items, want_ce = spec
         N, V = h.shape[0], W.shape[0]
         need = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], b is not None and ctx.needs_input_grad[2])
         n_valid = N if labels is None else int((labels != cfg.ignore_index).sum())
@@ -504,18 +569,17 @@ class _FusedKD(torch.autograd.Function):
         with torch.no_grad():
             student = _LinearSource(h, W, b, *(need if precompute else (False,) * 3))
             tsrc = _teacher_source(teacher_kind, teacher)
-            rows = _run(student, teacher_kind, tsrc, labels, N, V, cfg, scale, precompute, h.device)
+            kd, ce = _run(student, teacher_kind, tsrc, labels, N, V, cfg, scale, precompute, h.device, want_ce)
         ctx.meta = (h.dtype, W.dtype, None if b is None else b.dtype, reduction, need)
         if precompute:
             ctx.grads = (student.dh, student.dw, student.db)
         elif any(need):  # reduction="none": keep inputs, recompute in backward
             ctx.spec = spec
             ctx.save_for_backward(h, W, b)
-        out = _reduce(rows, reduction, divisor)
-        return out
+        return _outputs(ctx, kd, ce, cfg, reduction, divisor, n_valid, h.device)
 
     @staticmethod
-    def backward(ctx, grad_out):
+    def backward(ctx, grad_out, *_parts):
         hd, wd, bd, reduction, need = ctx.meta
         if reduction != "none":
             dh, dw, db = ctx.grads
@@ -527,7 +591,7 @@ class _FusedKD(torch.autograd.Function):
                 db = None if db is None else db * g
         else:
             h, W, b = ctx.saved_tensors
-            labels, teacher_kind, teacher, cfg, _, _ = ctx.spec
+            labels, teacher_kind, teacher, cfg = ctx.spec[:4]
             N, V = h.shape[0], W.shape[0]
             scale = grad_out.float().reshape(-1)
             if labels is not None:
@@ -546,7 +610,7 @@ class _LogitsKD(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, z, spec):
-        labels, teacher_kind, teacher, cfg, reduction, num_items = spec
+        labels, teacher_kind, teacher, cfg, reduction, num_items, want_ce = spec
         N, V = z.shape
         n_valid = N if labels is None else int((labels != cfg.ignore_index).sum())
         divisor = _divisor(reduction, num_items, n_valid)
@@ -554,18 +618,18 @@ class _LogitsKD(torch.autograd.Function):
         precompute = ctx.needs_input_grad[0] and reduction != "none"
         with torch.no_grad():
             student = _LogitsSource(z, precompute)
-            rows = _run(student, teacher_kind, _teacher_source(teacher_kind, teacher), labels, N, V, cfg, scale,
-                        precompute, z.device)
+            kd, ce = _run(student, teacher_kind, _teacher_source(teacher_kind, teacher), labels, N, V, cfg, scale,
+                          precompute, z.device, want_ce)
         ctx.zdtype, ctx.reduction = z.dtype, reduction
         if precompute:
             ctx.dz = student.dz
         elif ctx.needs_input_grad[0]:
             ctx.spec = spec
             ctx.save_for_backward(z)
-        return _reduce(rows, reduction, divisor)
+        return _outputs(ctx, kd, ce, cfg, reduction, divisor, n_valid, z.device)
 
     @staticmethod
-    def backward(ctx, grad_out):
+    def backward(ctx, grad_out, *_parts):
         if ctx.reduction != "none":
             dz = ctx.dz
             ctx.dz = None
@@ -573,7 +637,7 @@ class _LogitsKD(torch.autograd.Function):
                 dz = dz * grad_out.float()
             return dz.to(ctx.zdtype), None
         (z,) = ctx.saved_tensors
-        labels, teacher_kind, teacher, cfg, _, _ = ctx.spec
+        labels, teacher_kind, teacher, cfg = ctx.spec[:4]
         N, V = z.shape
         scale = grad_out.float().reshape(-1)
         if labels is not None:
@@ -598,6 +662,41 @@ def _teacher_source(kind, teacher):
 # public API
 # ------------------------------------------------------------------------------------------------
 
+class KDLossParts(NamedTuple):
+    """What ``return_parts=True`` returns, all from the one pass over the student's head.
+
+    - ``loss``: the loss as without ``return_parts`` (scalar fp32, ``[...]`` for
+      ``reduction="none"``); the only differentiable member.
+    - ``kd``: the distillation term, reduced like the loss (times ``T**2`` when ``t2_scaling``).
+    - ``ce``: the hard-label cross-entropy at temperature 1, reduced like the loss, **not** multiplied
+      by ``hard_label_weight``; computed whenever labels are given (also with weight 0), NaN without
+      labels. ``loss == kd + hard_label_weight * ce``.
+    - ``num_tokens``: 0-dim int64 tensor, the number of valid (not ``ignore_index``) tokens.
+    """
+
+    loss: torch.Tensor
+    kd: torch.Tensor
+    ce: torch.Tensor
+    num_tokens: torch.Tensor
+
+
+def _finish(outs, lead_shape, reduction, return_parts):
+    loss, kd, ce, count = outs
+    if reduction == "none":
+        loss, kd, ce = (x.view(lead_shape) for x in (loss, kd, ce))
+    return KDLossParts(loss, kd, ce, count) if return_parts else loss
+
+
+def _empty(h, W, lead_shape, reduction, return_parts):
+    z = (h.sum() + W.sum()).float() * 0.0
+    if reduction == "none":
+        z = h.new_zeros(lead_shape, dtype=torch.float32)
+    if not return_parts:
+        return z
+    zd = z.detach()
+    return KDLossParts(z, zd, zd.clone(), torch.tensor(0, dtype=torch.int64, device=h.device))
+
+
 def _flatten_rows(name, t, H=None):
     if t.dim() < 2:
         raise ValueError(f"{name} must be [..., H], got shape {tuple(t.shape)}")
@@ -608,7 +707,7 @@ def _flatten_rows(name, t, H=None):
 
 
 def _prepare_teacher(N, V, Hs_device, teacher_hidden, teacher_weight, teacher_bias, teacher_logits, teacher_topk,
-                     divergence):
+                     divergence, tail=None):
     given = [x is not None for x in (teacher_hidden, teacher_logits, teacher_topk)]
     if sum(given) != 1:
         raise ValueError("give exactly one teacher: teacher_hidden (+ teacher_weight), teacher_logits, or teacher_topk")
@@ -631,6 +730,8 @@ def _prepare_teacher(N, V, Hs_device, teacher_hidden, teacher_weight, teacher_bi
             if t.device != Hs_device:
                 raise ValueError(f"{n} is on {t.device}, the student on {Hs_device}")
         return "hidden", (th.detach(), teacher_weight.detach(), None if teacher_bias is None else teacher_bias.detach())
+    if tail is not None and teacher_topk is None:
+        raise ValueError("teacher_topk_tail_lse is only used with teacher_topk")
     if teacher_weight is not None or teacher_bias is not None:
         raise ValueError("teacher_weight/teacher_bias are only used with teacher_hidden")
     if teacher_logits is not None:
@@ -653,10 +754,19 @@ def _prepare_teacher(N, V, Hs_device, teacher_hidden, teacher_weight, teacher_bi
         raise ValueError(f"teacher_topk indices must be int64 or int32, got {idx.dtype}")
     if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= V):
         raise ValueError(f"teacher_topk indices must lie in [0, {V})")
-    if divergence == "reverse_kl":
-        raise ValueError("divergence='reverse_kl' needs the full teacher distribution "
-                         "(teacher_topk has zero probability outside the top-k); use forward_kl or jsd")
-    return "topk", (vals.detach(), idx.long())
+    if tail is not None:
+        _check_float("teacher_topk_tail_lse", tail, 0)
+        if tail.numel() != N or tail.dim() > 1 and tuple(tail.shape) != tuple(teacher_topk[0].shape[:-1]):
+            raise ValueError(f"teacher_topk_tail_lse must hold one value per token ([N]={N}), "
+                             f"got shape {tuple(tail.shape)}")
+        if tail.device != Hs_device:
+            raise ValueError(f"teacher_topk_tail_lse is on {tail.device}, the student on {Hs_device}")
+        tail = tail.detach().reshape(N)
+    elif divergence == "reverse_kl":
+        raise ValueError("divergence='reverse_kl' with teacher_topk needs teacher_topk_tail_lse (without a tail "
+                         "the teacher has zero probability outside the top-k: the KL is infinite); "
+                         "pass the tail or use forward_kl or jsd")
+    return "topk", (vals.detach(), idx.long(), tail)
 
 
 @torch.compiler.disable  # chunk loops with data-dependent skips: run eagerly inside compiled code
@@ -664,7 +774,7 @@ def fused_linear_kd_loss(student_hidden, student_weight, teacher_hidden=None, te
                          teacher_logits=None, teacher_topk=None, student_bias=None, teacher_bias=None, labels=None,
                          divergence="forward_kl", beta=0.5, temperature=1.0, ignore_index=-100,
                          hard_label_weight=0.0, reduction="mean", num_items=None, chunk_size=None, impl="auto",
-                         t2_scaling=False):
+                         t2_scaling=False, teacher_topk_tail_lse=None, return_parts=False):
     """Distillation loss of a student's lm_head against a teacher without materializing ``[N, V]``.
 
     Args:
@@ -673,9 +783,17 @@ def fused_linear_kd_loss(student_hidden, student_weight, teacher_hidden=None, te
         teacher_hidden, teacher_weight, teacher_bias: ``[N, Ht]``, ``[V, Ht]``, ``[V]``: the teacher
             as hidden states and its head (it gets no gradients). Or instead:
         teacher_logits: ``[N, V]`` teacher logits. Or:
-        teacher_topk: ``(values [N, k], indices [N, k])`` top-k teacher logits; the teacher
-            distribution is ``softmax(values / T)`` on those indices and 0 elsewhere
+        teacher_topk: ``(values [N, k], indices [N, k])`` top-k teacher logits (raw, before the
+            temperature). Without ``teacher_topk_tail_lse`` the teacher distribution is the
+            renormalized top-k, ``softmax(values / T)`` on those indices and 0 elsewhere
             (``reverse_kl`` is refused: it is infinite there).
+        teacher_topk_tail_lse: ``[N]`` fp32, the log-sum-exp of the teacher's raw logits outside its
+            top-k. Then both distributions are taken over k + 1 buckets: the k entries and one tail
+            bucket. The teacher's tail logit is ``tail_lse / T`` (exact at ``T = 1``; at other
+            temperatures an approximation, since ``logsumexp(z / T) != logsumexp(z) / T``); the
+            student's tail is the exact log-sum-exp of its scaled logits outside the teacher's
+            indices. Forward KL, JSD and reverse KL (finite now: the teacher's tail has mass) are
+            all taken over the buckets.
         labels: ``[N]`` next-token ids aligned with the rows (already shifted); ``ignore_index``
             rows are masked out of every term. Needed when ``hard_label_weight > 0``.
         divergence: ``"forward_kl"`` = KL(p_t || p_s), ``"reverse_kl"`` = KL(p_s || p_t), or
@@ -693,11 +811,14 @@ def fused_linear_kd_loss(student_hidden, student_weight, teacher_hidden=None, te
             ``minitron_fast._C`` is built, else torch), ``"triton"``, ``"cpp"``, ``"torch"``. The
             C++ kernels cover forward KL with a dense teacher and the hard-label CE term; other
             divergences and top-k teachers run the torch math under ``"cpp"``.
+        return_parts: return a ``KDLossParts(loss, kd, ce, num_tokens)`` (see its docstring)
+            instead of the loss alone, from the same single pass.
 
     Returns:
         A scalar fp32 loss (``[N]`` for ``reduction="none"``):
         ``sum_i valid_i (s * D(p_t,i || p_s,i) + w * CE_i) / divisor`` with ``s = T**2`` if
         ``t2_scaling`` else 1. Gradients flow to ``student_hidden``, ``student_weight``, ``student_bias``.
+        With ``return_parts=True``: ``KDLossParts``.
 
     Example:
         >>> h, W = torch.randn(6, 8, requires_grad=True), torch.randn(11, 8, requires_grad=True)
@@ -719,7 +840,8 @@ def fused_linear_kd_loss(student_hidden, student_weight, teacher_hidden=None, te
         raise ValueError(f"student_bias must be [{V}], got {tuple(student_bias.shape)}")
     N = h.shape[0]
     kind, teacher = _prepare_teacher(N, V, h.device, teacher_hidden, teacher_weight, teacher_bias, teacher_logits,
-                                     teacher_topk, divergence)
+                                     teacher_topk, _canonical_divergence(divergence, float(beta)),
+                                     teacher_topk_tail_lse)
     labels = _check_labels(labels, N, V, ignore_index, h.device)
     if hard_label_weight > 0 and labels is None:
         raise ValueError("hard_label_weight > 0 needs labels")
@@ -727,22 +849,24 @@ def fused_linear_kd_loss(student_hidden, student_weight, teacher_hidden=None, te
     cfg = _Cfg(_canonical_divergence(divergence, float(beta)), float(beta), float(temperature), bool(t2_scaling),
                float(hard_label_weight), int(ignore_index), chunk_size or 0, impl)
     if N == 0:
-        z = (h.sum() + student_weight.sum()) * 0.0
-        return z.float() if reduction != "none" else h.new_zeros(lead_shape, dtype=torch.float32)
-    out = _FusedKD.apply(h, student_weight, student_bias, (labels, kind, teacher, cfg, reduction, num_items))
-    return out.view(lead_shape) if reduction == "none" else out
+        return _empty(h, student_weight, lead_shape, reduction, return_parts)
+    outs = _FusedKD.apply(h, student_weight, student_bias,
+                          (labels, kind, teacher, cfg, reduction, num_items, return_parts))
+    return _finish(outs, lead_shape, reduction, return_parts)
 
 
 @torch.compiler.disable  # chunk loops with data-dependent skips: run eagerly inside compiled code
 def kd_loss_from_logits(student_logits, teacher_logits=None, *, teacher_topk=None, labels=None,
                         divergence="forward_kl", beta=0.5, temperature=1.0, ignore_index=-100, hard_label_weight=0.0,
-                        reduction="mean", num_items=None, chunk_size=None, impl="auto", t2_scaling=False):
+                        reduction="mean", num_items=None, chunk_size=None, impl="auto", t2_scaling=False,
+                        teacher_topk_tail_lse=None, return_parts=False):
     """The same loss for callers that already hold the student's logits ``[N, V]`` (or ``[..., V]``).
 
     Works chunk by chunk (fp32 softmax in place, extra memory O(chunk x V)); the gradient
     ``[N, V]`` w.r.t. the student logits is produced in the forward pass. The teacher is given
-    as ``teacher_logits`` ``[N, V]`` or ``teacher_topk`` ``(values [N, k], indices [N, k])``.
-    Arguments and math as in ``fused_linear_kd_loss``.
+    as ``teacher_logits`` ``[N, V]`` or ``teacher_topk`` ``(values [N, k], indices [N, k])`` (with
+    ``teacher_topk_tail_lse`` ``[N]`` optional). Arguments, math and ``return_parts`` as in
+    ``fused_linear_kd_loss``.
 
     Example:
         >>> zs = torch.randn(4, 10, requires_grad=True)
@@ -753,15 +877,16 @@ def kd_loss_from_logits(student_logits, teacher_logits=None, *, teacher_topk=Non
     lead_shape = student_logits.shape[:-1]
     z = _flatten_rows("student_logits", student_logits)
     N, V = z.shape
-    kind, teacher = _prepare_teacher(N, V, z.device, None, None, None, teacher_logits, teacher_topk, divergence)
+    kind, teacher = _prepare_teacher(N, V, z.device, None, None, None, teacher_logits, teacher_topk,
+                                     _canonical_divergence(divergence, float(beta)), teacher_topk_tail_lse)
     labels = _check_labels(labels, N, V, ignore_index, z.device)
     if hard_label_weight > 0 and labels is None:
         raise ValueError("hard_label_weight > 0 needs labels")
     impl = resolve_impl(impl, z, op="kd_loss_from_logits", choices=KD_IMPLS)
     cfg = _Cfg(_canonical_divergence(divergence, float(beta)), float(beta), float(temperature), bool(t2_scaling),
                float(hard_label_weight), int(ignore_index), chunk_size or 0, impl)
-    out = _LogitsKD.apply(z, (labels, kind, teacher, cfg, reduction, num_items))
-    return out.view(lead_shape) if reduction == "none" else out
+    outs = _LogitsKD.apply(z, (labels, kind, teacher, cfg, reduction, num_items, return_parts))
+    return _finish(outs, lead_shape, reduction, return_parts)
 
 
 @torch.compiler.disable  # chunk loops with data-dependent skips: run eagerly inside compiled code
@@ -799,9 +924,9 @@ def fused_linear_cross_entropy(hidden, weight, labels, *, bias=None, ignore_inde
     impl = resolve_impl(impl, h, op="fused_linear_cross_entropy", choices=KD_IMPLS)
     cfg = _Cfg(None, 0.5, 1.0, False, 1.0, int(ignore_index), chunk_size or 0, impl)
     if N == 0:
-        return (h.sum() + weight.sum()).float() * 0.0
-    out = _FusedKD.apply(h, weight, bias, (labels, None, None, cfg, reduction, num_items))
-    return out.view(lead_shape) if reduction == "none" else out
+        return _empty(h, weight, lead_shape, reduction, False)
+    outs = _FusedKD.apply(h, weight, bias, (labels, None, None, cfg, reduction, num_items, False))
+    return _finish(outs, lead_shape, reduction, False)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -810,19 +935,32 @@ def fused_linear_cross_entropy(hidden, weight, labels, *, bias=None, ignore_inde
 
 def kd_loss_reference(student_logits, teacher_logits=None, *, teacher_topk=None, labels=None, divergence="forward_kl",
                       beta=0.5, temperature=1.0, ignore_index=-100, hard_label_weight=0.0, reduction="mean",
-                      num_items=None, t2_scaling=False, kd_weight=1.0):
-    """Straightforward float64 math on full logits ``[N, V]`` (differentiable through autograd)."""
+                      num_items=None, t2_scaling=False, kd_weight=1.0, teacher_topk_tail_lse=None):
+    """Straightforward float64 math on full logits ``[N, V]`` (differentiable through autograd).
+    With ``teacher_topk_tail_lse`` both distributions are taken over the k + 1 buckets (the
+    teacher's top-k entries and the rest), as ``fused_linear_kd_loss`` defines them."""
     zs = student_logits.double()
     N, V = zs.shape
     T = float(temperature)
     ls = torch.log_softmax(zs / T, -1)
+    if teacher_topk_tail_lse is not None:
+        vals, idx = teacher_topk
+        idx = idx.long()
+        lt = torch.log_softmax(torch.cat([vals.double(), teacher_topk_tail_lse.double()[:, None]], 1) / T, -1)
+        out_mask = torch.ones_like(ls, dtype=torch.bool).scatter(1, idx, False)
+        tail_s = torch.logsumexp(torch.where(out_mask, ls, -math.inf), -1, keepdim=True)
+        ls = torch.cat([ls.gather(1, idx), tail_s], 1)
+        teacher_logits, teacher_topk = lt, None  # already log-probabilities over the buckets: T = 1 below
+        T_t = 1.0
+    else:
+        T_t = T
     if teacher_topk is not None:
         vals, idx = teacher_topk
         zt = torch.full((N, V), -math.inf, dtype=torch.float64, device=zs.device)
         zt.scatter_(1, idx.long(), vals.double())
     else:
         zt = teacher_logits.double()
-    lt = torch.log_softmax(zt / T, -1)
+    lt = torch.log_softmax(zt / T_t, -1)
     pt, ps = lt.exp(), ls.exp()
 
     def kl(p, lp, lq):  # sum p (lp - lq), 0 log 0 = 0
