@@ -361,3 +361,52 @@ def test_trainer_refuses_mismatched_logits_in_one_line(trained):
     assert not res["bad_seq"]["ok"] and "seq_len 32 but this run uses seq_len 64" in res["bad_seq"]["error"]
     assert not res["too_many"]["ok"] and "reads 40 train blocks" in res["too_many"]["error"]
     assert "hold 16 blocks (496 tokens)" in res["too_many"]["error"]
+
+
+# -- the pipeline: distill.teacher: offline ----------------------------------------------------------------
+
+@pytest.mark.slow
+def test_pipeline_offline_teacher_stage_is_cached_by_its_inputs(tmp_path):
+    from test_pipeline import TRAIN, make_tiny_teacher
+
+    from minitron_fast.pipeline.recipe import RecipeError, load_recipe
+    from minitron_fast.pipeline.runner import run_recipe
+
+    teacher = make_tiny_teacher(tmp_path / "teacher")
+    p = tmp_path / "r.yaml"
+    p.write_text(f"""
+teacher: {teacher}
+out: {tmp_path / 'run'}
+data: {{source: demo, seq_len: 32}}
+importance: {{samples: 4, batch_size: 4}}
+prune: {{target: "ffn=64"}}
+distill: {{teacher: offline, steps: 2, {TRAIN}}}
+teacher_logits: {{top_k: 8}}
+evaluate: {{eval_blocks: 2, batch_size: 2}}
+""")
+    logs: list[str] = []
+    rep = run_recipe(load_recipe(p), progress=False, log=logs.append)["report"]
+    assert math.isfinite(rep["distilled_ppl"])
+    run = tmp_path / "run"
+    m = json.loads((run / "teacher_logits" / "logits" / "manifest.json").read_text())
+    assert m["top_k"] == 8 and m["n_blocks"] == 16 and m["seq_len"] == 32  # the blocks distill reads
+    trainer = json.loads(json.dumps(__import__("yaml").safe_load((run / "distill" / "trainer.yaml").read_text())))
+    assert trainer["teacher_logits"] == str(run / "teacher_logits" / "logits") and "teacher" not in \
+        {k for k, v in trainer.items() if v == "offline"}
+    order = [m_.split("]")[0][1:] for m_ in logs if m_.startswith("[") and "] running" in m_]
+    assert order.index("teacher_logits") < order.index("distill")
+    logs.clear()
+    run_recipe(load_recipe(p), progress=False, log=logs.append)  # the same inputs: nothing reruns
+    assert any(m_.startswith("[teacher_logits] cached") for m_ in logs)
+    assert any(m_.startswith("[distill] cached") for m_ in logs)
+    # its cache key: the stage's config (not where it writes or how fast) + the teacher's identity
+    from minitron_fast.pipeline.recipe import teacher_logits_config
+
+    key = teacher_logits_config(load_recipe(p), model="t", out="o").cache_fields()
+    assert teacher_logits_config(load_recipe(p, ["teacher_logits.top_k=4"]), model="t", out="o").cache_fields() != key
+    assert teacher_logits_config(load_recipe(p, ["teacher_logits.batch_size=2"]), model="t",
+                                 out="o2").cache_fields() == key
+    with pytest.raises(RecipeError, match="distill.teacher='maybe' is not one of online, offline"):
+        load_recipe(p, ["distill.teacher=maybe"])
+    with pytest.raises(RecipeError, match="teacher_logits.seq_len is set by the pipeline"):
+        load_recipe(p, ["teacher_logits.seq_len=16"])

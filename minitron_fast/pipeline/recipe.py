@@ -101,8 +101,8 @@ class LaunchSection:
     launcher: str = "auto"        # auto | deepspeed | torchrun | none
 
 
-STAGES = ("teacher_eval", "correct_teacher", "importance", "search", "prune", "distill", "scratch", "evaluate",
-          "export")
+STAGES = ("teacher_eval", "correct_teacher", "teacher_logits", "importance", "search", "prune", "distill", "scratch",
+          "evaluate", "export")
 
 
 @dataclass
@@ -118,6 +118,8 @@ class Recipe:
     search: SearchSection = field(default_factory=SearchSection)
     prune: PruneSection = field(default_factory=PruneSection)
     distill: dict[str, Any] = field(default_factory=dict)
+    # options of the teacher-logits stage (distill.teacher: offline); TeacherLogitsConfig's fields
+    teacher_logits: dict[str, Any] = field(default_factory=dict)
     scratch: dict[str, Any] = field(default_factory=lambda: {"enabled": False})
     evaluate: EvaluateSection = field(default_factory=EvaluateSection)
     export: ExportSection = field(default_factory=ExportSection)
@@ -181,8 +183,42 @@ class Recipe:
             raise RecipeError(f"launch.launcher={self.launch.launcher!r} is not one of auto, deepspeed, torchrun, none")
         for section in ("correct_teacher", "distill", "scratch"):
             if stage_enabled(self, section):
-                training_config(self, section, teacher="<teacher>", student="<student>", out="<out>")
+                training_config(self, section, teacher="<teacher>", student="<student>", out="<out>",
+                                teacher_logits="<teacher_logits>" if offline_teacher(self) else None)
+        if offline_teacher(self):
+            teacher_logits_config(self, model="<teacher>", out="<out>")
         return self
+
+
+# -- the offline teacher (distill.teacher: offline) ------------------------------------------------------
+
+def offline_teacher(recipe: Recipe) -> bool:
+    """Whether the recipe distills from stored top-k teacher logits (``distill.teacher: offline``)."""
+    mode = recipe.distill.get("teacher", "online")
+    if mode not in ("online", "offline"):
+        raise RecipeError(f"distill.teacher={mode!r} is not one of online, offline (the teacher model itself is "
+                          "the recipe's teacher)")
+    return mode == "offline" and stage_enabled(recipe, "distill")
+
+
+def teacher_logits_config(recipe: Recipe, *, model: str, out: str):
+    """The teacher-logits stage's config: the recipe's ``teacher_logits`` section, with the data
+    keys from the recipe's ``data`` section and, unless set, ``samples`` = the blocks the distill
+    stage reads (``distill.data.max_blocks``; all train blocks when unset)."""
+    from minitron_fast.teacher_logits.config import TeacherLogitsConfig
+
+    sec = dict(recipe.teacher_logits)
+    for k in ("model", "out", "data", "seq_len", "text_field"):
+        if k in sec:
+            raise RecipeError(f"teacher_logits.{k} is set by the pipeline (from teacher, out and data); remove it")
+    sec.setdefault("samples", (recipe.distill.get("data") or {}).get("max_blocks"))
+    sec.setdefault("threads", recipe.threads)
+    d = dict(sec, model=model, out=out, data=recipe.data.source, seq_len=recipe.data.seq_len,
+             text_field=recipe.data.text_field)
+    try:
+        return configtools.from_dict(TeacherLogitsConfig, d, error=RecipeError, prefix="teacher_logits.").validate()
+    except MinitronError as exc:
+        raise RecipeError(f"teacher_logits: {exc}") from None
 
 
 def stage_enabled(recipe: Recipe, section: str) -> bool:
@@ -198,7 +234,7 @@ _FROM_RECIPE = {"data.source": "data.source", "data.text_field": "data.text_fiel
 
 
 def training_config(recipe: Recipe, section: str, *, teacher: str, student: str | None, out: str,
-                    validate: bool = True) -> dict[str, Any]:
+                    validate: bool = True, teacher_logits: str | None = None) -> dict[str, Any]:
     """The distillation trainer's recipe (a plain dict) for a training section.
 
     ``correct_teacher`` runs the trainer's ``correct-teacher`` mode (LM loss on the teacher);
@@ -210,6 +246,8 @@ def training_config(recipe: Recipe, section: str, *, teacher: str, student: str 
     """
     sec = dict(getattr(recipe, section))
     sec.pop("enabled", None)
+    if section == "distill" and sec.get("teacher") in ("online", "offline"):
+        sec.pop("teacher")  # the teacher's kind; its path is the pipeline's (teacher_logits: the stored rows)
     for k in _RESERVED:
         if k in sec:
             raise RecipeError(f"{section}.{k} is set by the pipeline; remove it from the recipe")
@@ -234,6 +272,8 @@ def training_config(recipe: Recipe, section: str, *, teacher: str, student: str 
         cfg["threads"] = recipe.threads
     if section == "distill":
         cfg.update(mode="distill", student=student)
+        if teacher_logits:
+            cfg["teacher_logits"] = teacher_logits
     else:  # correct_teacher and scratch both train one model with the LM loss
         cfg.update(mode="correct-teacher")
         cfg.pop("student", None)

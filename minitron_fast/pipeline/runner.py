@@ -5,6 +5,8 @@ Stages, each cached in ``<out>/<stage>/`` by a hash of its inputs (``stages.py``
 1. ``teacher_eval``     held-out perplexity of the teacher
 2. ``correct_teacher``  LM-loss fine-tune of the teacher on the distillation data (the trainer,
                         ``python -m minitron_fast.distill``, on DeepSpeed), then its perplexity
+   ``teacher_logits``   with ``distill.teacher: offline``: the (corrected) teacher's top-k logits
+                        over the train split (``minitron_fast.teacher_logits``), read by distill
 3. ``importance``       activation scores of the (corrected) teacher (``minitron_fast.importance``)
 4. ``search``           optional: candidate shapes at a budget, briefly retrained, best kept
 5. ``prune``            plan from the scores + target, checkpoint-to-checkpoint prune, perplexity
@@ -33,7 +35,8 @@ import yaml
 from minitron_fast.distill.launch import launcher_env, trainer_command
 from minitron_fast.errors import MinitronError
 from minitron_fast.io import atomic_dir, atomic_write_text, same_or_inside
-from minitron_fast.pipeline.recipe import Recipe, parse_budget, stage_enabled, training_config
+from minitron_fast.pipeline.recipe import (Recipe, offline_teacher, parse_budget, stage_enabled,
+                                            teacher_logits_config, training_config)
 from minitron_fast.pipeline.stages import StageCache, model_fingerprint, stable_hash
 
 log_ = logging.getLogger(__name__)
@@ -107,9 +110,11 @@ class PipelineRunner:
             self.log(f"    {desc} {task}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
         return res
 
-    def train(self, section: str, d: Path, resume: bool, *, teacher: str, student: str | None) -> dict[str, Any]:
+    def train(self, section: str, d: Path, resume: bool, *, teacher: str, student: str | None,
+              teacher_logits: str | None = None) -> dict[str, Any]:
         """Writes the trainer recipe for ``section`` into ``d`` and runs the trainer there."""
-        cfg = training_config(self.recipe, section, teacher=teacher, student=student, out=str(d / "run"))
+        cfg = training_config(self.recipe, section, teacher=teacher, student=student, out=str(d / "run"),
+                              teacher_logits=teacher_logits)
         cfg_path = d / "trainer.yaml"
         atomic_write_text(cfg_path, yaml.safe_dump(cfg, sort_keys=False))
         launch = self.recipe.launch
@@ -172,6 +177,25 @@ class PipelineRunner:
         else:
             ct = c.skip("correct_teacher", "disabled in the recipe (correct_teacher.enabled: false)")
             corrected_path, corrected_id = teacher_path, teacher_id
+
+        # 2b. offline teacher (distill.teacher: offline): the corrected teacher's top-k logits over
+        # the train split, written once; the distill stage then loads no teacher.
+        tl_stage = None
+        if offline_teacher(r):
+            tl_cfg = teacher_logits_config(r, model=str(corrected_path), out="<out>")
+
+            def write_logits(d: Path, resume: bool) -> dict[str, Any]:
+                import dataclasses
+
+                from minitron_fast.teacher_logits import write_teacher_logits
+
+                m = write_teacher_logits(dataclasses.replace(tl_cfg, out=str(d / "logits")), progress=self.progress,
+                                         log=self.log)
+                return {"dir": str(d / "logits"), "top_k": m["top_k"], "tokens": m["n_blocks"] * m["rows_per_block"],
+                        "bytes_per_token": m["bytes_per_token"], "write_seconds": m["write_seconds"]}
+
+            tl_stage = c.run("teacher_logits", {"model": corrected_id, "teacher_logits": tl_cfg.cache_fields()},
+                             write_logits)
 
         # 3. importance
         imp = r.importance
@@ -240,13 +264,18 @@ class PipelineRunner:
         # 6. distill
         if stage_enabled(r, "distill"):
             ds_cfg = training_config(r, "distill", teacher="<teacher>", student="<student>", out="<out>")
+            logits_dir = tl_stage.outputs["dir"] if tl_stage is not None else None
 
             def distill(d: Path, resume: bool) -> dict[str, Any]:
-                out = self.train("distill", d, resume, teacher=str(corrected_path), student=student_path)
+                out = self.train("distill", d, resume, teacher=str(corrected_path), student=student_path,
+                                 teacher_logits=logits_dir)
                 return dict(out, **self.evaluate(out["model"], "distilled student"))
 
-            di = c.run("distill", {"prune": pr.key, "teacher": corrected_id, "trainer": ds_cfg, "eval": eval_id,
-                                   "procs": r.launch.num_procs}, distill)
+            di_inputs = {"prune": pr.key, "teacher": corrected_id, "trainer": ds_cfg, "eval": eval_id,
+                         "procs": r.launch.num_procs}
+            if tl_stage is not None:
+                di_inputs["teacher_logits"] = tl_stage.key
+            di = c.run("distill", di_inputs, distill)
         else:
             di = c.skip("distill", "disabled in the recipe (distill.enabled: false)")
 
