@@ -12,6 +12,8 @@ reads its ``metrics.jsonl``. Rows: ``impl`` ``fused`` (never materializes ``[N, 
 ``rss_after_mb`` its RSS after the last step and ``step_transient_mb`` the difference: what a step
 needs on top of what stays resident (the loss's share of memory shows there; at SmolLM2 size the
 resident models and AdamW state dominate the peak). ``--micro-batch 4,16`` runs several sizes.
+``--lm-weight W`` adds the student's next-token CE to KD: the trainer's one KD step
+(``integrations.kd_step``) takes both parts from one fused pass over the student's lm_head.
 Correctness: both impls must give the same first-step loss (rtol 5e-4, the fp32 slack).
 """
 from __future__ import annotations
@@ -33,6 +35,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seq-len", type=int, default=256, help="tokens per block (default 256)")
     p.add_argument("--steps", type=int, default=4, help="optimizer steps per case; the first is warm-up (default 4)")
     p.add_argument("--impls", default="fused,materialized", help="comma-separated impls to run")
+    p.add_argument("--lm-weight", type=float, default=0.0,
+                   help="weight of the student's next-token CE beside KD (default 0: logit-only KD, the papers' "
+                        "choice); > 0 shows the one-pass KD+CE step (both parts from one fused call)")
     p.add_argument("--workdir", type=Path, default=None, help="where the student checkpoint and runs go (default: a temp dir)")
 
 
@@ -69,7 +74,8 @@ def build_student(out: Path, layers: int = 15, ffn: int = 768) -> Path:
     return out
 
 
-def run_case(impl: str, student: str, out: str, micro_batch: int, seq_len: int, steps: int) -> dict[str, Any]:
+def run_case(impl: str, student: str, out: str, micro_batch: int, seq_len: int, steps: int,
+             lm_weight: float = 0.0) -> dict[str, Any]:
     """One case in this (fresh) process: ``steps`` trainer steps; returns the metrics."""
     from minitron_fast.distill import load_config, train
     from minitron_fast.distill.trainer import read_metrics
@@ -77,7 +83,8 @@ def run_case(impl: str, student: str, out: str, micro_batch: int, seq_len: int, 
     cfg = load_config(None, [f"teacher=demo", f"student={student}", f"out={out}", f"steps={steps}",
                              f"micro_batch_size={micro_batch}", "grad_accum=1", f"data.seq_len={seq_len}",
                              "data.eval_blocks=0", "warmup_steps=0", "schedule=constant", "lr=1e-4",
-                             f"save_every={10**6}", "export=false", f"loss.impl={impl}", "ds.zero_stage=0"])
+                             f"save_every={10**6}", "export=false", f"loss.impl={impl}", "ds.zero_stage=0",
+                             f"loss.lm_weight={lm_weight}"])
     train(cfg, progress=False)
     recs = [r for r in read_metrics(Path(out) / "metrics.jsonl") if "loss" in r]
     return {"ok": True, "losses": [r["loss"] for r in recs], "step_s": [r["step_s"] for r in recs],
@@ -109,10 +116,12 @@ def _run_size(args, student: Path, work: Path, mb: int, T: int, steps: int) -> l
 
             shutil.rmtree(out)
         r = run_in_subprocess("bench.distill_step:run_case", {"impl": impl, "student": str(student), "out": str(out),
-                                                               "micro_batch": mb, "seq_len": T, "steps": steps},
+                                                               "micro_batch": mb, "seq_len": T, "steps": steps,
+                                                               "lm_weight": args.lm_weight},
                               timeout=3600)
-        row: dict[str, Any] = {"case": f"smollm2-135m->15L-ffn768 B={mb} T={T}", "impl": impl,
-                               "micro_batch": mb, "seq_len": T, "vocab": 49152}
+        loss = "kd" if not args.lm_weight else f"kd+{args.lm_weight:g}lm"
+        row: dict[str, Any] = {"case": f"smollm2-135m->15L-ffn768 {loss} B={mb} T={T}", "impl": impl,
+                               "micro_batch": mb, "seq_len": T, "vocab": 49152, "lm_weight": args.lm_weight}
         if not r.get("ok"):
             row.update(ok=False, error=r.get("error", "")[-500:])
             rows.append(row)

@@ -24,8 +24,8 @@ the ``heldout`` split. Cases (``case`` / ``impl``):
 
 ``median_s`` is the wall time of producing that row (training + evaluation); rows also carry
 ``loss``, ``ppl``, ``params``, ``tokens``, and, on the row a claim is judged on, ``claim`` and
-``holds`` (``yes``/``no``: whether this run reproduced it). Training here is a plain PyTorch loop with the fused
-KD loss (no DeepSpeed): the claims are about what is trained, not how.
+``holds`` (``yes``/``no``: whether this run reproduced it). Training here is a plain PyTorch loop over the package's one
+KD step (``integrations.kd_step``, fused loss; no DeepSpeed): the claims are about what is trained, not how.
 """
 from __future__ import annotations
 
@@ -59,32 +59,20 @@ def _yn(b: bool) -> str:
     return "yes" if b else "no"
 
 
-def _final_hidden(model, ids):
-    return model.model(input_ids=ids, use_cache=False).last_hidden_state[:, :-1]
-
-
-def train(student, batches, *, lr: float, kd_weight: float, lm_weight: float, teacher_targets=None,
-          teacher_weight=None) -> list[float]:
-    """Trains ``student`` in place: ``kd_weight`` x forward KL (T=1) against the cached teacher
-    hidden states + ``lm_weight`` x next-token CE. Returns the loss per step."""
+def train(student, batches, *, lr: float, kd_weight: float, lm_weight: float, teacher_targets=None) -> list[float]:
+    """Trains ``student`` in place with the package's one KD step: ``kd_weight`` x forward KL (T=1)
+    against the cached teacher targets (``TeacherHidden`` per batch) + ``lm_weight`` x next-token CE,
+    from one fused pass. Returns the loss per step."""
     import torch
 
-    from minitron_fast.losses import fused_linear_cross_entropy, fused_linear_kd_loss
+    from minitron_fast.integrations.kd_step import KDSpec, kd_step
 
+    spec = KDSpec(kd_weight=kd_weight, lm_weight=lm_weight)
     opt = torch.optim.AdamW(student.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
     student.train()
     curve = []
     for i, ids in enumerate(batches):
-        h = _final_hidden(student, ids)
-        h = h.reshape(-1, h.shape[-1])
-        labels = ids[:, 1:].reshape(-1)
-        w = student.get_output_embeddings().weight
-        if kd_weight > 0:
-            loss = kd_weight * fused_linear_kd_loss(h, w, teacher_targets[i], teacher_weight)
-            if lm_weight > 0:
-                loss = loss + lm_weight * fused_linear_cross_entropy(h, w, labels)
-        else:
-            loss = lm_weight * fused_linear_cross_entropy(h, w, labels)
+        loss = kd_step(student, teacher_targets[i] if kd_weight > 0 else None, ids, spec=spec)["loss"]
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
@@ -101,6 +89,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     from minitron_fast.evaluate.perplexity import lm_loss
     from minitron_fast.importance import collect_importance
     from minitron_fast.importance.simulate import magnitude_scores
+    from minitron_fast.integrations.kd_step import TeacherHidden, teacher_hidden
     from minitron_fast.models import get_view
     from minitron_fast.models.loading import load_model, load_tokenizer
     from minitron_fast.prune import apply_plan, make_plan
@@ -199,10 +188,9 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
 
     # teacher correction (LM loss on its own training blocks), then teacher targets once for every
     # distilled student: hidden states before the LM head, and the head
-    def kd_targets(m):
-        with torch.no_grad():
-            return ([_final_hidden(m, ids).reshape(-1, view.hidden_size).contiguous() for ids in batches],
-                    m.get_output_embeddings().weight.detach().clone())
+    def kd_targets(m):  # one clone of the head, shared by every batch: the corrected teacher is freed after this
+        head = m.get_output_embeddings().weight.detach().clone()
+        return [TeacherHidden(teacher_hidden(m, ids).hidden, head) for ids in batches]
 
     raw_targets = kd_targets(teacher)
     if correct_steps > 0:
@@ -213,18 +201,17 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
         r = row("reference", "corrected_teacher", t0, lm_loss(corrected, heldout, progress=False),
                 view.param_counts()["total"], False)
         r["tokens"] = correct_steps * mbs * T
-        targets, t_w = kd_targets(corrected)
+        targets = kd_targets(corrected)
         del corrected
         gc.collect()
     else:
-        targets, t_w = raw_targets
+        targets = raw_targets
 
     def trained(case: str, impl: str, make, kd: float, lm: float, kd_from=None, **extra: Any) -> dict[str, Any]:
         t0 = time.perf_counter()
         torch.manual_seed(args.seed)
         m = make()
-        tt, tw = kd_from or (targets, t_w)
-        curve = train(m, batches, lr=args.lr, kd_weight=kd, lm_weight=lm, teacher_targets=tt, teacher_weight=tw)
+        curve = train(m, batches, lr=args.lr, kd_weight=kd, lm_weight=lm, teacher_targets=kd_from or targets)
         r = row(case, impl, t0, lm_loss(m, heldout, progress=False), params_of(m), True,
                 train_loss_first=curve[0], train_loss_last=curve[-1], **extra)
         del m

@@ -21,8 +21,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-DIV_FKL, DIV_RKL, DIV_JSD = 0, 1, 2
-DIV_CODES = {"forward_kl": DIV_FKL, "reverse_kl": DIV_RKL, "jsd": DIV_JSD}
+# DIV: the divergence registry's code (minitron_fast/ops/kd_loss/divergences.py): 0 forward KL,
+# 1 reverse KL, 2 JSD. The ops layer passes it; this module does not import the ops layer.
 
 
 @triton.jit
@@ -75,35 +75,38 @@ def _kd_softmax_kernel(
     log_beta = tl.log(beta)
     log_1mb = tl.log(one_m_beta)
     kd = tl.zeros((), tl.float32)
-    ent_s = tl.zeros((), tl.float32)
-    ps_lm = tl.zeros((), tl.float32)
+    qbar = tl.zeros((), tl.float32)  # <p_s, q> / sum p_s: centres the gradient row (sums to 0)
     if DIV == 0:
         kd = acc / d_t - lse_t + lse_s
     else:
-        # ---- pass 2: the row sums reverse KL and JSD need before their gradient
-        ent_t = tl.zeros((), tl.float32)
-        m_lm = tl.zeros((), tl.float32)
+        # ---- pass 2: the row sums reverse KL and JSD need before their gradient, per element
+        # first from d = log p_s - log p_t (no difference of two ~log V row sums)
+        sum_ps = tl.zeros((), tl.float32)
+        sum_pq = tl.zeros((), tl.float32)
         for v0 in range(0, V, BLOCK_V):
             cols = v0 + offs
             mask = cols < V
             ls = tl.load(s_row + cols, mask=mask, other=0.0) - lse_s
             lt = tl.load(t_row + cols, mask=mask, other=0.0) - lse_t
             ps = tl.where(mask, tl.exp(ls), 0.0)
-            pt = tl.where(mask, tl.exp(lt), 0.0)
+            d = ls - lt
+            sum_ps += tl.sum(ps, 0)
             if DIV == 1:
-                kd += tl.sum(tl.where(ps > 0, ps * (ls - lt), 0.0), 0)
+                pq = tl.where(ps > 0, ps * d, 0.0)
+                kd += tl.sum(pq, 0)
             else:
-                a1 = lt + log_beta
-                a2 = ls + log_1mb
-                mx = tl.maximum(a1, a2)
-                lm = mx + tl.log(tl.exp(a1 - mx) + tl.exp(a2 - mx))  # log(beta p_t + (1 - beta) p_s)
-                pm = tl.where(mask, tl.exp(lm), 0.0)
-                ent_s += tl.sum(tl.where(ps > 0, ps * ls, 0.0), 0)
-                ent_t += tl.sum(tl.where(pt > 0, pt * lt, 0.0), 0)
-                m_lm += tl.sum(tl.where(pm > 0, pm * lm, 0.0), 0)
-                ps_lm += tl.sum(tl.where(ps > 0, ps * lm, 0.0), 0)
-        if DIV == 2:
-            kd = beta * ent_t + one_m_beta * ent_s - m_lm
+                pt = tl.where(mask, tl.exp(lt), 0.0)
+                # log p_s - log m = -log((1 - beta) + beta e^-d); log p_t - log m = -log(beta + (1 - beta) e^d)
+                x1 = log_beta - d
+                m1 = tl.maximum(x1, log_1mb)
+                rs = -(m1 + tl.log(tl.exp(x1 - m1) + tl.exp(log_1mb - m1)))
+                x2 = log_1mb + d
+                m2 = tl.maximum(x2, log_beta)
+                rt = -(m2 + tl.log(tl.exp(x2 - m2) + tl.exp(log_beta - m2)))
+                pq = tl.where(ps > 0, ps * rs, 0.0)
+                kd += tl.sum(tl.where(pt > 0, beta * pt * rt, 0.0) + one_m_beta * pq, 0)
+            sum_pq += tl.sum(pq, 0)
+        qbar = sum_pq / sum_ps
     tl.store(L_ptr + row, kd)
 
     if WRITE_GRAD:
@@ -118,19 +121,18 @@ def _kd_softmax_kernel(
             if DIV == 0:
                 g = ps - tl.exp(lt)
             elif DIV == 1:
-                g = ps * (ls - lt - kd)
+                g = tl.where(ps > 0, ps * (ls - lt - qbar), 0.0)
             else:
-                a1 = lt + log_beta
-                a2 = ls + log_1mb
-                mx = tl.maximum(a1, a2)
-                lm = mx + tl.log(tl.exp(a1 - mx) + tl.exp(a2 - mx))
-                g = one_m_beta * ps * (ls - lm - (ent_s - ps_lm))
+                x1 = log_beta - (ls - lt)
+                m1 = tl.maximum(x1, log_1mb)
+                rs = -(m1 + tl.log(tl.exp(x1 - m1) + tl.exp(log_1mb - m1)))
+                g = tl.where(ps > 0, one_m_beta * ps * (rs - qbar), 0.0)
             tl.store(s_row + cols, g * coef, mask=mask)
 
 
-def kd_softmax(S, Tt, a, kd_rows, *, divergence: str, beta: float, g_mult: float, write_grad: bool = True,
+def kd_softmax(S, Tt, a, kd_rows, *, div_code: int, beta: float, g_mult: float, write_grad: bool = True,
                block_v: int | None = None, num_warps: int = 8) -> None:
-    """Launches one program per row of the chunk.
+    """Launches one program per row of the chunk; ``div_code``: the divergence registry's code.
 
     S: ``[c, V]`` fp32 (student logits / T; overwritten by dL/dz_s when ``write_grad``);
     Tt: ``[c, V]`` fp32 (teacher logits / T); a: ``[c]`` fp32 row scales; kd_rows: ``[c]`` fp32 out.
@@ -140,7 +142,7 @@ def kd_softmax(S, Tt, a, kd_rows, *, divergence: str, beta: float, g_mult: float
     if block_v is None:
         block_v = min(4096, triton.next_power_of_2(V))
     _kd_softmax_kernel[(c,)](S, Tt, a, kd_rows, V, S.stride(0), Tt.stride(0), float(beta), float(g_mult),
-                             DIV=DIV_CODES[divergence], WRITE_GRAD=write_grad, BLOCK_V=block_v, num_warps=num_warps)
+                             DIV=int(div_code), WRITE_GRAD=write_grad, BLOCK_V=block_v, num_warps=num_warps)
 
 
 _SIG = {"S_ptr": "*fp32", "T_ptr": "*fp32", "A_ptr": "*fp32", "L_ptr": "*fp32", "V": "i32", "stride_s": "i32",
@@ -151,7 +153,7 @@ _BYTES = "minimal 12*c*V (read s, t once, write dlogits); moves (2*passes+1)*4*c
 # Kernels compiled ahead of time by `python -m bench kernel_report` (kernels/__init__.py convention).
 AOT_SPECS = [
     {"name": f"kd_softmax[{div},BLOCK_V={bv},warps={nw}]", "fn": _kd_softmax_kernel, "signature": dict(_SIG),
-     "constexprs": {"DIV": DIV_CODES[div], "WRITE_GRAD": True, "BLOCK_V": bv}, "num_warps": nw, "num_stages": 2,
+     "constexprs": {"DIV": code, "WRITE_GRAD": True, "BLOCK_V": bv}, "num_warps": nw, "num_stages": 2,
      "flops": _FLOPS, "min_bytes": _BYTES}
-    for div in ("forward_kl", "reverse_kl", "jsd") for bv, nw in ((4096, 8), (2048, 4))
+    for code, div in enumerate(("forward_kl", "reverse_kl", "jsd")) for bv, nw in ((4096, 8), (2048, 4))
 ]

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from minitron_fast.ops.kd_loss import (  # noqa: F401  (re-exported)
+    KDLossParts,
     fused_linear_cross_entropy,
     fused_linear_kd_loss,
     kd_loss_from_logits,
@@ -31,16 +32,17 @@ class FusedLinearKDLoss(nn.Module):
     def __init__(self, divergence: str = "forward_kl", *, beta: float = 0.5, temperature: float = 1.0,
                  ignore_index: int = -100, hard_label_weight: float = 0.0, reduction: str = "mean",
                  chunk_size: int | None = None, impl: str = "auto", t2_scaling: bool = False,
-                 return_parts: bool = False):
+                 return_parts: bool = False, softcap: float | None = None, vocab_size: int | None = None):
         super().__init__()
         # validate now, so a bad option fails at construction rather than at the first step
-        from minitron_fast.ops.kd_loss import _check_common
+        from minitron_fast.ops.kd_loss import validate_options
 
-        _check_common(divergence, beta, temperature, reduction, None, hard_label_weight, chunk_size)
+        validate_options(divergence, beta, temperature, reduction, hard_label_weight, chunk_size, softcap)
         self.divergence, self.beta, self.temperature = divergence, beta, temperature
         self.ignore_index, self.hard_label_weight, self.reduction = ignore_index, hard_label_weight, reduction
         self.chunk_size, self.impl, self.t2_scaling = chunk_size, impl, t2_scaling
         self.return_parts = return_parts  # forward returns KDLossParts(loss, kd, ce, num_tokens)
+        self.softcap, self.vocab_size = softcap, vocab_size
 
     def forward(self, student_hidden: torch.Tensor, student_weight: torch.Tensor,
                 teacher_hidden: torch.Tensor | None = None, teacher_weight: torch.Tensor | None = None, *,
@@ -52,7 +54,8 @@ class FusedLinearKDLoss(nn.Module):
             divergence=self.divergence, beta=self.beta, temperature=self.temperature,
             ignore_index=self.ignore_index, hard_label_weight=self.hard_label_weight, reduction=self.reduction,
             num_items=num_items, chunk_size=self.chunk_size, impl=self.impl, t2_scaling=self.t2_scaling,
-            teacher_topk_tail_lse=teacher_topk_tail_lse, return_parts=self.return_parts)
+            teacher_topk_tail_lse=teacher_topk_tail_lse, return_parts=self.return_parts, softcap=self.softcap,
+            vocab_size=self.vocab_size)
 
     def extra_repr(self) -> str:
         return (f"divergence={self.divergence!r}, beta={self.beta}, temperature={self.temperature}, "

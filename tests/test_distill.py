@@ -35,6 +35,7 @@ from minitron_fast.distill.sharding import ShardedBlocks, eval_shard
 
 ROOT = Path(__file__).resolve().parent.parent
 STEPS = 8
+LM_WEIGHT = 0.5  # every training run mixes the student's CE into KD: both parts come from one fused pass
 
 # -- unit tests -----------------------------------------------------------------------------------
 
@@ -108,40 +109,66 @@ def test_sharding_is_split_invariant_and_deterministic():
     assert weight == {i: 1.0 for i in range(5)}
 
 
-@pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl", "jsd"])
-def test_fused_and_materialized_losses_agree(divergence):
-    N, Hs, Ht, V = 37, 16, 24, 123
-    hs64, ws64 = torch.randn(N, Hs, dtype=torch.float64), torch.randn(V, Hs, dtype=torch.float64)
-    ht64, wt64 = torch.randn(N, Ht, dtype=torch.float64), torch.randn(V, Ht, dtype=torch.float64)
-    labels = torch.randint(0, V, (N,))
-    labels[::5] = -100
-    n = float((labels != -100).sum())
+def test_projection_starts_from_the_plans_kept_channels(tmp_path):
+    """Student channel j is teacher channel plan.hidden[j]: the projection maps a width-pruned
+    student's embeddings exactly onto the teacher's kept channels (the old identity start mapped
+    j -> j, wrong whenever the kept channels are not a prefix)."""
+    import copy
 
-    def run(impl, dtype):
-        hs = hs64.to(dtype).requires_grad_(True)
-        ws = ws64.to(dtype).requires_grad_(True)
-        ht, wt = ht64.to(dtype), wt64.to(dtype)
-        # two micro-batches, each normalized by the step's token count, sum to the per-token mean
-        loss = sum(losses.kd_loss(hs[sl], ws, ht[sl], wt, labels[sl], num_items=n, impl=impl, divergence=divergence,
-                                  temperature=1.5) for sl in (slice(0, 20), slice(20, N)))
-        gh, gw = torch.autograd.grad(loss, (hs, ws))
-        return [t.double() for t in (loss.detach(), gh, gw)]
+    from transformers import LlamaConfig, LlamaForCausalLM
 
-    ref = run("materialized", torch.float64)
-    for impl in ("fused", "materialized"):
-        for a, b in zip(run(impl, torch.float32), ref):
-            torch.testing.assert_close(a, b, rtol=2e-5, atol=2e-6)
-    # the float64 materialized path against the textbook formula
-    ls = torch.log_softmax((hs64 @ ws64.T) / 1.5, -1)
-    lt = torch.log_softmax((ht64 @ wt64.T) / 1.5, -1)
-    if divergence == "forward_kl":
-        kl = (lt.exp() * (lt - ls)).sum(-1)
-        torch.testing.assert_close(ref[0], kl[labels != -100].mean(), rtol=1e-10, atol=1e-12)
-    ce = {impl: losses.cross_entropy(hs64.float(), ws64.float(), labels, num_items=7.0, impl=impl)
-          for impl in ("fused", "materialized")}
-    ce_ref = torch.nn.functional.cross_entropy(hs64 @ ws64.T, labels, reduction="sum") / 7.0
-    for v in ce.values():
-        torch.testing.assert_close(v.double(), ce_ref, rtol=2e-5, atol=2e-6)
+    from minitron_fast.models.export import export_hf
+    from minitron_fast.prune import apply_plan, make_plan
+
+    torch.manual_seed(0)
+    teacher = LlamaForCausalLM(LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                           num_attention_heads=4, num_key_value_heads=2, head_dim=16))
+    plan = make_plan(teacher.config, {"channels": torch.rand(64, generator=torch.Generator().manual_seed(1))},
+                     "hidden=48")
+    assert plan.hidden != list(range(48))
+    student = apply_plan(copy.deepcopy(teacher), plan)
+    export_hf(student, tmp_path / "s", plan=plan)
+    kept = losses.plan_hidden_channels(tmp_path / "s")
+    assert kept == (plan.hidden, 64)
+    proj = losses.projection(48, 64, kept)
+    ids = torch.arange(97)
+    with torch.no_grad():
+        want = torch.zeros(97, 64)
+        want[:, plan.hidden] = teacher.model.embed_tokens(ids)[:, plan.hidden]
+        torch.testing.assert_close(proj(student.model.embed_tokens(ids)), want, rtol=0, atol=0)
+    # the identity only for equal widths without a plan; nn.Linear's default start otherwise
+    assert losses.plan_hidden_channels(tmp_path / "absent") is None
+    assert torch.equal(losses.projection(64, 64, None).weight, torch.eye(64))
+    w = losses.projection(48, 64, None).weight
+    assert (w != 0).float().mean() > 0.9
+    with pytest.raises(ConfigError, match=r"keeps 48 of 64 hidden channels, but the student is 48 and the teacher "
+                                          r"80 wide"):
+        losses.projection(48, 80, kept)
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "minitron.json").write_text('{"plan": {"kept": {}}}')
+    with pytest.raises(ConfigError, match="malformed prune plan"):
+        losses.plan_hidden_channels(tmp_path / "bad")
+
+
+def test_layer_pairs_and_tokenizers():
+    assert losses.layer_pairs([[0, 1], [-1, -1]], 2, 4) == [(0, 1), (1, 3)]
+    with pytest.raises(ConfigError, match=r"pair \[2, 0\] is outside the student's 2 / teacher's 4 layers"):
+        losses.layer_pairs([[2, 0]], 2, 4)
+
+    class Tok:
+        def __init__(self, vocab):
+            self.vocab = vocab
+
+        def get_vocab(self):
+            return dict(self.vocab)
+
+    base = {f"t{i}": i for i in range(10)}
+    losses.check_tokenizers(Tok(base), Tok(base), "T", "S")
+    swapped = dict(base, t3=4, t4=3)  # same size, other ids: a size check cannot see it
+    with pytest.raises(losses.KDSetupError, match=r"^teacher T and student S use different tokenizers \(10 vs 10 "
+                                                  r"tokens, 4 token/id entries differ") as e:
+        losses.check_tokenizers(Tok(base), Tok(swapped), "T", "S")
+    assert "\n" not in str(e.value)
 
 
 def test_deepspeed_config_checks(tmp_path):
@@ -230,14 +257,15 @@ def _train_losses(out: Path) -> list[float]:
 @pytest.fixture(scope="module")
 def models(tmp_path_factory, demo_model_dir):
     """A tiny teacher (untied, peaked random logits) and a narrower tied student sharing the real
-    SmolLM2 tokenizer (49,152 tokens), plus a student with another vocabulary size."""
+    SmolLM2 tokenizer (49,152 tokens), plus a student whose lm_head has 8 padding rows and one
+    whose tokenizer swaps two token ids (same size: only a token/id comparison sees it)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from minitron_fast.models.export import TOKENIZER_FILES
 
     root = tmp_path_factory.mktemp("distill_models")
     specs = {"teacher": (64, 128, False, 0.2, 49152), "student": (48, 96, True, 0.02, 49152),
-             "student_bad_vocab": (48, 96, True, 0.02, 49160)}
+             "student_padded_vocab": (48, 96, True, 0.02, 49160)}
     for i, (name, (h, f, tied, std, vocab)) in enumerate(specs.items()):
         torch.manual_seed(i + 1)
         m = LlamaForCausalLM(LlamaConfig(vocab_size=vocab, hidden_size=h, intermediate_size=f, num_hidden_layers=2,
@@ -247,6 +275,17 @@ def models(tmp_path_factory, demo_model_dir):
         for t in TOKENIZER_FILES:
             if (Path(demo_model_dir) / t).is_file():
                 shutil.copy2(Path(demo_model_dir) / t, root / name / t)
+    # the student carries a prune plan (48 of the teacher's 64 channels): the intermediate-state
+    # projection starts from it, and distill's export carries it on
+    kept = sorted(torch.randperm(64, generator=torch.Generator().manual_seed(0))[:48].tolist())
+    (root / "student" / "minitron.json").write_text(json.dumps({"plan": {"version": 1, "source": {"hidden_size": 64},
+                                                                          "kept": {"hidden": kept}}}))
+    shutil.copytree(root / "student", root / "student_other_tokenizer")
+    tj = root / "student_other_tokenizer" / "tokenizer.json"
+    tok = json.loads(tj.read_text())
+    vocab = tok["model"]["vocab"]
+    vocab["the"], vocab["and"] = vocab["and"], vocab["the"]
+    tj.write_text(json.dumps(tok))
     return root
 
 
@@ -254,7 +293,7 @@ def _common(models: Path, out: Path, **kw) -> list[str]:
     d = {"teacher": models / "teacher", "student": models / "student", "out": out, "steps": STEPS,
          "micro_batch_size": 2, "grad_accum": 1, "data.seq_len": 32, "data.max_blocks": 64, "data.eval_blocks": 4,
          "eval_every": 4, "save_every": 2, "lr": 3e-3, "warmup_steps": 0, "schedule": "constant", "export": False,
-         "threads": 1}
+         "threads": 1, "loss.lm_weight": LM_WEIGHT}
     d.update(kw)
     return [f"{k}={v}" for k, v in d.items()]
 
@@ -300,7 +339,10 @@ def single_runs(models, tmp_path_factory):
                                                   "ds.zero_stage": 2})},
         {"name": "other_run", "resume": True, "overrides": _common(models, root / "fused", lr=1e-3, **single)},
         {"name": "used_dir", "overrides": _common(models, root / "used")},
-        {"name": "bad_vocab", "overrides": _common(models, root / "bad_vocab", student=models / "student_bad_vocab")},
+        {"name": "padded_vocab", "overrides": _common(models, root / "padded_vocab", steps=2, eval_every=2,
+                                                      student=models / "student_padded_vocab")},
+        {"name": "other_tokenizer", "overrides": _common(models, root / "other_tokenizer",
+                                                         student=models / "student_other_tokenizer")},
         {"name": "nan_before", "overrides": _common(models, root / "nan", teacher=root / "teacher_copy", steps=2)},
         {"name": "poison", "poison": str(root / "teacher_copy" / "model.safetensors")},
         {"name": "nan", "resume": True, "overrides": _common(models, root / "nan", teacher=root / "teacher_copy", steps=4)},
@@ -318,7 +360,7 @@ def _falls(ls: list[float]) -> bool:
 
 
 @pytest.mark.slow
-def test_zero2_and_zero3_losses_fall(dist_runs):
+def test_zero2_and_zero3_losses_fall(models, dist_runs):
     root, res = dist_runs
     for name in ("z2", "z3"):
         assert res[name]["ok"], res[name]
@@ -326,7 +368,9 @@ def test_zero2_and_zero3_losses_fall(dist_runs):
         assert len(ls) == STEPS and all(math.isfinite(x) for x in ls)
         assert _falls(ls), (name, ls)
         recs = _metrics(root / name)
-        assert {"step", "kd", "loss", "lr", "tokens_per_s", "peak_mem_mb", "rss_mb"} <= set(recs[-1])
+        assert {"step", "kd", "lm", "loss", "lr", "tokens_per_s", "peak_mem_mb", "rss_mb"} <= set(recs[-1])
+        for r in recs[1:]:  # the logged parts are the parts of the loss that was trained
+            assert r["loss"] == pytest.approx(r["kd"] + LM_WEIGHT * r["lm"], rel=1e-5)
         assert 0 < recs[-1]["rss_mb"] <= recs[-1]["peak_mem_mb"] * 1.01
         assert recs[1]["lr"] == pytest.approx(3e-3)  # the lr the step applied (constant schedule)
         assert recs[-1]["tokens"] == 4 * 31  # 2 ranks x 2 blocks x 31 next-token targets
@@ -341,6 +385,8 @@ def test_zero2_and_zero3_losses_fall(dist_runs):
     from minitron_fast.models.loading import load_tokenizer
 
     final = root / "z3" / "final"
+    plan = json.loads((models / "student" / "minitron.json").read_text())["plan"]
+    assert json.loads((final / "minitron.json").read_text())["plan"] == plan
     model = AutoModelForCausalLM.from_pretrained(final).eval()
     assert model.config.hidden_size == 48 and model.config.tie_word_embeddings
     blocks = token_blocks(load_tokenizer(final), "demo", "heldout", 32, max_blocks=4)
@@ -394,8 +440,8 @@ def test_intermediate_state_loss(single_runs):
     root, res = single_runs
     assert res["inter"]["ok"], res["inter"]
     recs = [r for r in _metrics(root / "inter") if "loss" in r]
-    for r in recs:  # total = kd + 1.0 * inter
-        assert r["loss"] == pytest.approx(r["kd"] + r["inter"], rel=1e-5)
+    for r in recs:  # total = kd + 0.5 * lm + 1.0 * inter
+        assert r["loss"] == pytest.approx(r["kd"] + LM_WEIGHT * r["lm"] + r["inter"], rel=1e-5)
     inter = [r["inter"] for r in recs]
     assert inter[-1] < inter[0], inter
 
@@ -406,7 +452,11 @@ def test_bad_inputs_fail_clearly_and_lose_nothing(single_runs):
     assert not res["other_run"]["ok"] and "belongs to a different run" in res["other_run"]["error"]
     assert not res["used_dir"]["ok"] and "is not empty" in res["used_dir"]["error"]
     assert (root / "used" / "file.txt").read_text() == "x"
-    assert not res["bad_vocab"]["ok"] and "vocabulary" in res["bad_vocab"]["error"]
+    other = res["other_tokenizer"]
+    assert not other["ok"] and "use different tokenizers (49152 vs 49152 tokens, 4 token/id entries" in other["error"]
+    # a student head with padding rows beyond the tokenizer trains on the shared 49,152 rows
+    assert res["padded_vocab"]["ok"], res["padded_vocab"]
+    assert all(math.isfinite(x) for x in _train_losses(root / "padded_vocab"))
     # NaN loss (a teacher corrupted between a run and its resume): stop at once, keep the last good
     # checkpoint and say which step
     nan = res["nan"]

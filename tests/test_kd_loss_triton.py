@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from minitron_fast.ops._dispatch import triton_available, triton_runnable
-from minitron_fast.ops.kd_loss import fused_linear_kd_loss, kd_loss_reference
+from minitron_fast.ops.kd_loss import REGISTRY, fused_linear_kd_loss, kd_loss_reference
 
 pytestmark = [
     pytest.mark.skipif(not (triton_available() and triton_runnable(torch.empty(0))),
@@ -33,7 +33,7 @@ def test_kernel_multi_block_matches_reference(divergence, beta, temperature):
     S = (zs / temperature).float().contiguous()
     Tt = (zt / temperature).float().contiguous()
     kd_rows = torch.full((c,), float("nan"))
-    kd_softmax(S, Tt, a.float(), kd_rows, divergence=divergence, beta=beta, g_mult=1.0 / temperature,
+    kd_softmax(S, Tt, a.float(), kd_rows, div_code=REGISTRY[divergence].code, beta=beta, g_mult=1.0 / temperature,
                block_v=64, num_warps=4)
     z64 = zs.clone().requires_grad_()
     ref_rows = kd_loss_reference(z64, zt, divergence=divergence, beta=beta, temperature=temperature,

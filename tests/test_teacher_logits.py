@@ -1,7 +1,7 @@
 """Offline teacher logits: the shard format, the writer (resume, bad input) and training from them.
 
 - unit: the row form and codec (16-, 17- and 32-bit ids) against float64 full logits; truncation
-  of stored rows; the top-k losses against the float64 reference;
+  of stored rows; stored rows through the KD step against float64 references of both semantics;
 - writer: a tiny teacher with the real SmolLM2 tokenizer writes a few blocks; rows read back equal
   the teacher's float64 logits (up to bf16 rounding); a killed write resumes and recomputes only
   the missing shards; manifest mismatches and a truncated shard fail in one line;
@@ -22,7 +22,7 @@ import pytest
 import torch
 
 from minitron_fast.artifacts import teacher_logits as tl
-from minitron_fast.distill import losses
+from minitron_fast.integrations.kd_step import IGNORE_INDEX
 from minitron_fast.ops.kd_loss import kd_loss_reference
 
 torch.set_float32_matmul_precision("highest")
@@ -86,21 +86,33 @@ def test_truncated_rows_equal_a_smaller_top_k():
     torch.testing.assert_close(t8, r8[2])
 
 
+def _head_loss(h, W, v, i, t, labels, *, divergence, temperature, num_items):
+    """The trainer's loss path: the one KD step's head loss with a top-k teacher."""
+    from minitron_fast.integrations.kd_step import KDSpec, TopKTeacher, head_loss
+
+    head = torch.nn.Linear(W.shape[1], W.shape[0], bias=False, dtype=W.dtype)
+    head.weight.data.copy_(W)
+    head.weight.requires_grad_(False)
+    return head_loss(h, head, TopKTeacher(v, i, t), labels, num_items=num_items,
+                     spec=KDSpec(divergence=divergence, temperature=temperature))["loss"]
+
+
 @pytest.mark.parametrize("semantics,divergence", [  # reverse KL is infinite against a renormalized top-k
     ("tail", "forward_kl"), ("tail", "jsd"), ("tail", "reverse_kl"), ("renorm", "forward_kl"), ("renorm", "jsd")])
-def test_topk_losses_match_float64_reference(divergence, semantics):
+def test_stored_rows_through_the_kd_step_match_float64(divergence, semantics):
+    """Stored rows (bf16 values, packed ids, tail) fed to the KD step give the documented
+    semantics: renorm = the fused loss's top-k reference; tail = k + 1 buckets, by hand."""
     torch.manual_seed(2)
-    N, V, H, k = 23, 131, 16, 9
+    N, V, H, k, T = 23, 131, 16, 9, 2.0
     h = torch.randn(N, H, dtype=torch.float64, requires_grad=True)
     W = torch.randn(V, H, dtype=torch.float64)
-    zt = torch.randn(N, V, dtype=torch.float64) * 3
     lab = torch.randint(0, V, (N,))
-    lab[3] = losses.IGNORE_INDEX
-    v, i, t = tl.topk_rows(zt.clone(), k)
-    if semantics == "renorm":  # the fused loss's float64 reference
-        ref = kd_loss_reference(h @ W.T, teacher_topk=(v, i), labels=lab, divergence=divergence, temperature=2.0)
-    else:  # k + 1 buckets, by hand
-        T = 2.0
+    lab[3] = IGNORE_INDEX
+    v, i, t = tl.decode(tl.encode(*tl.topk_rows(torch.randn(N, V, dtype=torch.float64) * 3, k), V), k)
+    v, t = v.double(), t.double()
+    if semantics == "renorm":
+        ref = kd_loss_reference(h @ W.T, teacher_topk=(v, i), labels=lab, divergence=divergence, temperature=T)
+    else:
         lt = torch.log_softmax(torch.cat([v, t[:, None]], 1) / T, 1)
         ls_full = torch.log_softmax(h @ W.T / T, 1)
         ls = torch.cat([ls_full.gather(1, i), ls_full.scatter(1, i, -math.inf).logsumexp(1, keepdim=True)], 1)
@@ -109,23 +121,23 @@ def test_topk_losses_match_float64_reference(divergence, semantics):
         if rows is None:
             lm = torch.logaddexp(lt + math.log(0.5), ls + math.log(0.5))
             rows = 0.5 * (pt * (lt - lm)).sum(1) + 0.5 * (ps * (ls - lm)).sum(1)
-        ref = (rows * (lab != losses.IGNORE_INDEX)).sum() / (N - 1)
+        ref = (rows * (lab != IGNORE_INDEX)).sum() / (N - 1)
     (g_ref,) = torch.autograd.grad(ref, h)
-    for impl, dt, tol in (("materialized", torch.float64, 1e-10), ("fused", torch.float32, 2e-5)):
-        hh = h.detach().to(dt).requires_grad_()
-        got = losses.kd_loss_topk(hh, W.to(dt), v.to(dt), i, t.to(dt), lab, num_items=N - 1, semantics=semantics,
-                                  impl=impl, divergence=divergence, temperature=2.0, chunk_size=7)
-        (g,) = torch.autograd.grad(got, hh)
-        torch.testing.assert_close(got.double(), ref, rtol=tol, atol=tol)
-        torch.testing.assert_close(g.double(), g_ref, rtol=tol * 10, atol=tol)
+    hh = h.detach().float().requires_grad_()
+    got = _head_loss(hh, W.float(), v.float(), i, None if semantics == "renorm" else t.float(), lab,
+                     divergence=divergence, temperature=T, num_items=N - 1)
+    (g,) = torch.autograd.grad(got, hh)
+    torch.testing.assert_close(got.double(), ref, rtol=2e-5, atol=2e-5)
+    torch.testing.assert_close(g.double(), g_ref, rtol=2e-4, atol=2e-5)
 
 
 def test_tail_at_full_k_is_the_full_teacher():
     torch.manual_seed(3)
-    zs, zt = torch.randn(6, 50, dtype=torch.float64), torch.randn(6, 50, dtype=torch.float64) * 2
+    h, W, zt = torch.randn(6, 8), torch.randn(50, 8), torch.randn(6, 50, dtype=torch.float64) * 2
     v, i, t = tl.topk_rows(zt.clone(), 50)
-    per = losses.topk_divergence_per_token(zs, v, i, t, divergence="forward_kl", beta=0.5, temperature=1.0)
-    torch.testing.assert_close(per.mean(), kd_loss_reference(zs, zt))
+    got = _head_loss(h, W, v.float(), i, t.float(), torch.arange(6), divergence="forward_kl", temperature=1.0,
+                     num_items=6)
+    torch.testing.assert_close(got.double(), kd_loss_reference((h @ W.T).double(), zt), rtol=1e-5, atol=1e-6)
 
 
 # -- the writer ------------------------------------------------------------------------------------------

@@ -128,6 +128,37 @@ def topk_rows(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor,
     return v - lse, i, tail
 
 
+_LOGIT_BYTES = 1 << 28  # fp32 [rows, V] logits per lm_head call: 256 MiB (512 rows at V=128k)
+
+
+@torch.no_grad()
+def model_rows(model: torch.nn.Module, ids: torch.Tensor, k: int, *, gather: Any = None):
+    """The stored form (``topk_rows``) of a causal LM's next-token distributions for blocks
+    ``ids [B, L]``: ``values [B, L-1, k]``, ``indices [B, L-1, k]``, ``tail [B, L-1]`` (unrounded;
+    ``encode`` rounds). The ``[rows, V]`` logits (softcapped as the model does) are made a bounded
+    chunk of rows at a time; ``gather(weight, bias)``, when given, is a context manager that
+    gathers a partitioned lm_head (ZeRO-3)."""
+    import contextlib
+
+    from minitron_fast.models import get_view
+
+    view = get_view(model)
+    head, cap = view.lm_head, view.final_logit_softcap
+    hidden = model.base_model(input_ids=ids, use_cache=False).last_hidden_state
+    B, L, H = hidden.shape
+    h = hidden[:, :-1].reshape(-1, H)
+    out: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+    w, b = head.weight, head.bias
+    with gather(w, b) if gather is not None else contextlib.nullcontext():
+        chunk = max(1, _LOGIT_BYTES // (4 * w.shape[0]))
+        for c0 in range(0, h.shape[0], chunk):
+            z = torch.nn.functional.linear(h[c0:c0 + chunk].to(device=w.device, dtype=w.dtype), w, b).float()
+            if cap is not None:
+                z = cap * torch.tanh(z / cap)
+            out.append(topk_rows(z, k))
+    return tuple(torch.cat([o[j] for o in out]).view(B, L - 1, *((k,) if j < 2 else ())) for j in range(3))
+
+
 def truncate_rows(values: torch.Tensor, indices: torch.Tensor, tail: torch.Tensor, k: int):
     """The top-``k`` of sorted top-K rows (``k <= K``), the dropped ranks folded into the tail
     (exact: the same as ``topk_rows`` at ``k`` up to the stored rounding)."""
@@ -370,5 +401,5 @@ class TeacherLogits:
 
 __all__ = ["FORMAT", "VERSION", "FORM", "SEMANTICS", "TeacherLogitsError", "TeacherLogits", "RunIdentity",
            "block_hashes", "hashes_digest", "tokenizer_digest", "model_digest", "index_bits", "bytes_per_row",
-           "topk_rows", "truncate_rows", "encode", "decode", "shard_name", "write_shard", "shard_is_complete",
+           "topk_rows", "model_rows", "truncate_rows", "encode", "decode", "shard_name", "write_shard", "shard_is_complete",
            "write_manifest"]

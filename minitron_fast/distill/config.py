@@ -39,7 +39,7 @@ class ConfigError(MinitronError, ValueError):
 
 
 MODES = ("distill", "correct-teacher")
-DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
+from minitron_fast.ops.kd_loss.divergences import DIVERGENCES  # noqa: E402  (the one registry)
 LOSS_IMPLS = ("fused", "materialized")
 TOPK_SEMANTICS = ("tail", "renorm")
 
@@ -149,6 +149,9 @@ class DistillConfig:
             raise ConfigError(f"loss.topk_semantics={L.topk_semantics!r} is not one of {TOPK_SEMANTICS}")
         if L.topk is not None and L.topk < 1:
             raise ConfigError(f"loss.topk must be at least 1 (or null), got {L.topk}")
+        if (L.topk or self.teacher_logits) and L.impl != "fused":
+            raise ConfigError("a top-k teacher (teacher_logits or loss.topk) runs through the fused loss; "
+                              "set loss.impl=fused")
         if (L.topk or self.teacher_logits) and L.topk_semantics == "renorm" and L.divergence == "reverse_kl":
             raise ConfigError("reverse_kl is infinite against a renormalized top-k teacher (zero mass outside "
                               "the top-k); use loss.topk_semantics=tail or another divergence")

@@ -1,274 +1,113 @@
-"""The trainer's one door to the losses: logit KD and LM cross-entropy from hidden states.
+"""The distillation stage's side of the losses: the KD step's options from a recipe and the two
+models, and the intermediate-state loss's layer pairs and projection.
 
-``impl="fused"`` calls the package's fused linear losses (``minitron_fast.ops.kd_loss``): the
-``[N, V]`` logits of either model are never materialized. ``impl="materialized"`` computes the
-full logits with plain torch (``log_softmax`` + KL / CE); it is the baseline of
-``bench/distill_step`` and the reference of the "fused and materialized give the same
-trajectory" test.
+The step itself (decoders, lm_heads gathered under ZeRO-3, one fused-loss call returning its KD and
+CE parts, the intermediate MSE) is ``minitron_fast.integrations.kd_step``, shared with search, the
+HF Trainer integration and the benchmarks.
 
-Every loss here returns ``sum over valid tokens / num_items``: with ``num_items`` the valid-token
-count of the whole optimizer step (all micro-batches, all ranks), summing the micro-batch losses
-gives exactly the per-token mean over the step, which is how gradient accumulation must
-normalize.
+Intermediate-state loss: for each pair ``[s, t]``, the MSE between ``proj(raw output of student
+layer s)`` and the raw output of teacher layer ``t`` (pre-final-norm on both sides, the last layer
+included). ``proj`` is one learned linear map from student to teacher width shared by all pairs.
+It starts from the prune plan when the student carries one (``minitron.json``): student channel
+``j`` is teacher channel ``plan.hidden[j]``, so ``proj`` starts as that scatter; the identity when
+the widths are equal and no plan exists; ``nn.Linear``'s default (random) initialization otherwise.
 """
 from __future__ import annotations
 
-import math
+import json
+import os
+from pathlib import Path
+from typing import Any, Sequence
 
 import torch
-import torch.nn.functional as F
-from torch import Tensor
+from torch import nn
 
-IGNORE_INDEX = -100
+from minitron_fast.distill.config import ConfigError, LossConfig
+from minitron_fast.integrations.kd_step import IGNORE_INDEX, KDSetupError, KDSpec  # noqa: F401  (re-exported)
 
 
-def _fused_ops():
-    """The fused ops of ``minitron_fast.ops.kd_loss``, or None when that module is absent."""
-    try:
-        from minitron_fast.ops import kd_loss as mod
-    except ImportError:
+def check_tokenizers(teacher_tok: Any, student_tok: Any, teacher: str, student: str) -> None:
+    """Refuses a teacher and student whose tokenizers map tokens to different ids (compared as
+    whole ``token -> id`` maps, not sizes)."""
+    tv, sv = teacher_tok.get_vocab(), student_tok.get_vocab()
+    if tv == sv:
+        return
+    diff = sorted(set(tv.items()) ^ set(sv.items()), key=lambda kv: kv[1])
+    example = f"e.g. {diff[0][0]!r} -> {diff[0][1]}" if diff else ""
+    raise KDSetupError(f"teacher {teacher} and student {student} use different tokenizers ({len(tv)} vs {len(sv)} "
+                       f"tokens, {len(diff)} token/id entries differ, {example}); logit KD needs one vocabulary: "
+                       "distill a student pruned from this teacher")
+
+
+def kd_spec(loss: LossConfig, *, inter_weight: float = 0.0, softcap: float | None = None,
+            vocab_size: int | None = None) -> KDSpec:
+    """The KD step's options from the recipe's ``loss`` section and what the models say."""
+    return KDSpec(kd_weight=loss.kd_weight, lm_weight=loss.lm_weight, inter_weight=inter_weight,
+                  divergence=loss.divergence, beta=loss.beta, temperature=loss.temperature, impl=loss.impl,
+                  chunk_size=loss.chunk_size, softcap=softcap, vocab_size=vocab_size)
+
+
+# -- intermediate-state loss --------------------------------------------------------------------------
+
+def layer_pairs(pairs: Sequence[Sequence[int]], n_student: int, n_teacher: int) -> list[tuple[int, int]]:
+    """Recipe pairs ``[[s, t], ...]`` (negative indices count from the last layer) as 0-based
+    ``(student_layer, teacher_layer)``; refuses indices outside either model."""
+    out = []
+    for s, t in pairs:
+        s2, t2 = s % n_student if s < 0 else s, t % n_teacher if t < 0 else t
+        if not (0 <= s2 < n_student and 0 <= t2 < n_teacher):
+            raise ConfigError(f"intermediate pair [{s}, {t}] is outside the student's {n_student} / teacher's "
+                              f"{n_teacher} layers")
+        out.append((s2, t2))
+    return out
+
+
+def _malformed(p: Path, exc: Exception) -> ConfigError:
+    return ConfigError(f"{p} holds a malformed prune plan ({type(exc).__name__}: {exc}); re-export the student "
+                       "with minitron-fast prune")
+
+
+def plan_record(model_dir: str | os.PathLike | None) -> dict[str, Any] | None:
+    """The prune plan (as a dict) in ``model_dir/minitron.json`` (written by ``prune``, carried on by
+    ``distill``'s export), or None when there is none."""
+    p = Path(model_dir) / "minitron.json" if model_dir is not None else None
+    if p is None or not p.is_file():
         return None
-    return mod
+    try:
+        plan = json.loads(p.read_text()).get("plan")
+    except (json.JSONDecodeError, AttributeError) as exc:
+        raise _malformed(p, exc) from None
+    return plan or None
 
 
-def fused_available() -> bool:
-    mod = _fused_ops()
-    return mod is not None and hasattr(mod, "fused_linear_kd_loss")
+def plan_hidden_channels(model_dir: str | os.PathLike | None) -> tuple[list[int], int] | None:
+    """``(kept, source_hidden)``: the teacher channel kept as each student channel, from the prune
+    plan in ``model_dir/minitron.json``, or None when there is none."""
+    plan = plan_record(model_dir)
+    if plan is None:
+        return None
+    try:
+        return [int(i) for i in plan["kept"]["hidden"]], int(plan["source"]["hidden_size"])
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise _malformed(Path(model_dir) / "minitron.json", exc) from None
 
 
-# -- materialized references --------------------------------------------------------------------
-
-def _logits(h: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
-    """fp32 logits (fp64 when the inputs are fp64, for references)."""
-    dt = torch.float64 if h.dtype == torch.float64 else torch.float32
-    return F.linear(h.to(dt), w.to(dt), None if b is None else b.to(dt))
-
-
-def divergence_per_token(s_logits: Tensor, t_logits: Tensor, *, divergence: str, beta: float,
-                         temperature: float) -> Tensor:
-    """``[N]`` divergence between teacher and student distributions from ``[N, V]`` logits
-    (fp32): forward_kl = KL(p_t || p_s), reverse_kl = KL(p_s || p_t), jsd = beta KL(p_t || m) +
-    (1 - beta) KL(p_s || m) with m = beta p_t + (1 - beta) p_s."""
-    if divergence == "jsd" and beta in (0.0, 1.0):  # the limits, as minitron_fast.ops.kd_loss defines them
-        divergence = "forward_kl" if beta == 0.0 else "reverse_kl"
-    ls = torch.log_softmax(s_logits / temperature, dim=-1)
-    lt = torch.log_softmax(t_logits / temperature, dim=-1)
-    if divergence == "forward_kl":
-        return (lt.exp() * (lt - ls)).sum(-1)
-    if divergence == "reverse_kl":
-        return (ls.exp() * (ls - lt)).sum(-1)
-    if divergence == "jsd":
-        lm = torch.logaddexp(lt + math.log(beta), ls + math.log1p(-beta))
-        return beta * (lt.exp() * (lt - lm)).sum(-1) + (1 - beta) * (ls.exp() * (ls - lm)).sum(-1)
-    raise ValueError(f"unknown divergence {divergence!r}")
-
-
-def materialized_kd_loss(student_hidden: Tensor, student_weight: Tensor, teacher_hidden: Tensor, teacher_weight: Tensor,
-                         labels: Tensor, *, num_items: float, student_bias: Tensor | None = None,
-                         teacher_bias: Tensor | None = None, divergence: str = "forward_kl", beta: float = 0.5,
-                         temperature: float = 1.0) -> Tensor:
-    """Plain-torch KD loss with full ``[N, V]`` logits (fp32): ``sum_valid div / num_items``."""
-    s = _logits(student_hidden, student_weight, student_bias)
+def projection(student_width: int, teacher_width: int, plan: tuple[list[int], int] | None = None, *,
+               dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+               where: str = "the student") -> nn.Linear:
+    """The student->teacher width map of the intermediate-state loss, ``nn.Linear(Hs, Ht)`` without
+    bias: ``weight[plan_kept[j], j] = 1`` (else 0) when a plan is known, the identity for equal
+    widths without one, the default initialization otherwise."""
+    proj = nn.Linear(student_width, teacher_width, bias=False, dtype=dtype, device=device)
     with torch.no_grad():
-        t = _logits(teacher_hidden, teacher_weight, teacher_bias)
-    per = divergence_per_token(s, t, divergence=divergence, beta=beta, temperature=temperature)
-    valid = labels != IGNORE_INDEX
-    return (per * valid).sum() / num_items
-
-
-def materialized_cross_entropy(hidden: Tensor, weight: Tensor, labels: Tensor, *, num_items: float,
-                               bias: Tensor | None = None) -> Tensor:
-    logits = _logits(hidden, weight, bias)
-    return F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="sum") / num_items
-
-
-# -- the adapter ------------------------------------------------------------------------------
-
-def kd_loss(student_hidden: Tensor, student_weight: Tensor, teacher_hidden: Tensor, teacher_weight: Tensor,
-            labels: Tensor, *, num_items: float, impl: str = "fused", student_bias: Tensor | None = None,
-            teacher_bias: Tensor | None = None, divergence: str = "forward_kl", beta: float = 0.5,
-            temperature: float = 1.0, chunk_size: int | None = None) -> Tensor:
-    """KD loss of student hidden states ``[N, Hs]`` against teacher hidden states ``[N, Ht]``
-    through their lm_heads ``[V, Hs]`` / ``[V, Ht]``; ``labels [N]`` masks positions equal to
-    -100. Returns ``sum over valid tokens / num_items`` (a 0-dim fp32 tensor)."""
-    if impl == "materialized":
-        return materialized_kd_loss(student_hidden, student_weight, teacher_hidden, teacher_weight, labels,
-                                    num_items=num_items, student_bias=student_bias, teacher_bias=teacher_bias,
-                                    divergence=divergence, beta=beta, temperature=temperature)
-    if impl != "fused":
-        raise ValueError(f"impl must be 'fused' or 'materialized', got {impl!r}")
-    mod = _fused_ops()
-    if mod is None or not hasattr(mod, "fused_linear_kd_loss"):
-        return _chunked_kd_loss(student_hidden, student_weight, teacher_hidden, teacher_weight, labels,
-                                num_items=num_items, student_bias=student_bias, teacher_bias=teacher_bias,
-                                divergence=divergence, beta=beta, temperature=temperature, chunk_size=chunk_size)
-    return mod.fused_linear_kd_loss(student_hidden, student_weight, teacher_hidden, teacher_weight,
-                                    student_bias=student_bias, teacher_bias=teacher_bias, labels=labels,
-                                    divergence=divergence, beta=beta, temperature=temperature,
-                                    ignore_index=IGNORE_INDEX, reduction="mean", num_items=num_items,
-                                    chunk_size=chunk_size)
-
-
-# -- a top-k teacher (stored teacher logits, or a live teacher truncated to its top-k) ----------
-
-def _kl(p: Tensor, lp: Tensor, lq: Tensor) -> Tensor:
-    """``sum p (lp - lq)`` over the last dim with ``0 log 0 = 0``."""
-    return torch.where(p > 0, p * (lp - lq), torch.zeros_like(p)).sum(-1)
-
-
-def _divergence_logprobs(lt: Tensor, ls: Tensor, divergence: str, beta: float) -> Tensor:
-    """``[n]`` divergence between normalized log-distributions ``lt`` (teacher) and ``ls``."""
-    if divergence == "jsd" and beta in (0.0, 1.0):
-        divergence = "forward_kl" if beta == 0.0 else "reverse_kl"
-    pt, ps = lt.exp(), ls.exp()
-    if divergence == "forward_kl":
-        return _kl(pt, lt, ls)
-    if divergence == "reverse_kl":
-        return _kl(ps, ls, lt)
-    if divergence == "jsd":
-        lm = torch.logaddexp(lt + math.log(beta), ls + math.log1p(-beta))
-        return beta * _kl(pt, lt, lm) + (1 - beta) * _kl(ps, ls, lm)
-    raise ValueError(f"unknown divergence {divergence!r}")
-
-
-def topk_divergence_per_token(s_logits: Tensor, values: Tensor, indices: Tensor, tail: Tensor | None, *,
-                              divergence: str, beta: float, temperature: float) -> Tensor:
-    """``[N]`` divergence of the student's full logits ``[N, V]`` from a top-k teacher.
-
-    ``values [N, k]`` are the teacher's top-k logits up to a per-row shift (the stored form is
-    log-probabilities) at ``indices [N, k]``. Semantics:
-
-    - ``tail=None`` (renorm): the teacher is ``softmax(values / T)`` on the top-k, 0 elsewhere;
-      the student keeps its full softmax (what the fused loss's ``teacher_topk`` computes).
-    - ``tail [N]`` (tail): the log-mass outside the top-k, with the same shift; both models become
-      distributions over k + 1 buckets (the top-k tokens and "the rest"), the teacher's
-      ``softmax([values, tail] / T)``. Exact for the full teacher at T = 1 (the tail bucket's
-      inner shape is unknown at other temperatures, so ``tail / T`` stands for it).
-    """
-    T = float(temperature)
-    ls = torch.log_softmax(s_logits / T, -1)
-    idx = indices.long()
-    ls_k = ls.gather(1, idx)
-    if tail is None:
-        lt_k = torch.log_softmax(values.to(ls.dtype) / T, -1)
-        if divergence == "forward_kl":  # needs no [N, V] teacher
-            return _kl(lt_k.exp(), lt_k, ls_k)
-        lt = torch.full_like(ls, -math.inf).scatter_(1, idx, lt_k)
-        return _divergence_logprobs(lt, ls, divergence, beta)
-    rest = ls.scatter(1, idx, -math.inf).logsumexp(-1, keepdim=True)
-    lt_b = torch.log_softmax(torch.cat([values.to(ls.dtype), tail.to(ls.dtype)[:, None]], 1) / T, -1)
-    return _divergence_logprobs(lt_b, torch.cat([ls_k, rest], 1), divergence, beta)
-
-
-def materialized_topk_kd_loss(student_hidden: Tensor, student_weight: Tensor, values: Tensor, indices: Tensor,
-                              tail: Tensor | None, labels: Tensor, *, num_items: float,
-                              student_bias: Tensor | None = None, divergence: str = "forward_kl", beta: float = 0.5,
-                              temperature: float = 1.0) -> Tensor:
-    """Plain-torch KD loss against a top-k teacher with full ``[N, V]`` student logits (fp32)."""
-    s = _logits(student_hidden, student_weight, student_bias)
-    per = topk_divergence_per_token(s, values, indices, tail, divergence=divergence, beta=beta,
-                                    temperature=temperature)
-    return (per * (labels != IGNORE_INDEX)).sum() / num_items
-
-
-def _fused_tail_supported(mod) -> bool:
-    import inspect
-
-    fn = getattr(mod, "fused_linear_kd_loss", None)
-    return fn is not None and "teacher_topk_tail_lse" in inspect.signature(fn).parameters
-
-
-def kd_loss_topk(student_hidden: Tensor, student_weight: Tensor, values: Tensor, indices: Tensor, tail: Tensor | None,
-                 labels: Tensor, *, num_items: float, semantics: str = "tail", impl: str = "fused",
-                 student_bias: Tensor | None = None, divergence: str = "forward_kl", beta: float = 0.5,
-                 temperature: float = 1.0, chunk_size: int | None = None) -> Tensor:
-    """KD loss of student hidden states ``[N, Hs]`` (lm_head ``[V, Hs]``) against a top-k teacher:
-    ``values [N, k]``, ``indices [N, k]`` and, for ``semantics="tail"``, ``tail [N]`` (see
-    :func:`topk_divergence_per_token`). Returns ``sum over valid tokens / num_items``.
-
-    ``impl="fused"`` uses the fused loss's top-k path (never ``[N, V]`` in memory); the tail
-    bucket needs its ``teacher_topk_tail_lse``, and where that is absent the loss runs chunked
-    under activation checkpointing (one ``[chunk, V]`` block alive at a time)."""
-    if semantics not in ("tail", "renorm"):
-        raise ValueError(f"semantics must be 'tail' or 'renorm', got {semantics!r}")
-    t = tail if semantics == "tail" else None
-    if t is None and semantics == "tail":
-        raise ValueError("semantics='tail' needs the teacher's tail log-mass")
-    kw = dict(student_bias=student_bias, divergence=divergence, beta=beta, temperature=temperature)
-    if impl == "materialized":
-        return materialized_topk_kd_loss(student_hidden, student_weight, values, indices, t, labels,
-                                         num_items=num_items, **kw)
-    if impl != "fused":
-        raise ValueError(f"impl must be 'fused' or 'materialized', got {impl!r}")
-    mod = _fused_ops()
-    fused = mod is not None and hasattr(mod, "fused_linear_kd_loss")
-    if fused and (t is None or _fused_tail_supported(mod)):
-        extra = {} if t is None else {"teacher_topk_tail_lse": t.float()}
-        return mod.fused_linear_kd_loss(student_hidden, student_weight, teacher_topk=(values, indices), labels=labels,
-                                        ignore_index=IGNORE_INDEX, reduction="mean", num_items=num_items,
-                                        chunk_size=chunk_size, **kw, **extra)
-    from torch.utils.checkpoint import checkpoint
-
-    def part(h, v, i, tt, lab):
-        return materialized_topk_kd_loss(h, student_weight, v, i, tt, lab, num_items=num_items, **kw)
-
-    total = student_hidden.new_zeros((), dtype=torch.float32)
-    for sl in _chunks(student_hidden.shape[0], chunk_size or 1024):
-        total = total + checkpoint(part, student_hidden[sl], values[sl], indices[sl], None if t is None else t[sl],
-                                   labels[sl], use_reentrant=False)
-    return total
-
-
-def cross_entropy(hidden: Tensor, weight: Tensor, labels: Tensor, *, num_items: float, impl: str = "fused",
-                  bias: Tensor | None = None, chunk_size: int | None = None) -> Tensor:
-    """Next-token CE from hidden states ``[N, H]`` and lm_head ``[V, H]``: ``sum / num_items``."""
-    if impl == "materialized":
-        return materialized_cross_entropy(hidden, weight, labels, num_items=num_items, bias=bias)
-    if impl != "fused":
-        raise ValueError(f"impl must be 'fused' or 'materialized', got {impl!r}")
-    mod = _fused_ops()
-    fn = getattr(mod, "fused_linear_cross_entropy", None) if mod is not None else None
-    if fn is None:
-        return _chunked_cross_entropy(hidden, weight, labels, num_items=num_items, bias=bias, chunk_size=chunk_size)
-    return fn(hidden, weight, labels, bias=bias, ignore_index=IGNORE_INDEX, reduction="mean", num_items=num_items,
-              chunk_size=chunk_size)
-
-
-# -- a chunked fallback while the fused ops are absent ---------------------------------------------
-# Each chunk of tokens is computed under activation checkpointing, so only one chunk's [C, V]
-# logits are alive at a time (recomputed in backward). Slower than the fused kernel's
-# single pass, but memory-lean and exact.
-
-def _chunks(n: int, chunk: int):
-    for i in range(0, n, chunk):
-        yield slice(i, min(i + chunk, n))
-
-
-def _chunked_kd_loss(sh, sw, th, tw, labels, *, num_items, student_bias, teacher_bias, divergence, beta,
-                     temperature, chunk_size):
-    from torch.utils.checkpoint import checkpoint
-
-    chunk = chunk_size or 1024
-
-    def part(h, t_h, lab):
-        return materialized_kd_loss(h, sw, t_h, tw, lab, num_items=num_items, student_bias=student_bias,
-                                    teacher_bias=teacher_bias, divergence=divergence, beta=beta, temperature=temperature)
-
-    total = sh.new_zeros((), dtype=torch.float32)
-    for sl in _chunks(sh.shape[0], chunk):
-        total = total + checkpoint(part, sh[sl], th[sl], labels[sl], use_reentrant=False)
-    return total
-
-
-def _chunked_cross_entropy(h, w, labels, *, num_items, bias, chunk_size):
-    from torch.utils.checkpoint import checkpoint
-
-    chunk = chunk_size or 1024
-
-    def part(x, lab):
-        return materialized_cross_entropy(x, w, lab, num_items=num_items, bias=bias)
-
-    total = h.new_zeros((), dtype=torch.float32)
-    for sl in _chunks(h.shape[0], chunk):
-        total = total + checkpoint(part, h[sl], labels[sl], use_reentrant=False)
-    return total
+        if plan is not None:
+            kept, source = plan
+            if len(kept) != student_width or source != teacher_width or not all(0 <= k < source for k in kept):
+                raise ConfigError(f"the prune plan of {where} keeps {len(kept)} of {source} hidden channels, but the "
+                                  f"student is {student_width} and the teacher {teacher_width} wide: distill the "
+                                  "student from the teacher it was pruned from")
+            proj.weight.zero_()
+            proj.weight[torch.tensor(kept, device=proj.weight.device), torch.arange(student_width, device=device)] = 1
+        elif student_width == teacher_width:
+            proj.weight.copy_(torch.eye(teacher_width, dtype=dtype, device=device))
+    return proj

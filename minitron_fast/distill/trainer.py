@@ -3,9 +3,10 @@
 One process per rank (``deepspeed --num_gpus N --module minitron_fast.distill ...``), or a single
 process that sets up a world of one. The student (or, in ``correct-teacher`` mode, the teacher)
 is wrapped in a DeepSpeed engine; the frozen teacher runs in eval mode without gradients (or as
-a ZeRO-3 inference engine). Losses are computed from hidden states through
-``minitron_fast.distill.losses`` (fused by default); under ZeRO-3 the partitioned lm_heads are
-gathered around the loss's forward *and* backward.
+a ZeRO-3 inference engine). The engine wraps ``KDStudent``, whose forward is the one KD step
+(``minitron_fast.integrations.kd_step``: decoders, lm_heads gathered under ZeRO-3, one fused-loss
+call returning its KD and CE parts); ``minitron_fast.distill.losses`` sets its options from the
+recipe and the models.
 
 Output directory layout (``cfg.out``)::
 
@@ -35,6 +36,8 @@ from minitron_fast.distill.config import ConfigError, DistillConfig, dump_config
 from minitron_fast.distill.launch import free_port
 from minitron_fast.distill.sharding import ShardedBlocks, eval_shard
 from minitron_fast.errors import MinitronError
+from minitron_fast.integrations.kd_step import KDStudent, head_options
+from minitron_fast.integrations.zero3 import gathered
 from minitron_fast.io import atomic_write_json, atomic_write_text, same_or_inside, save_figure
 
 log = logging.getLogger("minitron_fast.distill")
@@ -101,48 +104,6 @@ def peak_memory_mb() -> float:
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-@contextlib.contextmanager
-def gathered(params: list[nn.Parameter]):
-    """Gathers ZeRO-3-partitioned ``params`` for the duration (read-only); a no-op for
-    parameters DeepSpeed does not partition."""
-    params = [p for p in params if p is not None]
-    if not any(hasattr(p, "ds_id") for p in params):
-        yield
-        return
-    import deepspeed
-
-    with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
-        yield
-
-
-# -- the trained module ---------------------------------------------------------------------------
-
-class HiddenStates(nn.Module):
-    """Wraps a causal LM so the DeepSpeed engine's forward returns final hidden states
-    ``[B, T, H]`` (and the outputs of chosen decoder layers) instead of logits; the loss is
-    computed from the hidden states and the lm_head outside, never materializing logits.
-    ``proj`` is the learned student->teacher map of the intermediate-state loss (or None)."""
-
-    def __init__(self, model: nn.Module, proj: nn.Module | None = None):
-        super().__init__()
-        self.model = model
-        self.proj = proj
-
-    def forward(self, input_ids: torch.Tensor, want_layers: tuple[int, ...] = ()):
-        out = self.model.base_model(input_ids=input_ids, use_cache=False, output_hidden_states=bool(want_layers))
-        inter = [out.hidden_states[i + 1] for i in want_layers] if want_layers else []
-        if inter and self.proj is not None:  # inside the engine's forward, so ZeRO-3 gathers proj too
-            inter = [self.proj(h) for h in inter]
-        return out.last_hidden_state, inter
-
-
-def lm_head_params(model: nn.Module) -> tuple[nn.Parameter, nn.Parameter | None]:
-    from minitron_fast.models import get_view
-
-    head = get_view(model).lm_head
-    return head.weight, head.bias
 
 
 # -- schedule ------------------------------------------------------------------------------------
@@ -298,18 +259,13 @@ class Trainer:
         if cfg.teacher_logits:
             return self._load_offline(dtype, dev)
         t_tok = load_tokenizer(cfg.teacher)
+        self.n_tokens = len(t_tok)
         if cfg.mode == "distill":
-            s_tok = load_tokenizer(cfg.student)
-            if s_tok.get_vocab() != t_tok.get_vocab():
-                raise MinitronError(f"teacher {cfg.teacher} and student {cfg.student} use different tokenizers "
-                                    f"({len(t_tok)} vs {len(s_tok)} tokens); logit KD needs one vocabulary")
+            losses.check_tokenizers(t_tok, load_tokenizer(cfg.student), cfg.teacher, cfg.student)
         self.tokenizer_dir = resolve_model_path(cfg.student if cfg.mode == "distill" else cfg.teacher)
         teacher = load_model(cfg.teacher, dtype=dtype, device=dev)
         if cfg.mode == "distill":
             student = load_model(cfg.student, dtype=dtype, device=dev)
-            if student.config.vocab_size != teacher.config.vocab_size:
-                raise MinitronError(f"teacher vocabulary {teacher.config.vocab_size} != student vocabulary "
-                                    f"{student.config.vocab_size}; logit KD needs one vocabulary")
         else:
             student, teacher = teacher, None
         blocks = token_blocks(t_tok, cfg.data.source, "train", cfg.data.seq_len, max_blocks=cfg.data.max_blocks,
@@ -323,7 +279,7 @@ class Trainer:
     def _load_offline(self, dtype: torch.dtype, dev: torch.device):
         """Student and data for a run from stored teacher logits: the teacher is never loaded;
         the logits' manifest is checked against this run's tokenizer, data, seq_len (and teacher,
-        when the recipe names one)."""
+        when the recipe names one). Returns ``(student, None, blocks, eval_blocks)``."""
         from minitron_fast.artifacts import teacher_logits as tl
         from minitron_fast.data import token_blocks
         from minitron_fast.models.loading import load_model, load_tokenizer, resolve_model_path
@@ -331,6 +287,7 @@ class Trainer:
         cfg = self.cfg
         reader = tl.TeacherLogits(cfg.teacher_logits)
         tok = load_tokenizer(cfg.student)
+        self.n_tokens = len(tok)
         self.tokenizer_dir = resolve_model_path(cfg.student)
         student = load_model(cfg.student, dtype=dtype, device=dev)
         teacher_digest = tl.model_digest(resolve_model_path(cfg.teacher)) if cfg.teacher else None
@@ -342,23 +299,40 @@ class Trainer:
                               max_blocks=cfg.data.max_blocks if cfg.data.max_blocks is not None else reader.n_blocks,
                               text_field=cfg.data.text_field)
         reader.check_run(run, tl.block_hashes(blocks))
+        self.stored_logits = reader
         eval_blocks = None
         if cfg.data.eval_blocks > 0:
             eval_blocks = token_blocks(tok, cfg.data.source, "heldout", cfg.data.seq_len,
                                        max_blocks=cfg.data.eval_blocks, text_field=cfg.data.text_field)
-        from minitron_fast.distill.teacher import StoredTeacher
+        return student, None, blocks, eval_blocks
 
-        return student, StoredTeacher(reader, topk=cfg.loss.topk, device=dev), blocks, eval_blocks
+    def _loss_setup(self, student: nn.Module, teacher: nn.Module | None, n_tokens: int) -> nn.Module | None:
+        """The KD step's options (``self.spec``), the intermediate pairs and the student->teacher
+        projection (returned; None without pairs), from the recipe and both models."""
+        from minitron_fast.models.loading import resolve_model_path
 
-    def _layer_pairs(self, student: nn.Module, teacher: nn.Module) -> list[tuple[int, int]]:
-        ns, nt = student.config.num_hidden_layers, teacher.config.num_hidden_layers
-        pairs = []
-        for s, t in self.cfg.intermediate.pairs:
-            s2, t2 = s % ns if s < 0 else s, t % nt if t < 0 else t
-            if not (0 <= s2 < ns and 0 <= t2 < nt):
-                raise ConfigError(f"intermediate pair [{s}, {t}] is outside the student's {ns} / teacher's {nt} layers")
-            pairs.append((s2, t2))
-        return pairs
+        cfg = self.cfg
+        self.pairs: list[tuple[int, int]] = []
+        if cfg.mode == "correct-teacher":
+            self.spec = losses.kd_spec(cfg.loss, **head_options(student)).lm_only()
+            return None
+        if cfg.teacher_logits:  # stored rows of the teacher's vocabulary; a padded student head is cut to it
+            opts = head_options(student)
+            if student.config.vocab_size > self.stored_logits.vocab_size:
+                opts["vocab_size"] = self.stored_logits.vocab_size
+            self.spec = losses.kd_spec(cfg.loss, **opts)
+            return None
+        proj = None
+        if cfg.intermediate.weight > 0:
+            self.pairs = losses.layer_pairs(cfg.intermediate.pairs, student.config.num_hidden_layers,
+                                            teacher.config.num_hidden_layers)
+            student_dir = resolve_model_path(cfg.student)
+            proj = losses.projection(student.config.hidden_size, teacher.config.hidden_size,
+                                     losses.plan_hidden_channels(student_dir), where=str(student_dir),
+                                     dtype=next(student.parameters()).dtype, device=_device())
+        self.spec = losses.kd_spec(cfg.loss, inter_weight=cfg.intermediate.weight if self.pairs else 0.0,
+                                   **head_options(student, teacher, n_tokens))
+        return proj
 
     # ----- main entry
     def run(self) -> dict[str, Any]:
@@ -381,19 +355,10 @@ class Trainer:
 
         torch.manual_seed(cfg.seed)
         student, teacher, blocks, eval_blocks = self._load()
-        pairs: list[tuple[int, int]] = []
-        proj = None
-        if cfg.mode == "distill" and cfg.intermediate.weight > 0:
-            pairs = self._layer_pairs(student, teacher)
-            hs, ht = student.config.hidden_size, teacher.config.hidden_size
-            proj = nn.Linear(hs, ht, bias=False, dtype=next(student.parameters()).dtype, device=_device())
-            with torch.no_grad():
-                proj.weight.zero_()
-                proj.weight[:, : min(hs, ht)].copy_(torch.eye(ht, min(hs, ht)))
-        self.pairs = pairs
+        proj = self._loss_setup(student, teacher, self.n_tokens)
         student.train()
         student.config.use_cache = False
-        wrapped = HiddenStates(student, proj)
+        wrapped = KDStudent(student, proj)
 
         ds_cfg, client = deepspeed_config(cfg, world)
         params = [p for p in wrapped.parameters() if p.requires_grad]
@@ -412,18 +377,22 @@ class Trainer:
         self.engine = engine
 
         t_engine = None
-        if teacher is not None and not cfg.teacher_logits:
+        if teacher is not None:
             teacher.eval()
             teacher.requires_grad_(False)
             if cfg.deepspeed.teacher_zero3:
                 t_engine, _, _, _ = deepspeed.initialize(model=teacher, config=_teacher_ds_config(cfg, world))
                 t_engine.eval()
                 teacher = t_engine.module
-        self.teacher = teacher
-        if teacher is not None and not cfg.teacher_logits:
-            from minitron_fast.distill.teacher import LiveTeacher
+        from minitron_fast.distill.teacher import LiveTeacher, StoredTeacher
 
-            self.teacher = LiveTeacher(teacher, layers=tuple(t for _, t in pairs), topk=cfg.loss.topk, gather=gathered)
+        L = cfg.loss
+        if cfg.teacher_logits:  # the teacher's source: stored rows, or the (optionally top-k) live model
+            self.teacher = StoredTeacher(self.stored_logits, topk=L.topk, semantics=L.topk_semantics)
+        elif teacher is not None:
+            self.teacher = LiveTeacher(teacher, topk=L.topk, semantics=L.topk_semantics)
+        else:
+            self.teacher = None
 
         data = ShardedBlocks(blocks, world=world, rank=rank, micro_batch=cfg.micro_batch_size,
                              grad_accum=cfg.grad_accum, seed=cfg.data.seed)
@@ -457,56 +426,14 @@ class Trainer:
         return result
 
     # ----- one micro-batch
-    def _forward(self, engine, ids: torch.Tensor, blocks: torch.Tensor | None = None, *, train: bool = True):
-        """Student (engine) hidden states of one micro-batch (train blocks ``blocks``) and the
-        teacher's signal from its source (``minitron_fast.distill.teacher``); no lm_head involved."""
+    def _step(self, engine, ids: torch.Tensor, blocks: torch.Tensor, num_items: float) -> dict[str, torch.Tensor]:
+        """The loss terms of one micro-batch (train blocks ``blocks``), each ``sum / num_items``: the
+        KD step (``integrations.kd_step``) run as the engine's forward, so ZeRO-3 gathers the
+        student's lm_head and projection inside it and again for backward. The teacher comes from
+        its source (``distill.teacher``): the model, or top-k rows (stored, or made online)."""
         ids = ids.to(_device())
-        want_s = tuple(s for s, _ in self.pairs) if train else ()
-        hidden, inter = engine(ids, want_s)
-        fw = {"ids": ids, "hs": hidden[:, :-1].reshape(-1, hidden.shape[-1]), "inter": inter}
-        if self.cfg.mode == "distill" and train:
-            fw.update(self.teacher.micro_batch(ids, blocks))
-        return fw
-
-    def _losses(self, engine, fw: dict[str, Any], num_items: float) -> dict[str, torch.Tensor]:
-        """The loss terms of one micro-batch, each ``sum / num_items``. Under ZeRO-3 the caller
-        holds the lm_heads gathered (forward and backward)."""
-        cfg, L = self.cfg, self.cfg.loss
-        hs, labels = fw["hs"], fw["ids"][:, 1:].reshape(-1)
-        w, b = lm_head_params(engine.module.model)
-        parts: dict[str, torch.Tensor] = {}
-        if cfg.mode == "correct-teacher":
-            parts["lm"] = losses.cross_entropy(hs, w, labels, num_items=num_items, impl=L.impl, bias=b,
-                                               chunk_size=L.chunk_size)
-            parts["loss"] = parts["lm"]
-            return parts
-        total = hs.new_zeros((), dtype=torch.float32)
-        if L.kd_weight > 0 and "topk" in fw:
-            v, i, t = fw["topk"]
-            parts["kd"] = losses.kd_loss_topk(hs, w, v, i, t, labels, num_items=num_items, semantics=L.topk_semantics,
-                                              impl=L.impl, student_bias=b, divergence=L.divergence, beta=L.beta,
-                                              temperature=L.temperature, chunk_size=L.chunk_size)
-            total = total + L.kd_weight * parts["kd"]
-        elif L.kd_weight > 0:
-            tw, tb = self.teacher.head()
-            with gathered([tw, tb]):
-                parts["kd"] = losses.kd_loss(hs, w, fw["th"], tw, labels, num_items=num_items, impl=L.impl,
-                                             student_bias=b, teacher_bias=tb, divergence=L.divergence, beta=L.beta,
-                                             temperature=L.temperature, chunk_size=L.chunk_size)
-            total = total + L.kd_weight * parts["kd"]
-        if L.lm_weight > 0:
-            parts["lm"] = losses.cross_entropy(hs, w, labels, num_items=num_items, impl=L.impl, bias=b,
-                                               chunk_size=L.chunk_size)
-            total = total + L.lm_weight * parts["lm"]
-        if self.pairs:
-            inter_loss = hs.new_zeros((), dtype=torch.float32)
-            for s_h, t_h in zip(fw["inter"], fw["t_inter"]):  # s_h already mapped to the teacher's width
-                d = s_h[:, :-1].float() - t_h[:, :-1].float()
-                inter_loss = inter_loss + d.pow(2).mean(-1).sum() / num_items
-            parts["inter"] = inter_loss / len(self.pairs)
-            total = total + cfg.intermediate.weight * parts["inter"]
-        parts["loss"] = total
-        return parts
+        teacher = self.teacher.for_batch(ids, blocks) if self.teacher is not None else None
+        return engine(ids, teacher, spec=self.spec, num_items=num_items, pairs=self.pairs)
 
     # ----- training loop
     def _loop(self, engine, data: ShardedBlocks, eval_blocks, start: int, ckpt_dir: Path, metrics_path: Path):
@@ -514,8 +441,6 @@ class Trainer:
 
         cfg = self.cfg
         rank, world = self.rank, self.world
-        w, b = lm_head_params(engine.module.model)
-        head = [w, b]
         last_eval = None
         if start == 0 and eval_blocks is not None:
             last_eval = self.evaluate(engine, eval_blocks)
@@ -532,21 +457,20 @@ class Trainer:
             num_items = float(_all_reduce(torch.tensor([float(n_local)], dtype=torch.float64))[0])
             sums: dict[str, float] = {}
             for ids, blk in zip(micros, block_ids):
-                fw = self._forward(engine, ids, blk)
-                with gathered(head):  # the student lm_head, whole across the loss's forward and backward
-                    parts = self._losses(engine, fw, num_items)
-                    check = _all_reduce(parts["loss"].detach().float().reshape(1).clone())
-                    if not torch.isfinite(check).all():
-                        raise NaNLossError(
-                            f"loss is {float(check[0])} at step {step + 1}; stopped before applying it. The last good "
-                            f"checkpoint is {self._latest(ckpt_dir)}; lower lr or check the data and models")
-                    # DeepSpeed averages gradients over ranks: multiply by world so the update is the
-                    # gradient of sum(loss) / num_items over the whole step (scale_wrt_gas=False: our
-                    # num_items already spans the micro-batches).
-                    engine.backward(parts["loss"] * world, scale_wrt_gas=False)
+                parts = self._step(engine, ids, blk, num_items)
+                check = _all_reduce(parts["loss"].detach().float().reshape(1).clone())
+                if not torch.isfinite(check).all():
+                    raise NaNLossError(
+                        f"loss is {float(check[0])} at step {step + 1}; stopped before applying it. The last good "
+                        f"checkpoint is {self._latest(ckpt_dir)}; lower lr or check the data and models")
+                # DeepSpeed averages gradients over ranks: multiply by world so the update is the
+                # gradient of sum(loss) / num_items over the whole step (scale_wrt_gas=False: our
+                # num_items already spans the micro-batches).
+                engine.backward(parts["loss"] * world, scale_wrt_gas=False)
                 engine.step()
-                for k, v in parts.items():
-                    sums[k] = sums.get(k, 0.0) + float(v.detach())
+                for k in ("loss", "kd", "lm", "inter"):  # the parts come from the same pass as the loss
+                    if k in parts:
+                        sums[k] = sums.get(k, 0.0) + float(parts[k].detach())
             red = _all_reduce(torch.tensor([sums[k] for k in sorted(sums)], dtype=torch.float64))
             rec: dict[str, Any] = {"step": step + 1}
             rec.update({k: float(v) for k, v in zip(sorted(sums), red)})
@@ -588,20 +512,16 @@ class Trainer:
     def evaluate(self, engine, eval_blocks: torch.Tensor) -> float:
         """Held-out next-token loss (nats/token) of the trained model, over all ranks."""
         engine.eval()
-        w, b = lm_head_params(engine.module.model)
+        spec = self.spec.lm_only()
         total = torch.zeros(2, dtype=torch.float64)
         try:
             for idx, wts in eval_shard(eval_blocks.shape[0], self.world, self.rank, self.cfg.micro_batch_size):
                 ids = eval_blocks[idx].to(_device())
-                hidden, _ = engine(ids, ())
-                hs = hidden[:, :-1].reshape(-1, hidden.shape[-1])
-                labels = ids[:, 1:].clone()
+                labels = ids.clone()
                 labels[torch.tensor(wts) == 0] = losses.IGNORE_INDEX  # padding repeats count for nothing
-                with gathered([w, b]):
-                    nll = losses.cross_entropy(hs, w, labels.reshape(-1), num_items=1.0, impl=self.cfg.loss.impl,
-                                               bias=b, chunk_size=self.cfg.loss.chunk_size)
-                total[0] += float(nll)
-                total[1] += float((labels != losses.IGNORE_INDEX).sum())
+                parts = engine(ids, None, labels=labels, spec=spec, num_items=1.0)  # the summed NLL
+                total[0] += float(parts["lm"])
+                total[1] += float(parts["tokens"])
         finally:
             engine.train()
         _all_reduce(total)
@@ -612,13 +532,17 @@ class Trainer:
 
         model = engine.module.model
         params = list(model.parameters())
-        ctx = gathered(params)
+        ctx = gathered(*params)
         with ctx:
             if self.rank == 0:
                 record = {"stage": "distill", "mode": self.cfg.mode, "teacher": self.cfg.teacher,
                           "student": self.cfg.student, "steps": self.cfg.steps, "recipe": self.cfg.to_dict()}
+                plan = losses.plan_record(self.tokenizer_dir)  # the trained model's prune plan, carried on
+                if plan is not None:
+                    record["plan"] = plan
                 export_hf(model, final, tokenizer_from=self.tokenizer_dir, record=record, overwrite=True,
-                          protect=[p for p in (self.cfg.teacher, self.cfg.student) if p and p != "demo"])
+                          protect=[p for p in (self.cfg.teacher, self.cfg.student, self.cfg.teacher_logits)
+                                   if p and p != "demo"])
         _barrier()
 
 

@@ -1,9 +1,9 @@
 """Distillation with the stock Hugging Face ``Trainer``, the student and teacher heads fused into the loss.
 
-``KDTrainer`` is a ``transformers.Trainer`` whose ``compute_loss`` runs the student's and the
-teacher's **decoders only** (final hidden states, no ``[B, T, V]`` logits) and feeds them with
-both lm_head weights to ``fused_linear_kd_loss``. ``causal_lm_kd_loss`` is the same computation as
-a function, for plain PyTorch loops.
+``KDTrainer`` is a ``transformers.Trainer`` whose ``compute_loss`` is the package's one KD step
+(``minitron_fast.integrations.kd_step``): the student's and the teacher's **decoders only** (final
+hidden states, no ``[B, T, V]`` logits), both lm_heads into one fused-loss call (gathered under
+ZeRO-3). ``causal_lm_kd_loss`` is the same step as a function, for plain PyTorch loops.
 
 Example:
     >>> trainer = KDTrainer(model=student, teacher_model=teacher, args=TrainingArguments(...),
@@ -12,71 +12,51 @@ Example:
 """
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
-from minitron_fast.integrations.zero3 import call_through, gathered
+from minitron_fast.integrations.kd_step import KDSpec, decoder_and_head, head_options, kd_step  # noqa: F401
 from minitron_fast.losses import FusedLinearKDLoss
 
 
-def _unwrap(model):
-    while hasattr(model, "module") and isinstance(model.module, torch.nn.Module):  # DDP / DeepSpeed engine
-        model = model.module
-    return model
-
-
-def decoder_and_head(model) -> tuple[torch.nn.Module, torch.nn.Module]:
-    """The base decoder (returning final, normalized hidden states) and the lm_head of an HF causal LM."""
-    model = _unwrap(model)
-    head = model.get_output_embeddings()
-    if head is None or not hasattr(head, "weight"):
-        raise ValueError(f"{type(model).__name__} has no output embedding (lm_head) to fuse into the loss")
-    base = getattr(model, getattr(model, "base_model_prefix", "model"), None)
-    if base is None or base is model:
-        base = model.get_decoder()
-    return base, head
+def spec_of(loss_fn: FusedLinearKDLoss, student=None, teacher=None) -> KDSpec:
+    """The ``KDSpec`` of a ``FusedLinearKDLoss`` (``total = kd + hard_label_weight * ce``), with the
+    final-logit softcap and shared vocabulary read from the models' configs when given."""
+    if loss_fn.reduction not in ("mean", "sum"):
+        raise ValueError(f"causal_lm_kd_loss needs reduction 'mean' or 'sum', got {loss_fn.reduction!r}")
+    opts = head_options(student, teacher) if student is not None else {}
+    for k in ("softcap", "vocab_size"):  # what the loss module says wins over the configs
+        if getattr(loss_fn, k, None) is not None:
+            opts[k] = getattr(loss_fn, k)
+    return KDSpec(kd_weight=1.0, lm_weight=loss_fn.hard_label_weight, divergence=loss_fn.divergence,
+                  beta=loss_fn.beta, temperature=loss_fn.temperature, t2_scaling=loss_fn.t2_scaling,
+                  op_impl=loss_fn.impl, chunk_size=loss_fn.chunk_size, **opts)
 
 
 def causal_lm_kd_loss(student, teacher, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                       labels: torch.Tensor | None = None, *, loss_fn: FusedLinearKDLoss | None = None,
-                      num_items=None) -> torch.Tensor:
+                      num_items=None, spec: KDSpec | None = None) -> torch.Tensor:
     """Next-token distillation loss of ``student`` from ``teacher`` (HF causal LMs, same vocabulary).
 
     Args:
         input_ids: ``[B, T]``; attention_mask: ``[B, T]`` or None.
-        labels: ``[B, T]`` (unshifted, HF convention; ``-100`` ignored). Default: ``input_ids``
-            with padding (``attention_mask == 0``) ignored.
-        loss_fn: the ``FusedLinearKDLoss`` (default: forward KL, T=1).
+        labels: ``[B, T]`` (unshifted, HF convention; ``loss_fn.ignore_index`` ignored). Default:
+            ``input_ids`` with padding (``attention_mask == 0``) ignored.
+        loss_fn: the ``FusedLinearKDLoss`` (default: forward KL, T=1); or ``spec``, a ``KDSpec``.
         num_items: divisor instead of the number of valid tokens (gradient accumulation).
 
-    Position ``t``'s hidden state predicts token ``t + 1``: hidden states ``[:, :-1]`` pair with
-    labels ``[:, 1:]``. Neither model materializes logits; the teacher runs under ``no_grad``.
+    This is ``minitron_fast.integrations.kd_step.kd_step``: position ``t``'s hidden state predicts
+    token ``t + 1``; neither model materializes logits; the teacher runs under ``no_grad``; under
+    ZeRO-3 the lm_heads are gathered. The final-logit softcap and padded vocabularies come from
+    the models' configs.
     """
-    loss_fn = loss_fn or FusedLinearKDLoss()
-    if labels is None:
-        labels = input_ids if attention_mask is None else input_ids.masked_fill(attention_mask == 0, -100)
-    s_base, s_head = decoder_and_head(student)
-    t_base, t_head = decoder_and_head(teacher)
-    kwargs: dict[str, Any] = {"input_ids": input_ids}
-    if attention_mask is not None:
-        kwargs["attention_mask"] = attention_mask
-    hs = s_base(**kwargs, use_cache=False).last_hidden_state
-    with torch.no_grad():
-        ht = t_base(**kwargs, use_cache=False).last_hidden_state
-    shift_labels = labels[:, 1:].reshape(-1)
-    hs = hs[:, :-1].reshape(-1, hs.shape[-1])
-    ht = ht[:, :-1].reshape(-1, ht.shape[-1]).to(t_head.weight.dtype)
-
-    def head_loss(hs, ht):
-        # runs as the student lm_head's forward (ZeRO-3: its weight is gathered here and re-gathered
-        # for backward by DeepSpeed's hooks); the frozen teacher head is gathered read-only
-        with gathered(t_head.weight, getattr(t_head, "bias", None)):
-            return loss_fn(hs.to(s_head.weight.dtype), s_head.weight, ht, t_head.weight,
-                           student_bias=getattr(s_head, "bias", None), teacher_bias=getattr(t_head, "bias", None),
-                           labels=shift_labels, num_items=num_items)
-
-    return call_through(s_head, head_loss, hs, ht)
+    if spec is None:
+        spec = spec_of(loss_fn or FusedLinearKDLoss(), student, teacher)
+    ignore = loss_fn.ignore_index if loss_fn is not None else -100
+    if labels is not None and ignore != -100:
+        labels = labels.masked_fill(labels == ignore, -100)
+    if num_items is None and loss_fn is not None and loss_fn.reduction == "sum":
+        num_items = 1.0
+    return kd_step(student, teacher, input_ids, attention_mask, labels, spec=spec, num_items=num_items)["loss"]
 
 
 def _trainer_base():
@@ -101,6 +81,7 @@ class KDTrainer(_trainer_base()):
         super().__init__(*args, **kwargs)
         self.kd_loss_fn = FusedLinearKDLoss(divergence, beta=beta, temperature=temperature, t2_scaling=t2_scaling,
                                             hard_label_weight=hard_label_weight, chunk_size=chunk_size)
+        self.kd_spec = spec_of(self.kd_loss_fn, self.model, teacher_model)
         teacher_model.eval().requires_grad_(False)
         if not any(hasattr(p, "ds_id") for p in teacher_model.parameters()):
             teacher_model.to(self.args.device)
@@ -108,8 +89,8 @@ class KDTrainer(_trainer_base()):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         labels = inputs.get("labels")
-        loss = causal_lm_kd_loss(model, self.teacher_model, inputs["input_ids"], inputs.get("attention_mask"),
-                                 labels, loss_fn=self.kd_loss_fn, num_items=num_items_in_batch)
+        loss = kd_step(model, self.teacher_model, inputs["input_ids"], inputs.get("attention_mask"), labels,
+                       spec=self.kd_spec, num_items=num_items_in_batch)["loss"]
         # divided by the accumulated batch's token count: the Trainer must not divide again
         self.loss_is_scaled_for_ga = num_items_in_batch is not None
         if num_items_in_batch is not None and self.args.average_tokens_across_devices:

@@ -159,6 +159,16 @@ class ModelView:
     def vocab_size(self) -> int:
         return self.config.vocab_size
 
+    @classmethod
+    def final_logit_softcap_of(cls, config: Any) -> float | None:
+        """The final-logit softcap ``c`` (logits become ``c * tanh(z / c)``; Gemma 2/3), or None."""
+        c = getattr(config, "final_logit_softcapping", None)
+        return float(c) if c else None
+
+    @property
+    def final_logit_softcap(self) -> float | None:
+        return self.final_logit_softcap_of(self.config)
+
     # -- biases (family-specific) ---------------------------------------------------------------
     @classmethod
     def biases_of(cls, config: Any) -> dict[str, bool]:

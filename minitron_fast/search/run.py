@@ -4,8 +4,9 @@ retrain each briefly by logit distillation, rank by held-out LM loss, keep the w
 Model-Optimizer's search ranks candidates right after pruning; its users found that unreliable,
 and the Minitron papers retrain each candidate briefly before choosing (the ranking after a
 little retraining is what predicts the ranking after full distillation). Here the teacher's final
-hidden states for the retraining batches are computed once and shared by every candidate, and the
-loss is the fused linear KD loss (forward KL, temperature 1), so no ``[N, V]`` logits are built.
+hidden states for the retraining batches are computed once and shared by every candidate, and each
+step is the package's one KD step (``integrations.kd_step``: fused forward KL, temperature 1), so no
+``[N, V]`` logits are built.
 Retraining is full fine-tuning, or LoRA through ``peft`` (``lora_rank > 0``).
 """
 from __future__ import annotations
@@ -21,44 +22,29 @@ from typing import Any, Callable
 import torch
 
 from minitron_fast.errors import MinitronError
+from minitron_fast.integrations.kd_step import KDSpec, TeacherHidden, head_options, kd_step, teacher_hidden
 from minitron_fast.io import atomic_write_json
 from minitron_fast.search.candidates import Candidate, SearchError, enumerate_candidates, format_candidates
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def _final_hidden(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    """``[B, T, H]`` final hidden states (after the final norm) of a causal LM."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return base.model(input_ids=ids, use_cache=False).last_hidden_state
-
-
-def _lm_head_weight(model: torch.nn.Module) -> torch.Tensor:
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return base.get_output_embeddings().weight
-
-
 @torch.no_grad()
-def teacher_targets(teacher: torch.nn.Module, batches: list[torch.Tensor], progress: bool = False) -> list[torch.Tensor]:
-    """The teacher's final hidden states ``[B*(T-1), H]`` for each retraining batch (once for all
-    candidates)."""
+def teacher_targets(teacher: torch.nn.Module, batches: list[torch.Tensor], progress: bool = False) -> list[TeacherHidden]:
+    """The teacher's final hidden states (next-token rows ``[B*(T-1), H]``) and lm_head for each
+    retraining batch, computed once for all candidates."""
     from tqdm.auto import tqdm
 
-    out = []
-    for ids in tqdm(batches, desc="teacher targets", disable=not progress, leave=False):
-        h = _final_hidden(teacher, ids)[:, :-1]
-        out.append(h.reshape(-1, h.shape[-1]).contiguous())
-    return out
+    return [teacher_hidden(teacher, ids) for ids in tqdm(batches, desc="teacher targets", disable=not progress,
+                                                         leave=False)]
 
 
-def retrain(student: torch.nn.Module, batches: list[torch.Tensor], targets: list[torch.Tensor],
-            teacher_weight: torch.Tensor, *, lr: float, lora_rank: int = 0, progress: bool = False,
-            desc: str = "retrain") -> tuple[torch.nn.Module, list[float]]:
-    """Brief logit-KD retraining of ``student`` (forward KL, T=1) on ``batches``; returns the
-    (possibly LoRA-merged) model and the loss per step."""
+def retrain(student: torch.nn.Module, batches: list[torch.Tensor], targets: list[TeacherHidden], *, lr: float,
+            lora_rank: int = 0, progress: bool = False, desc: str = "retrain") -> tuple[torch.nn.Module, list[float]]:
+    """Brief logit-KD retraining of ``student`` (forward KL, T=1, the package's one KD step) on
+    ``batches`` against the cached teacher ``targets``; returns the (possibly LoRA-merged) model
+    and the loss per step."""
     from tqdm.auto import tqdm
-
-    from minitron_fast.losses import fused_linear_kd_loss
 
     model = student
     if lora_rank > 0:
@@ -70,11 +56,11 @@ def retrain(student: torch.nn.Module, batches: list[torch.Tensor], targets: list
                                                    target_modules=LORA_TARGETS))
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
+    spec = KDSpec(**head_options(student))
     model.train()
     losses = []
-    for ids, t_hidden in tqdm(list(zip(batches, targets)), desc=desc, disable=not progress, leave=False):
-        h = _final_hidden(model, ids)[:, :-1]
-        loss = fused_linear_kd_loss(h.reshape(-1, h.shape[-1]), _lm_head_weight(model), t_hidden, teacher_weight)
+    for ids, target in tqdm(list(zip(batches, targets)), desc=desc, disable=not progress, leave=False):
+        loss = kd_step(model, target, ids, spec=spec)["loss"]
         if not torch.isfinite(loss):
             raise MinitronError(f"{desc}: the KD loss became {float(loss)} at step {len(losses)}; lower the search lr")
         opt.zero_grad(set_to_none=True)
@@ -134,7 +120,6 @@ def run_search(model: str | os.PathLike, scores: str | os.PathLike, budget: int,
         order = torch.cat([torch.randperm(train.shape[0], generator=g) for _ in range(math.ceil(need / train.shape[0]))])
         batches = [train[order[i * micro_batch_size:(i + 1) * micro_batch_size]] for i in range(retrain_steps)]
     targets = teacher_targets(teacher, batches, progress=progress)
-    t_weight = _lm_head_weight(teacher).detach()
 
     results: list[dict[str, Any]] = []
     plans = {}
@@ -144,7 +129,7 @@ def run_search(model: str | os.PathLike, scores: str | os.PathLike, budget: int,
         student = apply_plan(copy.deepcopy(teacher), plan)
         torch.manual_seed(seed)
         before = lm_loss(student, heldout, progress=False)
-        student, curve = retrain(student, batches, targets, t_weight, lr=lr, lora_rank=lora_rank, progress=progress,
+        student, curve = retrain(student, batches, targets, lr=lr, lora_rank=lora_rank, progress=progress,
                                  desc=f"candidate {i}/{len(cands)}")
         after = lm_loss(student, heldout, progress=False) if batches else before
         results.append(dict(c.as_dict(), loss_pruned=before, loss=after, ppl=math.exp(after),

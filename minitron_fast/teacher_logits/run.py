@@ -22,10 +22,6 @@ from minitron_fast.teacher_logits.config import TeacherLogitsConfig
 
 log_ = logging.getLogger("minitron_fast.teacher_logits")
 
-# fp32 [rows, V] logits buffer per lm_head call: 256 MiB (2,048 rows at V=32k, 512 at 128k).
-_LOGIT_BYTES = 1 << 28
-
-
 def _load_teacher(cfg: TeacherLogitsConfig):
     from minitron_fast.models.loading import load_model
 
@@ -44,28 +40,10 @@ def _load_teacher(cfg: TeacherLogitsConfig):
     return m.eval()
 
 
-@torch.no_grad()
 def teacher_rows(model: torch.nn.Module, ids: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The stored form (``topk_rows``) of the teacher's next-token distributions for blocks
-    ``ids [B, L]``: ``values [B, L-1, k]``, ``indices [B, L-1, k]``, ``tail [B, L-1]`` on the CPU.
-    The ``[rows, V]`` logits are made a bounded chunk of rows at a time."""
-    from minitron_fast.models import get_view
-
-    head = get_view(model).lm_head
-    dev = head.weight.device
-    hidden = model.base_model(input_ids=ids.to(model.device), use_cache=False).last_hidden_state
-    B, L, H = hidden.shape
-    h = hidden[:, :-1].reshape(-1, H).to(dev)
-    V = head.weight.shape[0]
-    chunk = max(1, _LOGIT_BYTES // (4 * V))
-    vals, idxs, tails = [], [], []
-    for c0 in range(0, h.shape[0], chunk):
-        z = head(h[c0:c0 + chunk]).float()
-        v, i, t = tl.topk_rows(z, k)
-        vals.append(v.cpu())
-        idxs.append(i.cpu())
-        tails.append(t.cpu())
-    return (torch.cat(vals).view(B, L - 1, k), torch.cat(idxs).view(B, L - 1, k), torch.cat(tails).view(B, L - 1))
+    """The stored form of the teacher's rows for blocks ``ids [B, L]``, on the CPU."""
+    v, i, t = tl.model_rows(model, ids.to(model.device), k)
+    return v.cpu(), i.cpu(), t.cpu()
 
 
 def _identity(cfg: TeacherLogitsConfig, tok: Any, vocab: int, n_split: int, hashes: torch.Tensor) -> dict[str, Any]:

@@ -1,0 +1,442 @@
+"""The one knowledge-distillation step, shared by distill's trainer, search's retraining, the HF
+``Trainer`` integration and the benchmarks.
+
+For one micro-batch ``input_ids [B, T]``:
+
+1. the student's **decoder** (never its lm_head) gives its final hidden states ``[B, T, Hs]`` and,
+   for the intermediate-state loss, the raw (pre-final-norm) outputs of chosen decoder layers;
+2. the teacher's decoder does the same under ``no_grad``; or the teacher comes precomputed: its
+   final hidden states with its lm_head (``TeacherHidden``, e.g. cached once for many students),
+   or its top-k logits (``TopKTeacher``, an offline teacher: no teacher model at all);
+3. positions ``0..T-2`` pair with labels ``1..T-1``, and the fused loss runs **once** through
+   both lm_heads (gathered under DeepSpeed ZeRO-3: the student's by running the loss as its
+   lm_head's forward, ``zero3.call_through``; the frozen teacher's read-only, ``zero3.gathered``),
+   returning its KD and CE parts from that one pass;
+4. each intermediate pair ``(s, t)`` adds ``MSE(proj(student layer s), teacher layer t)``.
+
+Every loss is ``sum over valid tokens / num_items`` (``num_items``: the valid-token count of the
+whole optimizer step, for gradient accumulation; default: this micro-batch's), so summing the
+micro-batch losses of a step gives the per-token mean over the step.
+
+Example:
+    >>> spec = KDSpec(kd_weight=1.0, lm_weight=0.5)
+    >>> out = kd_step(student, teacher, input_ids, spec=spec)     # doctest: +SKIP
+    >>> out["loss"].backward(); float(out["kd"]), float(out["lm"])  # doctest: +SKIP
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, replace
+from typing import Any, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from minitron_fast.errors import MinitronError
+from minitron_fast.integrations.zero3 import call_through, gathered
+from minitron_fast.ops.kd_loss.divergences import DIVERGENCES
+
+IGNORE_INDEX = -100
+IMPLS = ("fused", "materialized")
+
+
+@dataclass(frozen=True)
+class KDSpec:
+    """What one KD step computes. The total is
+    ``kd_weight * kd + lm_weight * lm + inter_weight * inter``.
+
+    Attributes:
+        kd_weight: logit KD (``divergence`` at ``temperature``; times ``T**2`` when ``t2_scaling``).
+        lm_weight: the student's next-token cross-entropy (temperature 1), from the same pass.
+        inter_weight: the intermediate-state MSE (needs ``pairs``).
+        impl: ``"fused"`` (never materializes ``[N, V]``) or ``"materialized"`` (plain fp32 torch
+            logits: the baseline and reference).
+        op_impl: the fused op's ``impl`` (``"auto"``, ``"torch"``, ``"cpp"``, ``"triton"``).
+        softcap: final-logit softcap ``c`` (``c * tanh(z / c)`` on both models' logits; Gemma).
+        vocab_size: the real (shared) vocabulary when the lm_heads carry padding rows beyond it:
+            both distributions are taken over the first ``vocab_size`` rows. None: the heads' own.
+    """
+
+    kd_weight: float = 1.0
+    lm_weight: float = 0.0
+    inter_weight: float = 0.0
+    divergence: str = "forward_kl"
+    beta: float = 0.5
+    temperature: float = 1.0
+    t2_scaling: bool = False
+    impl: str = "fused"
+    op_impl: str = "auto"
+    chunk_size: int | None = None
+    softcap: float | None = None
+    vocab_size: int | None = None
+
+    def __post_init__(self):
+        if self.impl not in IMPLS:
+            raise ValueError(f"KDSpec.impl must be one of {IMPLS}, got {self.impl!r}")
+        if self.divergence not in DIVERGENCES:
+            raise ValueError(f"KDSpec.divergence must be one of {DIVERGENCES}, got {self.divergence!r}")
+        if min(self.kd_weight, self.lm_weight, self.inter_weight) < 0:
+            raise ValueError("KDSpec weights must be non-negative")
+        if self.softcap is not None and not self.softcap > 0:
+            raise ValueError(f"KDSpec.softcap must be positive (or None), got {self.softcap}")
+
+    @property
+    def needs_teacher_logits(self) -> bool:
+        return self.kd_weight > 0
+
+    def lm_only(self) -> "KDSpec":
+        """The same options computing the LM loss alone (weight 1): teacher correction, evaluation."""
+        return replace(self, kd_weight=0.0, lm_weight=1.0, inter_weight=0.0)
+
+
+@dataclass
+class TeacherHidden:
+    """A teacher given as its final hidden states and lm_head (computed earlier, e.g. once for
+    many students). ``hidden``: ``[B, T, Ht]`` (every position; the last is dropped), ``[B, T-1, Ht]``
+    or rows ``[N, Ht]`` already aligned with the step's ``N = B * (T - 1)`` next-token rows;
+    ``weight``: ``[V, Ht]``; ``bias``: ``[V]`` or None. Under ZeRO-3 ``weight`` may be a
+    partitioned parameter: it is gathered read-only for the loss."""
+
+    hidden: Tensor
+    weight: Tensor
+    bias: Tensor | None = None
+
+
+@dataclass
+class TopKTeacher:
+    """An offline teacher: its top-k logits per token. ``values``/``indices``: ``[N, k]`` rows
+    aligned with the step's ``N = B * (T - 1)`` next-token rows (or ``[B, T, k]`` / ``[B, T-1, k]``);
+    ``tail_lse``: optional ``[N]`` log-sum-exp of the teacher's raw logits outside its top k (one
+    extra tail bucket, see ``fused_linear_kd_loss``'s ``teacher_topk_tail_lse``; None: the top-k
+    distribution is renormalized)."""
+
+    values: Tensor
+    indices: Tensor
+    tail_lse: Tensor | None = None
+
+
+Teacher = Union[nn.Module, TeacherHidden, TopKTeacher, None]
+
+
+# -- models: decoder and head ---------------------------------------------------------------------
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The HF causal LM inside DDP / DeepSpeed engines (``.module``) and peft wrappers."""
+    while True:
+        if callable(getattr(model, "get_base_model", None)):  # peft
+            inner = model.get_base_model()
+        elif isinstance(getattr(model, "module", None), nn.Module):  # DDP / DeepSpeed engine
+            inner = model.module
+        else:
+            return model
+        if inner is model:
+            return model
+        model = inner
+
+
+def decoder_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
+    """The base decoder (returning final, normalized hidden states) and the lm_head of an HF causal LM."""
+    model = unwrap(model)
+    head = model.get_output_embeddings()
+    if head is None or not hasattr(head, "weight"):
+        raise ValueError(f"{type(model).__name__} has no output embedding (lm_head) to fuse into the loss")
+    base = getattr(model, getattr(model, "base_model_prefix", "model"), None)
+    if base is None or base is model:
+        base = model.get_decoder()
+    return base, head
+
+
+def decoder_states(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None = None,
+                   layers: Sequence[int] = ()) -> tuple[Tensor, list[Tensor]]:
+    """Runs the decoder of ``model`` (no lm_head): returns the final hidden states ``[B, T, H]``
+    (after the final norm) and the **raw** outputs ``[B, T, H]`` of decoder ``layers`` (0-based,
+    before any final norm, the last layer included: transformers 5's last ``hidden_states`` entry
+    is the final-norm output instead, which would compare unlike with like)."""
+    base, _ = decoder_and_head(model)
+    kwargs: dict[str, Any] = {"input_ids": input_ids, "use_cache": False}
+    if attention_mask is not None:
+        kwargs["attention_mask"] = attention_mask
+    if not layers:
+        return base(**kwargs).last_hidden_state, []
+    from minitron_fast.models import get_view
+
+    blocks = get_view(unwrap(model)).decoder_layers
+    grabbed: dict[int, Tensor] = {}
+
+    def grab(i):
+        def hook(_module, _args, output):
+            grabbed[i] = output[0] if isinstance(output, tuple) else output
+        return hook
+
+    handles = [blocks[i].register_forward_hook(grab(i)) for i in sorted(set(layers))]
+    try:
+        final = base(**kwargs).last_hidden_state
+    finally:
+        for h in handles:
+            h.remove()
+    return final, [grabbed[i] for i in layers]
+
+
+@torch.no_grad()
+def teacher_hidden(teacher: nn.Module, input_ids: Tensor, attention_mask: Tensor | None = None) -> TeacherHidden:
+    """The teacher's final hidden states for ``input_ids``, as next-token rows ``[B*(T-1), Ht]``,
+    with its lm_head: a ``TeacherHidden`` to reuse across students (search, benchmarks)."""
+    h, _ = decoder_states(teacher, input_ids, attention_mask)
+    _, head = decoder_and_head(teacher)
+    return TeacherHidden(h[:, :-1].reshape(-1, h.shape[-1]).contiguous(), head.weight.detach(),
+                         None if getattr(head, "bias", None) is None else head.bias.detach())
+
+
+class KDSetupError(MinitronError, ValueError):
+    """A teacher and student that cannot be distilled at the logit level as given."""
+
+
+def _softcap_of(model: nn.Module) -> float | None:
+    from minitron_fast.errors import UnsupportedModelError
+    from minitron_fast.models import ModelView, view_class_for_config
+
+    config = unwrap(model).config
+    try:
+        return view_class_for_config(config).final_logit_softcap_of(config)
+    except UnsupportedModelError:  # the HF integration takes any causal LM
+        return ModelView.final_logit_softcap_of(config)
+
+
+def head_options(student: nn.Module, teacher: nn.Module | None = None, n_tokens: int | None = None) -> dict[str, Any]:
+    """``{"softcap", "vocab_size"}`` for ``KDSpec`` from the models' configs: the final-logit softcap
+    both apply (Gemma 2/3; differing caps are refused: the fused loss applies one to both), and,
+    when the lm_heads differ only by padding rows (151,936 vs 152,064 for Qwen), the shared
+    vocabulary (the smaller head; refused when the tokenizer's ``n_tokens`` exceed it)."""
+    softcap = _softcap_of(student)
+    if teacher is None:
+        return {"softcap": softcap, "vocab_size": None}
+    t_cap = _softcap_of(teacher)
+    if t_cap != softcap:
+        raise KDSetupError(f"the teacher's final-logit softcap is {t_cap} but the student's {softcap}: the fused loss "
+                           "applies one cap to both; give the student the teacher's final_logit_softcapping")
+    vt, vs = unwrap(teacher).config.vocab_size, unwrap(student).config.vocab_size
+    if vt == vs:
+        return {"softcap": softcap, "vocab_size": None}
+    shared = min(vt, vs)
+    if n_tokens is not None and n_tokens > shared:
+        raise KDSetupError(f"the tokenizer has {n_tokens} tokens but the {'student' if vs < vt else 'teacher'} "
+                           f"vocabulary only {shared} rows (teacher {vt}, student {vs}): the two lm_heads may differ "
+                           "only by padding rows beyond the tokenizer")
+    return {"softcap": softcap, "vocab_size": shared}
+
+
+# -- rows ---------------------------------------------------------------------------------------------
+
+def _rows(t: Tensor, B: int, T: int, name: str, row_dims: int) -> Tensor:
+    """``t`` as next-token rows ``[N, ...]`` (``N = B * (T - 1)``; a row has ``row_dims - 1`` dims):
+    given as rows already, or per position ``[B, T, ...]`` (the last position, which predicts no
+    token of the block, dropped) or ``[B, T - 1, ...]``."""
+    N = B * (T - 1)
+    if t.dim() == row_dims + 1 and t.shape[0] == B and t.shape[1] in (T, T - 1):
+        return t[:, : T - 1].reshape(N, *t.shape[2:])
+    if t.dim() == row_dims and t.shape[0] == N:
+        return t
+    raise ValueError(f"{name} has shape {tuple(t.shape)}; expected per-position [{B}, {T}, ...] or "
+                     f"[{B}, {T - 1}, ...], or [{N}, ...] next-token rows, for input_ids [{B}, {T}]")
+
+
+# -- losses on rows -------------------------------------------------------------------------------------
+
+def _softcap(z: Tensor, c: float | None) -> Tensor:
+    return z if c is None else c * torch.tanh(z / c)
+
+
+def _materialized_logits(h: Tensor, w: Tensor, b: Tensor | None, spec: KDSpec) -> Tensor:
+    """fp32 logits (fp64 for fp64 inputs), softcapped and cut to the shared vocabulary."""
+    dt = torch.float64 if h.dtype == torch.float64 else torch.float32
+    z = F.linear(h.to(dt), w.to(dt), None if b is None else b.to(dt))
+    z = _softcap(z, spec.softcap)
+    return z if spec.vocab_size is None else z[:, : spec.vocab_size]
+
+
+def divergence_rows(s_logits: Tensor, t_logits: Tensor, *, divergence: str, beta: float,
+                    temperature: float) -> Tensor:
+    """``[N]`` divergence between teacher and student distributions from full ``[N, V]`` logits in
+    plain torch (autograd through the log-softmaxes): the registry's definitional formula
+    (``ops.kd_loss.divergences``), in the logits' dtype."""
+    from minitron_fast.ops.kd_loss.divergences import canonical, get
+
+    ls = torch.log_softmax(s_logits / temperature, dim=-1)
+    lt = torch.log_softmax(t_logits / temperature, dim=-1)
+    return get(canonical(divergence, float(beta))).reference(ls, lt, float(beta))
+
+
+def _materialized(hs, w, b, teacher, labels, spec: KDSpec, divisor: float) -> tuple[Tensor, dict[str, Tensor]]:
+    valid = labels != IGNORE_INDEX
+    if spec.kd_weight == 0:  # the LM loss alone: the student's own head, padding rows included (as fused)
+        spec = replace(spec, vocab_size=None)
+    z = _materialized_logits(hs, w, b, spec)
+    parts: dict[str, Tensor] = {}
+    total = z.new_zeros(())
+    if spec.kd_weight > 0:
+        th, tw, tb = teacher
+        with torch.no_grad():
+            zt = _materialized_logits(th, tw, tb, spec)
+        per = divergence_rows(z, zt, divergence=spec.divergence, beta=spec.beta, temperature=spec.temperature)
+        if spec.t2_scaling:
+            per = per * spec.temperature ** 2
+        parts["kd"] = (per * valid).sum() / divisor
+        total = total + spec.kd_weight * parts["kd"]
+    if spec.lm_weight > 0:  # (a plain-torch step computes CE only when it trains on it)
+        parts["lm"] = F.cross_entropy(z, labels, ignore_index=IGNORE_INDEX, reduction="sum") / divisor
+        total = total + spec.lm_weight * parts["lm"]
+    return total, {k: v.detach() for k, v in parts.items()}
+
+
+def _fused(hs, w, b, teacher, labels, spec: KDSpec, divisor: float) -> tuple[Tensor, dict[str, Tensor]]:
+    from minitron_fast.ops.kd_loss import fused_linear_cross_entropy, fused_linear_kd_loss
+
+    kw = dict(chunk_size=spec.chunk_size, impl=spec.op_impl, ignore_index=IGNORE_INDEX, softcap=spec.softcap)
+    if spec.kd_weight == 0:  # the LM loss alone: the student's own head, padding rows included
+        lm = fused_linear_cross_entropy(hs, w, labels, bias=b, num_items=divisor, **kw)
+        return spec.lm_weight * lm, {"lm": lm.detach()}
+    if isinstance(teacher, TopKTeacher):
+        t_kw: dict[str, Any] = {"teacher_topk": (teacher.values, teacher.indices)}
+        if teacher.tail_lse is not None:
+            t_kw["teacher_topk_tail_lse"] = teacher.tail_lse
+    else:
+        th, tw, tb = teacher
+        t_kw = {"teacher_hidden": th, "teacher_weight": tw, "teacher_bias": tb}
+    # one pass; its loss is kd + (lm_weight / kd_weight) * ce, scaled by kd_weight here. The CE part
+    # comes from the same pass whatever its weight (the student's log-sum-exp is computed anyway)
+    out = fused_linear_kd_loss(hs, w, student_bias=b, labels=labels, divergence=spec.divergence, beta=spec.beta,
+                               temperature=spec.temperature, t2_scaling=spec.t2_scaling,
+                               hard_label_weight=spec.lm_weight / spec.kd_weight, num_items=divisor,
+                               vocab_size=spec.vocab_size, return_parts=True, **t_kw, **kw)
+    return spec.kd_weight * out.loss, {"kd": out.kd, "lm": out.ce}
+
+
+def head_loss(student_hidden: Tensor, student_head: nn.Module, teacher: TeacherHidden | TopKTeacher | None,
+              labels: Tensor, *, spec: KDSpec, num_items: float | Tensor | None = None) -> dict[str, Tensor]:
+    """The logit part of the step on next-token rows: ``student_hidden [N, Hs]`` through
+    ``student_head`` (an ``nn.Linear``-like module, ``[V, Hs]``) against ``teacher`` (rows already
+    aligned; None when ``spec.kd_weight == 0``), ``labels [N]``. One fused call (or, for
+    ``impl="materialized"``, one set of full logits). Under ZeRO-3 the student head is gathered by
+    running this as its forward (and re-gathered for backward), the teacher head read-only.
+
+    Returns ``{"loss": weighted sum (with gradient), "kd", "lm": detached parts}``.
+    """
+    if spec.kd_weight > 0 and teacher is None:
+        raise ValueError("kd_weight > 0 needs a teacher (a model, TeacherHidden or TopKTeacher)")
+    if isinstance(teacher, TopKTeacher) and spec.impl == "materialized":
+        raise ValueError("a top-k teacher needs impl='fused' (the materialized baseline takes a teacher model)")
+    n_valid = int((labels != IGNORE_INDEX).sum())
+    divisor = float(num_items) if num_items is not None else float(max(n_valid, 1))
+    t_params = (teacher.weight, teacher.bias) if isinstance(teacher, TeacherHidden) else ()
+
+    def run(h: Tensor) -> dict[str, Tensor]:
+        w, b = student_head.weight, getattr(student_head, "bias", None)
+        t = teacher
+        if isinstance(teacher, TeacherHidden):
+            t = (teacher.hidden.to(teacher.weight.dtype), teacher.weight, teacher.bias)
+        with gathered(*t_params) if t_params else contextlib.nullcontext():
+            fn = _fused if spec.impl == "fused" else _materialized
+            total, parts = fn(h.to(w.dtype), w, b, t if spec.kd_weight > 0 else None, labels, spec, divisor)
+        return {"loss": total, **parts}
+
+    return call_through(student_head, run, student_hidden)
+
+
+def intermediate_loss(student_states: Sequence[Tensor], teacher_states: Sequence[Tensor], valid: Tensor,
+                      divisor: float, proj: nn.Module | None = None) -> Tensor:
+    """Mean over pairs of ``sum over valid rows of mean_c (proj(s) - t)^2 / divisor``; states are
+    ``[N, H]`` rows (student width before ``proj``, teacher width after)."""
+    total = None
+    for s, t in zip(student_states, teacher_states):
+        if proj is not None:
+            s = proj(s)
+        d = (s.float() - t.float()).pow(2).mean(-1)
+        term = (d * valid).sum() / divisor
+        total = term if total is None else total + term
+    return total / len(student_states)
+
+
+# -- the step -----------------------------------------------------------------------------------------
+
+def kd_step(student: nn.Module, teacher: Teacher, input_ids: Tensor, attention_mask: Tensor | None = None,
+            labels: Tensor | None = None, *, spec: KDSpec = KDSpec(), num_items: float | Tensor | None = None,
+            pairs: Sequence[tuple[int, int]] = (), proj: nn.Module | None = None) -> dict[str, Tensor]:
+    """One distillation step's losses for one micro-batch (see the module docstring).
+
+    Args:
+        student: an HF causal LM (also inside DDP / DeepSpeed / peft wrappers).
+        teacher: an HF causal LM (run under ``no_grad``), a ``TeacherHidden``, a ``TopKTeacher``,
+            or None (LM loss only: ``spec.kd_weight == 0`` and no pairs).
+        input_ids: ``[B, T]``; attention_mask: ``[B, T]`` or None.
+        labels: ``[B, T]`` (unshifted, HF convention; -100 ignored). Default: ``input_ids`` with
+            padding (``attention_mask == 0``) ignored.
+        spec: the loss terms and options (``KDSpec``).
+        num_items: the divisor (the valid-token count of the whole optimizer step); default: this
+            micro-batch's valid tokens.
+        pairs: ``(student_layer, teacher_layer)`` pairs of the intermediate-state loss (0-based
+            decoder layers; raw layer outputs on both sides); needs a teacher model.
+        proj: the learned student->teacher width map applied to the student's states (or None).
+
+    Returns:
+        ``{"loss": the weighted total (backward this), "kd", "lm", "inter": detached parts (those
+        computed), "tokens": valid tokens of this micro-batch}``.
+    """
+    B, T = input_ids.shape
+    if labels is None:
+        labels = input_ids if attention_mask is None else input_ids.masked_fill(attention_mask == 0, IGNORE_INDEX)
+    rows_labels = labels[:, 1:].reshape(-1)
+    pairs = [(int(s), int(t)) for s, t in pairs]
+    if pairs and not isinstance(unwrap(teacher) if isinstance(teacher, nn.Module) else teacher, nn.Module):
+        raise ValueError("the intermediate-state loss (pairs) needs a teacher model, not precomputed logits")
+    hs, s_inter = decoder_states(student, input_ids, attention_mask, [s for s, _ in pairs])
+    t_rows: TeacherHidden | TopKTeacher | None = None
+    t_inter: list[Tensor] = []
+    if isinstance(teacher, nn.Module):
+        if spec.kd_weight > 0 or pairs:
+            with torch.no_grad():
+                th, t_inter = decoder_states(teacher, input_ids, attention_mask, [t for _, t in pairs])
+            _, t_head = decoder_and_head(teacher)
+            t_rows = TeacherHidden(th[:, :-1].reshape(-1, th.shape[-1]), t_head.weight, getattr(t_head, "bias", None))
+    elif isinstance(teacher, TeacherHidden):
+        t_rows = TeacherHidden(_rows(teacher.hidden, B, T, "TeacherHidden.hidden", 2), teacher.weight, teacher.bias)
+    elif isinstance(teacher, TopKTeacher):
+        tail = None if teacher.tail_lse is None else _rows(teacher.tail_lse, B, T, "TopKTeacher.tail_lse", 1)
+        t_rows = TopKTeacher(_rows(teacher.values, B, T, "TopKTeacher.values", 2),
+                             _rows(teacher.indices, B, T, "TopKTeacher.indices", 2), tail)
+    elif teacher is not None:
+        raise TypeError(f"teacher must be a model, TeacherHidden, TopKTeacher or None, got {type(teacher).__name__}")
+    _, s_head = decoder_and_head(student)
+    out = head_loss(hs[:, :-1].reshape(-1, hs.shape[-1]), s_head, t_rows, rows_labels, spec=spec,
+                    num_items=num_items)
+    valid = rows_labels != IGNORE_INDEX
+    out["tokens"] = valid.sum()
+    if pairs:
+        divisor = float(num_items) if num_items is not None else float(max(int(out["tokens"]), 1))
+        inter = intermediate_loss([h[:, :-1].reshape(-1, h.shape[-1]) for h in s_inter],
+                                  [h[:, :-1].reshape(-1, h.shape[-1]) for h in t_inter], valid, divisor, proj)
+        out["inter"] = inter.detach()
+        out["loss"] = out["loss"] + spec.inter_weight * inter
+    return out
+
+
+class KDStudent(nn.Module):
+    """The student (and the intermediate-state projection) as one module whose forward **is** the
+    KD step, for engines that own the forward (DeepSpeed: under ZeRO-3 the lm_head and ``proj``
+    are gathered inside it and re-gathered for backward, like any submodule).
+
+    ``forward(input_ids, teacher=None, **kwargs)`` returns ``kd_step(self.model, teacher,
+    input_ids, proj=self.proj, **kwargs)``.
+    """
+
+    def __init__(self, model: nn.Module, proj: nn.Module | None = None):
+        super().__init__()
+        self.model = model
+        self.proj = proj
+
+    def forward(self, input_ids: Tensor, teacher: Teacher = None, **kwargs) -> dict[str, Tensor]:
+        return kd_step(self.model, teacher, input_ids, proj=self.proj, **kwargs)
+
+
+__all__ = ["KDSetupError", "head_options", "KDSpec", "KDStudent", "TeacherHidden", "TopKTeacher", "IGNORE_INDEX", "kd_step", "head_loss",
+           "decoder_states", "decoder_and_head", "teacher_hidden", "intermediate_loss", "divergence_rows", "unwrap"]

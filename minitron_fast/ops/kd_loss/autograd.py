@@ -1,0 +1,141 @@
+"""The autograd Functions of the KD / CE losses: gradients are produced in the forward pass (one pass
+over the student's head) for ``"mean"``/``"sum"`` and returned, scaled by ``grad_output``, in
+backward; ``"none"`` recomputes them in backward with the per-token ``grad_output``. The KD and CE
+parts and the valid-token count are extra, non-differentiable outputs."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from minitron_fast.ops.kd_loss.chunks import run
+from minitron_fast.ops.kd_loss.options import _divisor
+from minitron_fast.ops.kd_loss.sources import LinearSource, LogitsSource, teacher_source
+
+
+def _row_scale(labels, N, ignore_index, divisor, device):
+    if labels is None:
+        return torch.full((N,), 1.0 / divisor, dtype=torch.float32, device=device), N
+    valid = labels != ignore_index
+    return valid.float() / divisor, int(valid.sum())
+
+
+def _reduce(rows, reduction, divisor):
+    if reduction == "none":
+        return rows
+    return rows.sum() / divisor
+
+
+def _outputs(ctx, kd, ce, cfg, reduction, divisor, n_valid, device):
+    """(loss, kd part, ce part, valid-token count): the loss is ``kd + w * ce``; the parts are
+    detached outputs (gradients flow through the loss only)."""
+    if cfg.divergence is None:
+        rows = ce
+    elif ce is not None and cfg.hard_label_weight > 0:
+        rows = kd + cfg.hard_label_weight * ce
+    else:
+        rows = kd
+    kd_p = _reduce(kd, reduction, divisor)
+    ce_p = _reduce(ce, reduction, divisor) if ce is not None else kd_p.new_full(kd_p.shape, math.nan)
+    if reduction == "none":  # distinct tensors from the (differentiable) loss rows
+        kd_p, ce_p = kd_p.clone(), ce_p.clone()
+    count = torch.tensor(n_valid, dtype=torch.int64, device=device)
+    ctx.mark_non_differentiable(kd_p, ce_p, count)
+    return _reduce(rows, reduction, divisor), kd_p, ce_p, count
+
+
+class FusedKD(torch.autograd.Function):
+    """Inputs: student hidden ``[N, Hs]``, weight ``[V, Hs]``, bias ``[V]`` or None; the teacher
+    (kind + tensors) and the labels ride in ``spec``. Gradients are computed in forward for
+    ``"mean"``/``"sum"``; ``"none"`` recomputes them in backward with the per-token grad_output."""
+
+    @staticmethod
+    def forward(ctx, h, W, b, spec):
+        labels, teacher_kind, teacher, cfg, reduction, num_items, want_ce = spec
+        N, V = h.shape[0], W.shape[0]
+        need = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], b is not None and ctx.needs_input_grad[2])
+        n_valid = N if labels is None else int((labels != cfg.ignore_index).sum())
+        divisor = _divisor(reduction, num_items, n_valid)
+        scale, _ = _row_scale(labels, N, cfg.ignore_index, divisor, h.device)
+        precompute = any(need) and reduction != "none"
+        with torch.no_grad():
+            student = LinearSource(h, W, b, cfg.dtype, *(need if precompute else (False,) * 3))
+            tsrc = teacher_source(teacher_kind, teacher, cfg)
+            kd, ce = run(student, teacher_kind, tsrc, labels, N, V, cfg, scale, precompute, h.device, want_ce)
+        ctx.meta = (h.dtype, W.dtype, None if b is None else b.dtype, reduction, need)
+        if precompute:
+            ctx.grads = (student.dh, student.dw, student.db)
+        elif any(need):  # reduction="none": keep inputs, recompute in backward
+            ctx.spec = spec
+            ctx.save_for_backward(h, W, b)
+        return _outputs(ctx, kd, ce, cfg, reduction, divisor, n_valid, h.device)
+
+    @staticmethod
+    def backward(ctx, grad_out, *_parts):
+        hd, wd, bd, reduction, need = ctx.meta
+        if reduction != "none":
+            dh, dw, db = ctx.grads
+            ctx.grads = None
+            g = grad_out.float()
+            if not bool(g == 1):
+                dh = None if dh is None else dh * g
+                dw = None if dw is None else dw * g
+                db = None if db is None else db * g
+        else:
+            h, W, b = ctx.saved_tensors
+            labels, teacher_kind, teacher, cfg = ctx.spec[:4]
+            N, V = h.shape[0], W.shape[0]
+            scale = grad_out.float().reshape(-1)
+            if labels is not None:
+                scale = scale * (labels != cfg.ignore_index).float()
+            with torch.no_grad():
+                student = LinearSource(h, W, b, cfg.dtype, *need)
+                run(student, teacher_kind, teacher_source(teacher_kind, teacher, cfg), labels, N, V, cfg, scale, True,
+                     h.device)
+            dh, dw, db = student.dh, student.dw, student.db
+        return (None if dh is None else dh.to(hd), None if dw is None else dw.to(wd),
+                None if db is None else db.to(bd), None)
+
+
+class LogitsKD(torch.autograd.Function):
+    """``kd_loss_from_logits``: the student given as logits ``[N, V]`` (grads ``[N, V]`` in forward)."""
+
+    @staticmethod
+    def forward(ctx, z, spec):
+        labels, teacher_kind, teacher, cfg, reduction, num_items, want_ce = spec
+        N, V = z.shape
+        n_valid = N if labels is None else int((labels != cfg.ignore_index).sum())
+        divisor = _divisor(reduction, num_items, n_valid)
+        scale, _ = _row_scale(labels, N, cfg.ignore_index, divisor, z.device)
+        precompute = ctx.needs_input_grad[0] and reduction != "none"
+        with torch.no_grad():
+            student = LogitsSource(z, precompute)
+            kd, ce = run(student, teacher_kind, teacher_source(teacher_kind, teacher, cfg), labels, N, V, cfg, scale,
+                          precompute, z.device, want_ce)
+        ctx.zdtype, ctx.reduction = z.dtype, reduction
+        if precompute:
+            ctx.dz = student.dz
+        elif ctx.needs_input_grad[0]:
+            ctx.spec = spec
+            ctx.save_for_backward(z)
+        return _outputs(ctx, kd, ce, cfg, reduction, divisor, n_valid, z.device)
+
+    @staticmethod
+    def backward(ctx, grad_out, *_parts):
+        if ctx.reduction != "none":
+            dz = ctx.dz
+            ctx.dz = None
+            if not bool(grad_out == 1):
+                dz = dz * grad_out.float()
+            return dz.to(ctx.zdtype), None
+        (z,) = ctx.saved_tensors
+        labels, teacher_kind, teacher, cfg = ctx.spec[:4]
+        N, V = z.shape
+        scale = grad_out.float().reshape(-1)
+        if labels is not None:
+            scale = scale * (labels != cfg.ignore_index).float()
+        with torch.no_grad():
+            student = LogitsSource(z, True)
+            run(student, teacher_kind, teacher_source(teacher_kind, teacher, cfg), labels, N, V, cfg, scale, True,
+                 z.device)
+        return student.dz.to(ctx.zdtype), None

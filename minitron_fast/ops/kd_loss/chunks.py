@@ -1,0 +1,132 @@
+"""The chunk loop: fill a chunk's logits, apply the softcap, the hard-label CE term, the teacher, and
+the one row implementation resolved for the call; backpropagate the chunk's dL/dz into the student."""
+from __future__ import annotations
+
+import torch
+
+from minitron_fast.ops.kd_loss.options import _cpp_fn, _n_buffers, default_chunk_size
+from minitron_fast.ops.kd_loss.rows_native import chunk_cpp, chunk_cpp_div, chunk_triton
+from minitron_fast.ops.kd_loss.rows_torch import Buffers, chunk_torch
+
+
+def _cap_(X, c, deriv=None):
+    """``X = c tanh(X / c)`` in place; ``deriv`` (a buffer or None) receives ``1 - tanh^2``, the
+    factor dL/dz picks up (as autograd's tanh backward computes it)."""
+    X.div_(c).tanh_()
+    if deriv is not None:
+        torch.mul(X, X, out=deriv)
+        deriv.neg_().add_(1.0)
+    X.mul_(c)
+
+
+def _ce_rows(S, vc, labels, c0, c1, a, w, need_grad, cfg, bufs, in_place):
+    """Hard-label CE of the chunk's (capped, unscaled) logits S: (ce [c], dL/dz or None)."""
+    c, V = S.shape
+    lab = torch.where(vc, labels[c0:c1], 0).contiguous()
+    if cfg.impl == "cpp":  # the C++ CE rows: in place without KD, else in their own buffer
+        P = S if in_place else bufs.get("p1", c)
+        ce = torch.empty(c, dtype=torch.float32)
+        b = (a * w).contiguous()
+        _cpp_fn("ce_rows")(S.data_ptr(), S.stride(0), P.data_ptr(), P.stride(0), lab.data_ptr(), b.data_ptr(),
+                           ce.data_ptr(), c, V, bool(need_grad and w > 0), torch.get_num_threads())
+        return ce, (P if need_grad and w > 0 else None)
+    zl = S.gather(1, lab[:, None]).view(-1)
+    m1 = S.amax(1, keepdim=True)
+    P = bufs.get("p1", c)
+    torch.sub(S, m1, out=P)
+    P.exp_()
+    s1 = P.sum(1, keepdim=True)
+    ce = (m1 + s1.log()).view(-1) - zl
+    if not (need_grad and w > 0):
+        return ce, None
+    b = (a * w)[:, None]
+    P.mul_(b / s1)
+    P.scatter_add_(1, lab[:, None], -b)
+    return ce, P
+
+
+def run(student, teacher_kind, teacher_src, labels, N, V, cfg, row_scale, need_grad, device, want_ce=False):
+    """Loops over chunks. Returns the per-token terms ``(kd [N], ce [N] or None)`` fp32 (``kd`` already
+    times ``kd_scale``; both 0 on ignored rows; the loss row is ``kd + w * ce``); ``student``
+    accumulates ``row_scale``-weighted gradients when ``need_grad``. ``want_ce``: compute the CE
+    term (for ``return_parts``) even when its weight is 0.
+
+    teacher_kind: "hidden"/"logits" (``teacher_src`` a source), "topk" (``(vals, idx, tail)``), None (CE).
+    row_scale: ``[N]`` fp32 per-token dL/dloss_i (already 0 on ignored rows)."""
+    T = cfg.temperature
+    w = cfg.hard_label_weight
+    div = cfg.divergence
+    cap = cfg.softcap
+    kd_out = torch.zeros(N, dtype=torch.float32, device=device)
+    valid = None if labels is None else labels != cfg.ignore_index
+    need_ce = labels is not None and (w > 0 or div is None or want_ce)
+    ce_out = torch.zeros(N, dtype=torch.float32, device=device) if need_ce else None
+    n_buf = _n_buffers(cfg, teacher_kind, need_ce) + (1 if cap and need_grad else 0)
+    chunk = max(1, min(cfg.chunk_size or default_chunk_size(V, N, n_buf), N))
+    bufs = Buffers(chunk, V, device)
+    if div is None:
+        w = 1.0
+    unscaled = need_ce or cap is not None  # the student's z is needed before the temperature
+    for c0 in range(0, N, chunk):
+        c1 = min(N, c0 + chunk)
+        c = c1 - c0
+        if valid is not None:
+            vc = valid[c0:c1]
+            if not bool(vc.any()):
+                continue  # every token ignored: no loss, zero gradients, no GEMMs
+        else:
+            vc = None
+        a = row_scale[c0:c1]
+        S = bufs.get("s", c)
+        student.fill(S, c0, c1, 1.0 if unscaled else 1.0 / T)
+        dcap = None
+        if cap is not None:
+            dcap = bufs.get("cap", c) if need_grad else None
+            _cap_(S, cap, dcap)
+        kd = None
+        G = None
+        if need_ce:
+            ce_c, G = _ce_rows(S, vc, labels, c0, c1, a, w, need_grad, cfg, bufs, in_place=div is None)
+        if div is not None:
+            if unscaled and T != 1.0:
+                S.mul_(1.0 / T)
+            Gce = G
+            if teacher_kind == "topk":
+                vals, idx, tail = teacher_src
+                v = vals[c0:c1].float()
+                if cap is not None:
+                    v = cap * torch.tanh(v / cap)
+                tch = ("topk", v / T, idx[c0:c1].long(), None if tail is None else tail[c0:c1].float() / T)
+            else:
+                Tt = bufs.get("t", c)
+                teacher_src.fill(Tt, c0, c1, 1.0 if cap is not None else 1.0 / T)
+                if cap is not None:
+                    masked = torch.isneginf(Tt) if teacher_kind == "logits" else None
+                    _cap_(Tt, cap)
+                    if T != 1.0:
+                        Tt.mul_(1.0 / T)
+                    if masked is not None:
+                        Tt.masked_fill_(masked, -1e30)
+                if teacher_kind == "logits":
+                    Tt.clamp_(min=-1e30)  # masked (-inf) teacher logits: p_t = 0 there, and 0 * -inf = nan
+                tch = ("dense", Tt)
+            if cfg.impl == "triton":
+                kd, G = chunk_triton(S, tch[1], a, cfg, need_grad)
+            elif cfg.impl == "cpp" and tch[0] == "dense" and div == "forward_kl":
+                kd, G = chunk_cpp(S, tch[1], a, cfg, need_grad)
+            elif cfg.impl == "cpp":
+                kd, G = chunk_cpp_div(S, tch, a, cfg, need_grad)
+            else:
+                kd, G = chunk_torch(S, tch, a, cfg, bufs, need_grad)
+            kd = kd * cfg.kd_scale
+            if Gce is not None and need_grad:
+                G.add_(Gce)
+        if need_grad and G is not None:
+            if dcap is not None:
+                G.mul_(dcap)
+            student.backprop(G, c0, c1)
+        if kd is not None:
+            kd_out[c0:c1] = kd if vc is None else torch.where(vc, kd, 0.0)
+        if need_ce:
+            ce_out[c0:c1] = ce_c if vc is None else torch.where(vc, ce_c, 0.0)
+    return kd_out, ce_out

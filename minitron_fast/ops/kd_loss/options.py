@@ -1,0 +1,181 @@
+"""Options of the KD loss: validation (one-line errors), the per-call configuration, chunk sizing,
+and the one row implementation a call runs (``resolve_rows_impl``)."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from minitron_fast.errors import MinitronError
+from minitron_fast.ops._dispatch import resolve_impl
+from minitron_fast.ops.kd_loss.divergences import DIVERGENCES, REGISTRY
+
+
+class KDInputError(MinitronError, ValueError):
+    """Bad input to the KD / CE losses: names the argument and what to pass."""
+
+
+REDUCTIONS = ("mean", "sum", "none")
+_FLOATS = (torch.float32, torch.bfloat16, torch.float16)
+# Default chunk: about 576 MB for all fp32 [chunk, V] buffers of a call (the torch forward-KL
+# path uses 3 of them: 384 rows at V=128,256; the C++ row kernel 2: 576 rows), a multiple of 64
+# rows in [64, 1024]. Fewer, larger chunks make the chunk GEMMs more efficient.
+_WORKSPACE_BYTES = 576 * 2**20
+
+
+# row implementations; which one runs a call is resolved once, up front (resolve_rows_impl)
+KD_IMPLS = ("triton", "cpp", "torch")
+
+
+def default_chunk_size(V: int, N: int, n_buffers: int = 3) -> int:
+    """Rows per chunk: ``_WORKSPACE_BYTES / (n_buffers 4 V)`` rounded down to a multiple of 64, in
+    [64, 1024], at most N."""
+    c = max(64, min(1024, (_WORKSPACE_BYTES // (n_buffers * 4 * max(V, 1))) // 64 * 64))
+    return max(1, min(c, N))
+
+
+def _n_buffers(cfg, teacher_kind, need_ce) -> int:
+    """How many ``[chunk, V]`` fp32 buffers ``_run`` fills per chunk: the C++ rows need only the
+    student's and the teacher's logits for forward KL (and CE alone works in place)."""
+    if cfg.impl == "cpp":
+        if cfg.divergence is None:
+            return 1
+        if cfg.divergence == "forward_kl" and teacher_kind in ("hidden", "logits") and not need_ce:
+            return 2
+    return 3
+
+
+@dataclass(frozen=True)
+class _Cfg:
+    divergence: Optional[str]  # None: cross-entropy only
+    beta: float
+    temperature: float
+    t2_scaling: bool
+    hard_label_weight: float
+    ignore_index: int
+    chunk_size: int
+    impl: str  # the one row implementation of this call: "torch", "cpp" or "triton"
+    softcap: Optional[float] = None
+    dtype: Optional[torch.dtype] = None  # the student head's GEMM dtype (sources.compute_dtype)
+    teacher_dtype: Optional[torch.dtype] = None  # the teacher head's
+
+    @property
+    def kd_scale(self) -> float:
+        return self.temperature ** 2 if self.t2_scaling else 1.0
+
+
+def _check_float(name: str, t: torch.Tensor, dim: int) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in _FLOATS:
+        raise KDInputError(f"{name} must be float32, bfloat16 or float16, got {t.dtype}")
+    if dim and t.dim() != dim:
+        raise KDInputError(f"{name} must be {dim}-D, got shape {tuple(t.shape)}")
+
+
+def _check_common(divergence, beta, temperature, reduction, num_items, hard_label_weight, chunk_size):
+    if divergence not in DIVERGENCES:
+        raise KDInputError(f"divergence must be one of {DIVERGENCES}, got {divergence!r}")
+    if not (isinstance(beta, (int, float)) and 0.0 <= float(beta) <= 1.0):
+        raise KDInputError(f"beta must lie in [0, 1], got {beta!r}")
+    if not (isinstance(temperature, (int, float)) and float(temperature) > 0 and math.isfinite(temperature)):
+        raise KDInputError(f"temperature must be a positive number, got {temperature!r}")
+    if reduction not in REDUCTIONS:
+        raise KDInputError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if float(hard_label_weight) < 0:
+        raise KDInputError(f"hard_label_weight must be >= 0, got {hard_label_weight!r}")
+    _check_num_items(num_items)
+    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+        raise KDInputError(f"chunk_size must be a positive int, got {chunk_size!r}")
+
+
+def validate_options(divergence="forward_kl", beta=0.5, temperature=1.0, reduction="mean",
+                     hard_label_weight=0.0, chunk_size=None, softcap=None) -> None:
+    """Checks loss options without tensors (configs and modules validate at construction): raises a
+    one-line ``KDInputError`` naming the option. The divergences are the registry's."""
+    _check_common(divergence, beta, temperature, reduction, None, hard_label_weight, chunk_size)
+    if softcap is not None and (isinstance(softcap, bool) or not isinstance(softcap, (int, float))
+                                or not (math.isfinite(softcap) and softcap > 0)):
+        raise KDInputError(f"softcap must be a positive number (e.g. 30.0 for Gemma-2) or None, got {softcap!r}")
+
+
+def _check_num_items(num_items):
+    if num_items is None:
+        return
+    v = float(num_items.item() if isinstance(num_items, torch.Tensor) else num_items)
+    if not v > 0:
+        raise KDInputError(f"num_items must be positive, got {v}")
+
+
+def _check_labels(labels, N, V, ignore_index, device):
+    if labels is None:
+        return None
+    if labels.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
+        raise KDInputError(f"labels must be an integer tensor, got {labels.dtype}")
+    labels = labels.reshape(-1)
+    if labels.numel() != N:
+        raise KDInputError(f"labels has {labels.numel()} entries, expected one per token ({N})")
+    if labels.device != device:
+        raise KDInputError(f"labels is on {labels.device}, the hidden states on {device}")
+    labels = labels.long()
+    bad = (labels != ignore_index) & ((labels < 0) | (labels >= V))
+    if bool(bad.any()):
+        v = int(labels[bad][0])
+        raise KDInputError(f"labels must lie in [0, {V}) or equal ignore_index={ignore_index}; found {v}")
+    return labels
+
+
+def _divisor(reduction, num_items, n_valid):
+    if reduction == "sum" or reduction == "none":
+        return 1.0
+    if num_items is not None:
+        return float(num_items.item() if isinstance(num_items, torch.Tensor) else num_items)
+    return float(max(n_valid, 1))  # 0 valid tokens: the sum is 0, so is the mean
+
+
+def _cpp_fn(name):
+    """``minitron_fast._C.<name>``, or None when the extension is missing or predates it."""
+    from minitron_fast._ext import _C
+
+    return getattr(_C, name, None) if _C is not None else None
+
+
+# the _C symbol each row implementation needs
+_CPP_SYMBOLS = {"dense": {"forward_kl": "kd_forward_kl_rows", "reverse_kl": "kd_div_rows", "jsd": "kd_div_rows"},
+                "topk": {"forward_kl": "kd_div_rows", "reverse_kl": "kd_div_rows", "jsd": "kd_div_rows"},
+                None: {None: "ce_rows"}}
+
+
+def _supported(divergence, form) -> tuple[str, ...]:
+    """Row implementations that can run ``divergence`` (None: CE only) with a teacher of ``form``,
+    from the registry, the built extension and what triton can run here."""
+    if divergence is None:
+        impls = ("torch", "cpp")
+    else:
+        impls = REGISTRY[divergence].impls[form]
+    if "cpp" in impls and _cpp_fn(_CPP_SYMBOLS[form][divergence]) is None:
+        impls = tuple(i for i in impls if i != "cpp")  # a _C built before these rows existed
+    return impls
+
+
+def resolve_rows_impl(impl, t, *, op, divergence, teacher_kind) -> str:
+    """The one row implementation a call runs; never a silent fallback.
+
+    ``"auto"``: Triton on CUDA tensors, the C++ rows on CPU tensors, each when it supports the
+    options, else torch. An explicit ``impl`` that cannot run the options raises a one-line
+    error naming the ones that can."""
+    form = None if divergence is None else ("topk" if teacher_kind == "topk" else "dense")
+    supported = _supported(divergence, form)
+    if impl == "auto":
+        prefer = "triton" if t.is_cuda else "cpp"
+        choice = resolve_impl("auto", t, op=op, choices=KD_IMPLS)
+        return prefer if prefer in supported and choice == prefer else "torch"
+    resolved = resolve_impl(impl, t, op=op, choices=KD_IMPLS)
+    if resolved not in supported:
+        what = ("cross-entropy" if divergence is None else
+                f"divergence={divergence!r} with a {'top-k' if form == 'topk' else 'dense'} teacher")
+        raise KDInputError(f"{op}: impl={impl!r} cannot run {what}; the implementations that can: "
+                           f"{', '.join(repr(i) for i in supported + ('auto',))}")
+    return resolved
