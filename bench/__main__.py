@@ -24,6 +24,7 @@ BENCHES: dict[str, str] = {
     "distill_step": "bench.distill_step",
     "offline_teacher": "bench.offline_teacher",
     "paper_claims": "bench.paper_claims",
+    "scale": "bench.scale",
 }
 
 

@@ -63,10 +63,16 @@ class TeacherLogitsError(MinitronError, ValueError):
 
 # -- identities -------------------------------------------------------------------------------------
 
-def block_hashes(blocks: torch.Tensor) -> torch.Tensor:
-    """``[n]`` int64: a 64-bit BLAKE2b hash of each block's token ids (as int32) of ``[n, L]`` blocks."""
-    arr = blocks.to(torch.int32).contiguous().numpy()
-    out = [int.from_bytes(hashlib.blake2b(row.tobytes(), digest_size=8).digest(), "little", signed=True) for row in arr]
+def block_hashes(blocks: Any, *, limit: int | None = None, chunk: int = 1024) -> torch.Tensor:
+    """``[n]`` int64: a 64-bit BLAKE2b hash of each block's token ids (as int32) of ``[n, L]`` blocks
+    (a tensor or ``minitron_fast.data.TokenBlocks``, read ``chunk`` blocks at a time); only the
+    first ``limit`` blocks when given."""
+    n = len(blocks) if limit is None else min(len(blocks), limit)
+    out: list[int] = []
+    for c0 in range(0, n, chunk):
+        arr = torch.as_tensor(blocks[c0:min(c0 + chunk, n)]).to(torch.int32).contiguous().numpy()
+        out += [int.from_bytes(hashlib.blake2b(row.tobytes(), digest_size=8).digest(), "little", signed=True)
+                for row in arr]
     return torch.tensor(out, dtype=torch.int64)
 
 
@@ -320,10 +326,11 @@ class TeacherLogits:
             self._hashes = torch.cat([self._handle(i).get_tensor("block_hash") for i in range(len(self._shards))])
         return self._hashes
 
-    def check_run(self, run: RunIdentity, hashes: torch.Tensor | None = None) -> None:
+    def check_run(self, run: RunIdentity, hashes: torch.Tensor | None = None, *, n_blocks: int | None = None) -> None:
         """Raises TeacherLogitsError (one line naming the mismatch) unless these logits were
         written for ``run``: the same ``seq_len``, tokenizer, vocabulary, data (``hashes``: the
-        run's train-block hashes, at most ``n_blocks`` of them) and, when given, teacher."""
+        hashes of the run's first train blocks; ``n_blocks``: how many it reads, at most the
+        stored count) and, when given, teacher."""
         m, d = self.manifest, self.dir
         if run.seq_len != self.seq_len:
             raise TeacherLogitsError(f"teacher logits {d} were written at seq_len {self.seq_len} but this run uses "
@@ -344,6 +351,8 @@ class TeacherLogits:
             if mine is not None and str(mine) != str(data[key]):
                 raise TeacherLogitsError(f"teacher logits {d} were written on data {key} {data[key]!r} but this run "
                                          f"uses {mine!r}; use the same data or rewrite them")
+        if n_blocks is not None:
+            self.check_blocks(n_blocks)
         if hashes is not None:
             self.check_blocks(int(hashes.shape[0]))
             stored = self.block_hashes()[: hashes.shape[0]]

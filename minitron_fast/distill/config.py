@@ -78,6 +78,7 @@ class DataConfig:
     max_blocks: int | None = None   # cap on training blocks (tests, smoke runs)
     eval_blocks: int = 8            # held-out blocks for the held-out loss
     seed: int = 0                   # data order (the block permutation of each epoch)
+    cache_dir: str | None = None    # token shards (None: $MINITRON_FAST_TOKEN_CACHE or ~/.cache/minitron_fast/tokens)
 
 
 @dataclass
@@ -86,7 +87,8 @@ class DeepSpeedConfig:
     bf16: bool = False
     offload_optimizer: bool = False
     offload_param: bool = False         # ZeRO-3 only
-    teacher_zero3: bool = False         # partition the frozen teacher with ZeRO-3 for inference
+    teacher_zero3: bool = False         # partition the frozen teacher with ZeRO-3 (built partitioned: zero.Init)
+    teacher_offload_param: bool = False  # keep the ZeRO-3 teacher's parameter partitions in CPU memory
     config_file: str | None = None      # a user DeepSpeed JSON; checked against this recipe
     optimizer: str = "torch_adamw"      # torch_adamw (client optimizer) | deepspeed (DS's own AdamW)
     gradient_clipping: float = 1.0
@@ -115,6 +117,7 @@ class DistillConfig:
     log_every: int = 1
     export: bool = True            # export the final model as a stock HF checkpoint to <out>/final
     threads: int | None = None     # torch CPU threads per process
+    activation_checkpointing: bool = False  # recompute the student's decoder layers in backward (less memory)
     loss: LossConfig = field(default_factory=LossConfig)
     intermediate: IntermediateConfig = field(default_factory=IntermediateConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -175,6 +178,8 @@ class DistillConfig:
             raise ConfigError("deepspeed.offload_param needs zero_stage 3")
         if ds.offload_optimizer and ds.zero_stage == 0:
             raise ConfigError("deepspeed.offload_optimizer needs zero_stage 1, 2 or 3")
+        if ds.teacher_offload_param and not ds.teacher_zero3:
+            raise ConfigError("deepspeed.teacher_offload_param needs deepspeed.teacher_zero3: true")
         if ds.optimizer not in ("torch_adamw", "deepspeed"):
             raise ConfigError(f"deepspeed.optimizer={ds.optimizer!r} is not one of torch_adamw, deepspeed")
         if len(self.adam_betas) != 2:
@@ -188,9 +193,11 @@ class DistillConfig:
         """A hash of everything that defines the run's trajectory (not steps, logging, saving or
         output paths), so ``--resume`` can refuse a directory written by a different run."""
         d = self.to_dict()
-        for k in ("steps", "out", "save_every", "eval_every", "log_every", "export", "threads"):
+        for k in ("steps", "out", "save_every", "eval_every", "log_every", "export", "threads",
+                  "activation_checkpointing"):  # memory knobs that leave the trajectory unchanged
             d.pop(k, None)
-        d["deepspeed"] = {k: v for k, v in d["deepspeed"].items() if k not in ("config_file",)}
+        d["deepspeed"] = {k: v for k, v in d["deepspeed"].items() if k not in ("config_file", "teacher_offload_param")}
+        d["data"].pop("cache_dir", None)  # where token shards are cached does not change what is read
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 

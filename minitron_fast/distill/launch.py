@@ -43,6 +43,9 @@ def trainer_command(config: str | os.PathLike | None, *, num_procs: int = 1, lau
         raise MinitronError(f"launcher {launcher!r} is not one of {', '.join(LAUNCHERS)}")
     if num_procs < 1:
         raise MinitronError(f"the number of processes must be at least 1, got {num_procs}")
+    if hostfile and not os.path.isfile(hostfile):
+        raise MinitronError(f"hostfile {hostfile} does not exist; write one line per node ('node1 slots=8') or "
+                            "leave launch.hostfile unset for one node")
     tail = (["--config", os.path.abspath(config)] if config else []) + (["--resume"] if resume else []) + list(overrides)
     if launcher == "none" or (num_procs == 1 and not hostfile):
         return [sys.executable, "-m", "minitron_fast.distill", *tail]

@@ -9,6 +9,10 @@ generator seeded with ``seed + e``. Optimizer step ``s`` consumes positions
 So the data position is the step number alone: a resumed run that restarts at step ``s`` reads
 exactly what an uninterrupted run reads, and the global batch of a step does not depend on how
 it is split (2 ranks x 1 micro-batch sees the same blocks as 1 rank x 2 micro-batches).
+
+``blocks`` is anything indexable by a tensor of block indices with a ``shape`` of ``(n, T)``: a
+``[n, T]`` tensor, or a memory-mapped ``minitron_fast.data.TokenBlocks``, of which each rank
+reads only the blocks of its own micro-batches.
 """
 from __future__ import annotations
 
@@ -18,15 +22,19 @@ import torch
 
 
 class ShardedBlocks:
-    def __init__(self, blocks: torch.Tensor, *, world: int, rank: int, micro_batch: int, grad_accum: int, seed: int = 0):
-        if blocks.dim() != 2 or blocks.shape[0] == 0:
-            raise ValueError(f"blocks must be a non-empty [n, T] tensor, got {tuple(blocks.shape)}")
+    def __init__(self, blocks, *, world: int, rank: int, micro_batch: int, grad_accum: int, seed: int = 0):
+        if len(blocks.shape) != 2 or blocks.shape[0] == 0:
+            raise ValueError(f"blocks must be a non-empty [n, T] tensor or TokenBlocks, got {tuple(blocks.shape)}")
         if not 0 <= rank < world:
             raise ValueError(f"rank {rank} outside world of {world}")
         self.blocks = blocks
         self.world, self.rank = world, rank
         self.micro_batch, self.grad_accum = micro_batch, grad_accum
         self.seed = seed
+
+    @property
+    def seq_len(self) -> int:
+        return int(self.blocks.shape[1])
 
     @property
     def global_batch(self) -> int:
@@ -50,7 +58,7 @@ class ShardedBlocks:
 
     def micro_batches(self, step: int) -> list[torch.Tensor]:
         """This rank's ``grad_accum`` micro-batches ``[micro_batch, T]`` of optimizer step ``step``."""
-        return [self.blocks[i] for i in self.micro_batch_indices(step)]
+        return [self.blocks[i] for i in self.micro_batch_indices(step)]  # only these blocks are read
 
     def position(self, step: int) -> dict[str, int]:
         """The data position reached after ``step`` optimizer steps (stored in checkpoints)."""

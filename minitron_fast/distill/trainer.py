@@ -106,6 +106,35 @@ def peak_memory_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+@contextlib.contextmanager
+def partitioned(ds_config: dict[str, Any] | None):
+    """While active, transformers builds models under ``deepspeed.zero.Init`` (its DeepSpeed
+    integration, ``HfDeepSpeedConfig``) when ``ds_config`` is ZeRO stage 3: each rank allocates
+    only its partition, and ``from_pretrained`` loads the checkpoint shard file by shard file in
+    the training dtype, so no rank ever holds the whole model (with ``offload_param`` the
+    partitions live in CPU memory). A no-op for ``None`` or stages 0-2."""
+    if not ds_config or ds_config.get("zero_optimization", {}).get("stage", 0) != 3:
+        yield
+        return
+    from transformers.integrations import HfDeepSpeedConfig
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    keep = HfDeepSpeedConfig(ds_config)  # transformers holds only a weak reference: keep it alive
+    try:
+        yield keep
+    finally:
+        unset_hf_deepspeed_config()
+
+
+def enable_activation_checkpointing(model: nn.Module) -> nn.Module:
+    """Recomputes each decoder layer's activations in the backward pass instead of storing them
+    (transformers' non-reentrant gradient checkpointing): activation memory per micro-batch
+    drops from every layer's intermediates to one layer's plus the layer inputs. The loss and
+    gradients are unchanged (the recomputation is the same forward)."""
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
 # -- schedule ------------------------------------------------------------------------------------
 
 def lr_lambda(cfg: DistillConfig):
@@ -185,7 +214,7 @@ def _teacher_ds_config(cfg: DistillConfig, world: int) -> dict[str, Any]:
     zero: dict[str, Any] = {"stage": 3}
     if cfg.deepspeed.persistence_threshold is not None:
         zero["stage3_param_persistence_threshold"] = cfg.deepspeed.persistence_threshold
-    if cfg.deepspeed.offload_param:
+    if cfg.deepspeed.offload_param or cfg.deepspeed.teacher_offload_param:
         zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
     return {"train_micro_batch_size_per_gpu": cfg.micro_batch_size, "gradient_accumulation_steps": 1,
             "train_batch_size": cfg.micro_batch_size * world, "zero_optimization": zero,
@@ -250,7 +279,6 @@ class Trainer:
 
     # ----- setup
     def _load(self):
-        from minitron_fast.data import token_blocks
         from minitron_fast.models.loading import load_model, load_tokenizer, resolve_model_path
 
         cfg = self.cfg
@@ -263,17 +291,16 @@ class Trainer:
         if cfg.mode == "distill":
             losses.check_tokenizers(t_tok, load_tokenizer(cfg.student), cfg.teacher, cfg.student)
         self.tokenizer_dir = resolve_model_path(cfg.student if cfg.mode == "distill" else cfg.teacher)
-        teacher = load_model(cfg.teacher, dtype=dtype, device=dev)
+        s_ds = deepspeed_config(cfg, self.world)[0] if cfg.deepspeed.zero_stage == 3 else None
+        t_ds = _teacher_ds_config(cfg, self.world) if cfg.deepspeed.teacher_zero3 else None
+        with partitioned(t_ds if cfg.mode == "distill" else s_ds):
+            teacher = load_model(cfg.teacher, dtype=dtype, device=dev)
         if cfg.mode == "distill":
-            student = load_model(cfg.student, dtype=dtype, device=dev)
+            with partitioned(s_ds):
+                student = load_model(cfg.student, dtype=dtype, device=dev)
         else:
             student, teacher = teacher, None
-        blocks = token_blocks(t_tok, cfg.data.source, "train", cfg.data.seq_len, max_blocks=cfg.data.max_blocks,
-                              text_field=cfg.data.text_field)
-        eval_blocks = None
-        if cfg.data.eval_blocks > 0:
-            eval_blocks = token_blocks(t_tok, cfg.data.source, "heldout", cfg.data.seq_len,
-                                       max_blocks=cfg.data.eval_blocks, text_field=cfg.data.text_field)
+        blocks, eval_blocks = self._data(t_tok)
         return student, teacher, blocks, eval_blocks
 
     def _load_offline(self, dtype: torch.dtype, dev: torch.device):
@@ -281,7 +308,6 @@ class Trainer:
         the logits' manifest is checked against this run's tokenizer, data, seq_len (and teacher,
         when the recipe names one). Returns ``(student, None, blocks, eval_blocks)``."""
         from minitron_fast.artifacts import teacher_logits as tl
-        from minitron_fast.data import token_blocks
         from minitron_fast.models.loading import load_model, load_tokenizer, resolve_model_path
 
         cfg = self.cfg
@@ -289,21 +315,17 @@ class Trainer:
         tok = load_tokenizer(cfg.student)
         self.n_tokens = len(tok)
         self.tokenizer_dir = resolve_model_path(cfg.student)
-        student = load_model(cfg.student, dtype=dtype, device=dev)
+        with partitioned(deepspeed_config(cfg, self.world)[0] if cfg.deepspeed.zero_stage == 3 else None):
+            student = load_model(cfg.student, dtype=dtype, device=dev)
         teacher_digest = tl.model_digest(resolve_model_path(cfg.teacher)) if cfg.teacher else None
         run = tl.RunIdentity(seq_len=cfg.data.seq_len, tokenizer_digest=tl.tokenizer_digest(tok),
                              vocab_size=int(student.config.vocab_size), data_source=str(cfg.data.source),
                              text_field=cfg.data.text_field, teacher_digest=teacher_digest)
         reader.check_run(run)  # cheap checks first, then the data itself
-        blocks = token_blocks(tok, cfg.data.source, "train", cfg.data.seq_len,
-                              max_blocks=cfg.data.max_blocks if cfg.data.max_blocks is not None else reader.n_blocks,
-                              text_field=cfg.data.text_field)
-        reader.check_run(run, tl.block_hashes(blocks))
+        blocks, eval_blocks = self._data(tok, max_blocks=reader.n_blocks if cfg.data.max_blocks is None else None)
+        # every block is checked against its stored hash as it is read; here, early, the first 1,024
+        reader.check_run(run, tl.block_hashes(blocks, limit=1024), n_blocks=len(blocks))
         self.stored_logits = reader
-        eval_blocks = None
-        if cfg.data.eval_blocks > 0:
-            eval_blocks = token_blocks(tok, cfg.data.source, "heldout", cfg.data.seq_len,
-                                       max_blocks=cfg.data.eval_blocks, text_field=cfg.data.text_field)
         return student, None, blocks, eval_blocks
 
     def _loss_setup(self, student: nn.Module, teacher: nn.Module | None, n_tokens: int) -> nn.Module | None:
@@ -334,6 +356,21 @@ class Trainer:
                                    **head_options(student, teacher, n_tokens))
         return proj
 
+    def _data(self, tokenizer, *, max_blocks: int | None = None):
+        """The training split as memory-mapped ``TokenBlocks`` (each rank reads only the blocks of
+        its micro-batches) and the held-out blocks (a small ``[n, T]`` tensor, or None)."""
+        from minitron_fast.data import TokenBlocks, token_blocks
+
+        d = self.cfg.data
+        blocks = TokenBlocks.open(tokenizer, d.source, "train", d.seq_len, max_blocks=max_blocks or d.max_blocks,
+                                  text_field=d.text_field, cache=d.cache_dir,
+                                  progress=self.progress and int(os.environ.get("RANK", "0")) == 0).require_one()
+        eval_blocks = None
+        if d.eval_blocks > 0:
+            eval_blocks = token_blocks(tokenizer, d.source, "heldout", d.seq_len, max_blocks=d.eval_blocks,
+                                       text_field=d.text_field, cache=d.cache_dir)
+        return blocks, eval_blocks
+
     # ----- main entry
     def run(self) -> dict[str, Any]:
         cfg = self.cfg
@@ -358,6 +395,8 @@ class Trainer:
         proj = self._loss_setup(student, teacher, self.n_tokens)
         student.train()
         student.config.use_cache = False
+        if cfg.activation_checkpointing:
+            enable_activation_checkpointing(student)
         wrapped = KDStudent(student, proj)
 
         ds_cfg, client = deepspeed_config(cfg, world)
@@ -476,7 +515,7 @@ class Trainer:
             rec.update({k: float(v) for k, v in zip(sorted(sums), red)})
             dt = time.perf_counter() - t0
             rec.update(lr=None if lr_now is None else float(lr_now), tokens=int(num_items),
-                       tokens_per_s=data.global_batch * data.blocks.shape[1] / dt, step_s=dt,
+                       tokens_per_s=data.global_batch * data.seq_len / dt, step_s=dt,
                        peak_mem_mb=peak_memory_mb(), rss_mb=resident_memory_mb())
             final_loss = rec["loss"]
             done = step + 1

@@ -99,6 +99,7 @@ class ExportSection:
 class LaunchSection:
     num_procs: int = 1            # processes for the DeepSpeed stages (1: single process, no launcher)
     launcher: str = "auto"        # auto | deepspeed | torchrun | none
+    hostfile: str | None = None   # DeepSpeed hostfile ("host slots=N" lines): multi-node, num_procs ranks per host
 
 
 STAGES = ("teacher_eval", "correct_teacher", "teacher_logits", "importance", "search", "prune", "distill", "scratch",

@@ -83,7 +83,7 @@ def write_teacher_logits(cfg: TeacherLogitsConfig, *, progress: bool = True,
     """
     from tqdm.auto import tqdm
 
-    from minitron_fast.data import token_blocks
+    from minitron_fast.data import TokenBlocks
     from minitron_fast.models.loading import load_config, load_tokenizer, resolve_model_path
 
     log = log or log_.info
@@ -100,14 +100,14 @@ def write_teacher_logits(cfg: TeacherLogitsConfig, *, progress: bool = True,
     if cfg.top_k > vocab:
         raise tl.TeacherLogitsError(f"--top-k {cfg.top_k} exceeds the teacher's vocabulary of {vocab} tokens")
     tok = load_tokenizer(cfg.model)
-    blocks = token_blocks(tok, cfg.data, "train", cfg.seq_len, text_field=cfg.text_field)
-    n_split = int(blocks.shape[0])
+    blocks = TokenBlocks.open(tok, cfg.data, "train", cfg.seq_len, text_field=cfg.text_field,
+                              progress=progress).require_one()  # memory-mapped: read a batch at a time
+    n_split = len(blocks)
     n = n_split if cfg.samples is None else cfg.samples
     if n > n_split:
         raise tl.TeacherLogitsError(f"--samples {n}: the train split of {cfg.data} holds only {n_split} blocks of "
                                     f"{cfg.seq_len} tokens; ask for at most {n_split}")
-    blocks = blocks[:n]
-    hashes = tl.block_hashes(blocks)
+    hashes = tl.block_hashes(blocks, limit=n)
     ident = _identity(cfg, tok, vocab, n_split, hashes)
     run_id = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
     ident["run"] = run_id
