@@ -13,8 +13,9 @@ so each block is read once), each in a fresh process so its peak RSS is its own:
   the trainer with no teacher in memory (``renorm``: softmax over the top-k; ``tail``: top-k plus one
   bucket holding the rest of the teacher's mass).
 
-Row fields: ``ppl`` held-out perplexity after training (the trainer's held-out loss on
-``--eval-blocks`` blocks), ``ppl_vs_online``; ``peak_mb`` the process's peak RSS and
+Row fields: ``ppl`` held-out perplexity after training (the exported student on the first
+``--eval-blocks`` held-out blocks), ``ppl_vs_online``; ``peak_mb`` the process's peak RSS during
+training (models, optimizer state, activations, the loss) and
 ``peak_vs_online``; ``median_s``/``p20_s``/``p80_s`` the step time after the first step,
 ``tokens_per_s`` and ``speed_vs_online``; ``bytes_per_token`` (the shards on disk / stored tokens;
 0 for online) and ``write_s`` (teacher forward + top-k + shard writes for the stored tokens).
@@ -70,17 +71,30 @@ def run_case(student: str, out: str, steps: int, micro_batch: int, seq_len: int,
     from minitron_fast.distill import load_config, train
     from minitron_fast.distill.trainer import read_metrics
 
+    import torch
+
+    from minitron_fast.data import token_blocks
+    from minitron_fast.evaluate.perplexity import lm_loss
+    from minitron_fast.models.loading import load_model, load_tokenizer
+
+    # the trainer's own held-out loss would also run at step 0 (the same for every run): the
+    # exported student is evaluated once instead
     ov = [f"student={student}", f"out={out}", f"steps={steps}", f"micro_batch_size={micro_batch}", "grad_accum=1",
-          f"data.seq_len={seq_len}", f"data.max_blocks={steps * micro_batch}", f"data.eval_blocks={eval_blocks}",
-          "lr=3e-4", "min_lr=3e-5", "warmup_steps=2", f"eval_every={10**6}", f"save_every={10**6}", "export=false",
+          f"data.seq_len={seq_len}", f"data.max_blocks={steps * micro_batch}", "data.eval_blocks=0",
+          "lr=3e-4", "min_lr=3e-5", "warmup_steps=2", f"save_every={10**6}", "export=true",
           "ds.zero_stage=1", f"loss.topk_semantics={semantics}"]
     ov += [f"teacher_logits={teacher_logits}"] if teacher_logits else ["teacher=demo"]
     if threads:
         ov.append(f"threads={threads}")
-    res = train(load_config(None, ov), progress=False)
+    train(load_config(None, ov), progress=False)
     recs = [r for r in read_metrics(Path(out) / "metrics.jsonl") if "loss" in r]
+    peak = max(r["peak_mem_mb"] for r in recs)  # before the evaluation below loads a second copy
+    model = load_model(Path(out) / "final")
+    heldout = token_blocks(load_tokenizer(student), "demo", "heldout", seq_len, max_blocks=eval_blocks)
+    with torch.no_grad():
+        loss = lm_loss(model, heldout, batch_size=micro_batch, progress=False)
     return {"ok": True, "losses": [r["loss"] for r in recs], "step_s": [r["step_s"] for r in recs],
-            "peak_mb": max(r["peak_mem_mb"] for r in recs), "eval_loss": res["eval_loss"]}
+            "peak_mb": peak, "eval_loss": float(loss)}
 
 
 def write_case(out: str, k: int, samples: int, seq_len: int, threads: int | None) -> dict[str, Any]:
