@@ -44,7 +44,7 @@ def meta() -> dict[str, Any]:
                     "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
                     "mem_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)},
         "versions": {n: ver(n) for n in ("torch", "triton", "transformers", "deepspeed", "liger-kernel",
-                                          "cut-cross-entropy", "minitron_fast")},
+                                          "minitron_fast")},
         "python": sys.version.split()[0],
     }
 

@@ -178,7 +178,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     err = 0.0
     for i in range(view.num_layers):
         for got, ref in ((sc.neurons[i], hb.neurons[i].sqrt()), (sc.heads[i], hb.heads[i].sqrt()),
-                         (col.norm_in[i].result(), None)):
+                         (col.norms[i][0].result(), None)):
             if ref is not None:
                 err = max(err, float(((got - ref).abs() / ref.abs().clamp_min(1e-6)).max()))
     ok = err < 1e-3

@@ -49,19 +49,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def build_student(work: Path, seq_len: int) -> Path:
     """The demo's pruned student: FFN 1536 -> 768 from 16 calibration blocks (cached in ``work``)."""
-    from minitron_fast.importance import run_importance
-    from minitron_fast.models.loading import load_config
-    from minitron_fast.prune import make_plan, prune_checkpoint
+    from minitron_fast.importance import ImportanceConfig, run_importance
+    from minitron_fast.prune import PruneConfig, run_prune
 
     out = work / "student"
     if (out / "config.json").is_file():
         return out
     scores = work / "scores.safetensors"
     if not scores.is_file():
-        run_importance("demo", "demo", out=scores, samples=16, seq_len=seq_len, batch_size=8, heatmap_png=False,
-                       progress=False)
-    plan = make_plan(load_config("demo"), scores, "ffn=768")
-    prune_checkpoint("demo", plan, out, scores_file=scores, progress=False)
+        run_importance("demo", "demo", out=scores, heatmap_png=False, progress=False,
+                       config=ImportanceConfig(samples=16, seq_len=seq_len, batch_size=8, device="cpu"))
+    run_prune("demo", scores, out, PruneConfig(target="ffn=768", device="cpu"), progress=False)
     return out
 
 
@@ -100,8 +98,12 @@ def run_case(student: str, out: str, steps: int, micro_batch: int, seq_len: int,
 def write_case(out: str, k: int, samples: int, seq_len: int, threads: int | None) -> dict[str, Any]:
     from minitron_fast.teacher_logits import TeacherLogitsConfig, write_teacher_logits
 
-    m = write_teacher_logits(TeacherLogitsConfig(model="demo", out=out, top_k=k, seq_len=seq_len, samples=samples,
-                                                 threads=threads), progress=False)
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    m = write_teacher_logits("demo", "demo", out=out, progress=False,
+                             config=TeacherLogitsConfig(top_k=k, seq_len=seq_len, samples=samples, device="cpu"))
     return {"ok": True, "bytes_per_token": m["bytes_per_token"], "write_s": m["write_seconds"],
             "tokens": m["n_blocks"] * m["rows_per_block"]}
 

@@ -93,7 +93,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     from minitron_fast.models import get_view
     from minitron_fast.models.loading import load_model, load_tokenizer
     from minitron_fast.prune import apply_plan, make_plan
-    from minitron_fast.prune.targets import target_geometry
+    from minitron_fast.artifacts.targets import target_geometry
 
     if args.threads:
         torch.set_num_threads(args.threads)

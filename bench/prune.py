@@ -9,6 +9,10 @@ Each case runs in a fresh process (``bench.common.run_in_subprocess``) so its pe
   (``index_select`` rows, then columns) replacing the old one;
 - ``streaming``: ``prune_checkpoint(streaming=True)`` from a safetensors file on disk to a new
   checkpoint (includes reading and writing the files; the page cache is warm);
+- ``inplace_loaded``: the model loaded from that checkpoint by ``from_pretrained`` (weights stay
+  copy-on-write file mappings), then ``apply_plan(impl="cpp")``;
+- ``inplace_private``: the model loaded by ``prune.streaming.load_private`` (positioned reads into
+  private memory), then ``apply_plan(impl="cpp")``: what ``prune`` without ``--streaming`` does;
 - ``memcpy``: a plain copy of the pruned model's bytes into already-touched memory (the floor).
 
 The model is a ``LlamaForCausalLM`` with Llama-3.1-8B layer shapes (hidden 4096, FFN 14336,
@@ -23,7 +27,11 @@ The plan is the Minitron 4B-Width shape: hidden 3072, FFN 9216, 24 heads (3 per 
 Rows: ``median_s`` (one prune; p20/p80 over ``--reps`` processes), ``peak_x_model`` (peak RSS
 above the process's baseline, over the model's bytes), ``end_x_model`` (RSS after pruning, over
 the model's bytes; the pruned model is ``pruned_x_model``), ``gb_s`` (pruned bytes written per
-second) and ``x_memcpy`` (that throughput over the memcpy row's).
+second) and ``x_memcpy`` (that throughput over the memcpy row's). The two loaded cases also
+report ``loaded_x_model`` (RSS after loading and reading every weight once, as the importance
+pass before pruning does), ``load_s`` and ``touch_s`` (that first read), and the growth of anonymous (``end_anon_x_model``) and
+file-backed (``end_file_x_model``) RSS over the process's baseline; their ``peak_x_model`` is
+the pruning step's peak over the RSS before loading.
 """
 from __future__ import annotations
 
@@ -36,7 +44,7 @@ import time
 from typing import Any
 
 HELP = "in-place pruning (C++ / torch) vs index_select vs streaming vs memcpy: time, peak RSS, throughput"
-IMPLS = ("inplace_c", "inplace_torch", "naive_index_select", "streaming", "memcpy")
+IMPLS = ("inplace_c", "inplace_torch", "naive_index_select", "streaming", "inplace_loaded", "inplace_private", "memcpy")
 P = 65521  # largest prime < 2**16: the fill codes are exact in fp32
 
 SHAPES = {
@@ -172,6 +180,42 @@ def _reset_peak() -> bool:
         return False
 
 
+def _rss_split_mb() -> dict[str, float]:
+    """RssAnon and RssFile of this process (MB), from /proc/self/status."""
+    out = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(("RssAnon:", "RssFile:")):
+                out[line.split(":")[0]] = int(line.split()[1]) / 1024
+    return out
+
+
+def _write_checkpoint(cfg, root: str) -> str:
+    """A ``save_pretrained`` directory of the filled model, written one tensor at a time."""
+    from pathlib import Path
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from minitron_fast.prune.streaming import write_safetensors_streaming
+
+    src_dir = os.path.join(root, "src")
+    os.makedirs(src_dir)
+    cfg.save_pretrained(src_dir)
+    with torch.device("meta"):
+        meta = AutoModelForCausalLM.from_config(cfg)
+    entries = [(n, torch.float32, tuple(p.shape)) for n, p in meta.named_parameters()]
+
+    def produce():
+        for _, _, shp in entries:
+            t = torch.empty(shp)
+            _fill(t)
+            yield t
+
+    write_safetensors_streaming(Path(src_dir) / "model.safetensors", entries, produce())
+    return src_dir
+
+
 def _hwm_mb() -> float:
     with open("/proc/self/status") as f:
         for line in f:
@@ -210,7 +254,6 @@ def _naive(model, plan) -> None:
     from minitron_fast.prune.surgery import all_rules, update_config_
 
     view = get_view(model)
-    src_types = list(getattr(model.config, "layer_types", None) or [])
     keep = set(plan.layers)
     for i in range(len(view.decoder_layers) - 1, -1, -1):
         if i not in keep:
@@ -227,7 +270,7 @@ def _naive(model, plan) -> None:
     for mod in model.modules():
         if isinstance(mod, nn.Linear):
             mod.out_features, mod.in_features = mod.weight.shape
-    update_config_(model.config, plan.target_geometry(), plan, src_types)
+    update_config_(model.config, plan.target_geometry(), plan)
 
 
 # -- one case, in a fresh process -------------------------------------------------------------------
@@ -262,27 +305,14 @@ def case(impl: str, size: str, layers: int | None, vocab: int | None, workdir: s
         ok = bool(torch.equal(dst[-1000:], src[dst.numel() - 1000: dst.numel()]))
         end = _rss_mb()
     elif impl == "streaming":
+        from pathlib import Path
+
         from minitron_fast.prune import prune_checkpoint
-        from minitron_fast.prune.streaming import SafetensorsFile, write_safetensors_streaming
+        from minitron_fast.prune.streaming import SafetensorsFile
 
         root = tempfile.mkdtemp(prefix="bench_prune_", dir=workdir)
         try:
-            src_dir = os.path.join(root, "src")
-            os.makedirs(src_dir)
-            cfg.save_pretrained(src_dir)
-            with torch.device("meta"):
-                from transformers import AutoModelForCausalLM
-
-                meta = AutoModelForCausalLM.from_config(cfg)
-            entries = [(n, torch.float32, tuple(p.shape)) for n, p in meta.named_parameters()]
-
-            def produce():
-                for _, _, shp in entries:
-                    t = torch.empty(shp)
-                    _fill(t)
-                    yield t
-
-            write_safetensors_streaming(__import__("pathlib").Path(src_dir) / "model.safetensors", entries, produce())
+            src_dir = _write_checkpoint(cfg, root)
             gc.collect()
             base = _rss_mb()
             _reset_peak()
@@ -291,11 +321,52 @@ def case(impl: str, size: str, layers: int | None, vocab: int | None, workdir: s
             dt = time.perf_counter() - t0
             end = _rss_mb()
             peak = _hwm_mb()
-            f = SafetensorsFile(__import__("pathlib").Path(root) / "out" / "model.safetensors")
+            f = SafetensorsFile(Path(root) / "out" / "model.safetensors")
             tensors = {n: f.read_rows(n, None, None) for n in f.header}
             ok = _check(tensors, shape, plan)
             f.close()
             del tensors
+        finally:
+            import shutil
+
+            shutil.rmtree(root, ignore_errors=True)
+    elif impl in ("inplace_loaded", "inplace_private"):
+        from transformers import AutoModelForCausalLM
+
+        from minitron_fast.prune import apply_plan
+        from minitron_fast.prune.streaming import load_private
+
+        root = tempfile.mkdtemp(prefix="bench_prune_", dir=workdir)
+        try:
+            src_dir = _write_checkpoint(cfg, root)
+            gc.collect()
+            base = _rss_mb()
+            base_split = _rss_split_mb()
+            t0 = time.perf_counter()
+            if impl == "inplace_loaded":
+                model = AutoModelForCausalLM.from_pretrained(src_dir, dtype=torch.float32).eval()
+            else:
+                model = load_private(src_dir, dtype=torch.float32)
+            out["load_s"] = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            with torch.no_grad():  # use the weights once, as the importance pass before pruning does
+                for p in model.parameters():
+                    p.sum()
+            out["touch_s"] = time.perf_counter() - t0  # from_pretrained's lazy mapping faults the pages in here
+            gc.collect()
+            out["loaded_x_model"] = (_rss_mb() - base) / (model_bytes / 2**20)
+            _reset_peak()
+            t0 = time.perf_counter()
+            apply_plan(model, plan, impl="cpp")
+            dt = time.perf_counter() - t0
+            peak = _hwm_mb()
+            gc.collect()
+            end = _rss_mb()
+            split = _rss_split_mb()
+            for k, key in (("RssAnon", "end_anon_x_model"), ("RssFile", "end_file_x_model")):
+                out[key] = (split.get(k, float("nan")) - base_split.get(k, float("nan"))) / (model_bytes / 2**20)
+            ok = _check(model, shape, plan)
+            del model
         finally:
             import shutil
 
@@ -349,8 +420,10 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
             times = sorted(r["time_s"] for r in rs)
             row.update({"median_s": statistics.median(times), "p20_s": times[0], "p80_s": times[-1],
                         "peak_mb": max(r["peak_mb"] for r in rs)})
-            for k in ("model_mb", "pruned_x_model", "peak_x_model", "end_x_model", "gb_s"):
-                row[k] = statistics.median(r[k] for r in rs)
+            for k in ("model_mb", "pruned_x_model", "peak_x_model", "end_x_model", "gb_s", "load_s", "touch_s", "loaded_x_model",
+                      "end_anon_x_model", "end_file_x_model"):
+                if k in rs[0]:
+                    row[k] = statistics.median(r[k] for r in rs)
             row["x_memcpy"] = row["gb_s"] / memcpy_gb_s if memcpy_gb_s else None
         else:
             row["error"] = "; ".join(str(r.get("error", "check failed"))[-500:] for r in rs if not r.get("ok"))

@@ -33,7 +33,7 @@ import triton.language as tl
 @triton.jit
 def _swiglu_stats_kernel(g_ptr, u_ptr, h_ptr, mask_ptr, s1_ptr, s2_ptr, T, F, n_tblocks,
                          HAS_MASK: tl.constexpr, WANT_S1: tl.constexpr, WANT_S2: tl.constexpr,
-                         BLOCK_T: tl.constexpr, BLOCK_F: tl.constexpr):
+                         BLOCK_T: tl.constexpr, BLOCK_F: tl.constexpr, ACT: tl.constexpr = 0):
     pid = tl.program_id(0)
     pid_f = tl.program_id(1)
     b = pid // n_tblocks
@@ -46,7 +46,11 @@ def _swiglu_stats_kernel(g_ptr, u_ptr, h_ptr, mask_ptr, s1_ptr, s2_ptr, T, F, n_
     m2 = tmask[:, None] & fmask[None, :]
     g = tl.load(g_ptr + offs, mask=m2, other=0.0).to(tl.float32)
     u = tl.load(u_ptr + offs, mask=m2, other=0.0).to(tl.float32)
-    h = (g * tl.sigmoid(g) * u).to(h_ptr.dtype.element_ty)
+    if ACT == 0:  # silu (Llama, Qwen, Mistral, Phi-3)
+        h = (g * tl.sigmoid(g) * u).to(h_ptr.dtype.element_ty)
+    else:  # gelu-tanh (Gemma): 0.5 g (1 + tanh(z)) == g * sigmoid(2 z), z = sqrt(2/pi) (g + 0.044715 g^3)
+        z = 0.7978845608028654 * (g + 0.044715 * g * g * g)
+        h = (g * tl.sigmoid(2.0 * z) * u).to(h_ptr.dtype.element_ty)
     tl.store(h_ptr + offs, h, mask=m2)
     # statistics of the value down_proj actually sees (rounded to the output dtype)
     a = tl.abs(h.to(tl.float32))
@@ -62,7 +66,7 @@ def _swiglu_stats_kernel(g_ptr, u_ptr, h_ptr, mask_ptr, s1_ptr, s2_ptr, T, F, n_
 @triton.jit
 def _rmsnorm_stats_kernel(x_ptr, w_ptr, y_ptr, mask_ptr, s1_ptr, s2_ptr, T, H, eps, n_tblocks,
                           HAS_MASK: tl.constexpr, WANT_S1: tl.constexpr, WANT_S2: tl.constexpr,
-                          BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr):
+                          BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, OFFSET: tl.constexpr = 0.0):
     pid = tl.program_id(0)
     b = pid // n_tblocks
     t = (pid % n_tblocks) * BLOCK_T + tl.arange(0, BLOCK_T)  # [BLOCK_T]
@@ -78,16 +82,20 @@ def _rmsnorm_stats_kernel(x_ptr, w_ptr, y_ptr, mask_ptr, s1_ptr, s2_ptr, T, H, e
     rstd = 1.0 / tl.sqrt(acc / H + eps)  # [BLOCK_T]
     if HAS_MASK:
         wt = tl.load(mask_ptr + b * T + t, mask=tmask, other=0.0)
-    # pass 2: y = w * (x * rstd cast back to x's dtype), as HF computes it; stats of y
+    # pass 2: y = w * (x * rstd cast back to x's dtype), as HF's Llama computes it, or with a
+    # weight offset (Gemma) y = (x * rstd * (OFFSET + w)) in fp32, cast once; stats of y
     for h0 in range(0, H, BLOCK_H):
         hh = h0 + tl.arange(0, BLOCK_H)
         hmask = hh < H
         m2 = tmask[:, None] & hmask[None, :]
         offs = rows[:, None] * H + hh[None, :]  # [BLOCK_T, BLOCK_H]
         xr = tl.load(x_ptr + offs, mask=m2, other=0.0)
-        xn = (xr.to(tl.float32) * rstd[:, None]).to(xr.dtype).to(tl.float32)
         w = tl.load(w_ptr + hh, mask=hmask, other=0.0).to(tl.float32)  # [BLOCK_H]
-        y = (w[None, :] * xn).to(y_ptr.dtype.element_ty)
+        if OFFSET == 0.0:
+            xn = (xr.to(tl.float32) * rstd[:, None]).to(xr.dtype).to(tl.float32)
+            y = (w[None, :] * xn).to(y_ptr.dtype.element_ty)
+        else:
+            y = (xr.to(tl.float32) * rstd[:, None] * (OFFSET + w[None, :])).to(y_ptr.dtype.element_ty)
         tl.store(y_ptr + offs, y, mask=m2)
         a = tl.abs(y.to(tl.float32))
         if HAS_MASK:
@@ -170,10 +178,13 @@ def _stat_args(s1, s2, ref):
     return (s1 if s1 is not None else ref, s2 if s2 is not None else ref, s1 is not None, s2 is not None)
 
 
+ACT_CODES = {"silu": 0, "gelu_tanh": 1}
+
+
 def swiglu_stats(gate: torch.Tensor, up: torch.Tensor, mask: torch.Tensor | None, s1: torch.Tensor | None,
-                 s2: torch.Tensor | None) -> torch.Tensor:
-    """h = silu(gate) * up ``[B, T, F]``; adds sums of ``|h|`` (s1) and ``h**2`` (s2) over valid tokens
-    into ``[B, F]`` fp32 buffers."""
+                 s2: torch.Tensor | None, act: str = "silu") -> torch.Tensor:
+    """h = act(gate) * up ``[B, T, F]`` (``act``: "silu" or "gelu_tanh"); adds sums of ``|h|`` (s1)
+    and ``h**2`` (s2) over valid tokens into ``[B, F]`` fp32 buffers."""
     B, T, F = gate.shape
     gate, up = gate.contiguous(), up.contiguous()
     h = torch.empty_like(gate)
@@ -183,24 +194,26 @@ def swiglu_stats(gate: torch.Tensor, up: torch.Tensor, mask: torch.Tensor | None
     bf = min(128 if not _interpreted() else 1024, triton.next_power_of_2(F))
     nt = triton.cdiv(T, bt)
     _swiglu_stats_kernel[(B * nt, triton.cdiv(F, bf))](gate, up, h, m, a1, a2, T, F, nt, HAS_MASK=has_m,
-                                                       WANT_S1=w1, WANT_S2=w2, BLOCK_T=bt, BLOCK_F=bf)
+                                                       WANT_S1=w1, WANT_S2=w2, BLOCK_T=bt, BLOCK_F=bf,
+                                                       ACT=ACT_CODES[act])
     return h
 
 
 def rmsnorm_stats(x: torch.Tensor, weight: torch.Tensor, eps: float, mask: torch.Tensor | None,
-                  s1: torch.Tensor | None, s2: torch.Tensor | None) -> torch.Tensor:
-    """HF RMSNorm of ``x [B, T, H]``; adds sums of ``|y|`` and ``y**2`` over valid tokens into
-    ``[B, H]`` fp32 buffers."""
+                  s1: torch.Tensor | None, s2: torch.Tensor | None, offset: float = 0.0) -> torch.Tensor:
+    """HF RMSNorm of ``x [B, T, H]`` (``offset`` 1: Gemma's ``(1 + w)``, output in x's dtype); adds
+    sums of ``|y|`` and ``y**2`` over valid tokens into ``[B, H]`` fp32 buffers."""
     B, T, H = x.shape
     x = x.contiguous()
-    y = torch.empty(x.shape, dtype=torch.result_type(weight, x), device=x.device)
+    ydt = torch.result_type(weight, x) if offset == 0.0 else x.dtype
+    y = torch.empty(x.shape, dtype=ydt, device=x.device)
     m, has_m = _mask_arg(mask, x)
     a1, a2, w1, w2 = _stat_args(s1, s2, x)
     bt = _bt(T)
     bh = min(128 if not _interpreted() else 8192, triton.next_power_of_2(H))
     nt = triton.cdiv(T, bt)
     _rmsnorm_stats_kernel[(B * nt,)](x, weight.contiguous(), y, m, a1, a2, T, H, float(eps), nt, HAS_MASK=has_m,
-                                     WANT_S1=w1, WANT_S2=w2, BLOCK_T=bt, BLOCK_H=bh)
+                                     WANT_S1=w1, WANT_S2=w2, BLOCK_T=bt, BLOCK_H=bh, OFFSET=float(offset))
     return y
 
 
@@ -235,27 +248,32 @@ def block_cos(x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor | None, out: 
 
 def _specs() -> list[dict]:
     specs = []
-    for dt in ("bf16", "fp16", "fp32"):
+    for dt, act in (("bf16", "silu"), ("fp16", "silu"), ("fp32", "silu"), ("bf16", "gelu_tanh")):
         p = f"*{dt}"
         specs.append({
-            "name": f"importance_swiglu_stats[{dt},BLOCK_T=16,BLOCK_F=128]", "fn": _swiglu_stats_kernel,
+            "name": f"importance_swiglu_stats[{dt},{act},BLOCK_T=16,BLOCK_F=128]", "fn": _swiglu_stats_kernel,
             "signature": {"g_ptr": p, "u_ptr": p, "h_ptr": p, "mask_ptr": "*fp32", "s1_ptr": "*fp32",
                           "s2_ptr": "*fp32", "T": "i32", "F": "i32", "n_tblocks": "i32", "HAS_MASK": "constexpr",
                           "WANT_S1": "constexpr", "WANT_S2": "constexpr", "BLOCK_T": "constexpr",
-                          "BLOCK_F": "constexpr"},
-            "constexprs": {"HAS_MASK": True, "WANT_S1": True, "WANT_S2": True, "BLOCK_T": 16, "BLOCK_F": 128},
+                          "BLOCK_F": "constexpr", "ACT": "constexpr"},
+            "constexprs": {"HAS_MASK": True, "WANT_S1": True, "WANT_S2": True, "BLOCK_T": 16, "BLOCK_F": 128,
+                           "ACT": ACT_CODES[act]},
             "num_warps": 4, "num_stages": 1,
             "flops": "~6*R*F (silu, product, abs, square, two sums)",
             "min_bytes": "3*R*F*E (read gate, up; write h) + atomics 2*B*F*4*ceil(T/16)"})
+        off = 1.0 if act == "gelu_tanh" else 0.0  # the Gemma variant: (1 + w) with its GELU-tanh MLP
         specs.append({
-            "name": f"importance_rmsnorm_stats[{dt},BLOCK_T=16,BLOCK_H=128]", "fn": _rmsnorm_stats_kernel,
+            "name": f"importance_rmsnorm_stats[{dt},offset={off:g},BLOCK_T=16,BLOCK_H=128]", "fn": _rmsnorm_stats_kernel,
             "signature": {"x_ptr": p, "w_ptr": p, "y_ptr": p, "mask_ptr": "*fp32", "s1_ptr": "*fp32",
                           "s2_ptr": "*fp32", "T": "i32", "H": "i32", "eps": "fp32", "n_tblocks": "i32",
                           "HAS_MASK": "constexpr", "WANT_S1": "constexpr", "WANT_S2": "constexpr",
-                          "BLOCK_T": "constexpr", "BLOCK_H": "constexpr"},
-            "constexprs": {"HAS_MASK": True, "WANT_S1": True, "WANT_S2": True, "BLOCK_T": 16, "BLOCK_H": 128},
+                          "BLOCK_T": "constexpr", "BLOCK_H": "constexpr", "OFFSET": "constexpr"},
+            "constexprs": {"HAS_MASK": True, "WANT_S1": True, "WANT_S2": True, "BLOCK_T": 16, "BLOCK_H": 128,
+                           "OFFSET": off},
             "num_warps": 4, "num_stages": 1,
             "flops": "~8*R*H", "min_bytes": "2*R*H*E (read x, write y) + H*E; x is read twice (2nd from L2)"})
+        if act != "silu":
+            continue  # head and cosine kernels do not depend on the family
         specs.append({
             "name": f"importance_head_stats[{dt},BLOCK_T=16,BLOCK_D=128]", "fn": _head_stats_kernel,
             "signature": {"x_ptr": p, "mask_ptr": "*fp32", "s1_ptr": "*fp32", "s2_ptr": "*fp32", "T": "i32",

@@ -24,7 +24,7 @@ _LAZY = {
     "load_model": "minitron_fast.models.loading",
     "load_tokenizer": "minitron_fast.models.loading",
     "token_blocks": "minitron_fast.data",
-    "perplexity": "minitron_fast.evaluate",
+    "perplexity": "minitron_fast.evaluate.perplexity",
     "compact_": "minitron_fast.ops.compact",
     "compact_2d_": "minitron_fast.ops.compact",
     "make_plan": "minitron_fast.prune",

@@ -1,8 +1,10 @@
 """The ``minitron-fast`` command (also ``python -m minitron_fast``).
 
-Each subcommand lives in ``minitron_fast/commands/<name>.py`` and exposes ``HELP``,
+Each subcommand lives in ``minitron_fast/commands/<name>.py`` and exposes
 ``add_arguments(parser)`` and ``run(args) -> int``; it parses arguments and calls the stage's
-Python API, nothing more. Modules are imported only when their subcommand runs, so ``--help``
+Python API, nothing more. A stage's option flags are derived from its config dataclass
+(``configtools.add_arguments``); its one-line help is here, in ``COMMANDS``. Building the parser
+imports the command modules and the stage configs, never torch or transformers, so ``--help``
 stays fast.
 """
 from __future__ import annotations

@@ -1,16 +1,197 @@
-"""Typed configuration from YAML: dataclasses filled from dicts, ``key=value`` overrides, merging.
+"""Typed configuration: dataclasses filled from YAML dicts, ``key=value`` overrides, merging, and
+argparse flags derived from the same dataclasses.
 
-Shared by the distillation trainer's config (``minitron_fast.distill.config``) and the pipeline's
-recipes (``minitron_fast.pipeline.recipe``), so both accept and reject the same things with the
-same one-line messages. Each caller passes its own error class (a MinitronError subclass).
+Shared by the stage configs (``importance/config.py``, ``search/config.py``, ``prune/config.py``,
+``evaluate/config.py``, ``export/config.py``, the trainer's ``distill/config.py``), the
+pipeline's recipes (``minitron_fast.pipeline.recipe``, whose sections are those dataclasses) and
+the CLI subcommands (:func:`add_arguments` / :func:`from_args`), so a recipe key, a Python
+argument and a flag are one field with one default. Each caller passes its own error class (a
+MinitronError subclass).
+
+A field's ``metadata`` carries its CLI side: ``help`` (text), ``choices``, ``aliases`` (more
+option strings for the same flag), ``cli=False`` (a recipe-only key, no flag) and ``list``
+(``"comma"``, the default for lists, or ``"append"``: a repeatable flag).
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import typing
+from dataclasses import dataclass, field
 from typing import Any
 
 import yaml
+
+from minitron_fast.errors import MinitronError
+
+
+class OptionError(MinitronError, ValueError):
+    """A stage option with an impossible value (the recipe prefixes its section's name)."""
+
+
+def opt(default: Any = None, help: str = "", *, choices: tuple[str, ...] | None = None,  # noqa: A002
+        aliases: tuple[str, ...] = (), cli: bool = True, list_style: str = "comma",
+        default_factory: Any = dataclasses.MISSING) -> Any:
+    """A dataclass field with its CLI metadata (see the module docstring)."""
+    meta = {"help": help, "choices": choices, "aliases": aliases, "cli": cli, "list": list_style}
+    if default_factory is not dataclasses.MISSING:
+        return field(default_factory=default_factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def key(where: str, name: str) -> str:
+    """How an error names option ``name``: ``importance.seq_agg`` in a recipe (``where`` is the
+    section prefix), ``--seq-agg`` on the command line (``where`` is ``"--"``)."""
+    return flag_name(name) if where == "--" else f"{where}{name}"
+
+
+def check_choice(value: Any, choices: tuple[str, ...], name: str) -> None:
+    if value not in choices:
+        raise OptionError(f"{name}={value!r} is not one of {', '.join(map(str, choices))}")
+
+
+def check_fields(cfg: Any, where: str = "") -> None:
+    """Checks every field with ``choices`` metadata of the dataclass ``cfg``."""
+    for f in dataclasses.fields(cfg):
+        choices = f.metadata.get("choices")
+        value = getattr(cfg, f.name)
+        if choices and value is not None:
+            for v in value if isinstance(value, list) else [value]:
+                check_choice(v, choices, key(where, f.name))
+
+
+# -- where a stage runs ---------------------------------------------------------------------------
+
+DEVICES = ("auto", "cpu", "cuda")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass
+class DeviceConfig:
+    """Where a stage that loads a model runs; every such stage's config inherits these fields.
+    ``device: auto`` is CUDA when available, else the CPU; ``cuda:N`` picks a GPU; ``dtype``
+    None is the stage's default (float32; the trainer: bfloat16 when ``deepspeed.bf16``)."""
+
+    device: str = opt("auto", "cpu, cuda, cuda:N, or auto (CUDA when available)")
+    dtype: str | None = opt(None, "model dtype: float32, bfloat16 or float16 (default: float32)", choices=DTYPES)
+    attn_implementation: str | None = opt(
+        None, "transformers attention: sdpa, eager, flash_attention_2 (default: flash_attention_2 on CUDA "
+              "when installed, else sdpa)")
+
+    def check_device(self, where: str = "") -> None:
+        """The device's syntax and every field with ``choices`` (at load time; availability is
+        checked by :meth:`resolved_device`)."""
+        d = str(self.device)
+        if d not in DEVICES and not (d.startswith("cuda:") and d[5:].isdigit()):
+            raise OptionError(f"{key(where, 'device')}={d!r} is not one of cpu, cuda, cuda:N, auto")
+        check_fields(self, where)
+
+    def resolved_device(self, where: str = "") -> str:
+        """``auto`` resolved; a CUDA device on a machine without CUDA is a one-line OptionError
+        (raised before any model loads)."""
+        import torch
+
+        d = str(self.device)
+        if d == "auto":
+            return "cuda" if torch.cuda.is_available() else "cpu"
+        if d.startswith("cuda"):
+            if not torch.cuda.is_available():
+                raise OptionError(f"{key(where, 'device')}={d} but CUDA is not available on this machine (torch "
+                                  f"{torch.__version__}); set {key(where, 'device')}=cpu (or auto)")
+            if ":" in d and int(d.split(":")[1]) >= torch.cuda.device_count():
+                raise OptionError(f"{key(where, 'device')}={d} but this machine has {torch.cuda.device_count()} CUDA devices")
+        return d
+
+    def load_kwargs(self, where: str = "") -> dict[str, Any]:
+        """Keyword arguments for ``minitron_fast.models.loading.load_model``."""
+        kw = {"device": self.resolved_device(where), "attn_implementation": self.attn_implementation}
+        return dict(kw, dtype=self.dtype) if self.dtype else kw
+
+
+@dataclass
+class DeviceMapConfig(DeviceConfig):
+    """:class:`DeviceConfig` plus ``device_map`` for forward-only stages (importance, evaluation)
+    whose model may not fit one GPU."""
+
+    device_map: str | None = opt(None, "transformers device_map, e.g. auto to spread a model larger than one GPU "
+                                       "over every visible GPU (overrides device)")
+
+    def load_kwargs(self, where: str = "") -> dict[str, Any]:
+        kw = super().load_kwargs(where)
+        if self.device_map:
+            kw["device_map"] = self.device_map
+        return kw
+
+
+# -- argparse flags from a dataclass -------------------------------------------------------------
+
+def flag_name(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _cli_fields(cls: type, only: tuple[str, ...] | None, exclude: tuple[str, ...]) -> list[dataclasses.Field]:
+    return [f for f in dataclasses.fields(cls) if f.metadata.get("cli", True) and f.name not in exclude
+            and (only is None or f.name in only)]
+
+
+def _default(f: dataclasses.Field) -> Any:
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+
+
+def add_arguments(parser: argparse.ArgumentParser, cls: type, *, only: tuple[str, ...] | None = None,
+                  exclude: tuple[str, ...] = (), required: tuple[str, ...] = ()) -> None:
+    """One flag per field of the dataclass ``cls``: ``retrain_steps`` -> ``--retrain-steps``, the
+    field's default and its ``help``/``choices``/``aliases`` metadata. Booleans: ``--name`` when
+    the default is False, ``--no-name`` when it is True. Lists: comma-separated (``--kinds a,b``)
+    or repeatable (``list="append"``). Fields named in ``required`` are required flags."""
+    hints = typing.get_type_hints(cls)
+    for f in _cli_fields(cls, only, exclude):
+        tp, default, meta = hints[f.name], _default(f), f.metadata
+        inner = [a for a in typing.get_args(tp) if a is not type(None)]
+        base = inner[0] if inner and (typing.get_origin(tp) is typing.Union or type(tp).__name__ == "UnionType") \
+            else tp
+        help_ = meta.get("help", "")
+        kw: dict[str, Any] = {"dest": f.name}
+        names = [flag_name(f.name)]
+        if base is bool:
+            if default:
+                names = ["--no-" + f.name.replace("_", "-")]
+                kw.update(action="store_false", default=True)
+                help_ = f"turn off (on by default): {help_}"
+            else:
+                kw.update(action="store_true", default=False)
+        elif typing.get_origin(base) is list:
+            if meta.get("list") == "append":
+                kw.update(action="append", default=None, metavar=f.name.upper())
+            else:
+                kw.update(type=_comma_list, default=list(default), metavar="A,B")
+                help_ += f" (comma-separated; default {','.join(map(str, default))})" if default else ""
+        else:
+            kw.update(type=base if base in (int, float) else str, default=default)
+            if meta.get("choices"):
+                kw["choices"] = meta["choices"]
+            if default is not None:
+                help_ += f" (default {default})"
+        if f.name in required:
+            kw["required"] = True
+            kw.pop("default", None)
+        parser.add_argument(*names, *meta.get("aliases", ()), help=help_ or None, **kw)
+
+
+def _comma_list(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def from_args(cls: type, args: argparse.Namespace, *, only: tuple[str, ...] | None = None,
+              exclude: tuple[str, ...] = (), **values: Any) -> Any:
+    """The dataclass ``cls`` built from the flags :func:`add_arguments` added (``values`` set the
+    fields that have no flag, or override one)."""
+    kw: dict[str, Any] = {}
+    for f in _cli_fields(cls, only, exclude):
+        v = getattr(args, f.name)
+        kw[f.name] = _default(f) if v is None and f.metadata.get("list") == "append" else v
+    kw.update(values)
+    return cls(**kw)
 
 
 def _type_name(tp: Any) -> str:
@@ -75,6 +256,25 @@ def from_dict(cls: type, d: dict[str, Any], *, error: type[Exception], prefix: s
         where = f" under {prefix[:-1]}" if prefix else ""
         raise error(f"unknown recipe key {prefix}{unknown[0]}; known keys{where}: {', '.join(names)}")
     return cls(**{k: coerce(v, hints[k], prefix + k, error=error, skip=skip) for k, v in d.items()})
+
+
+def load_yaml_mapping(path: Any, *, error: type[Exception], what: str = "recipe") -> dict[str, Any]:
+    """The YAML mapping in the file ``path`` (``{}`` for an empty file); a missing file, invalid
+    YAML or a non-mapping is a one-line ``error``."""
+    from pathlib import Path
+
+    p = Path(path)
+    if not p.is_file():
+        raise error(f"{what} {p} does not exist")
+    try:
+        d = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as exc:
+        raise error(f"{what} {p} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    except yaml.YAMLError as exc:
+        raise error(f"{what} {p} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    if not isinstance(d, dict):
+        raise error(f"{what} {p} must be a YAML mapping of keys to values")
+    return d
 
 
 def parse_overrides(overrides: list[str] | tuple[str, ...], *, error: type[Exception],

@@ -98,6 +98,61 @@ def _tiny_qwen2(**kw):
     return m
 
 
+def _randomize_norms(m, std=0.1):
+    """Non-trivial norm weights (Gemma's start at 0, i.e. (1 + 0); Llama's at 1), so that slicing the
+    wrong entries of any norm changes the logits."""
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if "norm" in name:
+                p.add_(torch.randn_like(p) * std)
+    return m
+
+
+def _tiny_qwen3(**kw):
+    # explicit head_dim (16) != hidden / heads (12); layer 0 full, layers 1-2 sliding (window 4)
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    cfg = dict(vocab_size=133, hidden_size=48, intermediate_size=72, num_hidden_layers=3, num_attention_heads=4,
+               num_key_value_heads=2, head_dim=16, max_position_embeddings=128, use_sliding_window=True,
+               sliding_window=4, max_window_layers=1, tie_word_embeddings=False)
+    cfg.update(kw)
+    return _randomize_norms(Qwen3ForCausalLM(Qwen3Config(**cfg)).eval())
+
+
+def _tiny_gemma2(**kw):
+    # sliding (window 4) / global layers alternate; both softcaps; query_pre_attn_scalar != head_dim
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    cfg = dict(vocab_size=137, hidden_size=64, intermediate_size=80, num_hidden_layers=3, num_attention_heads=4,
+               num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=24, sliding_window=4,
+               attn_logit_softcapping=5.0, final_logit_softcapping=3.0, max_position_embeddings=128,
+               tie_word_embeddings=True, pad_token_id=0, bos_token_id=1, eos_token_id=2, attn_implementation="eager")
+    cfg.update(kw)
+    return _randomize_norms(Gemma2ForCausalLM(Gemma2Config(**cfg)).eval())
+
+
+def _tiny_gemma3(**kw):
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    cfg = dict(vocab_size=139, hidden_size=64, intermediate_size=80, num_hidden_layers=3, num_attention_heads=4,
+               num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=24, sliding_window=4,
+               layer_types=["sliding_attention", "full_attention", "sliding_attention"], max_position_embeddings=128,
+               tie_word_embeddings=True, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    cfg.update(kw)
+    return _randomize_norms(Gemma3ForCausalLM(Gemma3TextConfig(**cfg)).eval())
+
+
+def _tiny_phi3(**kw):
+    # fused qkv_proj and gate_up_proj; no head_dim field in the config (64 / 4 = 16)
+    from transformers import Phi3Config, Phi3ForCausalLM
+
+    cfg = dict(vocab_size=131, hidden_size=64, intermediate_size=80, num_hidden_layers=3, num_attention_heads=4,
+               num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=False, pad_token_id=0,
+               bos_token_id=1, eos_token_id=2)
+    cfg.update(kw)
+    return _randomize_norms(Phi3ForCausalLM(Phi3Config(**cfg)).eval())
+
+
 TINY_BUILDERS = {
     "llama": _tiny_llama,
     "llama_tied": lambda **kw: _tiny_llama(tie_word_embeddings=True, **kw),
@@ -106,6 +161,10 @@ TINY_BUILDERS = {
                       "original_max_position_embeddings": 64}, **kw),
     "mistral_nemo_like": _tiny_mistral,
     "qwen2_bias": _tiny_qwen2,
+    "qwen3": _tiny_qwen3,
+    "gemma2": _tiny_gemma2,
+    "gemma3": _tiny_gemma3,
+    "phi3": _tiny_phi3,
 }
 
 

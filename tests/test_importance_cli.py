@@ -7,7 +7,7 @@ import torch
 
 from minitron_fast.cli import main
 from minitron_fast.errors import MinitronError
-from minitron_fast.importance import depth_lm_loss, load_scores, run_importance, skip_layers
+from minitron_fast.importance import ImportanceConfig, depth_lm_loss, load_scores, run_importance, skip_layers
 from minitron_fast.importance.depth import heldout_loss
 
 
@@ -21,8 +21,8 @@ def test_skipped_layer_equals_dropped_layer(tiny_model):
     dropped = copy.deepcopy(tiny_model)
     del dropped.model.layers[1]
     dropped.config.num_hidden_layers -= 1
-    if getattr(dropped.config, "layer_types", None):
-        dropped.config.layer_types = dropped.config.layer_types[:-1]
+    if getattr(dropped.config, "layer_types", None):  # the kept layers keep their own types
+        dropped.config.layer_types = [t for i, t in enumerate(dropped.config.layer_types) if i != 1]
     with torch.no_grad():
         torch.testing.assert_close(dropped(input_ids=ids, use_cache=False).logits, skipped, rtol=1e-5, atol=1e-5)
     with torch.no_grad():  # and the skip is undone
@@ -85,9 +85,9 @@ def test_bad_inputs(tiny_ckpt, tmp_path, capsys):
     assert main(["importance", "--model", str(tiny_ckpt), "--out", str(tiny_ckpt / "s.safetensors")]) == 2
     assert "inside the input model directory" in capsys.readouterr().err
     with pytest.raises(MinitronError):  # fewer is allowed when asked
-        run_importance(tiny_ckpt, "demo", out=out, samples=100000, seq_len=32, allow_fewer=False, progress=False)
-    s, _ = run_importance(tiny_ckpt, "demo", out=out, samples=100000, seq_len=32, allow_fewer=True, progress=False,
-                          heatmap_png=False, batch_size=64)
+        run_importance(tiny_ckpt, "demo", out=out, config=ImportanceConfig(samples=100000, seq_len=32), progress=False)
+    cfg = ImportanceConfig(samples=100000, seq_len=32, allow_fewer=True, batch_size=64)
+    s, _ = run_importance(tiny_ckpt, "demo", out=out, config=cfg, progress=False, heatmap_png=False)
     assert 0 < s.meta["calib_samples"] < 100000
 
 

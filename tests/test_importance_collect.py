@@ -37,8 +37,8 @@ def _stored_activations(model, ids, mask, batch_size):
     for i, lv in enumerate(view.layers):
         hooks.append(lv.o_proj.register_forward_pre_hook(lambda m, a, i=i: store["o_in", i].append(a[0].double())))
         hooks.append(lv.down_proj.register_forward_pre_hook(lambda m, a, i=i: store["down_in", i].append(a[0].double())))
-        hooks.append(lv.input_norm.register_forward_hook(lambda m, a, o, i=i: store["norm_in", i].append(o.double())))
-        hooks.append(lv.post_attn_norm.register_forward_hook(lambda m, a, o, i=i: store["norm_post", i].append(o.double())))
+        for j, norm in enumerate(lv.hidden_norms()):  # Llama 2, Gemma 4
+            hooks.append(norm.register_forward_hook(lambda m, a, o, i=i, j=j: store["norm", i, j].append(o.double())))
         hooks.append(lv.module.register_forward_pre_hook(
             lambda m, a, k, i=i: store["x_in", i].append((a[0] if a else k["hidden_states"]).double()), with_kwargs=True))
         hooks.append(lv.module.register_forward_hook(
@@ -71,8 +71,8 @@ def _reference_scores(view, acts, mask, seq_agg, batch_agg):
         out["heads"].append(heads)
         out["kv"].append(heads.view(g.num_key_value_heads, -1).sum(1))
         out["neurons"].append(_agg(acts["down_in", i].abs(), mask, seq_agg, batch_agg))
-        out["channels"].append(_agg(acts["norm_in", i].abs(), mask, seq_agg, batch_agg)
-                               + _agg(acts["norm_post", i].abs(), mask, seq_agg, batch_agg))
+        out["channels"].append(sum(_agg(acts["norm", i, j].abs(), mask, seq_agg, batch_agg)
+                                   for j in range(len(view.layers[i].hidden_norms()))))
         cos = F.cosine_similarity(acts["x_in", i], acts["x_out", i], dim=-1)
         out["bi"].append(1 - cos[mask > 0].mean())
     return out
@@ -117,14 +117,44 @@ def test_head_score_after_o_proj_equals_reference(tiny_builders, name):
             _close(s.heads[i], _agg(contrib, mask, seq_agg, batch_agg), f"{name} layer {i} heads (after o_proj)")
 
 
-def test_fused_triton_path_equals_torch_path(tiny_builders):
-    # Under TRITON_INTERPRET the fused forwards (SwiGLU, RMSNorm) and Triton reductions run on CPU.
-    model = tiny_builders["qwen2_bias"]()
+FUSED_KERNELS = ("swiglu_stats", "rmsnorm_stats", "head_stats", "block_cos")
+
+
+@pytest.mark.parametrize("name", ["qwen2_bias", "qwen3", "gemma2", "gemma3", "phi3", "mistral_nemo_like"])
+def test_every_fused_kernel_runs_and_equals_torch_path(tiny_builders, monkeypatch, name):
+    """Under TRITON_INTERPRET the fused forwards (gated MLP, RMSNorm) and Triton reductions run on
+    CPU. Each of the four kernels must really launch, once per layer and per [hidden] norm (the
+    fallback hooks give the same numbers, so equality alone could not see a kernel never run)."""
+    from minitron_fast.kernels import importance as k
+
+    model = tiny_builders[name]()
+    view = get_view(model)
     ids, mask = _data(model.config.vocab_size, n=3, T=7)
     ref = collect_importance(model, ids, attention_mask=mask, batch_size=3, seq_agg="var", impl="torch", progress=False)
+    launches = dict.fromkeys(FUSED_KERNELS, 0)
+    for kern in FUSED_KERNELS:
+        def counted(*a, _real=getattr(k, kern), _name=kern, **kw):
+            launches[_name] += 1
+            return _real(*a, **kw)
+        monkeypatch.setattr(k, kern, counted)
     got = collect_importance(model, ids, attention_mask=mask, batch_size=3, seq_agg="var", impl="triton", progress=False)
-    for k, v in ref.to_tensors().items():
-        torch.testing.assert_close(got.to_tensors()[k], v, rtol=2e-4, atol=2e-5, msg=lambda m: f"{k}: {m}")
+    L = view.num_layers
+    assert launches == {"swiglu_stats": L, "rmsnorm_stats": sum(len(lv.hidden_norms()) for lv in view.layers),
+                        "head_stats": L, "block_cos": L}, launches
+    for key, v in ref.to_tensors().items():
+        torch.testing.assert_close(got.to_tensors()[key], v, rtol=2e-4, atol=2e-5, msg=lambda m: f"{key}: {m}")
+
+
+def test_gate_activation_detected_by_behaviour():
+    from transformers.activations import ACT2FN
+
+    from minitron_fast.ops.importance import gate_activation_kind
+
+    assert gate_activation_kind(ACT2FN["silu"]) == "silu"  # transformers' SiLUActivation, not nn.SiLU
+    assert gate_activation_kind(torch.nn.SiLU()) == "silu"
+    assert gate_activation_kind(ACT2FN["gelu_pytorch_tanh"]) == "gelu_tanh"
+    assert gate_activation_kind(ACT2FN["gelu"]) is None  # exact GELU: the kernel does not compute it
+    assert gate_activation_kind(torch.nn.ReLU()) is None
 
 
 @pytest.mark.parametrize("impl", ["torch", "triton"])

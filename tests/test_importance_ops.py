@@ -27,43 +27,50 @@ def _sums(a, m):  # a [B, T, U] float64 nonneg; m [B, T] or None
     return (a * w[..., None]).sum(1), (a * a * w[..., None]).sum(1)
 
 
+GATE_REFS = {"silu": F.silu,  # float64 references of the kernel's activations
+             "gelu_tanh": lambda x: 0.5 * x * (1 + torch.tanh((2 / torch.pi) ** 0.5 * (x + 0.044715 * x ** 3)))}
+
+
+@pytest.mark.parametrize("act", sorted(GATE_REFS))
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("padded", [False, True], ids=["dense", "padded"])
 @pytest.mark.parametrize("B,T,C", SHAPES)
-def test_swiglu_with_stats(B, T, C, padded, impl, poison_empty):
-    g, u = torch.randn(B, T, C), torch.randn(B, T, C)
+def test_swiglu_with_stats(B, T, C, padded, impl, act, poison_empty):
+    g, u = torch.randn(B, T, C) * 3, torch.randn(B, T, C)
     m = _mask(B, T, padded)
     s1, s2 = torch.full((B, C), 0.5), torch.zeros(B, C)  # accumulates onto what is there
-    h = ops.swiglu_with_stats(g, u, m, s1, s2, impl=impl)
-    ref = F.silu(g.double()) * u.double()
+    h = ops.swiglu_with_stats(g, u, m, s1, s2, act=act, impl=impl)
+    ref = GATE_REFS[act](g.double()) * u.double()
     torch.testing.assert_close(h.double(), ref, rtol=1e-5, atol=1e-6)
     r1, r2 = _sums(ref.abs(), m)
     torch.testing.assert_close(s1.double(), r1 + 0.5, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(s2.double(), r2, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("offset", [0.0, 1.0], ids=["w", "1+w"])
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("padded", [False, True], ids=["dense", "padded"])
 @pytest.mark.parametrize("B,T,C", SHAPES)
-def test_rmsnorm_with_stats(B, T, C, padded, impl, poison_empty):
+def test_rmsnorm_with_stats(B, T, C, padded, impl, offset, poison_empty):
     x, w = torch.randn(B, T, C) * 3, torch.randn(C)
     m = _mask(B, T, padded)
     s1, s2 = torch.zeros(B, C), torch.zeros(B, C)
-    y = ops.rmsnorm_with_stats(x, w, 1e-6, m, s1, s2, impl=impl)
+    y = ops.rmsnorm_with_stats(x, w, 1e-6, m, s1, s2, offset=offset, impl=impl)
     xd = x.double()
-    ref = w.double() * xd * torch.rsqrt(xd.pow(2).mean(-1, keepdim=True) + 1e-6)
+    ref = (offset + w.double()) * xd * torch.rsqrt(xd.pow(2).mean(-1, keepdim=True) + 1e-6)
     torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-5)
     r1, r2 = _sums(ref.abs(), m)
     torch.testing.assert_close(s1.double(), r1, rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(s2.double(), r2, rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("offset", [0.0, 1.0], ids=["llama", "gemma"])
 @pytest.mark.parametrize("impl", IMPLS)
-def test_rmsnorm_bf16_matches_hf_rounding(impl):
+def test_rmsnorm_bf16_matches_hf_rounding(impl, offset):
     x, w = torch.randn(2, 5, 24).bfloat16(), torch.randn(24).bfloat16()
     s1 = torch.zeros(2, 24)
-    y = ops.rmsnorm_with_stats(x, w, 1e-5, None, s1, None, impl=impl)
-    ref = ops.rmsnorm_reference(x, w, 1e-5)
+    y = ops.rmsnorm_with_stats(x, w, 1e-5, None, s1, None, offset=offset, impl=impl)
+    ref = ops.rmsnorm_reference(x, w, 1e-5, offset)
     assert y.dtype == ref.dtype == torch.bfloat16
     torch.testing.assert_close(y.float(), ref.float(), rtol=1e-2, atol=1e-2)
     # stats describe the rounded output down_proj/attention see (the interpreter's fp32->bf16 cast

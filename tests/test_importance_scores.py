@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from minitron_fast.importance.scores import (ImportanceScores, ScoresFileError, load_scores, read_metadata,
+from minitron_fast.artifacts.scores import (ImportanceScores, ScoresFileError, load_scores, read_metadata,
                                              save_scores)
 
 

@@ -30,20 +30,30 @@ def _surgery(model, keep_heads, keep_neurons, keep_channels):
     sv.final_norm.weight.copy_(view.final_norm.weight[c])
     for lv, sl, kh, kn in zip(view.layers, sv.layers, keep_heads, keep_neurons):
         rows = torch.tensor([h * hd + d for h in kh for d in range(hd)])
-        sl.q_proj.weight.copy_(lv.q_proj.weight[rows][:, c])
-        if lv.q_proj.bias is not None:
+        (q, k, v), (sq, sk, sv_) = lv.qkv_weights(), sl.qkv_weights()  # views into a fused qkv_proj too
+        sq.copy_(q[rows][:, c])
+        sk.copy_(k[:, c])
+        sv_.copy_(v[:, c])
+        if lv.q_proj is not None and lv.q_proj.bias is not None:
             sl.q_proj.bias.copy_(lv.q_proj.bias[rows])
         for n in ("k_proj", "v_proj"):
-            getattr(sl, n).weight.copy_(getattr(lv, n).weight[:, c])
-            if getattr(lv, n).bias is not None:
+            if getattr(lv, n) is not None and getattr(lv, n).bias is not None:
                 getattr(sl, n).bias.copy_(getattr(lv, n).bias)
         sl.o_proj.weight.copy_(lv.o_proj.weight[c][:, rows])
         n_ = torch.tensor(kn)
-        sl.gate_proj.weight.copy_(lv.gate_proj.weight[n_][:, c])
-        sl.up_proj.weight.copy_(lv.up_proj.weight[n_][:, c])
+        for w, sw in zip(lv.gate_up_weights(), sl.gate_up_weights()):
+            sw.copy_(w[n_][:, c])
         sl.down_proj.weight.copy_(lv.down_proj.weight[c][:, n_])
-        sl.input_norm.weight.copy_(lv.input_norm.weight[c])
-        sl.post_attn_norm.weight.copy_(lv.post_attn_norm.weight[c])
+        for nm, snm in zip(lv.hidden_norms(), sl.hidden_norms()):
+            snm.weight.copy_(nm.weight[c])
+        for nm, snm in zip(lv.head_norms, sl.head_norms):
+            snm.weight.copy_(nm.weight)
+    scale = view.embed_scale_of(model.config) / sv.embed_scale_of(cfg)
+    if scale != 1.0:  # Gemma: embedding * sqrt(H') == original kept channels * sqrt(H)
+        sv.embed_tokens.weight.mul_(scale)
+        if sv.tied:  # the lm_head is the rescaled embedding: the final norm gives the factor back
+            off = sv.norm_weight_offset
+            sv.final_norm.weight.copy_((sv.final_norm.weight + off) / scale - off)
     return small
 
 

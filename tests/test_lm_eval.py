@@ -10,6 +10,7 @@ import torch
 
 from minitron_fast.errors import MinitronError
 from minitron_fast.evaluate import harness
+from minitron_fast.evaluate.config import EvaluateConfig
 from minitron_fast.evaluate.harness import LM_EVAL_MISSING, evaluate_model, lm_eval_available, resolve_tasks
 
 from test_pipeline import make_tiny_teacher
@@ -105,8 +106,8 @@ def test_local_task_yaml_matches_hand_loglikelihoods(tiny, tmp_path, capsys):
 def test_include_path_and_limit(tiny, tmp_path):
     """A task found by name in an --include-path directory; --limit keeps the first examples."""
     write_task(tmp_path / "tasks", name="pydoc_choice_b")
-    r = evaluate_model(str(tiny), seq_len=32, eval_blocks=1, batch_size=2, tasks=["pydoc_choice_b"], limit=3,
-                       include_path=[str(tmp_path / "tasks")], progress=False)
+    r = evaluate_model(str(tiny), EvaluateConfig(eval_blocks=1, batch_size=2, tasks=["pydoc_choice_b"], limit=3,
+                                                 include_path=[str(tmp_path / "tasks")]), seq_len=32, progress=False)
     acc, _ = hand_accuracy(tiny, DOCS[:3])
     assert r["tasks"]["pydoc_choice_b"]["acc"] == pytest.approx(acc, abs=1e-12)
 

@@ -265,10 +265,10 @@ def test_demo_max_tokens_knob():
     from minitron_fast.pipeline.recipe import load_recipe, training_config
 
     r = load_recipe("demo", demo_overrides(4096, 2, []))
-    assert r.distill["steps"] == 4 and r.correct_teacher["steps"] == 1 and r.threads == 2
-    assert r.distill["warmup_steps"] <= 3
+    assert r.distill.steps == 4 and r.correct_teacher.steps == 1 and r.threads == 2
+    assert r.distill.warmup_steps <= 3
     assert training_config(r, "scratch", teacher="t", student=None, out="o")["steps"] == 4  # same tokens
     # explicit overrides win over the knob
-    assert load_recipe("demo", demo_overrides(4096, None, ["distill.steps=2"])).distill["steps"] == 2
+    assert load_recipe("demo", demo_overrides(4096, None, ["distill.steps=2"])).distill.steps == 2
     with pytest.raises(MinitronError, match="--max-tokens must be positive"):
         demo_overrides(0, None, [])

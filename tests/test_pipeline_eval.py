@@ -7,6 +7,7 @@ import math
 
 import pytest
 
+from minitron_fast.evaluate.config import EvaluateConfig
 from minitron_fast.evaluate.harness import evaluate_model
 
 from test_pipeline import make_tiny_teacher
@@ -34,7 +35,7 @@ def test_eval_cli_perplexity_matches_api(tiny, tmp_path, capsys):
                   progress=False)
     assert rec["loss"] == pytest.approx(ref, rel=1e-6) and rec["ppl"] == pytest.approx(math.exp(ref), rel=1e-6)
     # another split gives another number, from the same API
-    assert evaluate_model(str(tiny), split="calib", seq_len=32, eval_blocks=2, progress=False)["loss"] != rec["loss"]
+    assert evaluate_model(str(tiny), EvaluateConfig(eval_blocks=2), split="calib", seq_len=32, progress=False)["loss"] != rec["loss"]
 
 
 def test_eval_bad_input(tiny, tmp_path, capsys):

@@ -122,8 +122,8 @@ def test_export_reloads_in_stock_transformers(tiny_model, tmp_path, streaming):
     assert rec["plan"]["kept"]["layers"] == plan.layers and rec["streaming"] == streaming
     # generate() with the KV cache agrees with a cache-free greedy decode
     prompt = x[:1, :5]
-    a = reloaded.generate(prompt, max_new_tokens=6, do_sample=False, use_cache=True, pad_token_id=0)
-    b = reloaded.generate(prompt, max_new_tokens=6, do_sample=False, use_cache=False, pad_token_id=0)
+    a = reloaded.generate(prompt, max_new_tokens=6, min_new_tokens=6, do_sample=False, use_cache=True, pad_token_id=0)
+    b = reloaded.generate(prompt, max_new_tokens=6, min_new_tokens=6, do_sample=False, use_cache=False, pad_token_id=0)
     assert torch.equal(a, b) and a.shape[1] == 11
     assert sorted(p.name for p in src.iterdir()) == sorted(["config.json", "generation_config.json", "model.safetensors"])
 
@@ -300,3 +300,47 @@ def test_demo_streaming_prune_matches_in_place(demo_model_dir, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(reloaded(x).logits, model(x).logits, rtol=0, atol=0)
     assert (out / "tokenizer.json").is_file()
+
+
+def test_load_private_equals_from_pretrained(tiny_model, tmp_path):
+    """The in-memory prune path loads with positioned reads into private memory (no copy-on-write
+    file mapping to compact into): the same parameters, buffers, tying and logits as stock
+    from_pretrained."""
+    from transformers import AutoModelForCausalLM
+
+    from minitron_fast.prune.streaming import load_private
+
+    tiny_model.save_pretrained(tmp_path / "m")
+    ref = AutoModelForCausalLM.from_pretrained(tmp_path / "m").eval()
+    got = load_private(tmp_path / "m")
+    assert type(got) is type(ref) and not got.training
+    assert get_view(got).tied == get_view(ref).tied
+    for (n, a), (m, b) in zip(got.state_dict().items(), ref.state_dict().items()):
+        assert n == m and torch.equal(a, b), n
+    for (n, a), (m, b) in zip(got.named_buffers(), ref.named_buffers()):
+        assert n == m and torch.equal(a, b), n
+    x = tokens(tiny_model.config.vocab_size)
+    torch.testing.assert_close(got(x).logits, ref(x).logits, rtol=0, atol=0)
+
+
+def test_load_private_bad_checkpoints(tiny_builders, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from minitron_fast.prune.streaming import load_private
+
+    model = tiny_builders["qwen3"]()
+    model.save_pretrained(tmp_path / "m")
+    f = tmp_path / "m" / "model.safetensors"
+    good = load_file(str(f))
+    save_file({k: v for k, v in good.items() if k != "model.norm.weight"}, str(f), metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match="has no tensor model.norm.weight"):
+        load_private(tmp_path / "m")
+    save_file({**good, "model.norm.weight": torch.zeros(5)}, str(f), metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=r"model.norm.weight has shape \(5,\)"):
+        load_private(tmp_path / "m")
+    save_file({**good, "model.extra.weight": torch.zeros(5)}, str(f), metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match="model.extra.weight is not a parameter"):
+        load_private(tmp_path / "m")
+    save_file({k: v.half() for k, v in good.items()}, str(f), metadata={"format": "pt"})  # converted on read
+    got = load_private(tmp_path / "m", dtype=torch.float32)
+    assert torch.equal(get_view(got).final_norm.weight, good["model.norm.weight"].half().float())

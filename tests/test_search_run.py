@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from minitron_fast.models import view_class_for_config
-from minitron_fast.search import SearchError, run_search
+from minitron_fast.search import SearchConfig, SearchError, run_search
 
 from test_pipeline import make_tiny_teacher
 
@@ -36,9 +36,10 @@ def test_search_ranks_retrained_candidates_and_writes_plan(teacher_and_scores, t
     full = view_class_for_config(config).count_params(config)["total"]
     budget = int(0.75 * full)
     logs = []
-    res = run_search(str(teacher), scores, budget, out_dir=tmp_path, tolerance=0.1, kinds=["width", "depth"],
-                     max_per_kind=2, retrain_steps=3, micro_batch_size=2, lr=1e-3, seq_len=32, eval_blocks=2,
-                     progress=False, log=logs.append)
+    cfg = SearchConfig(tolerance=0.1, kinds=["width", "depth"], max_candidates=2, retrain_steps=3, micro_batch_size=2,
+                       lr=1e-3, eval_blocks=2)
+    res = run_search(str(teacher), scores, cfg, budget=budget, out_dir=tmp_path, seq_len=32, progress=False,
+                     log=logs.append)
     cands = res["candidates"]
     assert len(cands) >= 2 and {c["kind"] for c in cands} <= {"width", "depth"}
     losses = [c["loss"] for c in cands]
@@ -62,9 +63,10 @@ def test_search_with_lora_retraining(teacher_and_scores, tmp_path):
 
     config = load_config(teacher)
     full = view_class_for_config(config).count_params(config)["total"]
-    res = run_search(str(teacher), scores, int(0.75 * full), tolerance=0.1, kinds=["width"], max_per_kind=1,
-                     retrain_steps=2, micro_batch_size=2, lr=1e-3, lora_rank=2, seq_len=32, eval_blocks=2,
-                     progress=False, log=lambda s: None)
+    cfg = SearchConfig(tolerance=0.1, kinds=["width"], max_candidates=1, retrain_steps=2, micro_batch_size=2, lr=1e-3,
+                       lora_rank=2, eval_blocks=2)
+    res = run_search(str(teacher), scores, cfg, budget=int(0.75 * full), seq_len=32, progress=False,
+                     log=lambda s: None)
     (c,) = res["candidates"]
     assert c["loss"] != c["loss_pruned"]  # LoRA retraining changed the merged model
     assert res["plan"] is None  # no out_dir: nothing written
@@ -85,4 +87,4 @@ def test_search_cli_and_impossible_budget(teacher_and_scores, tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("error: no width/depth/mixed candidate") and err.count("\n") == 1  # before any loading
     with pytest.raises(SearchError):
-        run_search(str(teacher), scores, 10**12, progress=False, log=lambda s: None)
+        run_search(str(teacher), scores, SearchConfig(), budget=10**12, progress=False, log=lambda s: None)

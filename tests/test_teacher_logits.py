@@ -165,22 +165,21 @@ def tiny(tmp_path_factory, demo_model_dir):
     return root
 
 
-def _cfg(tiny, out, **kw):
+def _write(tiny, out, *, module=None, **kw):
+    """Writes the tiny teacher's logits of 16 demo train blocks (4 shards of 5, 5, 5, 1 blocks)."""
     from minitron_fast.teacher_logits import TeacherLogitsConfig
+    from minitron_fast.teacher_logits import run as run_mod
 
-    d = dict(model=str(tiny / "teacher"), data="demo", out=str(out), top_k=16, seq_len=SEQ, samples=16, batch_size=4,
-             shard_tokens=5 * (SEQ - 1), threads=1)
+    d = dict(top_k=16, seq_len=SEQ, samples=16, batch_size=4, shard_tokens=5 * (SEQ - 1), device="cpu")
     d.update(kw)
-    return TeacherLogitsConfig(**d)
+    return (module or run_mod).write_teacher_logits(str(tiny / "teacher"), "demo", out=out,
+                                                    config=TeacherLogitsConfig(**d), progress=False)
 
 
 @pytest.fixture(scope="module")
 def written(tiny, tmp_path_factory):
-    from minitron_fast.teacher_logits import write_teacher_logits
-
     out = tmp_path_factory.mktemp("tl") / "logits"
-    m = write_teacher_logits(_cfg(tiny, out), progress=False)
-    return out, m
+    return out, _write(tiny, out)
 
 
 @pytest.mark.slow
@@ -223,7 +222,7 @@ def test_killed_write_resumes_only_missing_shards(tiny, written, tmp_path, monke
 
     monkeypatch.setattr(tl, "write_shard", dies_after_two)
     with pytest.raises(KeyboardInterrupt):
-        run_mod.write_teacher_logits(_cfg(tiny, out), progress=False)
+        _write(tiny, out)
     assert not (out / tl.MANIFEST).exists() and sorted(p.name for p in out.glob("shard-*")) == calls
     assert not list(out.glob(".*tmp*"))  # nothing half-written left behind
     with pytest.raises(tl.TeacherLogitsError, match="no manifest.json.*interrupted"):
@@ -232,20 +231,19 @@ def test_killed_write_resumes_only_missing_shards(tiny, written, tmp_path, monke
     blocks_seen = []
     real_rows = run_mod.teacher_rows
     monkeypatch.setattr(run_mod, "teacher_rows", lambda m, ids, k: blocks_seen.append(len(ids)) or real_rows(m, ids, k))
-    m = run_mod.write_teacher_logits(_cfg(tiny, out), progress=False)
+    m = _write(tiny, out)
     assert m["status"] == "resumed" and sum(blocks_seen) == 16 - 10  # shards 0-1 (10 blocks) were kept
     from safetensors.torch import load_file
 
     for s in written[1]["shards"]:  # identical to the uninterrupted write
         a, b = load_file(out / s["file"]), load_file(written[0] / s["file"])
         assert a.keys() == b.keys() and all(torch.equal(a[key], b[key]) for key in a)
-    assert run_mod.write_teacher_logits(_cfg(tiny, out), progress=False)["status"] == "complete"
+    assert _write(tiny, out)["status"] == "complete"
 
 
 @pytest.mark.slow
 def test_bad_input(tiny, written, tmp_path):
     from minitron_fast.models.loading import load_tokenizer
-    from minitron_fast.teacher_logits import write_teacher_logits
 
     out, m = written
     reader = tl.TeacherLogits(out)
@@ -272,9 +270,9 @@ def test_bad_input(tiny, written, tmp_path):
         reader.rows([16])
     # the writer: other inputs into the same directory; more samples than the split holds
     with pytest.raises(tl.TeacherLogitsError, match="other inputs .*top_k: 16 -> 8"):
-        write_teacher_logits(_cfg(tiny, out, top_k=8), progress=False)
+        _write(tiny, out, top_k=8)
     with pytest.raises(tl.TeacherLogitsError, match=r"holds only \d+ blocks of 32 tokens; ask for at most"):
-        write_teacher_logits(_cfg(tiny, tmp_path / "x", samples=10**6), progress=False)
+        _write(tiny, tmp_path / "x", samples=10**6)
     # a truncated shard: named, never read as zeros
     cut = tmp_path / "cut"
     shutil.copytree(out, cut)
@@ -417,11 +415,14 @@ evaluate: {{eval_blocks: 2, batch_size: 2}}
     # its cache key: the stage's config (not where it writes or how fast) + the teacher's identity
     from minitron_fast.pipeline.recipe import teacher_logits_config
 
-    key = teacher_logits_config(load_recipe(p), model="t", out="o").cache_fields()
-    assert teacher_logits_config(load_recipe(p, ["teacher_logits.top_k=4"]), model="t", out="o").cache_fields() != key
-    assert teacher_logits_config(load_recipe(p, ["teacher_logits.batch_size=2"]), model="t",
-                                 out="o2").cache_fields() == key
+    from minitron_fast.pipeline.runner import PipelineRunner
+
+    def key(*ov):
+        return PipelineRunner(load_recipe(p, list(ov)), out=tmp_path / "k").stage_inputs("teacher_logits", {})
+
+    assert key() != key("teacher_logits.top_k=4") and key()["config"]["samples"] == 16
+    assert key()["config"]["seq_len"] == 32
     with pytest.raises(RecipeError, match="distill.teacher='maybe' is not one of online, offline"):
         load_recipe(p, ["distill.teacher=maybe"])
-    with pytest.raises(RecipeError, match="teacher_logits.seq_len is set by the pipeline"):
+    with pytest.raises(RecipeError, match="teacher_logits.seq_len=16 differs from data.seq_len=32"):
         load_recipe(p, ["teacher_logits.seq_len=16"])

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 
-HELP = "run the whole pipeline on the embedded SmolLM2-135M teacher and pydoc text (CPU, minutes)"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -36,13 +35,11 @@ def demo_overrides(max_tokens: int | None, threads: int | None, overrides: list[
             raise MinitronError(f"--max-tokens must be positive, got {max_tokens}")
         r = load_recipe("demo", overrides)
         d, c = r.distill, r.correct_teacher
-        per_step = d.get("micro_batch_size", 4) * d.get("grad_accum", 1) * r.data.seq_len
-        steps = max(1, max_tokens // per_step)
+        steps = max(1, max_tokens // (d.micro_batch_size * d.grad_accum * r.data.seq_len))
         extra.append(f"distill.steps={steps}")
-        old = d.get("steps", 100)
-        if c.get("enabled", True) and steps < old:
-            extra.append(f"correct_teacher.steps={max(1, round(c.get('steps', 100) * steps / old))}")
-        extra.append(f"distill.warmup_steps={min(d.get('warmup_steps', 0), max(0, steps - 1))}")
+        if c.enabled and steps < d.steps:
+            extra.append(f"correct_teacher.steps={max(1, round(c.steps * steps / d.steps))}")
+        extra.append(f"distill.warmup_steps={min(d.warmup_steps, max(0, steps - 1))}")
     return extra + list(overrides)
 
 
@@ -61,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
     if bad:
         raise MinitronError(f"--redo {','.join(bad)}: unknown stage; stages are {', '.join(STAGES)}")
     print("== minitron-fast demo: SmolLM2-135M-Instruct teacher (embedded), pydoc_data text, CPU ==", flush=True)
-    print(f"   prune to {recipe.prune.target}; distill {recipe.distill.get('steps')} steps; "
+    print(f"   prune to {recipe.prune.target}; distill {recipe.distill.steps} steps; "
           f"results in {args.out}", flush=True)
     res = run_recipe(recipe, out=args.out, redo=redo, progress=not args.no_progress)
     print_summary(res)

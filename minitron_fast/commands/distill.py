@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import subprocess
 
-HELP = "distill a student from a teacher (or correct the teacher) with DeepSpeed ZeRO"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -4,11 +4,12 @@ from __future__ import annotations
 import argparse
 import json
 
-HELP = "print a model's family, geometry and parameter count"
+from minitron_fast.commands import add_model_argument
+
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="HF checkpoint directory, or 'demo' for the embedded SmolLM2-135M")
+    add_model_argument(p)
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
 
 

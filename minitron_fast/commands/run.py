@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import argparse
 
-HELP = "run a recipe: teacher correction, importance, search, prune, distill, evaluate, export (cached per stage)"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -1,39 +1,29 @@
 """``minitron-fast teacher-logits --model T --data D --top-k K --seq-len L --out DIR [--samples N]``.
 
-The flags are the fields of :class:`minitron_fast.teacher_logits.TeacherLogitsConfig` (one list
-of options: ``top_k`` is ``--top-k``), with their defaults and help.
-"""
+The options are :class:`~minitron_fast.teacher_logits.config.TeacherLogitsConfig`'s fields as flags."""
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import typing
 
-HELP = "run the teacher once over the train split and store its top-k logits (offline teacher)"
-
-
-def _flag_type(tp: typing.Any):
-    args = [a for a in typing.get_args(tp) if a is not type(None)]
-    base = args[0] if args else tp
-    return {"int": int, "float": float, "str": str}.get(getattr(base, "__name__", str(base)), str)
+from minitron_fast import configtools
+from minitron_fast.commands import add_data_arguments, add_model_argument, add_threads_argument, set_threads
+from minitron_fast.teacher_logits.config import TeacherLogitsConfig
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from minitron_fast.teacher_logits.config import TeacherLogitsConfig
-
-    hints = typing.get_type_hints(TeacherLogitsConfig)
-    for f in dataclasses.fields(TeacherLogitsConfig):
-        default = f.default
-        shown = "" if default is None else f" (default {default})"
-        p.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=_flag_type(hints[f.name]), default=default,
-                       help=f.metadata.get("help", "") + shown)
+    add_model_argument(p, "the teacher: HF checkpoint directory, or 'demo' for the embedded SmolLM2-135M")
+    add_data_arguments(p, "training text (its train split, in block order)")
+    p.add_argument("--out", required=True, help="directory to write (rerun the same command to resume a killed write)")
+    configtools.add_arguments(p, TeacherLogitsConfig)
+    add_threads_argument(p)
 
 
 def run(args: argparse.Namespace) -> int:
-    from minitron_fast.teacher_logits import TeacherLogitsConfig, write_teacher_logits
+    from minitron_fast.teacher_logits import write_teacher_logits
 
-    cfg = TeacherLogitsConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TeacherLogitsConfig)})
-    m = write_teacher_logits(cfg, log=print)
+    set_threads(args.threads)
+    m = write_teacher_logits(args.model, args.data, out=args.out, text_field=args.text_field,
+                             config=configtools.from_args(TeacherLogitsConfig, args).validate("--"), log=print)
     print(f"teacher logits {m['status']}: {m['n_blocks']} blocks x {m['rows_per_block']} tokens, top {m['top_k']}, "
-          f"{m['bytes_per_token']:.1f} bytes/token, in {cfg.out}")
+          f"{m['bytes_per_token']:.1f} bytes/token, in {args.out}")
     return 0

@@ -25,7 +25,6 @@ import hashlib
 import json
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import yaml
@@ -96,7 +95,12 @@ class DeepSpeedConfig:
 
 
 @dataclass
-class DistillConfig:
+class DistillConfig(configtools.DeviceConfig):
+    """The trainer's options (the distill and correct_teacher stages). ``device``, ``dtype`` and
+    ``attn_implementation`` come from :class:`~minitron_fast.configtools.DeviceConfig`: the
+    trainer runs on CUDA (one GPU per rank) when available; ``dtype`` None follows
+    ``deepspeed.bf16``."""
+
     mode: str = "distill"
     teacher: str | None = None
     student: str | None = None
@@ -184,7 +188,34 @@ class DistillConfig:
             raise ConfigError(f"deepspeed.optimizer={ds.optimizer!r} is not one of torch_adamw, deepspeed")
         if len(self.adam_betas) != 2:
             raise ConfigError(f"adam_betas must be two numbers, got {self.adam_betas}")
+        try:
+            self.check_device()
+        except MinitronError as exc:
+            raise ConfigError(str(exc)) from None
+        if self.dtype not in (None, "float32", "bfloat16"):
+            raise ConfigError(f"dtype={self.dtype!r}: the trainer runs float32 or bfloat16 (deepspeed.bf16: true)")
+        if self.dtype is not None and (self.dtype == "bfloat16") != ds.bf16:
+            raise ConfigError(f"dtype={self.dtype} disagrees with deepspeed.bf16={str(ds.bf16).lower()}; "
+                              "set deepspeed.bf16: true for bfloat16 (DeepSpeed keeps fp32 master weights), or drop dtype")
         return self
+
+    def train_device(self) -> str:
+        """The device this rank trains on: ``cuda:LOCAL_RANK`` when CUDA is available (``auto`` or
+        ``cuda``), else the CPU. Raises ConfigError, before any model loads, for ``cuda`` without
+        CUDA or ``cpu`` on a machine with CUDA (DeepSpeed then uses NCCL)."""
+        try:
+            dev = self.resolved_device()
+        except MinitronError as exc:
+            raise ConfigError(str(exc)) from None
+        if dev == "cpu" and self.device == "cpu":
+            import torch
+
+            if torch.cuda.is_available():
+                raise ConfigError("device=cpu on a machine with CUDA: the trainer takes the GPUs when it sees them; "
+                                  "hide them with CUDA_VISIBLE_DEVICES= to train on the CPU")
+        if dev.startswith("cuda"):
+            return dev if ":" in dev else f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+        return "cpu"
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -226,15 +257,7 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> Di
     ``key=value`` overrides and validates. Raises ConfigError with a one-line message."""
     d: dict[str, Any] = {}
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"recipe {p} does not exist")
-        try:
-            d = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"recipe {p} is not valid YAML: {exc}") from exc
-        if not isinstance(d, dict):
-            raise ConfigError(f"recipe {p} must be a YAML mapping of keys to values")
+        d = configtools.load_yaml_mapping(path, error=ConfigError)
         if "ds" in d and "deepspeed" not in d:
             d["deepspeed"] = d.pop("ds")
     return config_from_dict(_merge(d, parse_overrides(list(overrides))))

@@ -283,7 +283,7 @@ class Trainer:
 
         cfg = self.cfg
         dtype = torch.bfloat16 if cfg.deepspeed.bf16 else torch.float32
-        dev = _device()
+        dev = cfg.train_device()  # cuda without CUDA fails here, before any model loads
         if cfg.teacher_logits:
             return self._load_offline(dtype, dev)
         t_tok = load_tokenizer(cfg.teacher)
@@ -294,10 +294,11 @@ class Trainer:
         s_ds = deepspeed_config(cfg, self.world)[0] if cfg.deepspeed.zero_stage == 3 else None
         t_ds = _teacher_ds_config(cfg, self.world) if cfg.deepspeed.teacher_zero3 else None
         with partitioned(t_ds if cfg.mode == "distill" else s_ds):
-            teacher = load_model(cfg.teacher, dtype=dtype, device=dev)
+            teacher = load_model(cfg.teacher, dtype=dtype, device=dev, attn_implementation=cfg.attn_implementation)
         if cfg.mode == "distill":
             with partitioned(s_ds):
-                student = load_model(cfg.student, dtype=dtype, device=dev)
+                student = load_model(cfg.student, dtype=dtype, device=dev,
+                                     attn_implementation=cfg.attn_implementation)
         else:
             student, teacher = teacher, None
         blocks, eval_blocks = self._data(t_tok)
@@ -316,7 +317,7 @@ class Trainer:
         self.n_tokens = len(tok)
         self.tokenizer_dir = resolve_model_path(cfg.student)
         with partitioned(deepspeed_config(cfg, self.world)[0] if cfg.deepspeed.zero_stage == 3 else None):
-            student = load_model(cfg.student, dtype=dtype, device=dev)
+            student = load_model(cfg.student, dtype=dtype, device=dev, attn_implementation=cfg.attn_implementation)
         teacher_digest = tl.model_digest(resolve_model_path(cfg.teacher)) if cfg.teacher else None
         run = tl.RunIdentity(seq_len=cfg.data.seq_len, tokenizer_digest=tl.tokenizer_digest(tok),
                              vocab_size=int(student.config.vocab_size), data_source=str(cfg.data.source),

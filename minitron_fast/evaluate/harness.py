@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from minitron_fast.errors import MinitronError
+from minitron_fast.evaluate.config import EvaluateConfig
 
 LM_EVAL_MISSING = ("lm-evaluation-harness is not installed, so --tasks cannot run here; install it with "
                    "`pip install lm_eval` and make the task data available locally (HF datasets cache), "
@@ -27,35 +28,36 @@ def lm_eval_available() -> bool:
     return importlib.util.find_spec("lm_eval") is not None
 
 
-def evaluate_model(model: str, *, data: str = "demo", split: str = "heldout", seq_len: int = 256,
-                   eval_blocks: int = 8, batch_size: int = 8, tasks: list[str] | None = None,
-                   limit: int | None = None, include_path: list[str] | None = None, text_field: str = "text",
-                   progress: bool = True) -> dict[str, Any]:
+def evaluate_model(model: str, config: EvaluateConfig | None = None, *, data: str = "demo", split: str = "heldout",
+                   seq_len: int = 256, text_field: str = "text", progress: bool = True) -> dict[str, Any]:
     """Held-out LM loss and perplexity of ``model`` (a checkpoint directory or ``demo``) over
-    ``eval_blocks`` blocks of ``seq_len`` tokens of ``data``'s ``split``; with ``tasks``, also
-    lm-evaluation-harness metrics (raises MinitronError up front when ``lm_eval`` is missing; see
-    :func:`run_lm_eval` for ``tasks``, ``limit`` and ``include_path``).
+    ``config.eval_blocks`` blocks of ``seq_len`` tokens of ``data``'s ``split``; with
+    ``config.tasks``, also lm-evaluation-harness metrics (raises MinitronError up front when
+    ``lm_eval`` is missing; see :func:`run_lm_eval` for ``tasks``, ``limit`` and ``include_path``).
+    ``config`` (:class:`EvaluateConfig`) also says where the model runs (device, dtype, device_map).
 
     Returns ``{"model", "params", "tokens", "loss", "ppl", "seconds", "tasks": {...}}``.
 
     Example:
-        >>> r = evaluate_model("runs/demo/student", eval_blocks=4)
+        >>> r = evaluate_model("runs/demo/student", EvaluateConfig(eval_blocks=4))
         >>> r["ppl"]
     """
+    cfg = (config or EvaluateConfig()).validate()
+    tasks, eval_blocks, batch_size = cfg.tasks, cfg.eval_blocks, cfg.batch_size
     if tasks and not lm_eval_available():
         raise MinitronError(LM_EVAL_MISSING)
     if tasks:
-        resolve_tasks(tasks, include_path)  # bad task files fail before the model loads
+        resolve_tasks(tasks, cfg.include_path)  # bad task files fail before the model loads
     from minitron_fast.data import token_blocks
     from minitron_fast.evaluate.perplexity import lm_loss
     from minitron_fast.models import get_view
     from minitron_fast.models.loading import load_model, load_tokenizer
 
-    if eval_blocks < 1 or seq_len < 2 or batch_size < 1:
-        raise MinitronError(f"eval_blocks and batch_size must be >= 1 and seq_len >= 2 "
-                            f"(got {eval_blocks}, {batch_size}, {seq_len})")
+    if seq_len < 2:
+        raise MinitronError(f"seq_len must be at least 2, got {seq_len}")
+    load_kw = cfg.load_kwargs()  # device: cuda without CUDA fails here, before the model loads
     t0 = time.perf_counter()
-    m = load_model(model)
+    m = load_model(model, **load_kw)
     tok = load_tokenizer(model)
     max_pos = getattr(m.config, "max_position_embeddings", None)
     if max_pos and seq_len > max_pos:
@@ -66,7 +68,7 @@ def evaluate_model(model: str, *, data: str = "demo", split: str = "heldout", se
                            "tokens": int(blocks.shape[0] * (blocks.shape[1] - 1)), "blocks": int(blocks.shape[0]),
                            "seq_len": int(blocks.shape[1]), "loss": loss, "ppl": math.exp(loss), "tasks": {}}
     if tasks:
-        out["tasks"] = run_lm_eval(m, tok, tasks, batch_size=batch_size, limit=limit, include_path=include_path)
+        out["tasks"] = run_lm_eval(m, tok, tasks, batch_size=batch_size, limit=cfg.limit, include_path=cfg.include_path)
     out["seconds"] = time.perf_counter() - t0
     return out
 

@@ -11,8 +11,9 @@ from torch import nn
 
 from minitron_fast.errors import DataError, MinitronError
 from minitron_fast.importance.collect import collect_importance
+from minitron_fast.importance.config import ImportanceConfig
 from minitron_fast.importance.depth import depth_lm_loss
-from minitron_fast.importance.scores import ImportanceScores, save_scores
+from minitron_fast.artifacts.scores import ImportanceScores, save_scores
 
 log = logging.getLogger(__name__)
 
@@ -42,19 +43,24 @@ def compute_importance(model: nn.Module, calib: torch.Tensor, *, attention_mask:
 
 
 def run_importance(model: str | os.PathLike = "demo", data: str | os.PathLike = "demo", *, out: str | os.PathLike,
-                   samples: int = 1024, seq_len: int = 256, batch_size: int = 8, seq_agg: str = "mean",
-                   batch_agg: str = "l2", with_depth_lm_loss: bool = False, depth_block: int | None = None,
-                   heldout_samples: int = 16, allow_fewer: bool = False, text_field: str = "text",
-                   dtype: str = "float32", device: str = "cpu", impl: str = "auto", heatmap_png: bool = True,
-                   progress: bool = True, head_score: str = "input") -> tuple[ImportanceScores, dict[str, Path]]:
-    """Loads ``model`` and the ``calib`` split of ``data``, computes the scores, writes ``out``
-    (and ``<out stem>.png`` beside it). Returns the scores and the written paths."""
+                   config: ImportanceConfig | None = None, text_field: str = "text", default_seq_len: int = 256,
+                   heatmap_png: bool = True, progress: bool = True) -> tuple[ImportanceScores, dict[str, Path]]:
+    """Loads ``model`` and the ``calib`` split of ``data``, computes the scores with the options in
+    ``config`` (:class:`ImportanceConfig`; its ``seq_len`` None means ``default_seq_len``), writes
+    ``out`` (and ``<out stem>.png`` beside it). Returns the scores and the written paths.
+
+    Example:
+        >>> scores, paths = run_importance("demo", "demo", out="scores.safetensors",
+        ...                                config=ImportanceConfig(samples=64, device="cuda", dtype="bfloat16"))
+    """
     from minitron_fast.data import token_blocks
     from minitron_fast.io import same_or_inside
     from minitron_fast.models.loading import load_config, load_model, load_tokenizer, resolve_model_path
 
-    if samples < 1:
-        raise MinitronError(f"--samples must be at least 1, got {samples}")
+    cfg = (config or ImportanceConfig()).validate()
+    samples, seq_len = cfg.samples, cfg.seq_len or default_seq_len
+    load_kw = cfg.load_kwargs()  # device: cuda without CUDA fails here, before any model loads
+    cfg.check_impl(load_kw["device"] if cfg.device_map in (None, "cpu") else "cuda")
     config = load_config(model)  # unsupported families fail here, before any weight is read
     src = resolve_model_path(model)
     out = Path(out)
@@ -68,22 +74,23 @@ def run_importance(model: str | os.PathLike = "demo", data: str | os.PathLike = 
     if calib.shape[0] < samples:
         msg = (f"the calib split of {data} holds {calib.shape[0]} blocks of {seq_len} tokens "
                f"({calib.numel():,} tokens), fewer than --samples {samples}")
-        if not allow_fewer:
+        if not cfg.allow_fewer:
             raise DataError(msg + "; pass --allow-fewer to proceed with them, or lower --samples/--seq-len")
         log.warning("warning: %s; proceeding with %d (--allow-fewer)", msg, calib.shape[0])
     calib = calib[:samples]
     heldout = None
-    if with_depth_lm_loss:
-        heldout = token_blocks(tok, data, "heldout", seq_len, max_blocks=heldout_samples, text_field=text_field)
+    if cfg.depth_lm_loss:
+        heldout = token_blocks(tok, data, "heldout", seq_len, max_blocks=cfg.heldout_samples, text_field=text_field)
     L = config.num_hidden_layers
-    if with_depth_lm_loss and depth_block is None:
+    depth_block = cfg.depth_block
+    if cfg.depth_lm_loss and depth_block is None:
         depth_block = max(1, min(L - 1, L // 4))
-    m = load_model(model, dtype=dtype, device=device)
+    m = load_model(model, **load_kw)
     meta = {"source_model": str(model) if str(model) == "demo" else str(src), "data": str(data),
             "requested_samples": samples}
-    scores = compute_importance(m, calib, heldout=heldout, depth_block=depth_block if with_depth_lm_loss else None,
-                                batch_size=batch_size, seq_agg=seq_agg, batch_agg=batch_agg, impl=impl,
-                                progress=progress, meta=meta, head_score=head_score)
+    scores = compute_importance(m, calib, heldout=heldout, depth_block=depth_block if cfg.depth_lm_loss else None,
+                                batch_size=cfg.batch_size, seq_agg=cfg.seq_agg, batch_agg=cfg.batch_agg, impl=cfg.impl,
+                                progress=progress, meta=meta, head_score=cfg.head_score)
     paths = {"scores": save_scores(scores, out)}
     if heatmap_png:
         from minitron_fast.importance.report import heatmap

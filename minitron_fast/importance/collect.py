@@ -6,11 +6,14 @@ What is read (independent of the attention implementation, eager/SDPA/flash-attn
 - heads: the input of ``o_proj`` ``[B, T, n_heads*head_dim]`` (the concatenated per-head
   attention outputs), per-token L2 norm per head;
 - neurons: the input of ``down_proj`` (``act(gate) * up``), ``|x|``;
-- channels: the outputs of each layer's two norms, ``|y|``;
+- channels: the outputs of each layer's ``[hidden]`` norms (``LayerView.hidden_norms``: two for
+  Llama, four for Gemma), ``|y|``;
 - block importance: each decoder layer's input and output, cosine per token.
 
-On CUDA (``impl="triton"``) the SwiGLU and RMSNorm forwards are replaced by fused kernels that
-produce their normal output and the statistics in the same pass, and the head and cosine
+On CUDA (``impl="triton"``) the gated-MLP (SiLU or GELU-tanh gate, fused or separate gate/up
+projections) and RMSNorm (``w`` or Gemma's ``1 + w``) forwards are replaced by fused kernels that
+produce their normal output and the statistics in the same pass (each chosen by the module's
+behaviour on a probe, not its class; anything else keeps its own forward and a hook), and the head and cosine
 statistics are Triton reductions; on the CPU (``impl="torch"``) forward hooks compute the same
 sums with one cheap reduction over each tensor. Per batch only ``[B, units]`` fp32 sums are kept
 (no activations); they are folded into per-unit fp64 accumulators after each batch.
@@ -21,7 +24,6 @@ variance, ddof 0). The default, mean then L2, is the papers' best.
 """
 from __future__ import annotations
 
-import inspect
 from typing import Any, Iterable
 
 import torch
@@ -29,7 +31,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from minitron_fast.errors import MinitronError
-from minitron_fast.importance.scores import ImportanceScores
+from minitron_fast.artifacts.scores import ImportanceScores
 from minitron_fast.models import ModelView, get_view
 from minitron_fast.ops import importance as ops
 from minitron_fast.ops._dispatch import resolve_impl
@@ -107,18 +109,81 @@ class _Stat:
         return batch_aggregate(self.S1, self.S2, self.N, self.batch_agg).float().cpu()
 
 
-def _is_rmsnorm(m: nn.Module) -> bool:
-    return "RMSNorm" in type(m).__name__ and hasattr(m, "weight") and hasattr(m, "variance_epsilon")
+class _MoEStat:
+    """Expert statistics of one MoE layer, summed over valid tokens in fp64:
+
+    - ``reap [E]``: sum over the tokens routed to each expert of router weight x ||expert
+      output|| (REAP, arXiv 2510.13999), and ``routed [E]`` their count;
+    - ``neurons [E, F]``: the same tokens' router weight x ``|act(gate) * up|`` per neuron;
+    - ``mass [E]``: the router's softmax probability of each expert, summed over all tokens.
+    """
+
+    def __init__(self, moe, label: str):
+        E, F = moe.num_experts, moe.ffn
+        dev = moe.router_weight.device
+        self.label = label
+        # on the model's device: no host sync per expert (fp64 sums; the counts are exact in fp64)
+        self.reap = torch.zeros(E, dtype=torch.float64, device=dev)
+        self.routed = torch.zeros(E, dtype=torch.float64, device=dev)
+        self.neur = torch.zeros(E, F, dtype=torch.float64, device=dev)
+        self.mass_sum = torch.zeros(E, dtype=torch.float64, device=dev)
+        self.tokens = torch.zeros((), dtype=torch.float64, device=dev)
+
+    def forward(self, moe, x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
+                valid: torch.Tensor | None) -> torch.Tensor:
+        """The experts' output for ``x [N, H]`` routed by ``top_k_index / top_k_weights [N, k]``
+        (the eager loop of transformers' experts), recording the statistics."""
+        out = torch.zeros_like(x)
+        for e in torch.unique(top_k_index).tolist():
+            tok, pos = torch.where(top_k_index == e)
+            h, y = moe.expert_mlp(x[tok], e)  # [n, F], [n, H]
+            w = top_k_weights[tok, pos]  # [n]
+            out.index_add_(0, tok, (y * w[:, None]).to(out.dtype))
+            wv = w.double() if valid is None else w.double() * valid[tok]
+            self.reap[e] += (wv * y.double().norm(dim=-1)).sum()
+            self.routed[e] += tok.numel() if valid is None else valid[tok].double().sum()
+            self.neur[e] += (wv[:, None] * h.double().abs()).sum(0)
+        return out
+
+    def add_router(self, logits: torch.Tensor, valid: torch.Tensor | None) -> None:
+        p = torch.softmax(logits.float(), dim=-1).double()  # [N, E]
+        if valid is not None:
+            p = p * valid[:, None]
+        self.mass_sum += p.sum(0)
+        self.tokens += p.shape[0] if valid is None else valid.double().sum()
+
+    def finite(self) -> bool:
+        return all(bool(torch.isfinite(t).all()) for t in (self.reap, self.neur, self.mass_sum))
+
+    def experts(self) -> torch.Tensor:
+        return (self.reap / self.routed.clamp_min(1)).float().cpu()
+
+    def neurons(self) -> torch.Tensor:
+        return (self.neur / self.routed.clamp_min(1)[:, None]).float().cpu()
+
+    def mass(self) -> torch.Tensor:
+        return (self.mass_sum / self.tokens.clamp_min(1)).float().cpu()
 
 
-def _is_silu_mlp(lv) -> bool:
-    act = getattr(lv.mlp, "act_fn", None)
-    return isinstance(act, nn.SiLU)
+def _fusable_norm(view: ModelView, norm: nn.Module) -> tuple[torch.Tensor, float, float] | None:
+    """``(weight, eps, offset)`` when ``norm`` behaves as the RMSNorm the fused kernel computes:
+    the adapter's claim (``rmsnorm_of``) checked on a probe, so a family whose norm differs keeps
+    its own forward (and the hook path) instead of silently computing something else."""
+    rms = view.rmsnorm_of(norm)
+    if rms is None:
+        return None
+    w, eps, off = rms
+    g = torch.Generator(device="cpu").manual_seed(0)
+    x = torch.randn(1, 3, w.shape[0], generator=g).to(device=w.device, dtype=w.dtype)
+    with torch.no_grad():
+        same = torch.equal(norm(x), ops.rmsnorm_reference(x, w, eps, off))
+    return rms if same else None
 
 
-def _layer_returns_tuple(layer: nn.Module) -> bool:
-    ann = inspect.signature(type(layer).forward).return_annotation
-    return "tuple" in str(ann).lower()
+def _gate_act(lv) -> str | None:
+    """The fused kernel's name for the layer's gate activation (SiLU, GELU-tanh), judged by
+    behaviour; None keeps the MLP's own forward."""
+    return ops.gate_activation_kind(lv.act_fn) if lv.act_fn is not None and lv.down_proj is not None else None
 
 
 class ImportanceCollector:
@@ -154,8 +219,16 @@ class ImportanceCollector:
         mk = lambda n, lab: _Stat(n, seq_agg, batch_agg, lab)  # noqa: E731
         self.heads = [mk(g.num_attention_heads, f"layer {i} heads (o_proj input)") for i in range(L)]
         self.neurons = [mk(g.intermediate_size, f"layer {i} neurons (down_proj input)") for i in range(L)]
-        self.norm_in = [mk(g.hidden_size, f"layer {i} channels (input norm output)") for i in range(L)]
-        self.norm_post = [mk(g.hidden_size, f"layer {i} channels (post-attention norm output)") for i in range(L)]
+        # every [hidden] norm of each layer (Llama: 2; Gemma: 4, with the post-attention and
+        # post-feed-forward norms), summed into the layer's channel scores
+        self.norms = [[mk(g.hidden_size, f"layer {i} channels (norm {j} output)")
+                       for j in range(len(lv.hidden_norms()))] for i, lv in enumerate(self.view.layers)]
+        # MoE layers (models/moe.py): expert statistics from the same pass
+        self.moe = {i: _MoEStat(lv.moe, f"layer {i} experts") for i, lv in enumerate(self.view.layers)
+                    if getattr(lv, "moe", None) is not None}
+        self.shared = {i: mk(lv.moe.shared_down.in_features, f"layer {i} shared expert neurons")
+                       for i, lv in enumerate(self.view.layers)
+                       if getattr(lv, "moe", None) is not None and lv.moe.shared_down is not None}
         self.cos_sum = torch.zeros(L, dtype=torch.float64)
         self.cos_count = 0.0
         self.tokens = 0
@@ -173,13 +246,17 @@ class ImportanceCollector:
         fused = self.impl == "triton"
         for i, lv in enumerate(self.view.layers):
             self._handles.append(lv.o_proj.register_forward_pre_hook(self._head_hook(i)))
-            if fused and _is_silu_mlp(lv):
-                self._patch(lv.mlp, self._fused_mlp(i, lv))
+            act = _gate_act(lv) if fused and i not in self.moe else None
+            if i in self.moe:
+                self._attach_moe(i, lv.moe)
+            elif act is not None:
+                self._patch(lv.mlp, self._fused_mlp(i, lv, act))
             else:
                 self._handles.append(lv.down_proj.register_forward_pre_hook(self._neuron_hook(i)))
-            for norm, stat in ((lv.input_norm, self.norm_in[i]), (lv.post_attn_norm, self.norm_post[i])):
-                if fused and _is_rmsnorm(norm):
-                    self._patch(norm, self._fused_norm(norm, stat))
+            for norm, stat in zip(lv.hidden_norms(), self.norms[i]):
+                rms = _fusable_norm(self.view, norm) if fused else None
+                if rms is not None:
+                    self._patch(norm, self._fused_norm(rms, stat))
                 else:
                     self._handles.append(norm.register_forward_hook(self._norm_hook(stat)))
             self._handles.append(lv.module.register_forward_pre_hook(self._layer_pre_hook(i), with_kwargs=True))
@@ -229,17 +306,45 @@ class ImportanceCollector:
             ops.abs_stats(out, self._mask, st.s1, st.s2)
         return hook
 
-    def _fused_mlp(self, i: int, lv):
+    def _attach_moe(self, i: int, moe) -> None:
+        """Experts: their forward is replaced by the eager per-expert loop that also records the
+        statistics (the output is the same sum of router-weighted expert outputs); the router's
+        probabilities are read by a hook; the shared expert's neurons like a dense MLP's."""
+        st = self.moe[i]
+
+        def experts_forward(hidden_states, top_k_index, top_k_weights):
+            valid = None if self._mask is None else self._mask.reshape(-1)
+            return st.forward(moe, hidden_states, top_k_index, top_k_weights, valid)
+
+        def router_hook(mod, args, out):
+            valid = None if self._mask is None else self._mask.reshape(-1)
+            st.add_router(moe.router_logits(out), valid)
+
+        self._patch(moe.experts, experts_forward)
+        self._handles.append(moe.router.register_forward_hook(router_hook))
+        if moe.shared_down is not None:
+            stat = self.shared[i]
+
+            def shared_hook(mod, args):  # the block runs the shared expert on [B*T, H]: back to [B, T, F]
+                x = args[0]
+                B = (stat.s1 if stat.s1 is not None else stat.s2).shape[0]
+                ops.abs_stats(x.view(B, -1, x.shape[-1]), self._mask, stat.s1, stat.s2)
+
+            self._handles.append(moe.shared_down.register_forward_pre_hook(shared_hook))
+
+    def _fused_mlp(self, i: int, lv, act: str):
         def forward(x):
             st = self.neurons[i]
-            h = ops.swiglu_with_stats(lv.gate_proj(x), lv.up_proj(x), self._mask, st.s1, st.s2, impl=self.impl)
+            gate, up = lv.gate_up(x)
+            h = ops.swiglu_with_stats(gate, up, self._mask, st.s1, st.s2, act=act, impl=self.impl)
             return lv.down_proj(h)
         return forward
 
-    def _fused_norm(self, norm: nn.Module, st: _Stat):
+    def _fused_norm(self, rms: tuple[torch.Tensor, float, float], st: _Stat):
+        w, eps, off = rms
+
         def forward(x):
-            return ops.rmsnorm_with_stats(x, norm.weight, norm.variance_epsilon, self._mask, st.s1, st.s2,
-                                          impl=self.impl)
+            return ops.rmsnorm_with_stats(x, w, eps, self._mask, st.s1, st.s2, offset=off, impl=self.impl)
         return forward
 
     def _layer_pre_hook(self, i: int):
@@ -256,8 +361,11 @@ class ImportanceCollector:
 
     # -- driving ---------------------------------------------------------------------------------
     def _all_stats(self):
-        for group in (self.heads, self.neurons, self.norm_in, self.norm_post):
-            yield from group
+        yield from self.heads
+        yield from self.neurons
+        for per_layer in self.norms:
+            yield from per_layer
+        yield from self.shared.values()
 
     @torch.no_grad()
     def step(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
@@ -301,7 +409,8 @@ class ImportanceCollector:
 
     def _check_finite(self) -> None:
         for i in range(self.view.num_layers):
-            for st in (self.norm_in[i], self.heads[i], self.norm_post[i], self.neurons[i]):
+            moe = [d[i] for d in (self.moe, self.shared) if i in d]
+            for st in (*self.norms[i], self.heads[i], self.neurons[i], *moe):
                 if not st.finite():
                     raise NonFiniteActivationError(
                         f"NaN/inf activations in {st.label}; the model or its dtype overflows on this data "
@@ -315,16 +424,22 @@ class ImportanceCollector:
         heads = [s.result() for s in self.heads]
         group = g.num_attention_heads // g.num_key_value_heads
         kv = [h.view(g.num_key_value_heads, group).sum(1) for h in heads]
-        layer_ch = [a.result() + b.result() for a, b in zip(self.norm_in, self.norm_post)]
+        layer_ch = [sum(st.result() for st in per_layer) for per_layer in self.norms]
         bi = (1.0 - self.cos_sum / max(self.cos_count, 1.0)).float()
         m = {"family": self.view.family, "geometry": g.as_dict(), "seq_agg": self.seq_agg,
              "batch_agg": self.batch_agg, "calib_tokens": self.tokens, "calib_samples": self.samples,
              "head_score": self.head_score, "impl": self.impl, "dtype": str(next(self.model.parameters()).dtype).replace("torch.", ""),
              "accumulation": "fp32 per-batch sums, fp64 across batches"}
         m.update(meta or {})
+        if self.moe:
+            m["expert_score"] = "REAP: mean over routed tokens of router weight x ||expert output||"
         return ImportanceScores(heads=heads, kv_groups=kv, neurons=[s.result() for s in self.neurons],
                                 layer_channels=layer_ch, channels=torch.stack(layer_ch).sum(0),
-                                block_importance=bi, meta=m)
+                                block_importance=bi, meta=m,
+                                experts={i: st.experts() for i, st in self.moe.items()},
+                                expert_neurons={i: st.neurons() for i, st in self.moe.items()},
+                                expert_mass={i: st.mass() for i, st in self.moe.items()},
+                                shared_neurons={i: st.result() for i, st in self.shared.items()})
 
 
 def collect_importance(model: nn.Module, blocks: torch.Tensor, *, attention_mask: torch.Tensor | None = None,

@@ -8,7 +8,6 @@ checkpoint does (tested). Higher loss when skipped = more important layer.
 from __future__ import annotations
 
 import contextlib
-import inspect
 from typing import Any, Iterator, Sequence
 
 import torch
@@ -21,17 +20,18 @@ from minitron_fast.models import ModelView, get_view
 
 
 class _SkipLayer(nn.Module):
-    """Stands in for a decoder layer: returns its hidden states unchanged."""
+    """Stands in for a decoder layer: returns its hidden states unchanged. Every transformers-5
+    decoder layer of the supported families returns the hidden-states tensor itself (some, e.g.
+    Gemma 3's, still carry a stale ``tuple`` return annotation, so the annotation is not read)."""
 
     def __init__(self, replaced: nn.Module):
         super().__init__()
-        self.as_tuple = "tuple" in str(inspect.signature(type(replaced).forward).return_annotation).lower()
-        for attr in ("attention_type", "layer_type", "layer_idx"):  # read by some decoders' loops
-            if hasattr(replaced, attr):
-                setattr(self, attr, getattr(replaced, attr))
+        for attr, value in vars(replaced).items():  # plain attributes some decoders' loops read (layer index, type)
+            if not attr.startswith("_") and isinstance(value, (str, int, float, bool)):
+                setattr(self, attr, value)
 
     def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any):
-        return (hidden_states,) if self.as_tuple else hidden_states
+        return hidden_states
 
 
 @contextlib.contextmanager

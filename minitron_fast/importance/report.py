@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from minitron_fast.importance.scores import ImportanceScores
+from minitron_fast.artifacts.scores import ImportanceScores
 from minitron_fast.io import save_figure
 
 

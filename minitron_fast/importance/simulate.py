@@ -8,7 +8,10 @@ touching shapes (the importance quality benchmark; quick what-if checks).
   biases) and the norm weights at those channels are zeroed, so the residual stream is exactly 0
   there; and because an RMSNorm of the pruned model averages over ``H'`` channels instead of
   ``H``, every norm's kept weights are scaled by ``sqrt(H'/H)`` and its eps by ``H'/H``:
-  ``w x / sqrt(S/H' + eps) == w sqrt(H'/H) x / sqrt(S/H + eps H'/H)``.
+  ``w x / sqrt(S/H' + eps) == w sqrt(H'/H) x / sqrt(S/H + eps H'/H)`` (for Gemma's ``(1 + w)``
+  norms the factor ``1 + w`` is what is scaled, and set to 0 at pruned channels). The embedding
+  scale is left as it is: the pruner rescales the embedding so that its residual stream is
+  exactly this one (``prune.surgery.hidden_rescale``).
 
 Also weight-magnitude scores, the baseline activation scores are compared with.
 """
@@ -67,13 +70,15 @@ def zero_channels(model: nn.Module | ModelView, keep: Sequence[int]) -> None:
             lin.weight[pruned, :] = 0
             if lin.bias is not None:
                 lin.bias[pruned] = 0
-        norms += [lv.input_norm, lv.post_attn_norm]
+        norms += lv.hidden_norms()
     for n in norms:
-        if not hasattr(n, "variance_epsilon"):
+        rms = view.rmsnorm_of(n)
+        if rms is None:
             raise MinitronError(f"channel pruning simulation supports RMSNorm only, got {type(n).__name__}")
-        n.weight[pruned] = 0
-        n.weight[~pruned] *= math.sqrt(ratio)
-        n.variance_epsilon = n.variance_epsilon * ratio
+        w, eps, off = rms
+        w[pruned] = -off  # (off + w) = 0
+        w[~pruned] = (w[~pruned] + off) * math.sqrt(ratio) - off
+        view.set_rmsnorm_eps_(n, eps * ratio)
 
 
 @torch.no_grad()
@@ -86,13 +91,15 @@ def magnitude_scores(model: nn.Module | ModelView) -> dict[str, list[torch.Tenso
     heads, neurons = [], []
     ch = view.embed_tokens.weight.float().pow(2).sum(0)
     for lv in view.layers:
-        q = lv.q_proj.weight.float().pow(2).view(nh, hd, -1).sum((1, 2))
+        wq, wk, wv = lv.qkv_weights()
+        wg, wu = lv.gate_up_weights()
+        q = wq.float().pow(2).view(nh, hd, -1).sum((1, 2))
         o = lv.o_proj.weight.float().pow(2).view(-1, nh, hd).sum((0, 2))
         heads.append((q + o).sqrt())
-        neurons.append((lv.gate_proj.weight.float().pow(2).sum(1) + lv.up_proj.weight.float().pow(2).sum(1)
+        neurons.append((wg.float().pow(2).sum(1) + wu.float().pow(2).sum(1)
                         + lv.down_proj.weight.float().pow(2).sum(0)).sqrt())
-        for lin in (lv.q_proj, lv.k_proj, lv.v_proj, lv.gate_proj, lv.up_proj):
-            ch += lin.weight.float().pow(2).sum(0)
+        for w in (wq, wk, wv, wg, wu):
+            ch += w.float().pow(2).sum(0)
         for lin in (lv.o_proj, lv.down_proj):
             ch += lin.weight.float().pow(2).sum(1)
     return {"heads": heads, "neurons": neurons, "channels": ch.sqrt()}

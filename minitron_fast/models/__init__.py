@@ -9,12 +9,20 @@ from typing import Any
 from torch import nn
 
 from minitron_fast.errors import UnsupportedModelError
-from minitron_fast.models.base import Geometry, LayerView, ModelView, info_record
+from minitron_fast.models.base import AXES, Geometry, LayerView, ModelView, info_record
+from minitron_fast.models.gemma2 import Gemma2View
+from minitron_fast.models.gemma3 import Gemma3View
 from minitron_fast.models.llama import LlamaView
 from minitron_fast.models.mistral import MistralView
+from minitron_fast.models.mixtral import MixtralView
+from minitron_fast.models.phi3 import Phi3View
 from minitron_fast.models.qwen2 import Qwen2View
+from minitron_fast.models.qwen2_moe import Qwen2MoeView
+from minitron_fast.models.qwen3 import Qwen3View
+from minitron_fast.models.qwen3_moe import Qwen3MoeView
 
-VIEWS: tuple[type[ModelView], ...] = (LlamaView, MistralView, Qwen2View)
+VIEWS: tuple[type[ModelView], ...] = (LlamaView, MistralView, Qwen2View, Qwen3View, Gemma2View, Gemma3View, Phi3View,
+                                      MixtralView, Qwen2MoeView, Qwen3MoeView)
 SUPPORTED = ", ".join(c for v in VIEWS for c in v.hf_classes)
 
 
@@ -50,5 +58,5 @@ def get_view(model: nn.Module) -> ModelView:
     return cls(model)
 
 
-__all__ = ["Geometry", "LayerView", "ModelView", "get_view", "view_class_for_config", "info_record",
+__all__ = ["AXES", "Geometry", "LayerView", "ModelView", "get_view", "view_class_for_config", "info_record",
            "SUPPORTED", "VIEWS"]

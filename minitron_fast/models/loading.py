@@ -45,10 +45,12 @@ def load_config(model: str | os.PathLike) -> Any:
 
 
 def load_model(model: str | os.PathLike, *, dtype: torch.dtype | str = torch.float32, device: str | torch.device = "cpu",
-               attn_implementation: str | None = None) -> torch.nn.Module:
+               attn_implementation: str | None = None, device_map: str | dict | None = None) -> torch.nn.Module:
     """Loads a supported causal LM for training or analysis (eval mode, no hub access).
 
     ``attn_implementation`` defaults to flash-attn 2 on CUDA when installed, else SDPA.
+    ``device_map`` (e.g. ``"auto"``, through accelerate) spreads a model larger than one GPU over
+    the visible devices; ``device`` is then ignored.
     """
     from transformers import AutoModelForCausalLM
 
@@ -57,9 +59,12 @@ def load_model(model: str | os.PathLike, *, dtype: torch.dtype | str = torch.flo
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
     if attn_implementation is None:
-        attn_implementation = default_attn_implementation(device)
-    m = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype, attn_implementation=attn_implementation)
-    m.to(device)
+        attn_implementation = default_attn_implementation(device, config)
+    kw = {"device_map": device_map} if device_map else {}
+    m = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype, attn_implementation=attn_implementation,
+                                             **kw)
+    if not device_map:
+        m.to(device)
     m.eval()
     return m
 
@@ -68,13 +73,15 @@ def load_view(model: str | os.PathLike, **kw: Any) -> ModelView:
     return get_view(load_model(model, **kw))
 
 
-def default_attn_implementation(device: str | torch.device) -> str:
+def default_attn_implementation(device: str | torch.device, config: Any = None) -> str:
+    """flash-attn 2 on CUDA when installed, else the family's own default (SDPA; Gemma 2: eager,
+    since SDPA cannot softcap attention scores)."""
     if torch.device(device).type == "cuda":
         import importlib.util
 
         if importlib.util.find_spec("flash_attn") is not None:
             return "flash_attention_2"
-    return "sdpa"
+    return view_class_for_config(config).default_attn_implementation if config is not None else "sdpa"
 
 
 def meta_model(config: Any) -> torch.nn.Module:

@@ -47,39 +47,66 @@ def abs_stats(x: torch.Tensor, mask: torch.Tensor | None, s1: torch.Tensor | Non
         s2 += (xm * xm).sum(1, dtype=torch.float32)
 
 
+# the gate activations the fused kernel computes, by name (the kernel's ACT codes)
+GATE_ACTS = {"silu": F.silu, "gelu_tanh": lambda x: F.gelu(x, approximate="tanh")}
+
+
+def gate_activation_kind(act) -> str | None:
+    """Which of ``GATE_ACTS`` the callable ``act`` computes, judged by its behaviour on a probe
+    (not its class: transformers 5 wraps SiLU as ``SiLUActivation``, GELU-tanh as ``GELUTanh``...),
+    or None when it is none of them (the caller then keeps the module's own forward)."""
+    x = torch.linspace(-8, 8, 257, dtype=torch.float64)
+    try:
+        with torch.no_grad():
+            y = act(x)
+    except Exception:  # noqa: BLE001  an activation that cannot take a plain tensor is not ours
+        return None
+    if not isinstance(y, torch.Tensor) or y.shape != x.shape:
+        return None
+    for name, fn in GATE_ACTS.items():
+        if torch.allclose(y.double(), fn(x), rtol=1e-6, atol=1e-9):
+            return name
+    return None
+
+
 @torch.compiler.disable
 def swiglu_with_stats(gate: torch.Tensor, up: torch.Tensor, mask: torch.Tensor | None, s1: torch.Tensor | None,
-                      s2: torch.Tensor | None, *, impl: str = "auto") -> torch.Tensor:
-    """``silu(gate) * up`` (``gate, up, out: [B, T, F]``, the input of ``down_proj``) plus neuron
-    statistics of ``|out|`` into ``s1, s2 [B, F]`` (fp32)."""
+                      s2: torch.Tensor | None, *, act: str = "silu", impl: str = "auto") -> torch.Tensor:
+    """``act(gate) * up`` (``gate, up, out: [B, T, F]``, the input of ``down_proj``; ``act`` a key
+    of ``GATE_ACTS``: "silu", or "gelu_tanh" for Gemma's GeGLU) plus neuron statistics of
+    ``|out|`` into ``s1, s2 [B, F]`` (fp32)."""
     impl = resolve_impl(impl, gate, op="swiglu_with_stats")
     if impl == "triton":
         from minitron_fast.kernels import importance as k
 
-        return k.swiglu_stats(gate, up, mask, s1, s2)
-    h = F.silu(gate) * up
+        return k.swiglu_stats(gate, up, mask, s1, s2, act=act)
+    h = GATE_ACTS[act](gate) * up
     abs_stats(h, mask, s1, s2)
     return h
 
 
-def rmsnorm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """HF's ``LlamaRMSNorm`` (also Mistral's, Qwen2's): fp32 statistics, cast back, times weight."""
+def rmsnorm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float = 0.0) -> torch.Tensor:
+    """HF's ``LlamaRMSNorm`` (also Mistral's, Qwen's, Phi-3's): fp32 statistics, cast back, times
+    weight; with ``offset`` (Gemma's ``(1 + w)``): ``x * rstd * (offset + w)`` in fp32, cast once."""
     h = x.to(torch.float32)
     h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    if offset:
+        return (h * (offset + weight.float())).type_as(x)
     return weight * h.to(x.dtype)
 
 
 @torch.compiler.disable
 def rmsnorm_with_stats(x: torch.Tensor, weight: torch.Tensor, eps: float, mask: torch.Tensor | None,
-                       s1: torch.Tensor | None, s2: torch.Tensor | None, *, impl: str = "auto") -> torch.Tensor:
-    """RMSNorm of ``x [B, T, H]`` with ``weight [H]`` plus channel statistics of ``|y|`` into
-    ``s1, s2 [B, H]`` (fp32)."""
+                       s1: torch.Tensor | None, s2: torch.Tensor | None, *, offset: float = 0.0,
+                       impl: str = "auto") -> torch.Tensor:
+    """RMSNorm of ``x [B, T, H]`` with ``weight [H]`` (see ``rmsnorm_reference`` for ``offset``)
+    plus channel statistics of ``|y|`` into ``s1, s2 [B, H]`` (fp32)."""
     impl = resolve_impl(impl, x, op="rmsnorm_with_stats")
     if impl == "triton":
         from minitron_fast.kernels import importance as k
 
-        return k.rmsnorm_stats(x, weight, eps, mask, s1, s2)
-    y = rmsnorm_reference(x, weight, eps)
+        return k.rmsnorm_stats(x, weight, eps, mask, s1, s2, offset=offset)
+    y = rmsnorm_reference(x, weight, eps, offset)
     abs_stats(y, mask, s1, s2)
     return y
 
@@ -148,5 +175,5 @@ def block_cosine(x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor | None, ou
     out += cos.sum(1)
 
 
-__all__ = ["abs_stats", "swiglu_with_stats", "rmsnorm_with_stats", "rmsnorm_reference", "head_stats",
+__all__ = ["GATE_ACTS", "gate_activation_kind", "abs_stats", "swiglu_with_stats", "rmsnorm_with_stats", "rmsnorm_reference", "head_stats",
            "head_output_gram", "head_output_stats", "block_cosine"]

@@ -6,7 +6,7 @@ Stages, each cached in ``<out>/<stage>/`` by a hash of its inputs (``stages.py``
 2. ``correct_teacher``  LM-loss fine-tune of the teacher on the distillation data (the trainer,
                         ``python -m minitron_fast.distill``, on DeepSpeed), then its perplexity
    ``teacher_logits``   with ``distill.teacher: offline``: the (corrected) teacher's top-k logits
-                        over the train split (``minitron_fast.teacher_logits``), read by distill
+                        over the train blocks distill reads (``minitron_fast.teacher_logits``)
 3. ``importance``       activation scores of the (corrected) teacher (``minitron_fast.importance``)
 4. ``search``           optional: candidate shapes at a budget, briefly retrained, best kept
 5. ``prune``            plan from the scores + target, checkpoint-to-checkpoint prune, perplexity
@@ -20,6 +20,7 @@ Stages meet only through files: checkpoint directories, the scores file and the 
 """
 from __future__ import annotations
 
+import dataclasses
 import gc
 import logging
 import math
@@ -32,14 +33,20 @@ from typing import Any, Callable
 
 import yaml
 
+from minitron_fast.artifacts.targets import parse_budget
+from minitron_fast.configtools import DeviceConfig
 from minitron_fast.distill.launch import launcher_env, trainer_command
 from minitron_fast.errors import MinitronError
-from minitron_fast.io import atomic_dir, atomic_write_text, same_or_inside
-from minitron_fast.pipeline.recipe import (Recipe, offline_teacher, parse_budget, stage_enabled,
+from minitron_fast.io import atomic_write_text, same_or_inside
+from minitron_fast.pipeline.recipe import (Recipe, check_against_teacher, offline_teacher, stage_enabled,
                                             teacher_logits_config, training_config)
 from minitron_fast.pipeline.stages import StageCache, model_fingerprint, stable_hash
 
 log_ = logging.getLogger(__name__)
+
+
+# EvaluateConfig fields that only the lm-evaluation-harness stage reads (not held-out perplexity)
+TASK_FIELDS = ("tasks", "include_path", "limit")
 
 
 class StageFailed(MinitronError):
@@ -81,7 +88,7 @@ class PipelineRunner:
         from minitron_fast.models import get_view
         from minitron_fast.models.loading import load_model
 
-        m = load_model(path)
+        m = load_model(path, **self.recipe.evaluate.load_kwargs("evaluate."))
         try:
             with torch.no_grad():
                 loss = lm_loss(m, self.heldout, batch_size=self.recipe.evaluate.batch_size, progress=self.progress,
@@ -99,7 +106,7 @@ class PipelineRunner:
         from minitron_fast.models.loading import load_model, load_tokenizer
 
         ev = self.recipe.evaluate
-        m = load_model(path)
+        m = load_model(path, **ev.load_kwargs("evaluate."))
         try:
             res = run_lm_eval(m, load_tokenizer(path), ev.tasks, batch_size=ev.batch_size, limit=ev.limit,
                               include_path=ev.include_path)
@@ -119,7 +126,7 @@ class PipelineRunner:
         atomic_write_text(cfg_path, yaml.safe_dump(cfg, sort_keys=False))
         launch = self.recipe.launch
         cmd = trainer_command(cfg_path, num_procs=launch.num_procs, launcher=launch.launcher,
-                              resume=resume and (d / "run").exists(), hostfile=launch.hostfile)
+                              resume=resume and (d / "run").exists())
         self.log(f"    $ {' '.join(cmd)}")
         rc = subprocess.run(cmd, env=launcher_env()).returncode
         if rc != 0:
@@ -131,6 +138,72 @@ class PipelineRunner:
         return {"model": str(final), "metrics": str(d / "run" / "metrics.jsonl"),
                 "tokens": trainer_tokens(cfg, launch.num_procs), "steps": cfg.get("steps")}
 
+    # -- stage configs and cache keys -----------------------------------------------------------------
+    def stage_config(self, stage: str, *, target: str | None = None) -> Any:
+        """The config a stage runs with: its recipe section with the recipe-wide values filled in
+        (the data's seq_len, the recipe's seed; for ``prune`` the search winner's ``target``).
+        The training stages' config is the trainer's (a DistillConfig dict, paths as placeholders)."""
+        r = self.recipe
+        if stage in ("teacher_eval", "evaluate"):
+            return r.evaluate
+        if stage == "importance":
+            return dataclasses.replace(r.importance, seq_len=r.importance.seq_len or r.data.seq_len)
+        if stage == "search":
+            return dataclasses.replace(r.search, seed=r.seed if r.search.seed is None else r.search.seed)
+        if stage == "prune":
+            return dataclasses.replace(r.prune, target=target if target is not None else r.prune.target)
+        if stage in ("correct_teacher", "distill", "scratch"):
+            logits = "<teacher_logits>" if stage == "distill" and offline_teacher(r) else None
+            return training_config(r, stage, teacher="<teacher>", student="<student>", out="<out>", validate=False,
+                                   teacher_logits=logits)
+        if stage == "export":
+            return r.export
+        if stage == "teacher_logits":
+            return teacher_logits_config(r, check=False)
+        raise KeyError(stage)
+
+    def heldout_id(self) -> dict[str, Any]:
+        """What every stage's held-out perplexity depends on: the data and the evaluate section's
+        held-out options (blocks, batch, device, dtype, attention, device_map)."""
+        r, ev = self.recipe, dataclasses.asdict(self.recipe.evaluate)
+        return {"data": dataclasses.asdict(r.data),
+                "evaluate": {k: v for k, v in ev.items() if k not in TASK_FIELDS}}
+
+    def stage_inputs(self, stage: str, upstream: dict[str, Any], *, target: str | None = None) -> dict[str, Any]:
+        """The cache inputs of ``stage``: its config (``stage_config``, as a dict), the held-out
+        evaluation it reports, and ``upstream`` (the identities of the artifacts it reads: a model
+        fingerprint or an upstream stage's key)."""
+        if stage == "teacher_eval":  # the held-out perplexity only: lm-eval tasks do not reach it
+            return {"eval": self.heldout_id(), **upstream}
+        cfg = self.stage_config(stage, target=target)
+        cfg = cfg if isinstance(cfg, dict) else dataclasses.asdict(cfg)
+        inputs: dict[str, Any] = {"config": cfg, **upstream}
+        if stage == "search":
+            inputs["prune"] = {k: dataclasses.asdict(self.recipe.prune)[k] for k in ("depth_metric", "depth_mode")}
+            inputs["data"] = dataclasses.asdict(self.recipe.data)
+        elif stage in ("importance", "teacher_logits"):
+            inputs["data"] = dataclasses.asdict(self.recipe.data)
+        elif stage in ("evaluate", "export"):
+            pass
+        else:
+            inputs["eval"] = self.heldout_id()
+        if stage in ("correct_teacher", "distill", "scratch"):
+            inputs["procs"] = self.recipe.launch.num_procs
+        return inputs
+
+    def check_devices(self) -> None:
+        """Every stage's ``device`` resolved, and the ``impl`` of importance and prune checked
+        against it, before anything runs: ``cuda`` on a machine without CUDA, or an ``impl`` that
+        cannot run there, is a one-line error here, not after hours of earlier stages."""
+        r = self.recipe
+        for section in ("importance", "search", "prune", "evaluate"):
+            device = getattr(r, section).resolved_device(f"{section}.")
+            if section in ("importance", "prune"):
+                getattr(r, section).check_impl(device, f"{section}.")
+        for section in ("correct_teacher", "distill", "scratch"):
+            if stage_enabled(r, section):
+                DeviceConfig(device=getattr(r, section).device).resolved_device(f"{section}.")
+
     # -- the run ------------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
         import torch
@@ -140,8 +213,9 @@ class PipelineRunner:
         r = self.recipe
         if r.threads:
             torch.set_num_threads(r.threads)
+        self.check_devices()
         teacher_path = resolve_model_path(r.teacher)
-        load_config(teacher_path)  # unsupported families fail before anything runs
+        check_against_teacher(r, load_config(teacher_path))  # unsupported families and bad targets fail here
         if r.evaluate.tasks:
             from minitron_fast.evaluate.harness import LM_EVAL_MISSING, lm_eval_available
 
@@ -153,87 +227,67 @@ class PipelineRunner:
         atomic_write_text(self.out / "recipe.yaml", yaml.safe_dump(r.to_dict(), sort_keys=False))
         self.tokenizer = load_tokenizer(teacher_path)
         self.heldout = self._eval_blocks()
-        eval_id = {"data": {"source": r.data.source, "seq_len": r.data.seq_len, "text_field": r.data.text_field},
-                   "eval_blocks": int(self.heldout.shape[0])}
         teacher_id = model_fingerprint(teacher_path)
         c = self.cache
         self.log(f"== minitron-fast run {r.name}: teacher {r.teacher}, out {self.out} ==")
 
         # 1. teacher
-        t_eval = c.run("teacher_eval", {"teacher": teacher_id, "eval": eval_id},
+        t_eval = c.run("teacher_eval", self.stage_inputs("teacher_eval", {"teacher": teacher_id}),
                        lambda d, resume: self.evaluate(teacher_path, "teacher"))
 
         # 2. teacher correction
         if stage_enabled(r, "correct_teacher"):
-            tc_cfg = training_config(r, "correct_teacher", teacher="<teacher>", student=None, out="<out>")
-
             def correct(d: Path, resume: bool) -> dict[str, Any]:
                 out = self.train("correct_teacher", d, resume, teacher=str(teacher_path), student=None)
                 return dict(out, **self.evaluate(out["model"], "corrected teacher"))
 
-            ct = c.run("correct_teacher", {"teacher": teacher_id, "trainer": tc_cfg, "eval": eval_id,
-                                           "procs": r.launch.num_procs}, correct)
+            ct = c.run("correct_teacher", self.stage_inputs("correct_teacher", {"teacher": teacher_id}), correct)
             corrected_path, corrected_id = Path(ct.outputs["model"]), {"stage": "correct_teacher", "key": ct.key}
         else:
             ct = c.skip("correct_teacher", "disabled in the recipe (correct_teacher.enabled: false)")
             corrected_path, corrected_id = teacher_path, teacher_id
 
-        # 2b. offline teacher (distill.teacher: offline): the corrected teacher's top-k logits over
-        # the train split, written once; the distill stage then loads no teacher.
+        # 2b. offline teacher (distill.teacher: offline): the (corrected) teacher's top-k logits over
+        # the blocks distill reads, written once; the distill stage then loads no teacher.
         tl_stage = None
         if offline_teacher(r):
-            tl_cfg = teacher_logits_config(r, model=str(corrected_path), out="<out>")
-
             def write_logits(d: Path, resume: bool) -> dict[str, Any]:
-                import dataclasses
-
                 from minitron_fast.teacher_logits import write_teacher_logits
 
-                m = write_teacher_logits(dataclasses.replace(tl_cfg, out=str(d / "logits")), progress=self.progress,
-                                         log=self.log)
+                m = write_teacher_logits(str(corrected_path), r.data.source, out=d / "logits",
+                                         config=self.stage_config("teacher_logits"), text_field=r.data.text_field,
+                                         progress=self.progress, log=self.log)
                 return {"dir": str(d / "logits"), "top_k": m["top_k"], "tokens": m["n_blocks"] * m["rows_per_block"],
                         "bytes_per_token": m["bytes_per_token"], "write_seconds": m["write_seconds"]}
 
-            tl_stage = c.run("teacher_logits", {"model": corrected_id, "teacher_logits": tl_cfg.cache_fields()},
+            tl_stage = c.run("teacher_logits", self.stage_inputs("teacher_logits", {"model": corrected_id}),
                              write_logits)
 
         # 3. importance
-        imp = r.importance
-
         def importance(d: Path, resume: bool) -> dict[str, Any]:
             from minitron_fast.importance import run_importance
 
             _, paths = run_importance(str(corrected_path), r.data.source, out=d / "scores.safetensors",
-                                      samples=imp.samples, seq_len=imp.seq_len or r.data.seq_len,
-                                      batch_size=imp.batch_size, seq_agg=imp.seq_agg, batch_agg=imp.batch_agg,
-                                      with_depth_lm_loss=imp.depth_lm_loss, text_field=r.data.text_field,
+                                      config=self.stage_config("importance"), text_field=r.data.text_field,
                                       heatmap_png=True, progress=self.progress)
             return {k: str(v) for k, v in paths.items()}
 
-        im = c.run("importance", {"model": corrected_id, "importance": vars(imp).copy(),
-                                  "data": eval_id["data"]}, importance)
+        im = c.run("importance", self.stage_inputs("importance", {"model": corrected_id}), importance)
         scores_path = im.outputs["scores"]
 
         # 4. search (optional)
         target = r.prune.target
         if r.search.enabled:
-            s = r.search
-
             def search(d: Path, resume: bool) -> dict[str, Any]:
                 from minitron_fast.search import run_search
 
-                budget = parse_budget(s.params, t_eval.outputs["params"])
-                res = run_search(str(corrected_path), scores_path, budget, out_dir=d, tolerance=s.tolerance,
-                                 kinds=s.kinds, multiple=s.multiple, max_per_kind=s.max_candidates,
-                                 retrain_steps=s.retrain_steps, micro_batch_size=s.micro_batch_size, lr=s.lr,
-                                 lora_rank=s.lora_rank, data=r.data.source, seq_len=r.data.seq_len,
-                                 eval_blocks=s.eval_blocks, text_field=r.data.text_field, seed=r.seed,
-                                 depth_metric=r.prune.depth_metric, depth_mode=r.prune.depth_mode,
+                res = run_search(str(corrected_path), scores_path, self.stage_config("search"),
+                                 budget=parse_budget(r.search.params, t_eval.outputs["params"]), prune=r.prune,
+                                 out_dir=d, data=r.data.source, seq_len=r.data.seq_len, text_field=r.data.text_field,
                                  progress=self.progress, log=self.log)
                 return {"target": res["winner"]["target"], "plan": res["plan"], "table": res["table"]}
 
-            se = c.run("search", {"importance": im.key, "search": vars(s).copy(), "prune": vars(r.prune).copy()},
-                       search)
+            se = c.run("search", self.stage_inputs("search", {"importance": im.key, "model": corrected_id}), search)
             target = se.outputs["target"]
             self.log(f"    search winner: {target}")
         else:
@@ -241,29 +295,24 @@ class PipelineRunner:
 
         # 5. prune
         def prune(d: Path, resume: bool) -> dict[str, Any]:
-            from minitron_fast.prune import make_plan, prune_checkpoint
+            from minitron_fast.prune import run_prune
 
-            config = load_config(corrected_path)
-            plan = make_plan(config, scores_path, target, depth_metric=r.prune.depth_metric,
-                             depth_mode=r.prune.depth_mode, budget_axes=r.prune.budget_axes)
-            plan.save(d / "plan.json")
-            self.log(f"    plan: {plan.summary()}")
             model_dir = d / "model"
             if model_dir.exists():  # an interrupted earlier attempt
                 shutil.rmtree(model_dir)
-            prune_checkpoint(str(corrected_path), plan, model_dir, streaming=True, scores_file=scores_path,
-                             progress=self.progress)
+            plan, _ = run_prune(str(corrected_path), scores_path, model_dir, self.stage_config("prune", target=target),
+                                progress=self.progress)
+            plan.save(d / "plan.json")
+            self.log(f"    plan: {plan.summary()}")
             return dict(model=str(model_dir), plan=str(d / "plan.json"), summary=plan.summary(),
                         **self.evaluate(model_dir, "pruned student (no retraining)"))
 
-        pr = c.run("prune", {"importance": im.key, "model": corrected_id, "target": target,
-                             "depth_metric": r.prune.depth_metric, "depth_mode": r.prune.depth_mode,
-                             "budget_axes": r.prune.budget_axes, "eval": eval_id}, prune)
+        pr = c.run("prune", self.stage_inputs("prune", {"importance": im.key, "model": corrected_id}, target=target),
+                   prune)
         student_path = pr.outputs["model"]
 
         # 6. distill
         if stage_enabled(r, "distill"):
-            ds_cfg = training_config(r, "distill", teacher="<teacher>", student="<student>", out="<out>")
             logits_dir = tl_stage.outputs["dir"] if tl_stage is not None else None
 
             def distill(d: Path, resume: bool) -> dict[str, Any]:
@@ -271,18 +320,15 @@ class PipelineRunner:
                                  teacher_logits=logits_dir)
                 return dict(out, **self.evaluate(out["model"], "distilled student"))
 
-            di_inputs = {"prune": pr.key, "teacher": corrected_id, "trainer": ds_cfg, "eval": eval_id,
-                         "procs": r.launch.num_procs}
+            upstream = {"prune": pr.key, "teacher": corrected_id}
             if tl_stage is not None:
-                di_inputs["teacher_logits"] = tl_stage.key
-            di = c.run("distill", di_inputs, distill)
+                upstream["teacher_logits"] = tl_stage.key
+            di = c.run("distill", self.stage_inputs("distill", upstream), distill)
         else:
             di = c.skip("distill", "disabled in the recipe (distill.enabled: false)")
 
         # 7. from-scratch baseline
         if stage_enabled(r, "scratch"):
-            sc_cfg = training_config(r, "scratch", teacher="<init>", student=None, out="<out>")
-
             def scratch(d: Path, resume: bool) -> dict[str, Any]:
                 init = d / "init"
                 if not (init / "config.json").is_file():
@@ -290,8 +336,7 @@ class PipelineRunner:
                 out = self.train("scratch", d, resume, teacher=str(init), student=None)
                 return dict(out, **self.evaluate(out["model"], "student trained from scratch"))
 
-            sc = c.run("scratch", {"prune": pr.key, "trainer": sc_cfg, "eval": eval_id, "seed": r.seed,
-                                   "procs": r.launch.num_procs}, scratch)
+            sc = c.run("scratch", self.stage_inputs("scratch", {"prune": pr.key, "seed": r.seed}), scratch)
         else:
             sc = c.skip("scratch", "disabled in the recipe (scratch.enabled: false)")
 
@@ -306,9 +351,9 @@ class PipelineRunner:
             def evaluate(d: Path, resume: bool) -> dict[str, Any]:
                 return {"tasks": {label: self.run_tasks(path, label) for label, (path, _) in models.items()}}
 
-            c.run("evaluate", {"models": {k: v[1] for k, v in models.items()}, "tasks": ev.tasks,
-                               "task_files": task_files_digest(ev.tasks, ev.include_path), "limit": ev.limit,
-                               "batch_size": ev.batch_size}, evaluate)
+            c.run("evaluate", self.stage_inputs("evaluate", {"models": {k: v[1] for k, v in models.items()},
+                                                             "task_files": task_files_digest(ev.tasks, ev.include_path)}),
+                  evaluate)
         else:
             c.skip("evaluate", "no lm-evaluation-harness tasks in the recipe (evaluate.tasks); "
                                "held-out perplexity is measured by every stage")
@@ -317,14 +362,11 @@ class PipelineRunner:
         final_student = di.outputs.get("model") if di.status != "skipped" else None
         if r.export.enabled and final_student:
             def export(d: Path, resume: bool) -> dict[str, Any]:
-                dst = self.out / "student"
-                with atomic_dir(dst, overwrite=True) as tmp:
-                    for f in Path(final_student).iterdir():
-                        if f.is_file():
-                            shutil.copy2(f, tmp / f.name)
-                return {"model": str(dst)}
+                from minitron_fast.export import export_checkpoint
 
-            c.run("export", {"distill": di.key}, export)
+                return {"model": str(export_checkpoint(final_student, self.out / "student", r.export))}
+
+            c.run("export", self.stage_inputs("export", {"distill": di.key}), export)
         else:
             c.skip("export", "nothing to export (distill did not run)" if r.export.enabled else "disabled in the recipe")
 

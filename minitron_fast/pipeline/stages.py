@@ -25,6 +25,11 @@ def stable_hash(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def stage_key(name: str, inputs: dict[str, Any]) -> str:
+    """The cache key of stage ``name`` run on ``inputs`` (its config and its upstream artifacts)."""
+    return stable_hash({"format": STAGE_FORMAT, "stage": name, "inputs": inputs})
+
+
 def model_fingerprint(path: str | os.PathLike) -> dict[str, Any]:
     """Identity of a checkpoint directory without reading its weights: the config's text and
     each weight file's name, size and modification time."""
@@ -82,7 +87,7 @@ class StageCache:
         inputs hash. ``fn`` returns the stage's outputs (JSON-able); ``resume`` is True when a
         previous run with the same inputs was interrupted."""
         d = self.dir(name)
-        key = stable_hash({"format": STAGE_FORMAT, "stage": name, "inputs": inputs})
+        key = stage_key(name, inputs)
         marker = d / "stage.json"
         started = d / "stage.started.json"
         resume = False

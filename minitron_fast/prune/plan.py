@@ -1,137 +1,22 @@
-"""Prune plans: which units of each axis to keep, chosen from importance scores.
+"""Prune planning: which units of each axis to keep, chosen from importance scores.
 
-A plan records the source and target geometry and every kept index (in the source's
-numbering): the kept layers, the kept hidden channels, and per kept layer the kept query heads,
-KV groups and MLP neurons. It is JSON, validated against the source model before any surgery.
+The plan itself (the ``Plan`` dataclass, its JSON file and ``validate_plan``) is an artifact:
+``minitron_fast.artifacts.plan``. The scores are read through ``minitron_fast.artifacts.scores``.
 """
 from __future__ import annotations
 
-import json
 import os
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Mapping
 
 import torch
 
-from minitron_fast.errors import MinitronError
-from minitron_fast.io import atomic_write_json
-from minitron_fast.models import Geometry, ModelView, view_class_for_config
-from minitron_fast.models.export import file_sha256
-from minitron_fast.prune.targets import TargetError, check_geometry, target_geometry
+from minitron_fast.artifacts.plan import Plan, PlanError, config_of, validate_plan
+from minitron_fast.artifacts.scores import ImportanceScores, ScoresFileError, scores_tensors
+from minitron_fast.artifacts.targets import target_geometry
+from minitron_fast.models import Geometry, view_class_for_config
 
-PLAN_VERSION = 1
 DEPTH_METRICS = ("block_importance", "lm_loss", "lm_loss_block")
 DEPTH_MODES = ("contiguous", "top")
-
-
-class PlanError(MinitronError, ValueError):
-    """A plan or scores file that does not fit the model."""
-
-
-@dataclass
-class Plan:
-    """What to keep. Indices are in the source model's numbering and sorted.
-
-    Attributes:
-        source: source geometry (``Geometry.as_dict()``) plus ``family``.
-        target: target geometry dict.
-        layers: kept decoder layers ``[n_layers_t]``.
-        hidden: kept hidden channels ``[hidden_t]``.
-        heads / kv_heads / neurons: per kept layer (keyed by source index), kept query heads
-            ``[heads_t]``, KV groups ``[kv_heads_t]``, neurons ``[ffn_t]``.
-        info: free-form provenance (scores file hash, depth metric, ...).
-    """
-
-    source: dict[str, Any]
-    target: dict[str, Any]
-    layers: list[int]
-    hidden: list[int]
-    heads: dict[int, list[int]]
-    kv_heads: dict[int, list[int]]
-    neurons: dict[int, list[int]]
-    info: dict[str, Any] = field(default_factory=dict)
-
-    # -- (de)serialization ----------------------------------------------------------------------
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "version": PLAN_VERSION, "source": self.source, "target": self.target, "info": self.info,
-            "kept": {
-                "layers": self.layers, "hidden": self.hidden,
-                "per_layer": {str(i): {"heads": self.heads[i], "kv_heads": self.kv_heads[i], "neurons": self.neurons[i]}
-                              for i in self.layers},
-            },
-        }
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "Plan":
-        try:
-            if d.get("version") != PLAN_VERSION:
-                raise PlanError(f"plan version {d.get('version')!r} is not supported (expected {PLAN_VERSION})")
-            kept = d["kept"]
-            per = {int(k): v for k, v in kept["per_layer"].items()}
-            layers = [int(i) for i in kept["layers"]]
-            return cls(source=dict(d["source"]), target=dict(d["target"]), layers=layers,
-                       hidden=[int(i) for i in kept["hidden"]],
-                       heads={i: [int(x) for x in per[i]["heads"]] for i in layers},
-                       kv_heads={i: [int(x) for x in per[i]["kv_heads"]] for i in layers},
-                       neurons={i: [int(x) for x in per[i]["neurons"]] for i in layers},
-                       info=dict(d.get("info", {})))
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:
-            if isinstance(exc, PlanError):
-                raise
-            raise PlanError(f"malformed prune plan: missing or bad field ({type(exc).__name__}: {exc})") from exc
-
-    def save(self, path: str | os.PathLike) -> Path:
-        atomic_write_json(path, self.to_dict())
-        return Path(path)
-
-    @classmethod
-    def load(cls, path: str | os.PathLike) -> "Plan":
-        p = Path(path)
-        try:
-            return cls.from_dict(json.loads(p.read_text()))
-        except FileNotFoundError:
-            raise PlanError(f"plan file {p} does not exist") from None
-        except json.JSONDecodeError as exc:
-            raise PlanError(f"plan file {p} is not valid JSON: {exc}") from exc
-
-    def target_geometry(self) -> Geometry:
-        return Geometry(**{k: int(v) for k, v in self.target.items() if k in Geometry.__dataclass_fields__})
-
-    def source_geometry(self) -> Geometry:
-        return Geometry(**{k: int(v) for k, v in self.source.items() if k in Geometry.__dataclass_fields__})
-
-    def summary(self) -> str:
-        s, t = self.source_geometry(), self.target_geometry()
-        parts = [f"{k} {getattr(s, f)}->{getattr(t, f)}" for k, f in
-                 (("hidden", "hidden_size"), ("ffn", "intermediate_size"), ("heads", "num_attention_heads"),
-                  ("kv_heads", "num_key_value_heads"), ("layers", "num_hidden_layers"))]
-        return ", ".join(parts)
-
-
-# -- scores ---------------------------------------------------------------------------------------
-
-def load_scores(scores: str | os.PathLike | Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Reads an importance scores file (safetensors, fp32, see DESIGN.md) or takes a dict (or an
-    in-memory scores object with ``to_tensors()`` giving that dict, as the importance stage returns).
-    Returns ``(tensors, info)`` where ``info`` holds the file's sha256, path and metadata."""
-    if hasattr(scores, "to_tensors"):
-        scores = scores.to_tensors()
-    if isinstance(scores, Mapping):
-        return {k: torch.as_tensor(v).float() for k, v in scores.items()}, {"scores_file": None}
-    from safetensors import SafetensorError, safe_open
-
-    p = Path(scores)
-    if not p.is_file():
-        raise PlanError(f"scores file {p} does not exist")
-    try:
-        with safe_open(str(p), framework="pt") as f:
-            tensors = {k: f.get_tensor(k).float() for k in f.keys()}
-            meta = f.metadata() or {}
-    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-        raise PlanError(f"cannot read scores file {p} as safetensors: {exc}") from exc
-    return tensors, {"scores_file": str(p), "scores_sha256": file_sha256(p), "scores_metadata": meta}
 
 
 def _score(scores: Mapping[str, torch.Tensor], key: str, n: int, why: str) -> torch.Tensor:
@@ -165,13 +50,7 @@ def _contiguous_drop(scores: torch.Tensor, n_drop: int) -> list[int]:
 
 # -- making a plan ----------------------------------------------------------------------------------
 
-def _config_of(model_or_config: Any) -> Any:
-    if isinstance(model_or_config, ModelView):
-        return model_or_config.config
-    return getattr(model_or_config, "config", model_or_config)
-
-
-def make_plan(model_or_config: Any, scores: str | os.PathLike | Mapping[str, torch.Tensor],
+def make_plan(model_or_config: Any, scores: str | os.PathLike | ImportanceScores | Mapping[str, torch.Tensor],
               target: str | Mapping[str, Any] | Geometry, *, depth_metric: str = "block_importance",
               depth_mode: str = "contiguous", budget_axes: str = "width") -> Plan:
     """Chooses the units to keep for ``target`` from importance ``scores`` (higher = more important).
@@ -198,7 +77,7 @@ def make_plan(model_or_config: Any, scores: str | os.PathLike | Mapping[str, tor
         >>> plan = make_plan(model, "scores.safetensors", "hidden=3072,ffn=9216")
         >>> apply_plan(model, plan)
     """
-    config = _config_of(model_or_config)
+    config = config_of(model_or_config)
     view_cls = view_class_for_config(config)
     src = view_cls.geometry_of(config)
     geo = target_geometry(config, target, budget_axes=budget_axes)
@@ -206,7 +85,10 @@ def make_plan(model_or_config: Any, scores: str | os.PathLike | Mapping[str, tor
         raise PlanError(f"depth metric {depth_metric!r} is not one of {DEPTH_METRICS}")
     if depth_mode not in DEPTH_MODES:
         raise PlanError(f"depth mode {depth_mode!r} is not one of {DEPTH_MODES}")
-    S, info = load_scores(scores)
+    try:
+        S, info = scores_tensors(scores)
+    except ScoresFileError as exc:
+        raise PlanError(str(exc)) from None
     L = src.num_hidden_layers
 
     # layers
@@ -253,64 +135,55 @@ def make_plan(model_or_config: Any, scores: str | os.PathLike | Mapping[str, tor
                 q += [g * gsize + j for j in top_k(hs[g * gsize:(g + 1) * gsize], gsize_t)]
         else:
             q = [g * gsize + j for g in kv for j in range(gsize)]
-        if geo.intermediate_size < src.intermediate_size:
+        if geo.intermediate_size < src.intermediate_size and not _is_sparse(config, i):
             nr = top_k(_score(S, f"layers.{i}.neurons", src.intermediate_size,
                               f"prune FFN {src.intermediate_size}->{geo.intermediate_size}"), geo.intermediate_size)
-        else:
-            nr = list(range(src.intermediate_size))
+        else:  # all kept; a MoE layer has no dense neurons (its experts' are in expert_neurons)
+            nr = list(range(geo.intermediate_size if _is_sparse(config, i) else src.intermediate_size))
         heads[i], kvs[i], neurons[i] = sorted(q), kv, nr
 
+    experts, expert_neurons = _moe_kept(config, S, src, geo, layers) if src.is_moe else ({}, {})
     info = dict(info, depth_metric=depth_metric, depth_mode=depth_mode)
     plan = Plan(source=dict(src.as_dict(), family=view_cls.family), target=dict(geo.as_dict(), family=view_cls.family),
-                layers=layers, hidden=hidden, heads=heads, kv_heads=kvs, neurons=neurons, info=info)
+                layers=layers, hidden=hidden, heads=heads, kv_heads=kvs, neurons=neurons, info=info,
+                experts=experts, expert_neurons=expert_neurons)
     validate_plan(plan, config)
     return plan
 
 
-def validate_plan(plan: Plan, model_or_config: Any) -> Geometry:
-    """Checks ``plan`` against the source model's config before any surgery: same source shape,
-    a reachable target, and every kept index list in range, sorted, unique and of the target's
-    length, with uniform GQA groups. Returns the target geometry. Raises PlanError."""
-    config = _config_of(model_or_config)
-    view_cls = view_class_for_config(config)
-    src = view_cls.geometry_of(config)
-    if plan.source_geometry() != src:
-        raise PlanError(f"the plan was made for another model: plan source {plan.source_geometry()} "
-                        f"but this model is {src}")
-    geo = plan.target_geometry()
-    try:
-        check_geometry(config, geo)
-    except TargetError as exc:
-        raise PlanError(str(exc)) from exc
+def _is_sparse(config: Any, i: int) -> bool:
+    """Whether layer ``i`` is a MoE layer (its neurons are per expert, in ``expert_neurons``)."""
+    from minitron_fast.models.moe import is_sparse_layer
 
-    def idx(name: str, xs: list[int], n: int, limit: int) -> None:
-        if len(xs) != n:
-            raise PlanError(f"plan keeps {len(xs)} {name} but its target says {n}")
-        if any(not 0 <= x < limit for x in xs):
-            raise PlanError(f"plan {name} indices must lie in [0, {limit})")
-        if any(b <= a for a, b in zip(xs, xs[1:])):
-            raise PlanError(f"plan {name} indices must be strictly increasing")
+    return is_sparse_layer(config, i)
 
-    idx("layers", plan.layers, geo.num_hidden_layers, src.num_hidden_layers)
-    idx("hidden channels", plan.hidden, geo.hidden_size, src.hidden_size)
-    gsize = src.num_attention_heads // src.num_key_value_heads
-    gsize_t = geo.num_attention_heads // geo.num_key_value_heads
-    for i in plan.layers:
-        if i not in plan.heads or i not in plan.kv_heads or i not in plan.neurons:
-            raise PlanError(f"plan has no per-layer entry for kept layer {i}")
-        idx(f"layer {i} query heads", plan.heads[i], geo.num_attention_heads, src.num_attention_heads)
-        idx(f"layer {i} KV heads", plan.kv_heads[i], geo.num_key_value_heads, src.num_key_value_heads)
-        idx(f"layer {i} neurons", plan.neurons[i], geo.intermediate_size, src.intermediate_size)
-        for g in plan.kv_heads[i]:
-            n = sum(1 for h in plan.heads[i] if h // gsize == g)
-            if n != gsize_t:
-                raise PlanError(f"layer {i}: KV group {g} keeps {n} query heads, expected {gsize_t} "
-                                "(every kept group keeps the same number)")
-    return geo
+
+def _moe_kept(config: Any, S: Mapping[str, torch.Tensor], src: Geometry, geo: Geometry,
+              layers: list[int]) -> tuple[dict[int, list[int]], dict[int, list[list[int]]]]:
+    """Per kept MoE layer: its top ``geo.num_experts`` experts by ``layers.{i}.experts`` and,
+    per kept expert, its own top ``geo.moe_intermediate_size`` neurons by
+    ``layers.{i}.expert_neurons [E, F]``."""
+    from minitron_fast.models.moe import is_sparse_layer
+
+    E, F, Et, Ft = src.num_experts, src.moe_intermediate_size, geo.num_experts, geo.moe_intermediate_size
+    experts: dict[int, list[int]] = {}
+    neurons: dict[int, list[list[int]]] = {}
+    for i in layers:
+        if not is_sparse_layer(config, i):
+            continue
+        ex = (top_k(_score(S, f"layers.{i}.experts", E, f"prune experts {E}->{Et}"), Et) if Et < E
+              else list(range(E)))
+        if Ft < F:
+            en = _score(S, f"layers.{i}.expert_neurons", E * F, f"prune expert FFN {F}->{Ft}").view(E, F)
+            neurons[i] = [top_k(en[e], Ft) for e in ex]
+        else:
+            neurons[i] = [list(range(F)) for _ in ex]
+        experts[i] = ex
+    return experts, neurons
 
 
 def identity_plan(model_or_config: Any) -> Plan:
     """A plan that keeps everything (useful for tests and for re-exporting)."""
-    config = _config_of(model_or_config)
+    config = config_of(model_or_config)
     g = view_class_for_config(config).geometry_of(config)
     return make_plan(config, {}, g)

@@ -19,15 +19,15 @@ import torch
 
 from minitron_fast.errors import MinitronError
 from minitron_fast.io import atomic_dir, same_or_inside
+from minitron_fast.models import view_class_for_config
 from minitron_fast.models.export import copy_tokenizer_files, minitron_record
-from minitron_fast.prune.plan import Plan, validate_plan
-from minitron_fast.prune.surgery import Rule, layers_prefix, named_rules, pruned_config
+from minitron_fast.artifacts.plan import Plan, validate_plan
+from minitron_fast.prune.surgery import ExpertRule, Rule, layers_prefix, named_rules, pruned_config
 
 ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
              "BOOL": torch.bool}
 ST_NAMES = {v: k for k, v in ST_DTYPES.items()}
-IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # non-persistent buffers some old checkpoints carry
 DEFAULT_SHARD_BYTES = 5 * 2**30
 
 
@@ -192,17 +192,134 @@ def checkpoint_files(src: Path) -> dict[str, Path]:
     return {name: single for name in SafetensorsFile(single).header}
 
 
+def saved_expert_jobs(config: Any, plan: Plan, prefix: str, files: dict[str, Path]
+                      ) -> dict[str, tuple[str, str, tuple[int, ...], Rule] | None]:
+    """MoE checkpoints on disk hold one 2-D tensor per expert (``{layer}.{saved_moe_prefix}.
+    experts.{e}.{name}``) and, for Mixtral, the router under ``block_sparse_moe.gate``, names
+    that are not the in-memory (stacked) parameters. Maps each such tensor name in ``files`` to
+    ``(in-memory name it stands for, output name with layer and expert renumbered, its source
+    shape, its 2-D rule)``, or to None when its layer or expert is dropped. Empty on dense models."""
+    from minitron_fast.models import view_class_for_config
+
+    view_cls = view_class_for_config(config)
+    src = plan.source_geometry()
+    if not src.is_moe:
+        return {}
+    pat = view_cls.saved_expert_pattern()
+    role_of = {n: r for r, n in view_cls.saved_expert_names.items()}
+    router = view_cls.saved_router_name()
+    H, F = src.hidden_size, src.moe_intermediate_size
+    new_index = {old: new for new, old in enumerate(plan.layers)}
+    hid = None if len(plan.hidden) == H else torch.as_tensor(plan.hidden, dtype=torch.long)
+    out: dict[str, Any] = {}
+    for name in files:
+        if not name.startswith(prefix):
+            continue
+        rest = name[len(prefix):]
+        m = pat.match(rest)
+        i = int(rest.split(".", 1)[0])
+        if m is None:
+            if rest.split(".", 1)[1] == router and router != view_cls.memory_names["router"]:
+                meta = f"{prefix}{i}.{view_cls.memory_names['router']}"
+                kept = plan.experts.get(i)
+                ex = None if kept is None or len(kept) == src.num_experts else torch.as_tensor(kept, dtype=torch.long)
+                out[name] = None if i not in new_index else (
+                    meta, f"{prefix}{new_index[i]}.{router}", (src.num_experts, H), Rule(ex, hid))
+            continue
+        e, role = int(m.group(2)), role_of[m.group(3)]
+        if i not in new_index or e not in plan.experts[i]:
+            out[name] = None
+            continue
+        j = plan.experts[i].index(e)
+        kept = plan.expert_neurons[i][j]
+        nr = None if len(kept) == F else torch.as_tensor(kept, dtype=torch.long)
+        meta = f"{prefix}{i}.{view_cls.memory_names['down' if role == 'down' else 'gate_up']}"
+        new = f"{prefix}{new_index[i]}.{view_cls.saved_expert_name(j, m.group(3))}"
+        out[name] = ((meta, new, (H, F), Rule(hid, nr)) if role == "down" else (meta, new, (F, H), Rule(nr, hid)))
+    return out
+
+
+def load_private(src_dir: str | os.PathLike, *, dtype: torch.dtype | None = None,
+                 attn_implementation: str | None = None) -> torch.nn.Module:
+    """Loads a ``save_pretrained`` safetensors checkpoint (or ``"demo"``) into private memory.
+
+    ``from_pretrained`` leaves fp32 weights as copy-on-write mappings of the files: compacting
+    them in place then allocates the pruned size as new anonymous memory while the file pages
+    stay mapped (measured by ``bench prune``, case ``inplace_loaded``). Here the model is built
+    with its parameters uninitialized (``no_init_weights``: pages untouched until written) and
+    every tensor is filled with positioned reads, so the process owns every page, peaks at the
+    model's size and, after ``apply_plan``, ends at the pruned size. Tensors stored in another
+    dtype are converted one at a time. Checkpoint and model must match name for name.
+    """
+    from transformers import AutoModelForCausalLM
+    from transformers.initialization import no_init_weights
+
+    from minitron_fast.models.loading import default_attn_implementation, load_config, resolve_model_path
+
+    src = resolve_model_path(src_dir)
+    config = load_config(src)
+    if dtype is None:
+        dtype = getattr(config, "dtype", None) or torch.float32
+    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    files = checkpoint_files(src)
+    ignored = view_class_for_config(config).ignored_checkpoint_suffixes
+    with no_init_weights():
+        model = AutoModelForCausalLM.from_config(
+            config, dtype=dtype, attn_implementation=attn_implementation or default_attn_implementation("cpu", config))
+    model.tie_weights()  # no_init_weights also skips the tying from_config does otherwise
+    names = dict(model.named_parameters(remove_duplicate=False))
+    first: dict[int, str] = {}
+    for n, p in names.items():
+        first.setdefault(id(p), n)
+    tied = {n for n, p in names.items() if first[id(p)] != n}  # later names of a shared parameter
+    extra = [n for n in files if n not in names and not n.endswith(ignored)]
+    if extra:
+        raise CheckpointError(f"checkpoint tensor {extra[0]} is not a parameter of a {type(model).__name__} "
+                              f"with this config; is {src} the model the config describes?")
+    readers: dict[Path, SafetensorsFile] = {}
+    try:
+        with torch.no_grad():
+            for name, p in names.items():
+                if name in tied:
+                    continue  # filled through the name it was first seen under (or the checkpoint's copy)
+                if name not in files:
+                    raise CheckpointError(f"checkpoint in {src} has no tensor {name}")
+                r = readers.setdefault(files[name], SafetensorsFile(files[name]))
+                if name not in r.header:
+                    raise CheckpointError(f"tensor {name} is missing from {files[name]}")
+                st_dtype, shape, begin, _ = r.header[name]
+                if shape != tuple(p.shape):
+                    raise CheckpointError(f"checkpoint tensor {name} has shape {shape}, but the config says "
+                                          f"{tuple(p.shape)}")
+                if st_dtype == p.dtype:
+                    r.read_into(p.data, begin)
+                else:
+                    tmp = torch.empty(shape, dtype=st_dtype)
+                    r.read_into(tmp, begin)
+                    p.data.copy_(tmp)
+                    del tmp
+    finally:
+        for r in readers.values():
+            r.close()
+    return model.eval()
+
+
 def prune_checkpoint(src_dir: str | os.PathLike, plan: Plan, out_dir: str | os.PathLike, *, streaming: bool = True,
                      overwrite: bool = False, scores_file: str | os.PathLike | None = None,
                      record: dict[str, Any] | None = None, chunk_bytes: int = 64 << 20,
-                     max_shard_bytes: int = DEFAULT_SHARD_BYTES, impl: str = "auto", progress: bool = True) -> Path:
+                     max_shard_bytes: int = DEFAULT_SHARD_BYTES, impl: str = "auto", progress: bool = True,
+                     load_kwargs: dict[str, Any] | None = None) -> Path:
     """Prunes the checkpoint in ``src_dir`` (a ``save_pretrained`` directory or ``"demo"``) to
     ``plan`` and writes a stock HF checkpoint to ``out_dir`` (config, safetensors, tokenizer
     files, ``minitron.json`` with the source, plan and scores-file hash), atomically.
 
     ``streaming=True`` reads only the kept slices of each tensor from the shards (peak memory
-    near the largest output tensor); ``streaming=False`` loads the model, prunes it in place
-    (``apply_plan``) and saves it. ``src_dir`` is never written to.
+    near the largest output tensor); ``streaming=False`` loads the model into private memory
+    (``load_private``: peak the model's size), prunes it in place (``apply_plan``: it ends at the
+    pruned size) and saves it; with ``load_kwargs`` (``load_model``'s device, dtype, ...; the dtype
+    defaults to the checkpoint's), or for a MoE checkpoint (per-expert tensors on disk, stacked
+    in memory by transformers' loader), it loads through ``load_model``. ``src_dir`` is never
+    written to.
 
     Example:
         >>> prune_checkpoint("llama-8b/", plan, "llama-4b/", streaming=True)
@@ -222,11 +339,15 @@ def prune_checkpoint(src_dir: str | os.PathLike, plan: Plan, out_dir: str | os.P
            "streaming": bool(streaming), **(record or {})}
     if not streaming:
         from minitron_fast.models.export import export_hf
-        from minitron_fast.models.loading import load_model
         from minitron_fast.prune.surgery import apply_plan
 
-        dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.float32
-        model = load_model(src, dtype=dtype)
+        if load_kwargs or plan.source_geometry().is_moe:
+            from minitron_fast.models.loading import load_model
+
+            dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.float32
+            model = load_model(src, **{"dtype": dtype, **(load_kwargs or {})})
+        else:
+            model = load_private(src)
         apply_plan(model, plan, impl=impl, progress=progress)
         return export_hf(model, out, tokenizer_from=src, record=rec, overwrite=overwrite, protect=[src])
 
@@ -247,8 +368,21 @@ def prune_checkpoint(src_dir: str | os.PathLike, plan: Plan, out_dir: str | os.P
     try:
         # the output tensors, in source order: (new name, source name, dtype, new shape, rule)
         jobs = []
+        moe_names = saved_expert_jobs(config, plan, prefix, files)  # {} on dense models
+        covered: set[str] = set()
         for name in sorted(files, key=lambda n: (str(files[n]), n)):
-            if name.endswith(IGNORED_SUFFIXES):
+            if name.endswith(view_class_for_config(config).ignored_checkpoint_suffixes):
+                continue
+            if name in moe_names:  # a per-expert (or renamed router) tensor, as save_pretrained writes them
+                if moe_names[name] is None:
+                    continue  # a dropped layer or expert: never read
+                meta_name, new_name, src_shape, rule = moe_names[name]
+                dtype, shape, _, _ = reader(files[name]).header[name]
+                if shape != src_shape:
+                    raise CheckpointError(f"checkpoint tensor {name} has shape {shape}, but the config says "
+                                          f"{src_shape}")
+                covered.add(meta_name)
+                jobs.append((new_name, name, dtype, rule.shape(shape), rule))
                 continue
             if name not in expected:
                 raise CheckpointError(f"checkpoint tensor {name} is not a parameter of a {type(meta).__name__} "
@@ -271,7 +405,7 @@ def prune_checkpoint(src_dir: str | os.PathLike, plan: Plan, out_dir: str | os.P
         names = {j[1] for j in jobs}
         for n in expected:
             dropped = n.startswith(prefix) and int(n[len(prefix):].split(".", 1)[0]) not in new_index
-            if n not in files and not dropped and not (tied and n.endswith("lm_head.weight")):
+            if n not in files and n not in covered and not dropped and not (tied and n.endswith("lm_head.weight")):
                 raise CheckpointError(f"checkpoint in {src} has no tensor {n}")
         del names
         # shard the output by size
@@ -298,7 +432,12 @@ def prune_checkpoint(src_dir: str | os.PathLike, plan: Plan, out_dir: str | os.P
 
                 def produce(shard=shard):
                     for new_name, name, dtype, shape, rule in shard:
-                        t = reader(files[name]).read_rows(name, rule.rows, rule.cols, chunk_bytes=chunk_bytes)
+                        if isinstance(rule, ExpertRule):  # a stacked [E, R, C] expert tensor: read whole, slice
+                            t = reader(files[name]).read_rows(name, None, None, chunk_bytes=chunk_bytes)
+                            rule.apply_(t, impl="torch")
+                        else:
+                            t = reader(files[name]).read_rows(name, rule.rows, rule.cols, chunk_bytes=chunk_bytes)
+                            rule.apply_affine_(t)  # Gemma's embedding rescale (the in-place pruner does the same)
                         if pbar is not None:
                             pbar.update(1)
                         yield t

@@ -1,17 +1,18 @@
 """minitron_fast.search: candidate student shapes at a parameter budget, each pruned, briefly
 retrained by KD and ranked by held-out LM loss.
 
+- :class:`SearchConfig`: the stage's options (recipe section, CLI flags, entry point argument).
 - ``enumerate_candidates(config, budget, ...)``: pure arithmetic over geometries (no weights).
-- ``run_search(model, scores, budget, ...)``: prune + retrain + rank; writes the winner's plan.
+- ``run_search(model, scores, config, ...)``: prune + retrain + rank; writes the winner's plan.
+
+Names are imported on first use (the CLI reads ``SearchConfig`` without importing torch).
 """
-from minitron_fast.search.candidates import KINDS, Candidate, SearchError, enumerate_candidates, format_candidates
+from minitron_fast._lazy import exported_names, lazy_getattr
 
-__all__ = ["KINDS", "Candidate", "SearchError", "enumerate_candidates", "format_candidates", "run_search"]
-
-
-def __getattr__(name: str):
-    if name in ("run_search", "retrain", "teacher_targets"):
-        from minitron_fast.search import run
-
-        return getattr(run, name)
-    raise AttributeError(f"module 'minitron_fast.search' has no attribute {name!r}")
+_EXPORTS = {
+    "minitron_fast.search.config": ("KINDS", "SearchConfig", "SearchError"),
+    "minitron_fast.search.candidates": ("Candidate", "enumerate_candidates", "format_candidates"),
+    "minitron_fast.search.run": ("retrain", "run_search", "teacher_targets"),
+}
+__getattr__ = lazy_getattr(__name__, _EXPORTS)
+__all__ = exported_names(_EXPORTS)

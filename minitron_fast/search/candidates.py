@@ -10,9 +10,13 @@ are counted with ``ModelView.count_params`` for the teacher's family, so biases,
 and Mistral-NeMo's explicit head_dim are all accounted for.
 
 Kinds:
-- ``width``: layers kept; at least one of hidden, FFN, heads shrunk (4B-Width);
+- ``width``: layers kept; at least one of hidden, FFN, heads (and, with ``prune_kv_heads``, KV
+  groups) shrunk (4B-Width);
 - ``depth``: only layers removed (4B-Depth);
 - ``mixed``: layers removed and some width shrunk.
+
+On mixture-of-experts teachers the expert count is one more width axis: every count from the
+router's top-k to the teacher's is tried (``experts=N`` in the candidate's target).
 
 For each (hidden, heads, layers) the FFN size is solved for directly (parameters are linear in
 it): the largest multiple that fits the budget. Candidates must land in
@@ -27,14 +31,8 @@ import bisect
 from dataclasses import dataclass
 from typing import Any, Iterable
 
-from minitron_fast.errors import MinitronError
 from minitron_fast.models import Geometry, view_class_for_config
-
-KINDS = ("width", "depth", "mixed")
-
-
-class SearchError(MinitronError, ValueError):
-    """A budget no candidate meets, or a search that cannot run."""
+from minitron_fast.search.config import KINDS, SearchError
 
 
 @dataclass(frozen=True)
@@ -47,13 +45,14 @@ class Candidate:
     def name(self) -> str:
         g = self.geometry
         return (f"{self.kind}-h{g.hidden_size}-f{g.intermediate_size}-q{g.num_attention_heads}"
-                f"kv{g.num_key_value_heads}-l{g.num_hidden_layers}")
+                f"kv{g.num_key_value_heads}-l{g.num_hidden_layers}" + (f"-e{g.num_experts}" if g.is_moe else ""))
 
     def target(self) -> str:
         """The pruning target string (``hidden=...,ffn=...,heads=...,kv_heads=...,layers=...``)."""
         g = self.geometry
         return (f"hidden={g.hidden_size},ffn={g.intermediate_size},heads={g.num_attention_heads},"
-                f"kv_heads={g.num_key_value_heads},layers={g.num_hidden_layers}")
+                f"kv_heads={g.num_key_value_heads},layers={g.num_hidden_layers}"
+                + (f",experts={g.num_experts}" if g.is_moe else ""))
 
     def as_dict(self) -> dict[str, Any]:
         return {"name": self.name, "kind": self.kind, "params": self.params, "target": self.target(),
@@ -73,6 +72,14 @@ def _expressible(view_cls: Any, config: Any, g: Geometry) -> bool:
         return False
 
 
+def _expert_counts(top_k: int, n: int, most: int = 16) -> list[int]:
+    """Expert counts a search tries: from ``top_k`` to ``n``, every one when few, else evenly
+    spaced (always including ``n``)."""
+    lo = max(1, top_k)
+    step = max(1, -(-(n - lo) // most))
+    return sorted({*range(n, lo - 1, -step)})
+
+
 def _sizes(full: int, m: int) -> list[int]:
     out = list(range(m, full + 1, m))
     if not out or out[-1] != full:
@@ -82,7 +89,8 @@ def _sizes(full: int, m: int) -> list[int]:
 
 def enumerate_candidates(config: Any, budget: int, *, tolerance: float = 0.05,
                          kinds: Iterable[str] = KINDS, multiple: int | None = None, prune_heads: bool = True,
-                         max_per_kind: int | None = 6, max_ratio_change: float = 2.0) -> list[Candidate]:
+                         prune_kv_heads: bool = False, max_per_kind: int | None = 6,
+                         max_ratio_change: float = 2.0) -> list[Candidate]:
     """Candidate student shapes of ``config``'s model with ``budget * (1 - tolerance) <= params <= budget``.
 
     Args:
@@ -91,7 +99,8 @@ def enumerate_candidates(config: Any, budget: int, *, tolerance: float = 0.05,
         tolerance: how far below the budget a candidate may fall, as a fraction.
         kinds: any of ``width``, ``depth``, ``mixed``.
         multiple: hidden/FFN multiple (default 64 for hidden >= 1024, else 8).
-        prune_heads: also shrink query heads (KV heads are kept: every group keeps the same size).
+        prune_heads: also shrink query heads (every kept KV group keeps the same number).
+        prune_kv_heads: also remove whole KV groups (1 to all of the teacher's KV heads).
         max_per_kind: keep at most this many per kind (None: all).
         max_ratio_change: FFN/hidden may differ from the teacher's ratio by at most this factor.
 
@@ -123,20 +132,28 @@ def enumerate_candidates(config: Any, budget: int, *, tolerance: float = 0.05,
     H, F, nq, nkv, L = (src.hidden_size, src.intermediate_size, src.num_attention_heads, src.num_key_value_heads,
                         src.num_hidden_layers)
     group = nq // nkv
-    heads_opts = [nkv * g for g in range(1, group + 1)] if prune_heads else [nq]
+    # (query heads, KV heads) pairs: every kept KV group keeps the same number of query heads
+    attn_opts = [(kv * g, kv) for kv in (range(1, nkv + 1) if prune_kv_heads else [nkv])
+                 for g in (range(1, group + 1) if prune_heads else [group])]
     src_ratio = F / H
     ffn_opts = _sizes(F, m)
+    # MoE: expert counts from the router's top-k up to the teacher's (width-like cuts), at most
+    # about 16 of them (Qwen3-30B-A3B has 128 experts: every 8th count)
+    expert_opts = _expert_counts(src.num_experts_per_tok, src.num_experts) if src.is_moe else [0]
+    norm = getattr(view_cls, "normalize_geometry", lambda config, g: g)
 
     found: dict[str, list[Candidate]] = {k: [] for k in kinds}
-    ok_shape = {(h, q): _expressible(view_cls, config, src.replace(hidden_size=h, num_attention_heads=q))
-                for h in _sizes(H, m) for q in heads_opts}
-    for layers in range(1, L + 1):
+    ok_shape = {(h, q, kv): _expressible(view_cls, config, src.replace(hidden_size=h, num_attention_heads=q,
+                                                                       num_key_value_heads=kv))
+                for h in _sizes(H, m) for q, kv in attn_opts}
+    for layers, n_exp in ((la, e) for la in range(1, L + 1) for e in expert_opts):
         for hidden in _sizes(H, m):
-            for heads in heads_opts:
-                if not ok_shape[(hidden, heads)]:
+            for heads, kv in attn_opts:
+                if not ok_shape[(hidden, heads, kv)]:
                     continue
-                width_cut = hidden < H or heads < nq
-                base = src.replace(hidden_size=hidden, num_attention_heads=heads, num_hidden_layers=layers)
+                width_cut = hidden < H or heads < nq or kv < nkv or n_exp < src.num_experts
+                base = src.replace(hidden_size=hidden, num_attention_heads=heads, num_key_value_heads=kv,
+                                   num_hidden_layers=layers, num_experts=n_exp)
                 # params are affine in the FFN size: solve for the largest FFN that fits
                 c1, c2 = count(base.replace(intermediate_size=ffn_opts[0])), count(base.replace(intermediate_size=F))
                 if c1 > budget:
@@ -147,13 +164,13 @@ def enumerate_candidates(config: Any, budget: int, *, tolerance: float = 0.05,
                 else:
                     i = bisect.bisect_right(ffn_opts, ffn_opts[0] + (budget + 1 - c1) / slope) - 1
                     best = ffn_opts[max(0, i)]
-                g = base.replace(intermediate_size=best)
+                g = norm(config, base.replace(intermediate_size=best))
                 n = count(g)
                 while n > budget:  # guard against rounding in the affine solve
                     i = ffn_opts.index(g.intermediate_size)
                     if i == 0:
                         break
-                    g = g.replace(intermediate_size=ffn_opts[i - 1])
+                    g = norm(config, g.replace(intermediate_size=ffn_opts[i - 1]))
                     n = count(g)
                 if not lo <= n <= budget:
                     continue
@@ -179,17 +196,19 @@ def enumerate_candidates(config: Any, budget: int, *, tolerance: float = 0.05,
 
 
 def _select(cands: list[Candidate], k: int | None) -> list[Candidate]:
-    """One candidate per (hidden, layers) (most heads, then closest to the budget), then ``k`` of those spread evenly
-    over that list ordered from the widest to the narrowest; returned largest first."""
-    best: dict[tuple[int, int], Candidate] = {}
+    """One candidate per (hidden, layers, KV heads) (most heads, then closest to the budget), then ``k`` of those
+    spread evenly over that list ordered from the widest to the narrowest; returned largest first."""
+    best: dict[tuple[int, int, int], Candidate] = {}
     for c in cands:
-        key = (c.geometry.hidden_size, c.geometry.num_hidden_layers)
+        key = (c.geometry.hidden_size, c.geometry.num_hidden_layers, c.geometry.num_key_value_heads,
+               c.geometry.num_experts)
         cur = best.get(key)
         # more query heads first (they cost few parameters, and the papers keep them), then the
         # count closest to the budget
         if cur is None or (c.geometry.num_attention_heads, c.params) > (cur.geometry.num_attention_heads, cur.params):
             best[key] = c
-    pool = sorted(best.values(), key=lambda c: (-c.geometry.hidden_size, -c.geometry.num_hidden_layers, -c.params))
+    pool = sorted(best.values(), key=lambda c: (-c.geometry.hidden_size, -c.geometry.num_hidden_layers,
+                                                -c.geometry.num_key_value_heads, -c.geometry.num_experts, -c.params))
     if k is not None and len(pool) > k:
         if k == 1:
             pool = [max(pool, key=lambda c: c.params)]

@@ -21,12 +21,14 @@ from typing import Any, Callable
 
 import torch
 
+from minitron_fast.artifacts.targets import parse_budget
 from minitron_fast.errors import MinitronError
 from minitron_fast.integrations.kd_step import KDSpec, TeacherHidden, head_options, kd_step, teacher_hidden
 from minitron_fast.io import atomic_write_json
-from minitron_fast.search.candidates import Candidate, SearchError, enumerate_candidates, format_candidates
-
-LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+from minitron_fast.models import get_view
+from minitron_fast.prune.config import PruneConfig
+from minitron_fast.search.candidates import Candidate, enumerate_candidates, format_candidates
+from minitron_fast.search.config import SearchConfig, SearchError
 
 
 @torch.no_grad()
@@ -53,7 +55,7 @@ def retrain(student: torch.nn.Module, batches: list[torch.Tensor], targets: list
         except ImportError:
             raise MinitronError("lora_rank > 0 needs peft: pip install 'minitron_fast[search]'") from None
         model = get_peft_model(student, LoraConfig(r=lora_rank, lora_alpha=2 * lora_rank, lora_dropout=0.0,
-                                                   target_modules=LORA_TARGETS))
+                                                   target_modules=get_view(student).lora_targets()))
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
     spec = KDSpec(**head_options(student))
@@ -74,62 +76,75 @@ def retrain(student: torch.nn.Module, batches: list[torch.Tensor], targets: list
     return model, losses
 
 
-def run_search(model: str | os.PathLike, scores: str | os.PathLike, budget: int, *,
-               out_dir: str | os.PathLike | None = None, tolerance: float = 0.05,
-               kinds: list[str] | tuple[str, ...] = ("width", "depth", "mixed"), multiple: int | None = None,
-               max_per_kind: int = 3, retrain_steps: int = 20, micro_batch_size: int = 4, lr: float = 2e-4,
-               lora_rank: int = 0, data: str = "demo", seq_len: int = 256, eval_blocks: int = 4,
-               text_field: str = "text", seed: int = 0, depth_metric: str = "block_importance",
-               depth_mode: str = "contiguous", prune_heads: bool = True, progress: bool = True,
+def run_search(model: str | os.PathLike, scores: str | os.PathLike, config: SearchConfig | None = None, *,
+               budget: int | None = None, prune: PruneConfig | None = None, out_dir: str | os.PathLike | None = None,
+               data: str = "demo", seq_len: int = 256, text_field: str = "text", progress: bool = True,
                log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Searches student shapes of ``model`` at ``budget`` parameters (see the module docstring).
+    """Searches student shapes of ``model`` at a parameter budget (see the module docstring).
 
-    Every candidate is pruned from the teacher with ``scores`` (``minitron_fast.prune``),
-    evaluated (held-out LM loss), retrained ``retrain_steps`` steps of ``micro_batch_size`` blocks
-    of ``seq_len`` tokens by KD, and evaluated again; the lowest loss after retraining wins.
+    ``config`` holds the search's options (:class:`SearchConfig`); the budget is ``budget``
+    parameters, else ``config.params`` resolved against the teacher. ``prune`` says how each
+    candidate is pruned (its ``depth_metric`` and ``depth_mode``; default :class:`PruneConfig`).
+    Every candidate is pruned from the teacher with ``scores``, evaluated (held-out LM loss on
+    ``eval_blocks`` blocks of ``seq_len`` tokens of ``data``), retrained ``retrain_steps`` steps of
+    ``micro_batch_size`` blocks by KD, and evaluated again; the lowest loss after retraining wins.
     Writes ``plan.json`` (the winner's prune plan) and ``search.json`` (every candidate's numbers)
     into ``out_dir`` when given. Returns ``{"candidates": [...], "winner": {...}, "plan": path,
     "table": str}``. Raises SearchError when no candidate meets the budget.
 
     Example:
-        >>> res = run_search("demo", "scores.safetensors", 94_000_000, out_dir="runs/search", retrain_steps=10)
+        >>> res = run_search("demo", "scores.safetensors", SearchConfig(params="0.7x", retrain_steps=10),
+        ...                  out_dir="runs/search")
         >>> res["winner"]["target"]
     """
+    cfg = (config or SearchConfig()).validate()
+    prune = prune or PruneConfig()
+    load_kw = cfg.load_kwargs()  # device: cuda without CUDA fails here, before anything loads
     from minitron_fast.data import token_blocks
     from minitron_fast.evaluate.perplexity import lm_loss
     from minitron_fast.models.loading import load_model, load_tokenizer
     from minitron_fast.prune import apply_plan, make_plan
 
-    if retrain_steps < 0 or micro_batch_size < 1 or eval_blocks < 1:
-        raise SearchError("retrain_steps must be >= 0, micro_batch_size and eval_blocks >= 1")
-    t0 = time.perf_counter()
+    from minitron_fast.models import view_class_for_config
     from minitron_fast.models.loading import load_config
 
-    cands = enumerate_candidates(load_config(model), budget, tolerance=tolerance, kinds=kinds, multiple=multiple,
-                                 max_per_kind=max_per_kind, prune_heads=prune_heads)
+    t0 = time.perf_counter()
+    seed = cfg.seed or 0
+    retrain_steps, micro_batch_size, tolerance = cfg.retrain_steps, cfg.micro_batch_size, cfg.tolerance
+    teacher_config = load_config(model)
+    if budget is None:
+        if cfg.params is None:
+            raise SearchError("the search has no budget: set params (e.g. 90M, 4.5e9 or 0.7x)")
+        budget = parse_budget(cfg.params, view_class_for_config(teacher_config).count_params(teacher_config)["total"])
+    cands = enumerate_candidates(teacher_config, budget, tolerance=tolerance, kinds=cfg.kinds, multiple=cfg.multiple,
+                                 max_per_kind=cfg.max_candidates, prune_heads=cfg.prune_heads,
+                                 prune_kv_heads=cfg.prune_kv_heads)
     log(f"search: {len(cands)} candidates within {tolerance:.0%} below {budget:,} parameters")
     log(format_candidates(cands))
-    teacher = load_model(model)
+    teacher = load_model(model, **load_kw)
+    device = load_kw["device"]
     tok = load_tokenizer(model)
-    heldout = token_blocks(tok, data, "heldout", seq_len, max_blocks=eval_blocks, text_field=text_field)
+    heldout = token_blocks(tok, data, "heldout", seq_len, max_blocks=cfg.eval_blocks, text_field=text_field)
     need = retrain_steps * micro_batch_size
     batches: list[torch.Tensor] = []
     if need:
         train = token_blocks(tok, data, "train", seq_len, text_field=text_field)
         g = torch.Generator().manual_seed(seed)
         order = torch.cat([torch.randperm(train.shape[0], generator=g) for _ in range(math.ceil(need / train.shape[0]))])
-        batches = [train[order[i * micro_batch_size:(i + 1) * micro_batch_size]] for i in range(retrain_steps)]
+        batches = [train[order[i * micro_batch_size:(i + 1) * micro_batch_size]].to(device)
+                   for i in range(retrain_steps)]
     targets = teacher_targets(teacher, batches, progress=progress)
 
     results: list[dict[str, Any]] = []
     plans = {}
     for i, c in enumerate(cands, 1):
-        plan = make_plan(teacher.config, scores, c.geometry, depth_metric=depth_metric, depth_mode=depth_mode)
+        plan = make_plan(teacher.config, scores, c.geometry, depth_metric=prune.depth_metric,
+                         depth_mode=prune.depth_mode)
         plans[c.name] = plan
         student = apply_plan(copy.deepcopy(teacher), plan)
         torch.manual_seed(seed)
         before = lm_loss(student, heldout, progress=False)
-        student, curve = retrain(student, batches, targets, lr=lr, lora_rank=lora_rank, progress=progress,
+        student, curve = retrain(student, batches, targets, lr=cfg.lr, lora_rank=cfg.lora_rank, progress=progress,
                                  desc=f"candidate {i}/{len(cands)}")
         after = lm_loss(student, heldout, progress=False) if batches else before
         results.append(dict(c.as_dict(), loss_pruned=before, loss=after, ppl=math.exp(after),
@@ -151,7 +166,7 @@ def run_search(model: str | os.PathLike, scores: str | os.PathLike, budget: int,
     log(table)
     log(f"winner: {winner['name']} ({winner['target']})")
     out: dict[str, Any] = {"budget": budget, "tolerance": tolerance, "retrain_steps": retrain_steps,
-                           "retrain_tokens": retrain_steps * micro_batch_size * seq_len, "lora_rank": lora_rank,
+                           "retrain_tokens": retrain_steps * micro_batch_size * seq_len, "lora_rank": cfg.lora_rank,
                            "candidates": [results[j] for j in order], "winner": winner, "table": table,
                            "plan": None, "seconds": time.perf_counter() - t0}
     if out_dir is not None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -22,43 +23,25 @@ from minitron_fast.teacher_logits.config import TeacherLogitsConfig
 
 log_ = logging.getLogger("minitron_fast.teacher_logits")
 
-def _load_teacher(cfg: TeacherLogitsConfig):
-    from minitron_fast.models.loading import load_model
-
-    if cfg.device_map is None:
-        return load_model(cfg.model, dtype=cfg.dtype, device=cfg.device, attn_implementation=cfg.attn_implementation)
-    from transformers import AutoModelForCausalLM
-
-    from minitron_fast.models.loading import default_attn_implementation, load_config, resolve_model_path
-
-    path = resolve_model_path(cfg.model)
-    m = AutoModelForCausalLM.from_pretrained(path, config=load_config(path), dtype=getattr(torch, cfg.dtype),
-                                             device_map=cfg.device_map,
-                                             attn_implementation=cfg.attn_implementation
-                                             or default_attn_implementation("cuda" if torch.cuda.is_available()
-                                                                            else "cpu"))
-    return m.eval()
-
-
 def teacher_rows(model: torch.nn.Module, ids: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The stored form of the teacher's rows for blocks ``ids [B, L]``, on the CPU."""
     v, i, t = tl.model_rows(model, ids.to(model.device), k)
     return v.cpu(), i.cpu(), t.cpu()
 
 
-def _identity(cfg: TeacherLogitsConfig, tok: Any, vocab: int, n_split: int, hashes: torch.Tensor) -> dict[str, Any]:
+def _identity(model: str, data: str, text_field: str, cfg: TeacherLogitsConfig, seq_len: int, tok: Any, vocab: int,
+              n_split: int, hashes: torch.Tensor) -> dict[str, Any]:
     from minitron_fast.models.loading import resolve_model_path
 
-    path = resolve_model_path(cfg.model)
     return {
         "format": tl.FORMAT, "version": tl.VERSION, "form": tl.FORM,
-        "teacher": {"path": str(cfg.model), "digest": tl.model_digest(path)},
-        "tokenizer": {"name": str(getattr(tok, "name_or_path", "")) or str(cfg.model), "digest": tl.tokenizer_digest(tok),
+        "teacher": {"path": str(model), "digest": tl.model_digest(resolve_model_path(model))},
+        "tokenizer": {"name": str(getattr(tok, "name_or_path", "")) or str(model), "digest": tl.tokenizer_digest(tok),
                       "size": len(tok)},
-        "data": {"source": str(cfg.data), "split": "train", "text_field": cfg.text_field, "n_blocks_split": n_split,
+        "data": {"source": str(data), "split": "train", "text_field": text_field, "n_blocks_split": n_split,
                  "digest": tl.hashes_digest(hashes)},
-        "top_k": cfg.top_k, "seq_len": cfg.seq_len, "vocab_size": vocab, "index_bits": tl.index_bits(vocab),
-        "n_blocks": int(hashes.shape[0]), "rows_per_block": cfg.seq_len - 1,
+        "top_k": cfg.top_k, "seq_len": seq_len, "vocab_size": vocab, "index_bits": tl.index_bits(vocab),
+        "n_blocks": int(hashes.shape[0]), "rows_per_block": seq_len - 1, "shard_tokens": cfg.shard_tokens,
         "values_dtype": "bfloat16", "tail_dtype": "float32", "sorted": True,
     }
 
@@ -71,44 +54,47 @@ def _describe(old: dict[str, Any], new: dict[str, Any]) -> str:
     return "; ".join(diffs[:2]) or "format"
 
 
-def write_teacher_logits(cfg: TeacherLogitsConfig, *, progress: bool = True,
+def write_teacher_logits(model: str | os.PathLike = "demo", data: str | os.PathLike = "demo", *,
+                         out: str | os.PathLike, config: TeacherLogitsConfig | None = None, text_field: str = "text",
+                         default_seq_len: int = 256, progress: bool = True,
                          log: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Runs the teacher over the first ``cfg.samples`` train blocks (all by default) and writes
-    their top-k logits to ``cfg.out``. Returns the manifest (plus ``seconds`` of this call and
-    ``status``: ``written``, ``resumed`` or ``complete`` when nothing was left to do).
+    """Runs the teacher ``model`` over the first ``config.samples`` train blocks of ``data`` (all
+    by default) and writes their top-k logits to ``out`` (``config.seq_len`` None means
+    ``default_seq_len``). Returns the manifest (plus ``seconds`` of this call and ``status``:
+    ``written``, ``resumed`` or ``complete`` when nothing was left to do).
 
     Example:
         >>> from minitron_fast.teacher_logits import TeacherLogitsConfig, write_teacher_logits
-        >>> write_teacher_logits(TeacherLogitsConfig(model="demo", out="runs/logits", top_k=64, samples=32))
+        >>> write_teacher_logits("demo", "demo", out="runs/logits", config=TeacherLogitsConfig(top_k=64, samples=32))
     """
     from tqdm.auto import tqdm
 
     from minitron_fast.data import TokenBlocks
-    from minitron_fast.models.loading import load_config, load_tokenizer, resolve_model_path
+    from minitron_fast.models.loading import load_config, load_model, load_tokenizer, resolve_model_path
 
     log = log or log_.info
-    cfg.validate()
+    cfg = (config or TeacherLogitsConfig()).validate()
+    seq_len = cfg.seq_len or default_seq_len
     t0 = time.perf_counter()
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    out = Path(cfg.out)
-    model_path = resolve_model_path(cfg.model)
-    for src in [model_path] + ([Path(cfg.data)] if cfg.data != "demo" and Path(cfg.data).exists() else []):
+    load_kw = cfg.load_kwargs()  # device: cuda without CUDA fails here, before any model loads
+    out = Path(out)
+    model_path = resolve_model_path(model)
+    for src in [model_path] + ([Path(data)] if str(data) != "demo" and Path(data).exists() else []):
         if same_or_inside(out, src):
             raise tl.TeacherLogitsError(f"refusing to write teacher logits into the input {src}; choose another --out")
     vocab = int(load_config(model_path).vocab_size)
     if cfg.top_k > vocab:
         raise tl.TeacherLogitsError(f"--top-k {cfg.top_k} exceeds the teacher's vocabulary of {vocab} tokens")
-    tok = load_tokenizer(cfg.model)
-    blocks = TokenBlocks.open(tok, cfg.data, "train", cfg.seq_len, text_field=cfg.text_field,
+    tok = load_tokenizer(model)
+    blocks = TokenBlocks.open(tok, data, "train", seq_len, text_field=text_field,
                               progress=progress).require_one()  # memory-mapped: read a batch at a time
     n_split = len(blocks)
     n = n_split if cfg.samples is None else cfg.samples
     if n > n_split:
-        raise tl.TeacherLogitsError(f"--samples {n}: the train split of {cfg.data} holds only {n_split} blocks of "
-                                    f"{cfg.seq_len} tokens; ask for at most {n_split}")
+        raise tl.TeacherLogitsError(f"--samples {n}: the train split of {data} holds only {n_split} blocks of "
+                                    f"{seq_len} tokens; ask for at most {n_split}")
     hashes = tl.block_hashes(blocks, limit=n)
-    ident = _identity(cfg, tok, vocab, n_split, hashes)
+    ident = _identity(str(model), str(data), text_field, cfg, seq_len, tok, vocab, n_split, hashes)
     run_id = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
     ident["run"] = run_id
 
@@ -133,7 +119,7 @@ def write_teacher_logits(cfg: TeacherLogitsConfig, *, progress: bool = True,
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(run_path, ident)
 
-    per_shard = max(1, cfg.shard_tokens // (cfg.seq_len - 1))
+    per_shard = max(1, cfg.shard_tokens // (seq_len - 1))
     plan = [(i, b0, min(b0 + per_shard, n)) for i, b0 in enumerate(range(0, n, per_shard))]
     done = {i for i, b0, b1 in plan
             if (out / tl.shard_name(i)).is_file()
@@ -141,7 +127,7 @@ def write_teacher_logits(cfg: TeacherLogitsConfig, *, progress: bool = True,
     if done:
         log(f"resuming: {len(done)} of {len(plan)} shards of {out} are already written")
     todo = [p for p in plan if p[0] not in done]
-    model = _load_teacher(cfg) if todo else None
+    teacher = load_model(model, **load_kw) if todo else None
     bar = tqdm(total=n, initial=sum(b1 - b0 for i, b0, b1 in plan if i in done), unit="block",
                desc=f"teacher logits (top {cfg.top_k})", disable=not progress, dynamic_ncols=True)
     t_write = time.perf_counter()
@@ -149,7 +135,7 @@ def write_teacher_logits(cfg: TeacherLogitsConfig, *, progress: bool = True,
         parts: list[dict[str, torch.Tensor]] = []
         for c0 in range(b0, b1, cfg.batch_size):
             c1 = min(c0 + cfg.batch_size, b1)
-            parts.append(tl.encode(*teacher_rows(model, blocks[c0:c1], cfg.top_k), vocab))
+            parts.append(tl.encode(*teacher_rows(teacher, blocks[c0:c1], cfg.top_k), vocab))
             bar.update(c1 - c0)
         rows = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
         tl.write_shard(out / tl.shard_name(i), rows, hashes[b0:b1], first_block=b0, run_id=run_id)
@@ -161,12 +147,12 @@ def write_teacher_logits(cfg: TeacherLogitsConfig, *, progress: bool = True,
         shards.append({"file": p.name, "first_block": b0, "n_blocks": b1 - b0, "bytes": p.stat().st_size,
                        "tensors": sorted(_tensor_names(p))})
     total = sum(s["bytes"] for s in shards)
-    manifest = dict(ident, shards=shards, bytes=total, bytes_per_token=total / (n * (cfg.seq_len - 1)),
+    manifest = dict(ident, shards=shards, bytes=total, bytes_per_token=total / (n * (seq_len - 1)),
                     write_seconds=write_s, written=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
     tl.write_manifest(out, manifest)
-    log(f"wrote teacher logits of {n} blocks ({n * (cfg.seq_len - 1):,} tokens, top {cfg.top_k}) to {out}: "
+    log(f"wrote teacher logits of {n} blocks ({n * (seq_len - 1):,} tokens, top {cfg.top_k}) to {out}: "
         f"{total / 2**20:.1f} MiB, {manifest['bytes_per_token']:.1f} bytes/token, {write_s:.1f} s")
-    del model
+    del teacher
     return dict(manifest, status=status, seconds=time.perf_counter() - t0)
 
 

@@ -1,6 +1,10 @@
 """The importance scores file: one safetensors file (fp32 tensors) plus JSON metadata.
 
-This format is a contract between the importance stage (writer) and pruning/search (readers).
+This module is the only reader and writer of the file: the importance stage writes it with
+:func:`save_scores`; :func:`load_scores` reads a whole, validated file back as
+:class:`ImportanceScores`; pruning and search read the tensors they need through
+:func:`scores_tensors` (which also takes an in-memory dict, so tests and callers can pass
+partial scores). Both readers go through :func:`read_scores_file`.
 
 Keys (``i`` = decoder layer index, 0-based; **higher means more important everywhere**):
 
@@ -19,6 +23,16 @@ key                               shape                 meaning
 ``depth.block_importance``        ``[n_layers]``        BI = 1 - mean cos(layer input, layer output)
                                                         over calibration tokens (higher: the layer
                                                         changes the residual stream more)
+``layers.{i}.experts``            ``[num_experts]``     MoE layers only: REAP, the mean over the tokens
+                                                        routed to each expert of router weight x
+                                                        ||expert output||
+``layers.{i}.expert_neurons``     ``[num_experts,       MoE layers only: per expert, the mean over its
+                                  expert_ffn]``         routed tokens of router weight x
+                                                        ``|act(gate) * up|``
+``layers.{i}.expert_mass``        ``[num_experts]``     MoE layers only: the router's mean softmax
+                                                        probability of each expert over all tokens
+``layers.{i}.shared_neurons``     ``[shared_ffn]``      MoE layers with a shared expert: its neurons,
+                                                        aggregated like ``neurons``
 ``depth.lm_loss``  (optional)     ``[n_layers]``        held-out LM loss (nats/token) of the model with
                                                         that one layer skipped (higher: removing it
                                                         hurts more); the full model's loss is in the
@@ -39,7 +53,7 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 
@@ -75,6 +89,11 @@ class ImportanceScores:
     lm_loss: torch.Tensor | None = None
     block_lm_loss: torch.Tensor | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    # MoE layers only, keyed by layer index (see the table above)
+    experts: dict[int, torch.Tensor] = field(default_factory=dict)
+    expert_neurons: dict[int, torch.Tensor] = field(default_factory=dict)
+    expert_mass: dict[int, torch.Tensor] = field(default_factory=dict)
+    shared_neurons: dict[int, torch.Tensor] = field(default_factory=dict)
 
     @property
     def num_layers(self) -> int:
@@ -88,6 +107,9 @@ class ImportanceScores:
             t[f"layers.{i}.kv_groups"] = self.kv_groups[i]
             t[f"layers.{i}.neurons"] = self.neurons[i]
             t[f"layers.{i}.channels"] = self.layer_channels[i]
+        for key, d in _MOE_KEYS.items():
+            for i, v in getattr(self, d).items():
+                t[f"layers.{i}.{key}"] = v
         t["channels"] = self.channels
         t["depth.block_importance"] = self.block_importance
         if self.lm_loss is not None:
@@ -120,6 +142,8 @@ class ImportanceScores:
             lm_loss=tensors["depth.lm_loss"].float() if "depth.lm_loss" in tensors else None,
             block_lm_loss=tensors["depth.lm_loss_block"].float() if "depth.lm_loss_block" in tensors else None,
             meta=dict(meta or {}),
+            **{d: {i: tensors[f"layers.{i}.{key}"].float() for i in range(n) if f"layers.{i}.{key}" in tensors}
+               for key, d in _MOE_KEYS.items()},
         )
         s.validate(where=where)
         return s
@@ -144,6 +168,11 @@ class ImportanceScores:
         for key, t in (("depth.block_importance", self.block_importance), ("depth.lm_loss", self.lm_loss)):
             if t is not None and tuple(t.shape) != (n,):
                 raise ScoresFileError(f"{where}: {key} has shape {tuple(t.shape)}, expected ({n},)")
+        for i, e in self.experts.items():
+            if e.dim() != 1 or i not in self.expert_neurons or self.expert_neurons[i].dim() != 2 \
+                    or self.expert_neurons[i].shape[0] != e.numel():
+                raise ScoresFileError(f"{where}: layers.{i}.experts must be [num_experts] with "
+                                      f"layers.{i}.expert_neurons [num_experts, expert_ffn]")
         for k, t in self.to_tensors().items():
             if not torch.isfinite(t).all():
                 raise ScoresFileError(f"{where}: {k} holds NaN or inf")
@@ -152,6 +181,10 @@ class ImportanceScores:
         return {"num_hidden_layers": self.num_layers, "num_attention_heads": self.heads[0].numel(),
                 "num_key_value_heads": self.kv_groups[0].numel(), "intermediate_size": self.neurons[0].numel(),
                 "hidden_size": self.channels.numel()}
+
+
+_MOE_KEYS = {"experts": "experts", "expert_neurons": "expert_neurons", "expert_mass": "expert_mass",
+             "shared_neurons": "shared_neurons"}  # file key suffix -> ImportanceScores field
 
 
 def save_scores(scores: ImportanceScores, path: str | os.PathLike) -> Path:
@@ -184,10 +217,37 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
         with safe_open(str(p), framework="pt") as f:
             raw = (f.metadata() or {}).get(META_KEY)
     except Exception as exc:  # safetensors raises its own error types for a bad header
-        raise ScoresFileError(f"{p} is not a safetensors file ({exc})") from exc
+        raise ScoresFileError(f"cannot read scores file {p}: not a safetensors file ({exc})") from exc
     if raw is None:
         raise ScoresFileError(f"{p} has no minitron_fast metadata; not an importance scores file")
-    return json.loads(raw)
+    return _parse_meta(p, raw)
+
+
+def _parse_meta(p: Path, raw: str) -> dict[str, Any]:
+    try:
+        meta = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise ScoresFileError(f"{p}: its minitron_fast metadata is not JSON ({exc})") from None
+    if meta.get("format") != FORMAT:
+        raise ScoresFileError(f"{p}: scores format {meta.get('format')!r}, this minitron_fast reads {FORMAT}")
+    return meta
+
+
+def read_scores_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The one reader of a scores file: ``({key: fp32 tensor}, metadata)``. The metadata is
+    ``{}`` for a safetensors file written without it (hand-made scores); when present, its
+    ``format`` must be this module's. Raises ScoresFileError (one line) for a missing or unreadable
+    file."""
+    from safetensors import safe_open
+
+    p = _check_path(path)
+    try:
+        with safe_open(str(p), framework="pt") as f:
+            raw = (f.metadata() or {}).get(META_KEY)
+            tensors = {k: f.get_tensor(k).float() for k in f.keys()}
+    except Exception as exc:  # safetensors raises its own error types for a bad header or truncated data
+        raise ScoresFileError(f"cannot read scores file {p}: not a safetensors file ({exc})") from exc
+    return tensors, ({} if raw is None else _parse_meta(p, raw))
 
 
 def load_scores(path: str | os.PathLike) -> ImportanceScores:
@@ -197,13 +257,27 @@ def load_scores(path: str | os.PathLike) -> ImportanceScores:
         >>> s = load_scores("scores.safetensors")
         >>> keep = s.neurons[0].argsort(descending=True)[:1024]
     """
-    from safetensors.torch import load_file
+    tensors, meta = read_scores_file(path)
+    if not meta:
+        raise ScoresFileError(f"{path} has no minitron_fast metadata; not an importance scores file")
+    return ImportanceScores.from_tensors(tensors, meta, where=str(path))
 
-    p = _check_path(path)
-    meta = read_metadata(p)
-    if meta.get("format") != FORMAT:
-        raise ScoresFileError(f"{p}: scores format {meta.get('format')!r}, this minitron_fast reads {FORMAT}")
-    return ImportanceScores.from_tensors(load_file(str(p)), meta, where=str(p))
+
+def scores_tensors(scores: str | os.PathLike | ImportanceScores | Mapping[str, torch.Tensor]
+                   ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The flat ``{key: fp32 tensor}`` dict of ``scores`` (a file path, an :class:`ImportanceScores`
+    or such a dict, possibly partial) and provenance ``info``: for a file its path, sha256 and
+    metadata (recorded in prune plans), else ``{"scores_file": None}``. Readers check the keys
+    they need themselves (pruning needs only the axes it cuts)."""
+    if isinstance(scores, ImportanceScores):
+        scores = scores.to_tensors()
+    if isinstance(scores, Mapping):
+        return {k: torch.as_tensor(v).float() for k, v in scores.items()}, {"scores_file": None}
+    from minitron_fast.models.export import file_sha256
+
+    tensors, meta = read_scores_file(scores)
+    p = Path(scores)
+    return tensors, {"scores_file": str(p), "scores_sha256": file_sha256(p), "scores_metadata": meta}
 
 
 def _check_path(path: str | os.PathLike) -> Path:
@@ -213,4 +287,5 @@ def _check_path(path: str | os.PathLike) -> Path:
     return p
 
 
-__all__ = ["ImportanceScores", "ScoresFileError", "save_scores", "load_scores", "read_metadata", "FORMAT"]
+__all__ = ["ImportanceScores", "ScoresFileError", "save_scores", "load_scores", "read_metadata", "read_scores_file",
+           "scores_tensors", "FORMAT"]
