@@ -25,7 +25,11 @@ BENCHES: dict[str, str] = {
     "offline_teacher": "bench.offline_teacher",
     "paper_claims": "bench.paper_claims",
     "scale": "bench.scale",
+    # needs a CUDA GPU (its CPU rehearsal is `python -m bench device_check --tiny`); `all` runs it
+    # only where one is visible
+    "device_check": "bench.device_check",
 }
+GPU_ONLY = ("device_check",)
 
 
 def _available() -> dict[str, str]:

@@ -157,3 +157,29 @@ def write_results(path: Path, obj: dict[str, Any]) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(obj, indent=2) + "\n")
     os.replace(tmp, path)
+
+
+def make_tiny_teacher(path: str | os.PathLike) -> Path:
+    """A tiny Llama (GQA, untied; hidden 64, FFN 128, 4 layers, 4 query / 2 KV heads) with a
+    160-token BPE tokenizer trained on the embedded pydoc text, saved as an HF checkpoint directory
+    (nothing downloaded). The end-to-end tests and ``bench device_check`` run recipes on it."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    from minitron_fast.data import embedded_documents
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    tok.train_from_iterator(embedded_documents()[:200], trainers.BpeTrainer(
+        vocab_size=160, special_tokens=["<unk>", "<eos>"], limit_alphabet=100, show_progress=False))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<eos>")
+    torch.manual_seed(0)
+    m = LlamaForCausalLM(LlamaConfig(vocab_size=len(fast), hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                                     tie_word_embeddings=False))
+    path = Path(path)
+    m.save_pretrained(path)
+    fast.save_pretrained(path)
+    return path

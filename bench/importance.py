@@ -42,7 +42,8 @@ class HookBaseline:
         g = view.geometry()
         self.nh = g.num_attention_heads
         L = view.num_layers
-        z = lambda n: torch.zeros(n)  # noqa: E731
+        device = next(view.model.parameters()).device
+        z = lambda n: torch.zeros(n, device=device)  # noqa: E731
         self.heads = [z(g.num_attention_heads) for _ in range(L)]
         self.neurons = [z(g.intermediate_size) for _ in range(L)]
         self.channels = [z(g.hidden_size) for _ in range(L)]

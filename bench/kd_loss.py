@@ -1,6 +1,12 @@
 """KD loss forward+backward: minitron_fast vs naive torch vs Liger's chunked loss vs the GEMM floor.
 
-``python -m bench kd_loss [--quick] [--json FILE] [--cases a,b] [--impls a,b] [--reps R]``
+``python -m bench kd_loss [--quick] [--json FILE] [--cases a,b] [--impls a,b] [--divergences a,b] [--reps R]``
+
+``--divergences`` (default ``forward_kl``): ``forward_kl``, ``reverse_kl``, ``jsd`` (beta 0.5) and
+``topk`` (forward KL against the teacher's top-64 logits plus the tail bucket, the offline-teacher
+form). Every row is tagged with its divergence and, for minitron_fast, the row implementation that
+actually ran (``rows_impl``, resolved once per call); ratios are within one divergence, plus
+``vs_forward_kl`` (the same impl's forward-KL row of the same run).
 
 Each (case, impl) runs in a fresh Python process (``bench.common.run_in_subprocess``) so its peak
 RSS is its own. Impls:
@@ -46,11 +52,16 @@ QUICK_CASES = {
     "smollm2_n256": (256, 576, 576, 49152),
 }
 IMPLS = ("minitron_fast", "minitron_fast_torch", "torch_naive", "liger_chunked", "gemm_floor")
+DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "topk")
+TOPK = 64
+# Liger's beta for each divergence (LigerFusedLinearJSDLoss: beta=0 forward KL, 1 reverse KL)
+_LIGER_BETA = {"forward_kl": 0.0, "reverse_kl": 1.0, "jsd": 0.5}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cases", default=None, help="comma-separated case names (default: all of the mode)")
     p.add_argument("--impls", default=",".join(IMPLS), help="comma-separated impls")
+    p.add_argument("--divergences", default="forward_kl", help=f"comma-separated, of {DIVERGENCES}")
     p.add_argument("--reps", type=int, default=None, help="timed repetitions (default 2)")
     p.add_argument("--timeout", type=float, default=1800, help="seconds per (case, impl) process")
 
@@ -68,7 +79,38 @@ def _inputs(N, Hs, Ht, V, seed=0):
     return h, W, th, tW, labels
 
 
-def _make_step(impl, h, W, th, tW, labels):
+def _topk_teacher(th, tW, k=TOPK, chunk=256):
+    """The teacher's top-k logits and the log-sum-exp of the rest, chunk by chunk (setup, untimed)."""
+    import torch
+
+    vals, idx, tail = [], [], []
+    for c0 in range(0, th.shape[0], chunk):
+        zt = th[c0:c0 + chunk] @ tW.T
+        v, i = zt.topk(k, 1)
+        vals.append(v)
+        idx.append(i)
+        tail.append(torch.logsumexp(zt.scatter_(1, i, -float("inf")), 1))
+    return torch.cat(vals), torch.cat(idx), torch.cat(tail)
+
+
+def _kd_kwargs(divergence, th, tW):
+    """fused_linear_kd_loss's teacher and divergence arguments for a bench divergence."""
+    if divergence == "topk":
+        vals, idx, tail = _topk_teacher(th, tW)
+        return dict(teacher_topk=(vals, idx), teacher_topk_tail_lse=tail, divergence="forward_kl")
+    return dict(teacher_hidden=th, teacher_weight=tW, divergence=divergence, beta=0.5)
+
+
+def rows_impl_of(impl, divergence, h):
+    """The row implementation fused_linear_kd_loss resolves for this bench impl (what actually runs)."""
+    from minitron_fast.ops.kd_loss import resolve_rows_impl
+
+    return resolve_rows_impl("torch" if impl == "minitron_fast_torch" else "auto", h, op="fused_linear_kd_loss",
+                             divergence="forward_kl" if divergence == "topk" else divergence,
+                             teacher_kind="topk" if divergence == "topk" else "hidden")
+
+
+def _make_step(impl, h, W, th, tW, labels, divergence="forward_kl"):
     """Returns ``step() -> loss`` doing forward+backward (grads land in h.grad / W.grad)."""
     import torch
 
@@ -76,28 +118,36 @@ def _make_step(impl, h, W, th, tW, labels):
         from minitron_fast import fused_linear_kd_loss
 
         which = "torch" if impl == "minitron_fast_torch" else "auto"
+        kw = _kd_kwargs(divergence, th, tW)
 
         def step():
             h.grad = W.grad = None
-            loss = fused_linear_kd_loss(h, W, th, tW, labels=labels, impl=which)
+            loss = fused_linear_kd_loss(h, W, labels=labels, impl=which, **kw)
             loss.backward()
             return loss
     elif impl == "torch_naive":
+        from minitron_fast.ops.kd_loss import REGISTRY
+
+        if divergence == "topk":
+            raise ValueError("torch_naive has no top-k row (compare topk with forward_kl)")
+        formula = REGISTRY[divergence].reference  # the plain formula, autograd in fp32
+
         def step():
             h.grad = W.grad = None
             zs = h @ W.T
             zt = th @ tW.T
             valid = labels != -100
-            kl = torch.nn.functional.kl_div(torch.log_softmax(zs, -1), torch.log_softmax(zt, -1), log_target=True,
-                                            reduction="none").sum(-1)
+            kl = formula(torch.log_softmax(zs, -1), torch.log_softmax(zt, -1), 0.5)
             loss = (kl * valid).sum() / valid.sum().clamp_min(1)
             loss.backward()
             return loss
     elif impl == "liger_chunked":
         from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss
 
-        fn = LigerFusedLinearJSDLoss(weight_hard_loss=0.0, weight_soft_loss=1.0, beta=0.0, temperature=1.0,
-                                     compiled=False)
+        if divergence == "topk":
+            raise ValueError("liger_chunked has no top-k teacher (compare topk with forward_kl)")
+        fn = LigerFusedLinearJSDLoss(weight_hard_loss=0.0, weight_soft_loss=1.0, beta=_LIGER_BETA[divergence],
+                                     temperature=1.0, compiled=False)
 
         def step():
             h.grad = W.grad = None
@@ -123,7 +173,7 @@ def _make_step(impl, h, W, th, tW, labels):
     return step
 
 
-def _check(impl, h, W, th, tW, labels, n):
+def _check(impl, h, W, th, tW, labels, n, divergence="forward_kl"):
     """Loss and grads of ``impl`` on the first n tokens vs the float64 reference; max rel errors."""
     import torch
 
@@ -133,7 +183,7 @@ def _check(impl, h, W, th, tW, labels, n):
         return True, {}
     hs = h.detach()[:n].clone().requires_grad_()
     Ws = W  # the timed leaf itself (each step resets its grad): no second copy of a 128k-row head
-    step = _make_step(impl, hs, Ws, th[:n], tW, labels[:n])
+    step = _make_step(impl, hs, Ws, th[:n], tW, labels[:n], divergence)
     loss = step()
     # float64 throughout when the heads are small; at Llama shapes a float64 copy of both heads
     # (7+ GB) does not fit beside the other agents' jobs, so the GEMMs stay fp32 there and the
@@ -141,7 +191,12 @@ def _check(impl, h, W, th, tW, labels, n):
     ref_dtype = torch.float64 if W.numel() + tW.numel() <= 2e8 else torch.float32
     h64 = hs.detach().to(ref_dtype).requires_grad_()
     W64 = Ws.detach().to(ref_dtype).requires_grad_()  # shares storage when ref_dtype is fp32
-    ref = kd_loss_reference(h64 @ W64.T, th[:n].to(ref_dtype) @ tW.to(ref_dtype).T, labels=labels[:n])
+    if divergence == "topk":
+        vals, idx, tail = _topk_teacher(th[:n], tW)
+        ref = kd_loss_reference(h64 @ W64.T, teacher_topk=(vals, idx), teacher_topk_tail_lse=tail, labels=labels[:n])
+    else:
+        ref = kd_loss_reference(h64 @ W64.T, th[:n].to(ref_dtype) @ tW.to(ref_dtype).T, labels=labels[:n],
+                                divergence=divergence, beta=0.5)
     rh, rW = torch.autograd.grad(ref, (h64, W64))
 
     def rel(a, b):
@@ -152,7 +207,7 @@ def _check(impl, h, W, th, tW, labels, n):
     return all(v < 1e-3 for v in errs.values()), errs
 
 
-def worker(case, impl, N, Hs, Ht, V, reps, warmup, check_tokens):
+def worker(case, impl, N, Hs, Ht, V, reps, warmup, check_tokens, divergence="forward_kl"):
     """Runs in a fresh process: builds inputs, times fwd+bwd, records peak RSS, then checks."""
     import torch
 
@@ -165,14 +220,16 @@ def worker(case, impl, N, Hs, Ht, V, reps, warmup, check_tokens):
     gc.collect()
     base_mb = rss_mb()
     owed_mb = (h.numel() + W.numel()) * 4 / 2**20  # dX and dW, every implementation returns them
-    step = _make_step(impl, h, W, th, tW, labels)
+    step = _make_step(impl, h, W, th, tW, labels, divergence)
     t0 = time.perf_counter()
     timing = time_fn(step, warmup=warmup, reps=reps)
     total_s = time.perf_counter() - t0
     peak = peak_rss_mb()
-    ok, errs = _check(impl, h, W, th, tW, labels, check_tokens)
+    ok, errs = _check(impl, h, W, th, tW, labels, check_tokens, divergence)
+    ran = rows_impl_of(impl, divergence, h) if impl.startswith("minitron_fast") else None
     flops = 2.0 * N * V * (Ht + 3 * Hs)
-    return {"case": case, "impl": impl, "N": N, "Hs": Hs, "Ht": Ht, "V": V, **timing, "peak_mb": peak,
+    return {"case": case, "impl": impl, "divergence": divergence, "rows_impl": ran, "N": N, "Hs": Hs, "Ht": Ht,
+            "V": V, **timing, "peak_mb": peak,
             "inputs_mb": base_mb, "workspace_mb": (peak - base_mb - (0 if impl == "gemm_floor" else owed_mb)),
             "gflops": flops / timing["median_s"] / 1e9, "bench_total_s": total_s, "ok": ok, **errs,
             "torch_threads": torch.get_num_threads()}
@@ -193,35 +250,50 @@ def run(args) -> list[dict]:
     for i in impls:
         if i not in IMPLS:
             raise SystemExit(f"unknown impl {i!r}; known: {IMPLS}")
+    divs = [d for d in getattr(args, "divergences", "forward_kl").split(",") if d]
+    for d in divs:
+        if d not in DIVERGENCES:
+            raise SystemExit(f"unknown divergence {d!r}; known: {DIVERGENCES}")
     reps = args.reps or 2
     rows = []
     for case, (N, Hs, Ht, V) in cases.items():
-        case_rows = []
-        for impl in impls:
-            print(f"[kd_loss] {case} {impl} ...", flush=True)
-            r = run_in_subprocess("bench.kd_loss:worker",
-                                  dict(case=case, impl=impl, N=N, Hs=Hs, Ht=Ht, V=V, reps=reps, warmup=1,
-                                       check_tokens=min(N, 32)), timeout=args.timeout)
-            r.setdefault("case", case)
-            r.setdefault("impl", impl)
-            if r.get("median_s") is not None:
-                print(f"    median {r['median_s']:.3f}s  peak {r['peak_mb']:.0f} MB  workspace "
-                      f"{r['workspace_mb']:.0f} MB  ok={r.get('ok')}", flush=True)
-            else:
-                print(f"    failed: {r.get('error', '')[-300:]}", flush=True)
-            print("    row " + json.dumps(r), flush=True)  # partial results survive an interrupted run
-            case_rows.append(r)
-        by = {r["impl"]: r for r in case_rows if r.get("ok") and r.get("median_s")}
-        for r in case_rows:
-            if not (r.get("ok") and r.get("median_s")):
-                continue
-            for base, key in (("torch_naive", "vs_naive"), ("liger_chunked", "vs_liger"), ("gemm_floor", "vs_floor"),
-                              ("minitron_fast_torch", "vs_torch_path")):
-                if base in by:
-                    r[key] = r["median_s"] / by[base]["median_s"]
-            if "torch_naive" in by and by["torch_naive"].get("workspace_mb", 0) > 0:
-                r["workspace_vs_naive"] = r["workspace_mb"] / by["torch_naive"]["workspace_mb"]
-        rows.extend(case_rows)
+        for div in divs:
+            case_rows = []
+            for impl in impls:
+                if div == "topk" and impl in ("torch_naive", "liger_chunked"):
+                    continue  # no top-k teacher there: topk is compared with forward_kl
+                print(f"[kd_loss] {case} {div} {impl} ...", flush=True)
+                r = run_in_subprocess("bench.kd_loss:worker",
+                                      dict(case=case, impl=impl, N=N, Hs=Hs, Ht=Ht, V=V, reps=reps, warmup=1,
+                                           check_tokens=min(N, 32), divergence=div), timeout=args.timeout)
+                r.setdefault("case", case)
+                r.setdefault("impl", impl)
+                r.setdefault("divergence", div)
+                if r.get("median_s") is not None:
+                    print(f"    median {r['median_s']:.3f}s  peak {r['peak_mb']:.0f} MB  workspace "
+                          f"{r['workspace_mb']:.0f} MB  ok={r.get('ok')}", flush=True)
+                else:
+                    print(f"    failed: {r.get('error', '')[-300:]}", flush=True)
+                print("    row " + json.dumps(r), flush=True)  # partial results survive an interrupted run
+                case_rows.append(r)
+            by = {r["impl"]: r for r in case_rows if r.get("ok") and r.get("median_s")}
+            for r in case_rows:
+                if not (r.get("ok") and r.get("median_s")):
+                    continue
+                for base, key in (("torch_naive", "vs_naive"), ("liger_chunked", "vs_liger"),
+                                  ("gemm_floor", "vs_floor"), ("minitron_fast_torch", "vs_torch_path")):
+                    if base in by:
+                        r[key] = r["median_s"] / by[base]["median_s"]
+                if "torch_naive" in by and by["torch_naive"].get("workspace_mb", 0) > 0:
+                    r["workspace_vs_naive"] = r["workspace_mb"] / by["torch_naive"]["workspace_mb"]
+            rows.extend(case_rows)
+    # each impl's time relative to its own forward-KL row of the same run and case
+    fkl = {(r["case"], r["impl"]): r["median_s"] for r in rows
+           if r.get("divergence") == "forward_kl" and r.get("ok") and r.get("median_s")}
+    for r in rows:
+        base = fkl.get((r["case"], r["impl"]))
+        if base and r.get("ok") and r.get("median_s") and r.get("divergence") != "forward_kl":
+            r["vs_forward_kl"] = r["median_s"] / base
     return rows
 
 
@@ -231,13 +303,16 @@ def plot(rows, png_path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    cases = list(dict.fromkeys(r["case"] for r in rows))
+    for r in rows:  # one group of bars per (case, divergence)
+        div = r.get("divergence", "forward_kl")
+        r["_group"] = r["case"] if div == "forward_kl" else f"{r['case']} {div}"
+    cases = list(dict.fromkeys(r["_group"] for r in rows))
     fig, axes = plt.subplots(1, 2, figsize=(12, 4))
     width = 0.8 / len(IMPLS)
     for j, impl in enumerate(IMPLS):
-        t = [next((r["median_s"] for r in rows if r["case"] == c and r["impl"] == impl and r.get("median_s")), 0)
+        t = [next((r["median_s"] for r in rows if r["_group"] == c and r["impl"] == impl and r.get("median_s")), 0)
              for c in cases]
-        m = [next((r.get("workspace_mb") or 0 for r in rows if r["case"] == c and r["impl"] == impl
+        m = [next((r.get("workspace_mb") or 0 for r in rows if r["_group"] == c and r["impl"] == impl
                    and r.get("median_s")), 0) for c in cases]
         xs = [i + j * width for i in range(len(cases))]
         axes[0].bar(xs, t, width, label=impl)
@@ -247,7 +322,9 @@ def plot(rows, png_path) -> None:
         ax.set_xticklabels(cases, fontsize=7)
         ax.set_title(title)
     axes[0].legend(fontsize=7)
-    fig.suptitle("KD loss (forward KL, fp32, CPU)")
+    fig.suptitle("KD loss (fp32, CPU)")
     fig.tight_layout()
     fig.savefig(png_path, dpi=120)
     plt.close(fig)
+    for r in rows:
+        r.pop("_group", None)

@@ -90,6 +90,15 @@ def run_all(args: argparse.Namespace, benches: dict[str, str]) -> int:
         print(f"error: unknown benchmark(s) {', '.join(unknown)}; registered: {', '.join(names)}", file=sys.stderr)
         return 2
     names = [n for n in (only or names) if n not in skip]
+    from bench.__main__ import GPU_ONLY
+    import torch
+
+    if not torch.cuda.is_available():
+        left_out = [n for n in names if n in GPU_ONLY]
+        if left_out:
+            print(f"== no CUDA GPU: leaving out {', '.join(left_out)} (its CPU rehearsal: python -m bench "
+                  f"{left_out[0]} --tiny)", flush=True)
+        names = [n for n in names if n not in GPU_ONLY]
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
     root = Path(__file__).resolve().parent.parent

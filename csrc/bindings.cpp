@@ -91,5 +91,45 @@ PYBIND11_MODULE(_C, m) {
       py::arg("rows"), py::arg("V"), py::arg("need_grad"), py::arg("n_threads") = 0,
       "Cross-entropy of fp32 logit rows against int64 labels in [0, V): ce[i]; with need_grad, "
       "g = a[i] * (softmax - onehot) (g may alias z). Addresses of the buffers (row strides ldz, ldg).");
+  m.def(
+      "kd_div_rows",
+      [](int div, float beta, std::uintptr_t s, std::int64_t lds, std::uintptr_t t, std::int64_t ldt, std::uintptr_t a,
+         std::uintptr_t kd, std::int64_t rows, std::int64_t V, bool need_grad, int n_threads) {
+        py::gil_scoped_release nogil;
+        minitron::kd_div_rows(div, beta, reinterpret_cast<float*>(s), lds, reinterpret_cast<const float*>(t), ldt,
+                              reinterpret_cast<const float*>(a), reinterpret_cast<float*>(kd), rows, V, need_grad,
+                              n_threads);
+      },
+      py::arg("div"), py::arg("beta"), py::arg("s"), py::arg("lds"), py::arg("t"), py::arg("ldt"), py::arg("a"),
+      py::arg("kd"), py::arg("rows"), py::arg("V"), py::arg("need_grad"), py::arg("n_threads") = 0,
+      "Reverse KL (div=1) or JSD(beta) (div=2) of fp32 scaled-logit rows: kd[i]; with need_grad, s becomes "
+      "a[i] * dD/du_s. Addresses of fp32 buffers (row strides lds, ldt).");
+  m.def(
+      "kd_topk_rows",
+      [](int div, float beta, std::uintptr_t s, std::int64_t lds, std::uintptr_t idx, std::uintptr_t tv, std::int64_t k,
+         std::uintptr_t tail, std::uintptr_t a, std::uintptr_t kd, std::int64_t rows, std::int64_t V, bool need_grad,
+         int n_threads) {
+        py::gil_scoped_release nogil;
+        minitron::kd_topk_rows(div, beta, reinterpret_cast<float*>(s), lds, reinterpret_cast<const std::int64_t*>(idx),
+                               reinterpret_cast<const float*>(tv), k, reinterpret_cast<const float*>(tail),
+                               reinterpret_cast<const float*>(a), reinterpret_cast<float*>(kd), rows, V, need_grad,
+                               n_threads);
+      },
+      py::arg("div"), py::arg("beta"), py::arg("s"), py::arg("lds"), py::arg("idx"), py::arg("tv"), py::arg("k"),
+      py::arg("tail"), py::arg("a"), py::arg("kd"), py::arg("rows"), py::arg("V"), py::arg("need_grad"),
+      py::arg("n_threads") = 0,
+      "Any divergence (div 0/1/2) against a top-k teacher (+ tail bucket; tail=0: none) over k + 1 buckets: kd[i]; "
+      "with need_grad, s becomes a[i] * dD/du_s. idx int64 [rows, k], tv fp32 [rows, k], contiguous.");
+  m.def(
+      "softcap_rows",
+      [](std::uintptr_t x, std::int64_t ldx, std::uintptr_t deriv, std::int64_t ldd, float c, float post,
+         std::int64_t rows, std::int64_t V, int n_threads) {
+        py::gil_scoped_release nogil;
+        minitron::softcap_rows(reinterpret_cast<float*>(x), ldx, reinterpret_cast<float*>(deriv), ldd, c, post, rows,
+                               V, n_threads);
+      },
+      py::arg("x"), py::arg("ldx"), py::arg("deriv"), py::arg("ldd"), py::arg("c"), py::arg("post"), py::arg("rows"),
+      py::arg("V"), py::arg("n_threads") = 0,
+      "Softcap fp32 rows in place: x = post * c * tanh(x / c); deriv (address or 0) = 1 - tanh^2.");
   m.def("kd_rows_isa", &minitron::kd_rows_isa, "The code path the row kernels take on this CPU.");
 }

@@ -1,8 +1,10 @@
 #include "kd_rows.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <vector>
 
 #include "parallel.h"
 
@@ -130,6 +132,271 @@ void ce_base(const float* z, std::int64_t ldz, float* g, std::int64_t ldg, const
   for (std::int64_t i = lo; i < hi; ++i) ce[i] = ce_kernel<Grad>(z + i * ldz, g + i * ldg, label[i], a ? a[i] : 0.0f, V);
 }
 
+// log(1 + y) for y in [0, 1] in plain arithmetic the compiler vectorizes (Cephes' logf
+// polynomial, ~1-2 ulp): y itself is the polynomial's argument below sqrt(2) - 1 (exact, no
+// rounding of 1 + y), else (1 + y) / 2 - 1 = (y - 1) / 2 and ln 2 is added.
+__attribute__((always_inline)) inline float log1p_01(float y) {
+  const bool big = y > 0.41421356f;
+  const float f = big ? (y - 1.0f) * 0.5f : y;
+  const float f2 = f * f;
+  float p = 7.0376836292e-2f;
+  p = p * f - 1.1514610310e-1f;
+  p = p * f + 1.1676998740e-1f;
+  p = p * f - 1.2420140846e-1f;
+  p = p * f + 1.4249322787e-1f;
+  p = p * f - 1.6668057665e-1f;
+  p = p * f + 2.0000714765e-1f;
+  p = p * f - 2.4999993993e-1f;
+  p = p * f + 3.3333331174e-1f;
+  const float r = f + (f * f2 * p - 0.5f * f2);
+  return big ? r + 0.693147180559945f : r;
+}
+
+// log(e^x + e^y) for finite x, y
+__attribute__((always_inline)) inline float logaddexp(float x, float y) {
+  const float m = x > y ? x : y;
+  const float n = x > y ? y : x;
+  return m + log1p_01(exp_nonpos(n - m));
+}
+
+// One row of reverse KL (DIV 1) or JSD (DIV 2) for scaled logits s (u_s) and t (u_t): four passes
+// (max; sums; per-element terms; gradient). Per element first, from d = log p_s - log p_t:
+//   reverse KL: kd = sum p_s d,              q = d;
+//   JSD:        kd = sum beta p_t (log p_t - log m) + (1 - beta) p_s (log p_s - log m),
+//               q = log p_s - log m = -logaddexp(log(1 - beta), log(beta) - d),
+//               log p_t - log m = -logaddexp(log(beta), log(1 - beta) + d);
+// gradient w.r.t. u_s: c p_s (q - qbar) with c = 1 (reverse KL) or 1 - beta (JSD) and
+// qbar = <p_s, q> / sum p_s, so each row sums to zero up to rounding.
+template <int DIV, bool Grad>
+__attribute__((always_inline)) inline float div_row(float* __restrict s, const float* __restrict t, float a,
+                                                    float beta, std::int64_t V) {
+  float ms = -std::numeric_limits<float>::infinity(), mt = ms;
+#pragma omp simd reduction(max : ms, mt)
+  for (std::int64_t v = 0; v < V; ++v) {
+    ms = s[v] > ms ? s[v] : ms;
+    mt = t[v] > mt ? t[v] : mt;
+  }
+  double Ss = 0.0, St = 0.0;
+  for (std::int64_t b0 = 0; b0 < V; b0 += kBlock) {
+    const std::int64_t b1 = b0 + kBlock < V ? b0 + kBlock : V;
+    float ss = 0.0f, st = 0.0f;
+#pragma omp simd reduction(+ : ss, st)
+    for (std::int64_t v = b0; v < b1; ++v) {
+      ss += exp_nonpos(s[v] - ms);
+      st += exp_nonpos(t[v] - mt);
+    }
+    Ss += ss;
+    St += st;
+  }
+  const float ls0 = static_cast<float>(std::log(Ss)), lt0 = static_cast<float>(std::log(St));
+  const float lb = std::log(beta), l1b = std::log1p(-beta), omb = 1.0f - beta;
+  double kd = 0.0, sum_ps = 0.0, sum_pq = 0.0;
+  for (std::int64_t b0 = 0; b0 < V; b0 += kBlock) {
+    const std::int64_t b1 = b0 + kBlock < V ? b0 + kBlock : V;
+    float k = 0.0f, sp = 0.0f, spq = 0.0f;
+#pragma omp simd reduction(+ : k, sp, spq)
+    for (std::int64_t v = b0; v < b1; ++v) {
+      const float ls = (s[v] - ms) - ls0, lt = (t[v] - mt) - lt0;
+      const float ps = exp_nonpos(ls), d = ls - lt;
+      float pq, kv;
+      if (DIV == 1) {
+        pq = ps > 0.0f ? ps * d : 0.0f;
+        kv = pq;
+      } else {
+        const float pt = exp_nonpos(lt);
+        const float rs = -logaddexp(l1b, lb - d), rt = -logaddexp(lb, l1b + d);
+        pq = ps > 0.0f ? ps * rs : 0.0f;
+        kv = (pt > 0.0f ? beta * pt * rt : 0.0f) + omb * pq;
+      }
+      k += kv;
+      sp += ps;
+      spq += pq;
+    }
+    kd += k;
+    sum_ps += sp;
+    sum_pq += spq;
+  }
+  if (Grad) {
+    const float qbar = static_cast<float>(sum_pq / sum_ps);
+    const float c = DIV == 1 ? a : a * omb;
+#pragma omp simd
+    for (std::int64_t v = 0; v < V; ++v) {
+      const float ls = (s[v] - ms) - ls0, lt = (t[v] - mt) - lt0;
+      const float ps = exp_nonpos(ls), d = ls - lt;
+      const float q = DIV == 1 ? d : -logaddexp(l1b, lb - d);
+      s[v] = ps > 0.0f ? c * ps * (q - qbar) : 0.0f;
+    }
+  }
+  return static_cast<float>(kd);
+}
+
+// The divergence of k + 1 buckets from both sides' log-probabilities (double; k is small):
+// returns kd and writes gb[b] = dD/dy_b (y_b: the student's bucket log-sum-exps).
+double bucket_divergence(int div, double beta, const double* ls, const double* lt, double* gb, std::int64_t n) {
+  double kd = 0.0, sum_ps = 0.0, sum_pq = 0.0;
+  const double lb = std::log(beta), l1b = std::log1p(-beta);
+  auto lae = [](double x, double y) {
+    const double m = x > y ? x : y;
+    return std::isinf(m) ? m : m + std::log1p(std::exp(-std::fabs(x - y)));
+  };
+  for (std::int64_t b = 0; b < n; ++b) {
+    const double ps = std::exp(ls[b]), pt = std::exp(lt[b]);
+    if (div == 0) {
+      kd += pt > 0 ? pt * (lt[b] - ls[b]) : 0.0;
+      gb[b] = ps - pt;
+      continue;
+    }
+    const bool any = ps > 0 || pt > 0;
+    const double d = any ? ls[b] - lt[b] : 0.0;
+    double q;
+    if (div == 1) {
+      q = ps > 0 ? d : 0.0;
+      kd += ps > 0 ? ps * d : 0.0;
+    } else {
+      q = -lae(l1b, lb - d);
+      const double rt = -lae(lb, l1b + d);
+      kd += (pt > 0 ? beta * pt * rt : 0.0) + (ps > 0 ? (1 - beta) * ps * q : 0.0);
+    }
+    gb[b] = q;
+    sum_ps += ps;
+    sum_pq += ps > 0 ? ps * q : 0.0;
+  }
+  if (div != 0) {
+    const double qbar = sum_pq / sum_ps, c = div == 1 ? 1.0 : 1.0 - beta;
+    for (std::int64_t b = 0; b < n; ++b) {
+      const double ps = std::exp(ls[b]);
+      gb[b] = ps > 0 ? c * ps * (gb[b] - qbar) : 0.0;
+    }
+  }
+  return kd;
+}
+
+// One row with a top-k teacher (k entries + a tail bucket): the student's bucket log-sum-exps are
+// its k logits and the exact log-sum-exp of all others (their exps summed with the k entries
+// zeroed, no subtraction); the gradient of a tail entry is dD/dy_tail * p_j / P_tail.
+template <bool Grad>
+__attribute__((always_inline)) inline float topk_row(int div, float beta, float* __restrict s, const std::int64_t* idx,
+                                                     const float* tv, std::int64_t k, float ttail, bool has_tail,
+                                                     float a, std::int64_t V, double* work) {
+  double* ls = work;              // [k + 1]
+  double* lt = work + (k + 1);    // [k + 1]
+  double* gb = work + 2 * (k + 1);
+  float ms = -std::numeric_limits<float>::infinity();
+#pragma omp simd reduction(max : ms)
+  for (std::int64_t v = 0; v < V; ++v) ms = s[v] > ms ? s[v] : ms;
+  for (std::int64_t j = 0; j < k; ++j) ls[j] = static_cast<double>(s[idx[j]] - ms);
+  double Ss = 0.0;
+  for (std::int64_t b0 = 0; b0 < V; b0 += kBlock) {
+    const std::int64_t b1 = b0 + kBlock < V ? b0 + kBlock : V;
+    float ss = 0.0f;
+#pragma omp simd reduction(+ : ss)
+    for (std::int64_t v = b0; v < b1; ++v) {
+      const float e = exp_nonpos(s[v] - ms);
+      s[v] = e;
+      ss += e;
+    }
+    Ss += ss;
+  }
+  for (std::int64_t j = 0; j < k; ++j) s[idx[j]] = 0.0f;
+  double Stail = 0.0;
+  for (std::int64_t b0 = 0; b0 < V; b0 += kBlock) {
+    const std::int64_t b1 = b0 + kBlock < V ? b0 + kBlock : V;
+    float st = 0.0f;
+#pragma omp simd reduction(+ : st)
+    for (std::int64_t v = b0; v < b1; ++v) st += s[v];
+    Stail += st;
+  }
+  const double lSs = std::log(Ss);
+  for (std::int64_t j = 0; j < k; ++j) ls[j] -= lSs;
+  ls[k] = Stail > 0 ? std::log(Stail) - lSs : -std::numeric_limits<double>::infinity();
+  // the teacher's log-softmax over its k values and the tail logit (-inf without a tail)
+  double mt = has_tail ? static_cast<double>(ttail) : -std::numeric_limits<double>::infinity();
+  for (std::int64_t j = 0; j < k; ++j) mt = std::max(mt, static_cast<double>(tv[j]));
+  double St = has_tail ? std::exp(static_cast<double>(ttail) - mt) : 0.0;
+  for (std::int64_t j = 0; j < k; ++j) St += std::exp(static_cast<double>(tv[j]) - mt);
+  const double lSt = std::log(St) + mt;
+  for (std::int64_t j = 0; j < k; ++j) lt[j] = static_cast<double>(tv[j]) - lSt;
+  lt[k] = has_tail ? static_cast<double>(ttail) - lSt : -std::numeric_limits<double>::infinity();
+  const double kd = bucket_divergence(div, beta, ls, lt, gb, k + 1);
+  if (Grad) {
+    const float coef = Stail > 0 ? static_cast<float>(a * gb[k] / Stail) : 0.0f;
+#pragma omp simd
+    for (std::int64_t v = 0; v < V; ++v) s[v] *= coef;
+    for (std::int64_t j = 0; j < k; ++j) s[idx[j]] = static_cast<float>(a * gb[j]);
+  }
+  return static_cast<float>(kd);
+}
+
+// tanh(y) for finite y: odd Taylor polynomial below |y| = 0.0625 (relative error < 1e-9), else
+// sign(y) (1 - e) / (1 + e) with e = exp(-2|y|) <= 1 (no cancellation there: 1 - e >= 0.118).
+__attribute__((always_inline)) inline float tanh_f(float y) {
+  const float ay = y < 0.0f ? -y : y;
+  const float y2 = y * y;
+  const float small = y * (1.0f + y2 * (-0.333333333f + y2 * (0.133333333f + y2 * -0.0539682540f)));
+  const float e = exp_nonpos(-2.0f * ay);
+  const float big = (1.0f - e) / (1.0f + e);
+  return ay < 0.0625f ? small : (y < 0.0f ? -big : big);
+}
+
+// Softcap rows in one pass: x = post * c * tanh(x * inv_c); deriv (or null) = 1 - tanh^2.
+template <bool Deriv>
+__attribute__((always_inline)) inline void cap_row(float* __restrict x, float* __restrict d, float inv_c, float cp,
+                                                   std::int64_t V) {
+#pragma omp simd
+  for (std::int64_t v = 0; v < V; ++v) {
+    const float th = tanh_f(x[v] * inv_c);
+    if (Deriv) d[v] = 1.0f - th * th;
+    x[v] = x[v] <= -1e30f ? x[v] : cp * th;  // masked (-inf / -1e30) entries stay masked
+  }
+}
+
+template <bool Deriv>
+__attribute__((target("avx2,fma"))) void cap_avx2(float* x, std::int64_t ldx, float* d, std::int64_t ldd,
+                                                  float inv_c, float cp, std::int64_t lo, std::int64_t hi,
+                                                  std::int64_t V) {
+  for (std::int64_t i = lo; i < hi; ++i) cap_row<Deriv>(x + i * ldx, Deriv ? d + i * ldd : nullptr, inv_c, cp, V);
+}
+
+template <bool Deriv>
+void cap_base(float* x, std::int64_t ldx, float* d, std::int64_t ldd, float inv_c, float cp, std::int64_t lo,
+              std::int64_t hi, std::int64_t V) {
+  for (std::int64_t i = lo; i < hi; ++i) cap_row<Deriv>(x + i * ldx, Deriv ? d + i * ldd : nullptr, inv_c, cp, V);
+}
+
+template <int DIV, bool Grad>
+__attribute__((target("avx2,fma"))) void div_avx2(float* s, std::int64_t lds, const float* t, std::int64_t ldt,
+                                                  const float* a, float* kd, float beta, std::int64_t lo,
+                                                  std::int64_t hi, std::int64_t V) {
+  for (std::int64_t i = lo; i < hi; ++i)
+    kd[i] = div_row<DIV, Grad>(s + i * lds, t + i * ldt, a ? a[i] : 0.0f, beta, V);
+}
+
+template <int DIV, bool Grad>
+void div_base(float* s, std::int64_t lds, const float* t, std::int64_t ldt, const float* a, float* kd, float beta,
+              std::int64_t lo, std::int64_t hi, std::int64_t V) {
+  for (std::int64_t i = lo; i < hi; ++i)
+    kd[i] = div_row<DIV, Grad>(s + i * lds, t + i * ldt, a ? a[i] : 0.0f, beta, V);
+}
+
+template <bool Grad>
+__attribute__((target("avx2,fma"))) void topk_avx2(int div, float beta, float* s, std::int64_t lds,
+                                                   const std::int64_t* idx, const float* tv, std::int64_t k,
+                                                   const float* tail, const float* a, float* kd, std::int64_t lo,
+                                                   std::int64_t hi, std::int64_t V, double* work) {
+  for (std::int64_t i = lo; i < hi; ++i)
+    kd[i] = topk_row<Grad>(div, beta, s + i * lds, idx + i * k, tv + i * k, k, tail ? tail[i] : 0.0f,
+                           tail != nullptr, a ? a[i] : 0.0f, V, work);
+}
+
+template <bool Grad>
+void topk_base(int div, float beta, float* s, std::int64_t lds, const std::int64_t* idx, const float* tv,
+               std::int64_t k, const float* tail, const float* a, float* kd, std::int64_t lo, std::int64_t hi,
+               std::int64_t V, double* work) {
+  for (std::int64_t i = lo; i < hi; ++i)
+    kd[i] = topk_row<Grad>(div, beta, s + i * lds, idx + i * k, tv + i * k, k, tail ? tail[i] : 0.0f,
+                           tail != nullptr, a ? a[i] : 0.0f, V, work);
+}
+
 int row_threads(int n_threads, std::int64_t rows, std::int64_t V) {
   // at least ~64k entries per thread, or the thread start costs more than it saves
   const std::int64_t by_size = (rows * V) / (std::int64_t(1) << 16);
@@ -173,6 +440,58 @@ void ce_rows(const float* z, std::int64_t ldz, float* g, std::int64_t ldg, const
       need_grad ? ce_avx2<true>(z, ldz, g, ldg, label, a, ce, lo, hi, V) : ce_avx2<false>(z, ldz, g, ldg, label, a, ce, lo, hi, V);
     } else {
       need_grad ? ce_base<true>(z, ldz, g, ldg, label, a, ce, lo, hi, V) : ce_base<false>(z, ldz, g, ldg, label, a, ce, lo, hi, V);
+    }
+  });
+}
+
+void kd_div_rows(int div, float beta, float* s, std::int64_t lds, const float* t, std::int64_t ldt, const float* a,
+                 float* kd, std::int64_t rows, std::int64_t V, bool need_grad, int n_threads) {
+  if (rows <= 0 || V <= 0) return;
+  const int T = row_threads(n_threads, rows, V);
+  const bool avx2 = has_avx2_fma();
+  parallel_blocks(T, 0, rows, [&](int, std::int64_t lo, std::int64_t hi) {
+#define MINITRON_DIV_CASE(D, G)                                             \
+  if (avx2) div_avx2<D, G>(s, lds, t, ldt, a, kd, beta, lo, hi, V);         \
+  else div_base<D, G>(s, lds, t, ldt, a, kd, beta, lo, hi, V);
+    if (div == 1) {
+      if (need_grad) { MINITRON_DIV_CASE(1, true) } else { MINITRON_DIV_CASE(1, false) }
+    } else {
+      if (need_grad) { MINITRON_DIV_CASE(2, true) } else { MINITRON_DIV_CASE(2, false) }
+    }
+#undef MINITRON_DIV_CASE
+  });
+}
+
+void kd_topk_rows(int div, float beta, float* s, std::int64_t lds, const std::int64_t* idx, const float* tv,
+                  std::int64_t k, const float* tail, const float* a, float* kd, std::int64_t rows, std::int64_t V,
+                  bool need_grad, int n_threads) {
+  if (rows <= 0 || V <= 0) return;
+  const int T = row_threads(n_threads, rows, V);
+  const bool avx2 = has_avx2_fma();
+  parallel_blocks(T, 0, rows, [&](int, std::int64_t lo, std::int64_t hi) {
+    std::vector<double> work(3 * (k + 1));
+    if (avx2) {
+      need_grad ? topk_avx2<true>(div, beta, s, lds, idx, tv, k, tail, a, kd, lo, hi, V, work.data())
+                : topk_avx2<false>(div, beta, s, lds, idx, tv, k, tail, a, kd, lo, hi, V, work.data());
+    } else {
+      need_grad ? topk_base<true>(div, beta, s, lds, idx, tv, k, tail, a, kd, lo, hi, V, work.data())
+                : topk_base<false>(div, beta, s, lds, idx, tv, k, tail, a, kd, lo, hi, V, work.data());
+    }
+  });
+}
+
+void softcap_rows(float* x, std::int64_t ldx, float* deriv, std::int64_t ldd, float c, float post, std::int64_t rows,
+                  std::int64_t V, int n_threads) {
+  if (rows <= 0 || V <= 0) return;
+  const int T = row_threads(n_threads, rows, V);
+  const bool avx2 = has_avx2_fma();
+  const float inv_c = 1.0f / c, cp = c * post;
+  parallel_blocks(T, 0, rows, [&](int, std::int64_t lo, std::int64_t hi) {
+    if (deriv) {
+      avx2 ? cap_avx2<true>(x, ldx, deriv, ldd, inv_c, cp, lo, hi, V) : cap_base<true>(x, ldx, deriv, ldd, inv_c, cp, lo, hi, V);
+    } else {
+      avx2 ? cap_avx2<false>(x, ldx, deriv, ldd, inv_c, cp, lo, hi, V)
+           : cap_base<false>(x, ldx, deriv, ldd, inv_c, cp, lo, hi, V);
     }
   });
 }

@@ -112,6 +112,8 @@ def _kd_softmax_kernel(
     if WRITE_GRAD:
         # ---- last pass: dL/dz_s = a * g_mult * (dD/du_s), in place over the student's logits
         coef = tl.load(A_ptr + row) * g_mult
+        inv_ds = 1.0 / d_s
+        inv_dt = 1.0 / d_t
         for v0 in range(0, V, BLOCK_V):
             cols = v0 + offs
             mask = cols < V
@@ -119,7 +121,11 @@ def _kd_softmax_kernel(
             lt = tl.load(t_row + cols, mask=mask, other=0.0) - lse_t
             ps = tl.exp(ls)
             if DIV == 0:
-                g = ps - tl.exp(lt)
+                # normalized by the accumulated sums themselves (not exp(x - lse)): each of
+                # p_s, p_t sums to 1 up to the rounding of those sums, so the row of g sums to ~0
+                s = tl.load(s_row + cols, mask=mask, other=NEG_INF)
+                t = tl.load(t_row + cols, mask=mask, other=NEG_INF)
+                g = tl.exp(s - m_s) * inv_ds - tl.exp(t - m_t) * inv_dt
             elif DIV == 1:
                 g = tl.where(ps > 0, ps * (ls - lt - qbar), 0.0)
             else:

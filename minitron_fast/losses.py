@@ -66,11 +66,15 @@ class FusedLinearCrossEntropyLoss(nn.Module):
     """``nn.Module`` over ``fused_linear_cross_entropy``: ``loss_fn(hidden [N, H], weight [V, H], labels [N])``."""
 
     def __init__(self, *, ignore_index: int = -100, reduction: str = "mean", chunk_size: int | None = None,
-                 impl: str = "auto"):
+                 impl: str = "auto", softcap: float | None = None):
         super().__init__()
+        from minitron_fast.ops.kd_loss import validate_options
+
+        validate_options(reduction=reduction, chunk_size=chunk_size, softcap=softcap)
         self.ignore_index, self.reduction, self.chunk_size, self.impl = ignore_index, reduction, chunk_size, impl
+        self.softcap = softcap
 
     def forward(self, hidden, weight, labels, bias=None, num_items=None):
         return fused_linear_cross_entropy(hidden, weight, labels, bias=bias, ignore_index=self.ignore_index,
                                           reduction=self.reduction, num_items=num_items,
-                                          chunk_size=self.chunk_size, impl=self.impl)
+                                          chunk_size=self.chunk_size, impl=self.impl, softcap=self.softcap)

@@ -7,7 +7,14 @@ import math
 import pytest
 import torch
 
-from minitron_fast.ops.kd_loss import KDLossParts, fused_linear_kd_loss, kd_loss_from_logits, kd_loss_reference
+from minitron_fast.ops.kd_loss import (
+    REGISTRY,
+    KDLossParts,
+    fused_linear_kd_loss,
+    kd_loss_from_logits,
+    kd_loss_reference,
+)
+from minitron_fast.ops.kd_loss.divergences import canonical
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -78,15 +85,16 @@ def test_parts_ce_with_zero_weight_and_without_labels():
 def test_topk_tail_bucket_matches_float64(divergence, beta, temperature):
     h, W, zt, vals, idx, tail, labels = _topk_problem()
     kw = dict(labels=labels, divergence=divergence, beta=beta, temperature=temperature, hard_label_weight=0.2)
-    loss = fused_linear_kd_loss(h, W, teacher_topk=(vals, idx), teacher_topk_tail_lse=tail, chunk_size=16,
-                                impl="torch", **kw)
-    gh, gW = torch.autograd.grad(loss, (h, W))
     h64, W64 = h.detach().double().requires_grad_(), W.detach().double().requires_grad_()
     ref = kd_loss_reference(h64 @ W64.T, teacher_topk=(vals, idx), teacher_topk_tail_lse=tail, **kw)
     rh, rW = torch.autograd.grad(ref, (h64, W64))
-    _close(loss, ref, 2e-5, "loss")
-    _close(gh, rh, 2e-5, "grad h")
-    _close(gW, rW, 2e-5, "grad W")
+    for impl in REGISTRY[canonical(divergence, beta)].impls["topk"]:
+        loss = fused_linear_kd_loss(h, W, teacher_topk=(vals, idx), teacher_topk_tail_lse=tail, chunk_size=16,
+                                    impl=impl, **kw)
+        gh, gW = torch.autograd.grad(loss, (h, W))
+        _close(loss, ref, 2e-5, f"{impl} loss")
+        _close(gh, rh, 2e-5, f"{impl} grad h")
+        _close(gW, rW, 2e-5, f"{impl} grad W")
 
 
 def test_topk_tail_bucket_is_the_coarse_grained_teacher_at_T1():
@@ -109,10 +117,11 @@ def test_topk_tail_bucket_is_the_coarse_grained_teacher_at_T1():
 
 
 @pytest.mark.parametrize("divergence", ["forward_kl", "jsd"])
-def test_topk_without_tail_is_the_renormalized_topk(divergence):
+@pytest.mark.parametrize("impl", ["torch", "cpp"])
+def test_topk_without_tail_is_the_renormalized_topk(divergence, impl):
     h, W, zt, vals, idx, tail, labels = _topk_problem()
     no_tail = fused_linear_kd_loss(h, W, teacher_topk=(vals, idx), divergence=divergence, temperature=1.5,
-                                   labels=labels, impl="torch")
+                                   labels=labels, impl=impl)
     minus_inf = fused_linear_kd_loss(h, W, teacher_topk=(vals, idx), divergence=divergence, temperature=1.5,
                                      teacher_topk_tail_lse=torch.full((41,), -math.inf), labels=labels, impl="torch")
     torch.testing.assert_close(no_tail, minus_inf, rtol=1e-6, atol=1e-7)
@@ -129,10 +138,11 @@ def test_topk_gradient_rows_sum_to_zero():
     vals, idx = zt.topk(k, 1)
     tail = torch.logsumexp(zt.scatter(1, idx, -math.inf), 1)
     for div in ("forward_kl", "reverse_kl", "jsd"):
-        loss = kd_loss_from_logits(zs, teacher_topk=(vals, idx), teacher_topk_tail_lse=tail, divergence=div,
-                                   reduction="sum", impl="torch")
-        (g,) = torch.autograd.grad(loss, zs)
-        assert g.sum(1).abs().max().item() <= 1e-6 * g.abs().sum(1).max().item() + 1e-9, div
+        for impl in ("torch", "cpp"):
+            loss = kd_loss_from_logits(zs, teacher_topk=(vals, idx), teacher_topk_tail_lse=tail, divergence=div,
+                                       reduction="sum", impl=impl)
+            (g,) = torch.autograd.grad(loss, zs)
+            assert g.sum(1).abs().max().item() <= 1e-6 * g.abs().sum(1).max().item() + 1e-9, (div, impl)
 
 
 def test_topk_tail_bad_input():

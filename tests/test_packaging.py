@@ -26,3 +26,17 @@ def test_pyproject_maps_kernels_and_keeps_torch_out_of_the_build():
     cfg = tomllib.loads((Path(__file__).parent.parent / "pyproject.toml").read_text())
     assert cfg["tool"]["setuptools"]["package-dir"]["minitron_fast.kernels"] == "kernels"
     assert not any(r.lower().startswith("torch") for r in cfg["build-system"]["requires"])
+
+
+def test_every_subpackage_is_listed_for_the_wheel():
+    """pyproject's explicit ``packages`` list must name every package under minitron_fast/, or a
+    wheel (a non-editable install) silently lacks it."""
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10
+        import tomli as tomllib
+
+    root = Path(__file__).parent.parent
+    listed = set(tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    on_disk = {".".join(p.parent.relative_to(root).parts) for p in (root / "minitron_fast").rglob("__init__.py")}
+    assert on_disk - listed == set(), f"add these to [tool.setuptools] packages in pyproject.toml: {sorted(on_disk - listed)}"

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from bench.common import make_tiny_teacher
 from minitron_fast.distill.launch import trainer_command
 from minitron_fast.errors import MinitronError
 from minitron_fast.pipeline.report import REPORT_KEYS
@@ -96,30 +97,6 @@ def test_launch_commands(tmp_path, monkeypatch):
 
 
 # -- end to end on a tiny model -------------------------------------------------------------------
-
-def make_tiny_teacher(path: Path) -> Path:
-    """A tiny Llama (GQA, untied) with a 160-token BPE tokenizer trained on pydoc text, saved as an
-    HF checkpoint directory."""
-    import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    from minitron_fast.data import embedded_documents
-
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Metaspace()
-    tok.decoder = decoders.Metaspace()
-    tok.train_from_iterator(embedded_documents()[:200], trainers.BpeTrainer(
-        vocab_size=160, special_tokens=["<unk>", "<eos>"], limit_alphabet=100, show_progress=False))
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<eos>")
-    torch.manual_seed(0)
-    m = LlamaForCausalLM(LlamaConfig(vocab_size=len(fast), hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                                     tie_word_embeddings=False))
-    m.save_pretrained(path)
-    fast.save_pretrained(path)
-    return path
-
 
 @pytest.fixture(scope="module")
 def tiny_teacher(tmp_path_factory):

@@ -26,15 +26,26 @@ def batches(steps, world):
     return [torch.randint(0, 131, (2 * world, 12), generator=g) for _ in range(steps)]
 
 
-def main(out):
+def _functional_loss(engine, teacher, ids, fn):
+    """The functional API as a DeepSpeed user calls it: final hidden states, then
+    ``fused_linear_kd_loss(hidden, <the lm_head module>, teacher_hidden, <teacher lm_head>)``."""
+    from minitron_fast.integrations.hf_trainer import decoder_and_head
+    from minitron_fast.ops.kd_loss import fused_linear_kd_loss
+
+    s_base, s_head = decoder_and_head(engine)
+    t_base, t_head = decoder_and_head(teacher)
+    hs = s_base(input_ids=ids, use_cache=False).last_hidden_state[:, :-1]
+    with torch.no_grad():
+        ht = t_base(input_ids=ids, use_cache=False).last_hidden_state[:, :-1]
+    return fused_linear_kd_loss(hs, s_head, ht, t_head, labels=ids[:, 1:], temperature=fn.temperature)
+
+
+def _train(mode, rank, world):
     import deepspeed
 
     from minitron_fast.integrations.hf_trainer import causal_lm_kd_loss
     from minitron_fast.losses import FusedLinearKDLoss
 
-    deepspeed.init_distributed(dist_backend="gloo")
-    torch.autograd.set_detect_anomaly(bool(os.environ.get("Z3_ANOMALY")))
-    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     student, teacher = tiny(32, 1, 0), tiny(48, 1, 1).eval()
     cfg = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1,
            "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
@@ -47,7 +58,10 @@ def main(out):
     losses = []
     for ids in batches(3, world):
         mine = ids[2 * rank: 2 * rank + 2]
-        loss = causal_lm_kd_loss(engine, teacher, mine, loss_fn=fn)
+        if mode == "functional":
+            loss = _functional_loss(engine, teacher, mine, fn)
+        else:
+            loss = causal_lm_kd_loss(engine, teacher, mine, loss_fn=fn)
         engine.backward(loss)
         engine.step()
         t = loss.detach().clone()
@@ -55,10 +69,26 @@ def main(out):
         losses.append(float(t) / world)
     with deepspeed.zero.GatheredParameters([head]):
         w = head.detach().clone()
+    return losses, partitioned, w
+
+
+def main(out):
+    """Two runs in one launch: through the integration (``causal_lm_kd_loss``) and through the
+    functional API handed the partitioned lm_head module."""
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend="gloo")
+    torch.autograd.set_detect_anomaly(bool(os.environ.get("Z3_ANOMALY")))
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    res = {"world": world}
+    for mode in ("integration", "functional"):
+        losses, partitioned, w = _train(mode, rank, world)
+        res[mode] = {"losses": losses, "partitioned": partitioned}
+        if rank == 0:
+            torch.save(w, f"{out}.{mode}.pt")
     if rank == 0:
-        torch.save(w, out + ".pt")
         with open(out, "w") as f:
-            json.dump({"losses": losses, "partitioned": partitioned, "world": world}, f)
+            json.dump(res, f)
 
 
 def reference(steps=3, world=2):

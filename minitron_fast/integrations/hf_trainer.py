@@ -89,8 +89,10 @@ class KDTrainer(_trainer_base()):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         labels = inputs.get("labels")
-        loss = kd_step(model, self.teacher_model, inputs["input_ids"], inputs.get("attention_mask"), labels,
-                       spec=self.kd_spec, num_items=num_items_in_batch)["loss"]
+        # bf16/fp16=True: accelerate autocasts only model.forward, which the fused path bypasses
+        with self.accelerator.autocast():
+            loss = kd_step(model, self.teacher_model, inputs["input_ids"], inputs.get("attention_mask"), labels,
+                           spec=self.kd_spec, num_items=num_items_in_batch)["loss"]
         # divided by the accumulated batch's token count: the Trainer must not divide again
         self.loss_is_scaled_for_ga = num_items_in_batch is not None
         if num_items_in_batch is not None and self.args.average_tokens_across_devices:

@@ -2,7 +2,6 @@
 ZeRO-3 heads, dtype reconciliation, and the one row implementation of the call."""
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 import torch
@@ -16,6 +15,7 @@ from minitron_fast.ops.kd_loss.options import (
     _check_common,
     _check_float,
     _check_labels,
+    check_softcap,
     resolve_rows_impl,
 )
 from minitron_fast.ops.kd_loss.sources import compute_dtype
@@ -65,12 +65,17 @@ def _flatten_rows(name, t, H=None):
     return t2
 
 
-def _check_softcap(softcap):
-    if softcap is None:
-        return None
-    if isinstance(softcap, bool) or not isinstance(softcap, (int, float)) or not (math.isfinite(softcap) and softcap > 0):
-        raise KDInputError(f"softcap must be a positive number (e.g. 30.0 for Gemma-2) or None, got {softcap!r}")
-    return float(softcap)
+def _check_head(hname, hidden, wname, weight, bname, bias):
+    """A linear head's inputs: returns (hidden as [N, H], its leading shape, the GEMM dtype)."""
+    _check_float(wname, weight, 2)
+    _check_float(hname, hidden, 0)
+    V, H = weight.shape
+    h = _flatten_rows(hname, hidden, H)
+    if h.device != weight.device:
+        raise KDInputError(f"{hname} is on {h.device}, {wname} on {weight.device}")
+    if bias is not None and tuple(bias.shape) != (V,):
+        raise KDInputError(f"{bname} must be [{V}], got {tuple(bias.shape)}")
+    return h, hidden.shape[:-1], compute_dtype(hname, h, wname, weight)
 
 
 def _shared_vocab(vocab_size, *sizes):
@@ -277,17 +282,10 @@ def fused_linear_kd_loss(student_hidden, student_weight, teacher_hidden=None, te
                       "fused_linear_kd_loss(hidden, model.lm_head, ...) (or call it inside "
                       "minitron_fast.integrations.zero3.call_through(model.lm_head, fn, hidden))")
     _check_common(divergence, beta, temperature, reduction, num_items, hard_label_weight, chunk_size)
-    cap = _check_softcap(softcap)
-    _check_float("student_weight", student_weight, 2)
-    _check_float("student_hidden", student_hidden, 0)
-    Vs, Hs = student_weight.shape
-    lead_shape = student_hidden.shape[:-1]
-    h = _flatten_rows("student_hidden", student_hidden, Hs)
-    if h.device != student_weight.device:
-        raise KDInputError(f"student_hidden is on {h.device}, student_weight on {student_weight.device}")
-    if student_bias is not None and tuple(student_bias.shape) != (Vs,):
-        raise KDInputError(f"student_bias must be [{Vs}], got {tuple(student_bias.shape)}")
-    dtype = compute_dtype("student_hidden", h, "student_weight", student_weight)
+    cap = check_softcap(softcap)
+    h, lead_shape, dtype = _check_head("student_hidden", student_hidden, "student_weight", student_weight,
+                                       "student_bias", student_bias)
+    Vs = student_weight.shape[0]
     V = _shared_vocab(vocab_size, Vs, _teacher_vocab(teacher_weight, teacher_logits))
     W, b = student_weight, student_bias
     if V < Vs:  # padded rows: autograd's slice gives them zero gradients
@@ -327,7 +325,7 @@ def kd_loss_from_logits(student_logits, teacher_logits=None, *, teacher_topk=Non
         >>> kd_loss_from_logits(zs, torch.randn(4, 10), temperature=2.0).backward()
     """
     _check_common(divergence, beta, temperature, reduction, num_items, hard_label_weight, chunk_size)
-    cap = _check_softcap(softcap)
+    cap = check_softcap(softcap)
     _check_float("student_logits", student_logits, 0)
     lead_shape = student_logits.shape[:-1]
     z = _flatten_rows("student_logits", student_logits)
@@ -377,15 +375,9 @@ def fused_linear_cross_entropy(hidden, weight, labels, *, bias=None, ignore_inde
             num_items=num_items, chunk_size=chunk_size, impl=impl, softcap=softcap), hidden)
     _check_bare_zero3("weight", weight, "fused_linear_cross_entropy(hidden, model.lm_head, labels)")
     _check_common("forward_kl", 0.5, 1.0, reduction, num_items, 0.0, chunk_size)
-    cap = _check_softcap(softcap)
-    _check_float("weight", weight, 2)
-    _check_float("hidden", hidden, 0)
-    V, H = weight.shape
-    lead_shape = hidden.shape[:-1]
-    h = _flatten_rows("hidden", hidden, H)
-    dtype = compute_dtype("hidden", h, "weight", weight)
-    if bias is not None and tuple(bias.shape) != (V,):
-        raise KDInputError(f"bias must be [{V}], got {tuple(bias.shape)}")
+    cap = check_softcap(softcap)
+    h, lead_shape, dtype = _check_head("hidden", hidden, "weight", weight, "bias", bias)
+    V = weight.shape[0]
     if labels is None:
         raise KDInputError("labels are required")
     N = h.shape[0]

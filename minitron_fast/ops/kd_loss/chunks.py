@@ -9,14 +9,21 @@ from minitron_fast.ops.kd_loss.rows_native import chunk_cpp, chunk_cpp_div, chun
 from minitron_fast.ops.kd_loss.rows_torch import Buffers, chunk_torch
 
 
-def _cap_(X, c, deriv=None):
-    """``X = c tanh(X / c)`` in place; ``deriv`` (a buffer or None) receives ``1 - tanh^2``, the
-    factor dL/dz picks up (as autograd's tanh backward computes it)."""
-    X.div_(c).tanh_()
+def _cap_(X, c, post, deriv=None):
+    """``X = post * c * tanh(X / c)`` in place, for ``X`` holding ``z / c`` already (the fill's scale);
+    ``deriv`` (a buffer or None) receives ``1 - tanh^2``, the factor dL/dz picks up (as autograd's
+    tanh backward computes it). Four passes over the chunk with the derivative, two without."""
+    X.tanh_()
     if deriv is not None:
-        torch.mul(X, X, out=deriv)
-        deriv.neg_().add_(1.0)
-    X.mul_(c)
+        torch.addcmul(X.new_ones(()), X, X, value=-1.0, out=deriv)
+    X.mul_(c * post)
+
+
+def _cap_cpp(X, c, post, deriv=None):
+    """``_cap_`` in the C++ rows (one pass), for ``X`` holding raw ``z``."""
+    _cpp_fn("softcap_rows")(X.data_ptr(), X.stride(0), 0 if deriv is None else deriv.data_ptr(),
+                            0 if deriv is None else deriv.stride(0), float(c), float(post), X.shape[0], X.shape[1],
+                            torch.get_num_threads())
 
 
 def _ce_rows(S, vc, labels, c0, c1, a, w, need_grad, cfg, bufs, in_place):
@@ -62,11 +69,13 @@ def run(student, teacher_kind, teacher_src, labels, N, V, cfg, row_scale, need_g
     need_ce = labels is not None and (w > 0 or div is None or want_ce)
     ce_out = torch.zeros(N, dtype=torch.float32, device=device) if need_ce else None
     n_buf = _n_buffers(cfg, teacher_kind, need_ce) + (1 if cap and need_grad else 0)
+    # the cap in the C++ rows (one pass, from raw z) under impl="cpp", else torch (from z / cap)
+    cap_cpp = cap is not None and cfg.impl == "cpp" and _cpp_fn("softcap_rows") is not None
+    cap_fill = 1.0 if cap_cpp else (None if cap is None else 1.0 / cap)
     chunk = max(1, min(cfg.chunk_size or default_chunk_size(V, N, n_buf), N))
     bufs = Buffers(chunk, V, device)
     if div is None:
         w = 1.0
-    unscaled = need_ce or cap is not None  # the student's z is needed before the temperature
     for c0 in range(0, N, chunk):
         c1 = min(N, c0 + chunk)
         c = c1 - c0
@@ -78,17 +87,17 @@ def run(student, teacher_kind, teacher_src, labels, N, V, cfg, row_scale, need_g
             vc = None
         a = row_scale[c0:c1]
         S = bufs.get("s", c)
-        student.fill(S, c0, c1, 1.0 if unscaled else 1.0 / T)
+        student.fill(S, c0, c1, cap_fill if cap is not None else (1.0 if need_ce else 1.0 / T))
         dcap = None
-        if cap is not None:
+        if cap is not None:  # capped z at T = 1 for the CE term, else straight to u = cap(z) / T
             dcap = bufs.get("cap", c) if need_grad else None
-            _cap_(S, cap, dcap)
+            (_cap_cpp if cap_cpp else _cap_)(S, cap, 1.0 if need_ce else 1.0 / T, dcap)
         kd = None
         G = None
         if need_ce:
             ce_c, G = _ce_rows(S, vc, labels, c0, c1, a, w, need_grad, cfg, bufs, in_place=div is None)
         if div is not None:
-            if unscaled and T != 1.0:
+            if need_ce and T != 1.0:
                 S.mul_(1.0 / T)
             Gce = G
             if teacher_kind == "topk":
@@ -99,12 +108,12 @@ def run(student, teacher_kind, teacher_src, labels, N, V, cfg, row_scale, need_g
                 tch = ("topk", v / T, idx[c0:c1].long(), None if tail is None else tail[c0:c1].float() / T)
             else:
                 Tt = bufs.get("t", c)
-                teacher_src.fill(Tt, c0, c1, 1.0 if cap is not None else 1.0 / T)
-                if cap is not None:
+                teacher_src.fill(Tt, c0, c1, cap_fill if cap is not None else 1.0 / T)
+                if cap_cpp:  # masked (-inf) entries stay masked
+                    _cap_cpp(Tt, cap, 1.0 / T)
+                elif cap is not None:
                     masked = torch.isneginf(Tt) if teacher_kind == "logits" else None
-                    _cap_(Tt, cap)
-                    if T != 1.0:
-                        Tt.mul_(1.0 / T)
+                    _cap_(Tt, cap, 1.0 / T)
                     if masked is not None:
                         Tt.masked_fill_(masked, -1e30)
                 if teacher_kind == "logits":

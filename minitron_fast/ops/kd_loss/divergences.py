@@ -93,11 +93,11 @@ class Divergence:
 
 REGISTRY: dict[str, Divergence] = {d.name: d for d in (
     Divergence("forward_kl", 0, "KL(p_t || p_s)", _fkl_rows, _fkl_reference,
-               {"dense": ("torch", "cpp", "triton"), "topk": ("torch",)}),
+               {"dense": ("torch", "cpp", "triton"), "topk": ("torch", "cpp")}),
     Divergence("reverse_kl", 1, "KL(p_s || p_t)", _rkl_rows, _rkl_reference,
-               {"dense": ("torch", "triton"), "topk": ("torch",)}, needs_teacher_support=True),
+               {"dense": ("torch", "cpp", "triton"), "topk": ("torch", "cpp")}, needs_teacher_support=True),
     Divergence("jsd", 2, "beta KL(p_t || m) + (1 - beta) KL(p_s || m), m = beta p_t + (1 - beta) p_s",
-               _jsd_rows, _jsd_reference, {"dense": ("torch", "triton"), "topk": ("torch",)}),
+               _jsd_rows, _jsd_reference, {"dense": ("torch", "cpp", "triton"), "topk": ("torch", "cpp")}),
 )}
 DIVERGENCES = tuple(REGISTRY)
 

@@ -37,13 +37,12 @@ def default_chunk_size(V: int, N: int, n_buffers: int = 3) -> int:
 
 
 def _n_buffers(cfg, teacher_kind, need_ce) -> int:
-    """How many ``[chunk, V]`` fp32 buffers ``_run`` fills per chunk: the C++ rows need only the
-    student's and the teacher's logits for forward KL (and CE alone works in place)."""
-    if cfg.impl == "cpp":
+    """How many ``[chunk, V]`` fp32 buffers ``run`` fills per chunk: the C++ rows need only the
+    student's and a dense teacher's logits (CE alone works in place)."""
+    if cfg.impl == "cpp":  # the student's (and a dense teacher's) logits, + the CE gradient's buffer
         if cfg.divergence is None:
             return 1
-        if cfg.divergence == "forward_kl" and teacher_kind in ("hidden", "logits") and not need_ce:
-            return 2
+        return (1 if teacher_kind == "topk" else 2) + (1 if need_ce else 0)
     return 3
 
 
@@ -96,9 +95,17 @@ def validate_options(divergence="forward_kl", beta=0.5, temperature=1.0, reducti
     """Checks loss options without tensors (configs and modules validate at construction): raises a
     one-line ``KDInputError`` naming the option. The divergences are the registry's."""
     _check_common(divergence, beta, temperature, reduction, None, hard_label_weight, chunk_size)
-    if softcap is not None and (isinstance(softcap, bool) or not isinstance(softcap, (int, float))
-                                or not (math.isfinite(softcap) and softcap > 0)):
+    check_softcap(softcap)
+
+
+def check_softcap(softcap) -> Optional[float]:
+    """``softcap``: None or a positive finite number (returned as float)."""
+    if softcap is None:
+        return None
+    if isinstance(softcap, bool) or not isinstance(softcap, (int, float)) or not (math.isfinite(softcap)
+                                                                                  and softcap > 0):
         raise KDInputError(f"softcap must be a positive number (e.g. 30.0 for Gemma-2) or None, got {softcap!r}")
+    return float(softcap)
 
 
 def _check_num_items(num_items):
@@ -144,7 +151,7 @@ def _cpp_fn(name):
 
 # the _C symbol each row implementation needs
 _CPP_SYMBOLS = {"dense": {"forward_kl": "kd_forward_kl_rows", "reverse_kl": "kd_div_rows", "jsd": "kd_div_rows"},
-                "topk": {"forward_kl": "kd_div_rows", "reverse_kl": "kd_div_rows", "jsd": "kd_div_rows"},
+                "topk": {"forward_kl": "kd_topk_rows", "reverse_kl": "kd_topk_rows", "jsd": "kd_topk_rows"},
                 None: {None: "ce_rows"}}
 
 

@@ -32,6 +32,27 @@ def chunk_triton(S, Tt, a, cfg, need_grad):
 
 
 def chunk_cpp_div(S, teacher, a, cfg, need_grad):
-    """Reverse KL / JSD with a dense teacher, and every divergence with a top-k teacher, in the
-    C++ rows (``kd_div_rows``)."""
-    raise NotImplementedError("kd_div_rows is not built")  # resolve_rows_impl never picks it without _C.kd_div_rows
+    """Reverse KL / JSD with a dense teacher (``kd_div_rows``: four passes per row), and every
+    divergence against a top-k teacher with or without its tail bucket (``kd_topk_rows``), in the
+    C++ rows. ``teacher``: ``("dense", Tt)`` or ``("topk", vals, idx, tail)`` (scaled). Returns
+    (kd_rows, G = S)."""
+    from minitron_fast._ext import _C
+
+    c, V = S.shape
+    code = REGISTRY[cfg.divergence].code
+    g = (a * (cfg.kd_scale / cfg.temperature)).contiguous()
+    kd_rows = torch.empty(c, dtype=torch.float32)
+    threads = torch.get_num_threads()
+    if teacher[0] == "dense":
+        Tt = teacher[1]
+        _C.kd_div_rows(code, cfg.beta, S.data_ptr(), S.stride(0), Tt.data_ptr(), Tt.stride(0), g.data_ptr(),
+                       kd_rows.data_ptr(), c, V, bool(need_grad), threads)
+        return kd_rows, S
+    _, vals, idx, tail = teacher
+    vals = vals.float().contiguous()
+    idx = idx.long().contiguous()
+    tail = None if tail is None else tail.float().contiguous()
+    _C.kd_topk_rows(code, cfg.beta, S.data_ptr(), S.stride(0), idx.data_ptr(), vals.data_ptr(), vals.shape[1],
+                    0 if tail is None else tail.data_ptr(), g.data_ptr(), kd_rows.data_ptr(), c, V, bool(need_grad),
+                    threads)
+    return kd_rows, S
