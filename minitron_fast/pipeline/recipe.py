@@ -68,6 +68,7 @@ class DataSection:
 class LaunchSection:
     num_procs: int = 1            # processes for the DeepSpeed stages (1: single process, no launcher)
     launcher: str = "auto"        # auto | deepspeed | torchrun | none
+    hostfile: str | None = None   # DeepSpeed hostfile ("host slots=N" lines): multi-node, num_procs ranks per host
 
 
 # Keys of a training section that the pipeline sets itself (never the user).

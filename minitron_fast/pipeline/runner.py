@@ -126,7 +126,7 @@ class PipelineRunner:
         atomic_write_text(cfg_path, yaml.safe_dump(cfg, sort_keys=False))
         launch = self.recipe.launch
         cmd = trainer_command(cfg_path, num_procs=launch.num_procs, launcher=launch.launcher,
-                              resume=resume and (d / "run").exists())
+                              resume=resume and (d / "run").exists(), hostfile=launch.hostfile)
         self.log(f"    $ {' '.join(cmd)}")
         rc = subprocess.run(cmd, env=launcher_env()).returncode
         if rc != 0:
