@@ -204,7 +204,8 @@ WORKER = textwrap.dedent("""
     line = {"rank": rank, "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "result": res}
     if rank == 0:
         line["metrics"] = read_metrics(os.path.join(out, "metrics.jsonl"))
-    print("RESULT " + json.dumps(line), flush=True)
+    with open(sys.argv[-1] + f".rank{rank}.result", "w") as f:  # (ranks' stdout lines can interleave)
+        json.dump(line, f)
 """)
 
 
@@ -223,6 +224,9 @@ def _overrides(teacher: Path, student: Path, out: Path, *, seq_len: int, steps: 
 
 
 def _launch(cmd: list[str], cwd: Path, timeout: float) -> tuple[list[dict[str, Any]], str]:
+    """Runs a worker job (its last argument is the overrides file); returns each rank's result."""
+    for old in Path(cmd[-1]).parent.glob(Path(cmd[-1]).name + ".rank*.result"):
+        old.unlink()
     root = str(Path(__file__).resolve().parent.parent)
     env = dict(os.environ, DS_ACCELERATOR="cpu", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1",
                PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
@@ -231,7 +235,7 @@ def _launch(cmd: list[str], cwd: Path, timeout: float) -> tuple[list[dict[str, A
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=cwd)
     except subprocess.TimeoutExpired:
         return [], f"timed out after {timeout}s"
-    lines = [json.loads(x[len("RESULT "):]) for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+    lines = [json.loads(p.read_text()) for p in sorted(Path(cmd[-1]).parent.glob(Path(cmd[-1]).name + ".rank*.result"))]
     return lines, "" if proc.returncode == 0 else (proc.stderr or proc.stdout)[-1500:]
 
 

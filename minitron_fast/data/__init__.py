@@ -35,7 +35,7 @@ class TokenBlocks:
     Example:
         >>> ds = TokenBlocks.open(tok, "demo", "train", 256)
         >>> len(ds), ds[0].shape
-        (352, torch.Size([256]))
+        (349, torch.Size([256]))
     """
 
     def __init__(self, corpus: TokenCorpus, split: str, seq_len: int, *, max_blocks: int | None = None,

@@ -126,6 +126,30 @@ def partitioned(ds_config: dict[str, Any] | None):
         unset_hf_deepspeed_config()
 
 
+def _hidden_size(model: str) -> int:
+    from minitron_fast.models import view_class_for_config
+    from minitron_fast.models.loading import load_config
+
+    c = load_config(model)
+    return view_class_for_config(c).geometry_of(c).hidden_size
+
+
+def release_freed_memory() -> None:
+    """Returns freed heap memory to the OS (glibc ``malloc_trim``; a no-op elsewhere). Building a
+    model under ``zero.Init`` allocates and frees every whole parameter once; on CPU ranks glibc
+    would otherwise keep those pages resident for the whole run."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+        if libc is not None and hasattr(libc, "malloc_trim"):
+            libc.malloc_trim(0)
+    except OSError:  # pragma: no cover - not glibc
+        pass
+
+
 def enable_activation_checkpointing(model: nn.Module) -> nn.Module:
     """Recomputes each decoder layer's activations in the backward pass instead of storing them
     (transformers' non-reentrant gradient checkpointing): activation memory per micro-batch
@@ -158,9 +182,25 @@ def lr_lambda(cfg: DistillConfig):
 
 # -- DeepSpeed config -----------------------------------------------------------------------------
 
-def deepspeed_config(cfg: DistillConfig, world: int) -> tuple[dict[str, Any], bool]:
+def _size_buckets(zero: dict[str, Any], hidden: int | None) -> None:
+    """Communication buckets sized to the model, as transformers' ``"auto"`` does (hidden^2
+    elements; DeepSpeed's defaults are 5e8 elements: a 2 GB fp32 gradient bucket on every rank
+    whatever the model's size, more than a small model's whole partition)."""
+    if not hidden:
+        return
+    stage = zero.get("stage", 0)
+    if stage >= 2:
+        zero.setdefault("reduce_bucket_size", hidden * hidden)
+        zero.setdefault("allgather_bucket_size", hidden * hidden)
+    if stage == 3:  # (the prefetch bucket stays DeepSpeed's: a smaller one leaves the tied lm_head in flight
+        # when the loss's GatheredParameters exits)
+        zero.setdefault("stage3_param_persistence_threshold", 10 * hidden)
+
+
+def deepspeed_config(cfg: DistillConfig, world: int, hidden: int | None = None) -> tuple[dict[str, Any], bool]:
     """The DeepSpeed config for ``cfg`` on ``world`` ranks: the user's JSON (checked against the
-    recipe) or one generated from the recipe. Returns ``(config, uses_client_optimizer)``."""
+    recipe) or one generated from the recipe (communication buckets sized by the trained model's
+    ``hidden`` size when given). Returns ``(config, uses_client_optimizer)``."""
     d = cfg.deepspeed
     want = {"train_micro_batch_size_per_gpu": cfg.micro_batch_size, "gradient_accumulation_steps": cfg.grad_accum,
             "train_batch_size": cfg.micro_batch_size * cfg.grad_accum * world}
@@ -198,6 +238,7 @@ def deepspeed_config(cfg: DistillConfig, world: int) -> tuple[dict[str, Any], bo
         zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
     if d.zero_stage == 3 and d.persistence_threshold is not None:
         zero["stage3_param_persistence_threshold"] = d.persistence_threshold
+    _size_buckets(zero, hidden)
     ds = dict(want, zero_optimization=zero, gradient_clipping=d.gradient_clipping, steps_per_print=10**9,
               wall_clock_breakdown=False, bf16={"enabled": bool(d.bf16)})
     client = d.optimizer == "torch_adamw"
@@ -210,10 +251,11 @@ def deepspeed_config(cfg: DistillConfig, world: int) -> tuple[dict[str, Any], bo
     return ds, client
 
 
-def _teacher_ds_config(cfg: DistillConfig, world: int) -> dict[str, Any]:
+def _teacher_ds_config(cfg: DistillConfig, world: int, hidden: int | None = None) -> dict[str, Any]:
     zero: dict[str, Any] = {"stage": 3}
     if cfg.deepspeed.persistence_threshold is not None:
         zero["stage3_param_persistence_threshold"] = cfg.deepspeed.persistence_threshold
+    _size_buckets(zero, hidden)
     if cfg.deepspeed.offload_param or cfg.deepspeed.teacher_offload_param:
         zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
     return {"train_micro_batch_size_per_gpu": cfg.micro_batch_size, "gradient_accumulation_steps": 1,
@@ -291,8 +333,10 @@ class Trainer:
         if cfg.mode == "distill":
             losses.check_tokenizers(t_tok, load_tokenizer(cfg.student), cfg.teacher, cfg.student)
         self.tokenizer_dir = resolve_model_path(cfg.student if cfg.mode == "distill" else cfg.teacher)
-        s_ds = deepspeed_config(cfg, self.world)[0] if cfg.deepspeed.zero_stage == 3 else None
-        t_ds = _teacher_ds_config(cfg, self.world) if cfg.deepspeed.teacher_zero3 else None
+        trained = cfg.student if cfg.mode == "distill" else cfg.teacher
+        self.hidden = {"student": _hidden_size(trained), "teacher": _hidden_size(cfg.teacher)}
+        s_ds = deepspeed_config(cfg, self.world, self.hidden["student"])[0] if cfg.deepspeed.zero_stage == 3 else None
+        t_ds = _teacher_ds_config(cfg, self.world, self.hidden["teacher"]) if cfg.deepspeed.teacher_zero3 else None
         with partitioned(t_ds if cfg.mode == "distill" else s_ds):
             teacher = load_model(cfg.teacher, dtype=dtype, device=dev, attn_implementation=cfg.attn_implementation)
         if cfg.mode == "distill":
@@ -301,6 +345,8 @@ class Trainer:
                                      attn_implementation=cfg.attn_implementation)
         else:
             student, teacher = teacher, None
+        if cfg.deepspeed.zero_stage == 3 or cfg.deepspeed.teacher_zero3:
+            release_freed_memory()
         blocks, eval_blocks = self._data(t_tok)
         return student, teacher, blocks, eval_blocks
 
@@ -316,8 +362,12 @@ class Trainer:
         tok = load_tokenizer(cfg.student)
         self.n_tokens = len(tok)
         self.tokenizer_dir = resolve_model_path(cfg.student)
-        with partitioned(deepspeed_config(cfg, self.world)[0] if cfg.deepspeed.zero_stage == 3 else None):
+        self.hidden = {"student": _hidden_size(cfg.student), "teacher": None}  # no teacher is built
+        s_ds = deepspeed_config(cfg, self.world, self.hidden["student"])[0] if cfg.deepspeed.zero_stage == 3 else None
+        with partitioned(s_ds):
             student = load_model(cfg.student, dtype=dtype, device=dev, attn_implementation=cfg.attn_implementation)
+        if s_ds is not None:
+            release_freed_memory()
         teacher_digest = tl.model_digest(resolve_model_path(cfg.teacher)) if cfg.teacher else None
         run = tl.RunIdentity(seq_len=cfg.data.seq_len, tokenizer_digest=tl.tokenizer_digest(tok),
                              vocab_size=int(student.config.vocab_size), data_source=str(cfg.data.source),
@@ -372,6 +422,22 @@ class Trainer:
                                        text_field=d.text_field, cache=d.cache_dir)
         return blocks, eval_blocks
 
+    def _check_memory_plan(self) -> None:
+        """On a GPU, says before loading anything when the memory plan does not fit the device,
+        and names the knobs (``minitron-fast memory`` prints the whole plan)."""
+        if not torch.cuda.is_available() or self.cfg.teacher_logits:  # the plan models a live teacher only
+            return
+        from minitron_fast.distill.memory import plan_config
+
+        try:
+            p = plan_config(self.cfg, self.world, gpu_mem=torch.cuda.get_device_properties(_device()).total_memory)
+        except (MinitronError, OSError, ValueError) as exc:  # a plan is advice: never block training on it
+            log.info("no memory plan (%s)", exc)
+            return
+        if p.fits is False:
+            log.warning("memory plan: %.1f GB per GPU does not fit this %.0f GB GPU; change %s",
+                        p.total / 1e9, p.gpu_mem / 1e9, "; or ".join(p.advice(self.cfg)) or "the micro-batch")
+
     # ----- main entry
     def run(self) -> dict[str, Any]:
         cfg = self.cfg
@@ -392,6 +458,8 @@ class Trainer:
             atomic_write_text(out / "recipe.yaml", dump_config(cfg))
 
         torch.manual_seed(cfg.seed)
+        if rank == 0:
+            self._check_memory_plan()
         student, teacher, blocks, eval_blocks = self._load()
         proj = self._loss_setup(student, teacher, self.n_tokens)
         student.train()
@@ -400,7 +468,7 @@ class Trainer:
             enable_activation_checkpointing(student)
         wrapped = KDStudent(student, proj)
 
-        ds_cfg, client = deepspeed_config(cfg, world)
+        ds_cfg, client = deepspeed_config(cfg, world, self.hidden["student"])
         params = [p for p in wrapped.parameters() if p.requires_grad]
         optimizer = None
         if client:
@@ -421,7 +489,8 @@ class Trainer:
             teacher.eval()
             teacher.requires_grad_(False)
             if cfg.deepspeed.teacher_zero3:
-                t_engine, _, _, _ = deepspeed.initialize(model=teacher, config=_teacher_ds_config(cfg, world))
+                t_engine, _, _, _ = deepspeed.initialize(model=teacher, config=_teacher_ds_config(cfg, world,
+                                                                                          self.hidden["teacher"]))
                 t_engine.eval()
                 teacher = t_engine.module
         from minitron_fast.distill.teacher import LiveTeacher, StoredTeacher

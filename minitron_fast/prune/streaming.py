@@ -316,10 +316,10 @@ def prune_checkpoint(src_dir: str | os.PathLike, plan: Plan, out_dir: str | os.P
     ``streaming=True`` reads only the kept slices of each tensor from the shards (peak memory
     near the largest output tensor); ``streaming=False`` loads the model into private memory
     (``load_private``: peak the model's size), prunes it in place (``apply_plan``: it ends at the
-    pruned size) and saves it; with ``load_kwargs`` (``load_model``'s device, dtype, ...; the dtype
-    defaults to the checkpoint's), or for a MoE checkpoint (per-expert tensors on disk, stacked
-    in memory by transformers' loader), it loads through ``load_model``. ``src_dir`` is never
-    written to.
+    pruned size) and saves it (``load_kwargs``: ``load_model``'s device, dtype, attention; the
+    dtype defaults to the checkpoint's). A CUDA device, or a MoE checkpoint (per-expert tensors on
+    disk, stacked in memory by transformers' loader), loads through ``load_model`` instead.
+    ``src_dir`` is never written to.
 
     Example:
         >>> prune_checkpoint("llama-8b/", plan, "llama-4b/", streaming=True)
@@ -341,13 +341,15 @@ def prune_checkpoint(src_dir: str | os.PathLike, plan: Plan, out_dir: str | os.P
         from minitron_fast.models.export import export_hf
         from minitron_fast.prune.surgery import apply_plan
 
-        if load_kwargs or plan.source_geometry().is_moe:
+        kw = dict(load_kwargs or {})
+        dtype = kw.pop("dtype", None) or getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) \
+            or torch.float32
+        if plan.source_geometry().is_moe or torch.device(kw.get("device") or "cpu").type != "cpu":
             from minitron_fast.models.loading import load_model
 
-            dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.float32
-            model = load_model(src, **{"dtype": dtype, **(load_kwargs or {})})
+            model = load_model(src, dtype=dtype, **kw)
         else:
-            model = load_private(src)
+            model = load_private(src, dtype=dtype, attn_implementation=kw.get("attn_implementation"))
         apply_plan(model, plan, impl=impl, progress=progress)
         return export_hf(model, out, tokenizer_from=src, record=rec, overwrite=overwrite, protect=[src])
 

@@ -1,0 +1,160 @@
+"""The memory plan (``minitron-fast memory``): its accounting against DeepSpeed's estimators, the
+shipped GPU recipes' verdicts, bad input, and the estimate against a measured CPU run (25%)."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from minitron_fast.distill.config import DistillConfig, config_from_dict
+from minitron_fast.distill.memory import (GB, MemoryPlanError, ModelStats, model_config, parse_size, plan, plan_config,
+                                          plan_recipe)
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_parse_size():
+    assert parse_size("80GB") == 80e9 and parse_size("24GiB") == 24 * 2**30 and parse_size("141 GB") == 141e9
+    assert parse_size(40) == 40e9
+    with pytest.raises(MemoryPlanError, match="is not a size"):
+        parse_size("lots")
+    with pytest.raises(MemoryPlanError, match="must be positive"):
+        parse_size("0GB")
+
+
+def test_student_states_follow_deepspeeds_estimators():
+    """bf16 ZeRO-2: student params + gradients + optimizer == DeepSpeed's own estimate
+    (2P + 18P/W); ZeRO-3 is the same accounting, partitioned, plus gathered layers."""
+    t = ModelStats.of(model_config("meta-llama/Llama-3.1-8B"))
+    s = ModelStats.of(model_config("nvidia/Llama-3.1-Minitron-4B-Width-Base"))
+    assert 8.0e9 < t.params < 8.1e9 and 4.4e9 < s.params < 4.6e9     # the published 8.03B / 4.51B
+    cfg = config_from_dict({"teacher": "t", "student": "s", "data": {"seq_len": 4096},
+                            "deepspeed": {"zero_stage": 2, "bf16": True}})
+    p = plan(cfg, t, s, 8)
+    states = p.parts["student"] + p.parts["gradients"] + p.parts["optimizer"]
+    assert states == pytest.approx(p.ds_estimate, rel=1e-6)
+    cfg3 = config_from_dict({"teacher": "t", "student": "s", "deepspeed": {"zero_stage": 3, "bf16": True,
+                                                                         "teacher_zero3": True}})
+    p3 = plan(cfg3, t, s, 8)
+    assert p3.parts["teacher"] < p.parts["teacher"] / 3                # the teacher no rank holds whole
+    states3 = p3.parts["student"] + p3.parts["gradients"] + p3.parts["optimizer"]
+    assert p3.ds_estimate <= states3 <= 1.15 * p3.ds_estimate           # DS counts 18P/W, we 20P/W + 4L
+    # checkpointing: same everything else, activations layer inputs + one layer
+    on = plan(config_from_dict({**cfg.to_dict(), "activation_checkpointing": True}), t, s, 8)
+    assert on.activations_full == p.activations_full and on.parts["activations"] < p.parts["activations"] / 5
+    # the materialized loss holds [N, V] logits (N = 4 x 4095); the fused one a few [chunk, V] buffers
+    mat = plan(config_from_dict({**cfg.to_dict(), "loss": {"impl": "materialized"}}), t, s, 8)
+    assert mat.parts["kd_loss"] > 5 * p.parts["kd_loss"]
+
+
+@pytest.mark.parametrize("recipe", ["llama3.1-8b-to-4b-width", "llama3.1-8b-to-4b-depth", "mistral-nemo-12b-to-8b"])
+def test_shipped_gpu_recipes_fit_8x80gb(recipe):
+    plans = plan_recipe(recipe, gpu_mem="80GB")
+    assert {p.title.split(": ")[1] for p, _ in plans} >= {"correct_teacher", "distill"}
+    for p, cfg in plans:
+        assert p.world == 8 and p.fits, p.render(cfg)
+        assert cfg.activation_checkpointing
+    # without checkpointing the plan says no, and names the knob
+    off = plan_recipe(recipe, ["distill.activation_checkpointing=false"], gpu_mem="80GB")
+    p, cfg = [x for x in off if x[0].title.endswith("distill")][0]
+    assert p.fits is False and p.advice(cfg)[0].startswith("activation_checkpointing=true")
+
+
+def test_memory_command(tmp_path, capsys):
+    from minitron_fast.cli import main
+
+    assert main(["memory", "llama3.1-8b-to-4b-width", "--gpu-mem", "80GB", "--json", str(tmp_path / "p.json")]) == 0
+    out = capsys.readouterr().out
+    assert "verdict: fits a 80 GB GPU" in out and "kd_loss" in out and "optimizer" in out
+    rows = json.loads((tmp_path / "p.json").read_text())
+    assert all(r["fits"] for r in rows) and rows[0]["world"] == 8
+    assert main(["memory", "llama3.1-8b-to-4b-width", "distill.activation_checkpointing=false", "--gpu-mem", "80GB"]) == 1
+    assert "change: activation_checkpointing=true" in capsys.readouterr().out
+    assert main(["memory", "llama3.1-8b-to-4b-width", "--gpu-mem", "eighty"]) == 2
+    assert "error: GPU memory 'eighty' is not a size" in capsys.readouterr().err
+    assert main(["memory", str(ROOT / "configs/distill/zero3_8gpu.yaml")]) == 2
+    assert "cannot plan for model runs/" in capsys.readouterr().err
+
+
+MEASURE = textwrap.dedent("""
+    import json, os, resource, sys
+    from minitron_fast.distill import load_config, train
+    from minitron_fast.distill.trainer import init_distributed, resident_memory_mb
+    from minitron_fast.models.loading import load_tokenizer
+    overrides = json.load(open(sys.argv[-1]))
+    cfg = load_config(None, overrides)
+    init_distributed()
+    import deepspeed, transformers  # noqa: everything imported before the baseline
+    load_tokenizer(cfg.teacher)
+    base = resident_memory_mb()
+    train(cfg, progress=False)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print("RESULT " + json.dumps({"base_mb": base, "peak_mb": peak}), flush=True)
+""")
+
+
+@pytest.mark.slow
+def test_plan_within_25_percent_of_a_measured_cpu_run(tmp_path, demo_model_dir):
+    """One process, ZeRO-0, fp32 (the CPU's training dtype): the plan's total against the
+    trainer's measured peak RSS above the process's baseline (imports, tokenizer)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from minitron_fast.models.export import TOKENIZER_FILES
+
+    dirs = {}
+    for name, (h, f, heads, kv) in {"teacher": (256, 1024, 4, 2), "student": (192, 512, 3, 1)}.items():
+        torch.manual_seed(0)
+        m = LlamaForCausalLM(LlamaConfig(vocab_size=49152, hidden_size=h, intermediate_size=f, num_hidden_layers=4,
+                                         num_attention_heads=heads, num_key_value_heads=kv, head_dim=64,
+                                         max_position_embeddings=512, tie_word_embeddings=False))
+        d = dirs[name] = tmp_path / name
+        m.save_pretrained(d)
+        del m
+        for t in TOKENIZER_FILES:
+            if (Path(demo_model_dir) / t).is_file():
+                shutil.copy2(Path(demo_model_dir) / t, d / t)
+    o = {"teacher": dirs["teacher"], "student": dirs["student"], "out": tmp_path / "run", "steps": 2,
+         "micro_batch_size": 2, "grad_accum": 1, "data.seq_len": 64, "data.max_blocks": 32, "data.eval_blocks": 0,
+         "eval_every": 100, "save_every": 100, "export": False, "warmup_steps": 0, "threads": 1,
+         "ds.zero_stage": 0}
+    overrides = [f"{k}={v}" for k, v in o.items()]
+    (tmp_path / "o.json").write_text(json.dumps(overrides))
+    (tmp_path / "m.py").write_text(MEASURE)
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
+               PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env.pop("RANK", None)
+    proc = subprocess.run([sys.executable, str(tmp_path / "m.py"), str(tmp_path / "o.json")], env=env,
+                          capture_output=True, text=True, timeout=600)
+    lines = [json.loads(x[7:]) for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, proc.stderr[-3000:]
+    measured = (lines[0]["peak_mb"] - lines[0]["base_mb"]) * 2**20
+    cfg = config_from_dict({k: (str(v) if isinstance(v, Path) else v) for k, v in _nest(o).items()})
+    p = plan_config(cfg, 1)
+    assert p.parts["teacher"] > 0.2 * p.total and p.parts["optimizer"] > 0.2 * p.total   # models dominate
+    print(f"plan {p.total / GB:.3f} GB, measured {measured / GB:.3f} GB")
+    assert abs(p.total - measured) <= 0.25 * measured, (p.render(), measured / GB)
+
+
+def _nest(flat: dict) -> dict:
+    out: dict = {}
+    for k, v in flat.items():
+        parts = k.split(".")
+        parts = ["deepspeed" if parts[0] == "ds" else parts[0]] + parts[1:]
+        d = out
+        for p in parts[:-1]:
+            d = d.setdefault(p, {})
+        d[parts[-1]] = v
+    return out
+
+
+def test_unknown_model_is_a_one_line_error(tmp_path):
+    cfg = DistillConfig(teacher=str(tmp_path / "nope"), student=str(tmp_path / "nope2"))
+    with pytest.raises(MemoryPlanError, match="no config.json there"):
+        plan_config(cfg, 8)
