@@ -22,6 +22,7 @@ BENCHES: dict[str, str] = {
     "importance_quality": "bench.importance_quality",
     "prune": "bench.prune",
     "distill_step": "bench.distill_step",
+    "offline_teacher": "bench.offline_teacher",
     "paper_claims": "bench.paper_claims",
     "scale": "bench.scale",
     # needs a CUDA GPU (its CPU rehearsal is `python -m bench device_check --tiny`); `all` runs it

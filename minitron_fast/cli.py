@@ -24,6 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "importance": ("minitron_fast.commands.importance", "activation importance of heads, KV groups, neurons, channels and layers"),
     "search": ("minitron_fast.commands.search", "search student shapes at a parameter budget: prune, briefly retrain by KD, rank, write the winner's plan"),
     "prune": ("minitron_fast.commands.prune", "prune a model to a target shape from importance scores (width and depth)"),
+    "teacher-logits": ("minitron_fast.commands.teacher_logits", "run the teacher once over the train split and store its top-k logits (offline teacher)"),
     "distill": ("minitron_fast.commands.distill", "distill a student from a teacher (or correct the teacher) with DeepSpeed ZeRO"),
     "memory": ("minitron_fast.commands.memory", "per-GPU memory plan of a recipe's training stages (teacher, student, optimizer, activations, KD loss) against a GPU size"),
     "eval": ("minitron_fast.commands.eval", "held-out perplexity of a checkpoint (and lm-evaluation-harness tasks when installed)"),

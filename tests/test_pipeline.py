@@ -71,7 +71,9 @@ def test_describe_changes_and_fingerprint(tmp_path):
     assert model_fingerprint(tmp_path) != f1
 
 
-def test_launch_commands(tmp_path):
+def test_launch_commands(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the launcher checks that a hostfile exists
+    (tmp_path / "hosts").write_text("localhost slots=2\n")
     cfg = tmp_path / "c.yaml"
     one = trainer_command(cfg, num_procs=1, resume=True)
     assert one == [sys.executable, "-m", "minitron_fast.distill", "--config", str(cfg), "--resume"]

@@ -18,9 +18,10 @@ from minitron_fast.distill.config import DistillConfig
 from minitron_fast.evaluate.config import EvaluateConfig
 from minitron_fast.export.config import ExportConfig
 from minitron_fast.importance.config import ImportanceConfig
-from minitron_fast.pipeline.recipe import Recipe, ScratchSection, TrainingSection, load_recipe
+from minitron_fast.pipeline.recipe import DistillSection, Recipe, ScratchSection, TrainingSection, load_recipe
 from minitron_fast.pipeline.runner import TASK_FIELDS, PipelineRunner
 from minitron_fast.pipeline.stages import stage_key
+from minitron_fast.teacher_logits.config import TeacherLogitsConfig
 from minitron_fast.prune.config import PruneConfig
 from minitron_fast.search.config import SearchConfig
 
@@ -34,6 +35,7 @@ COMMAND_CONFIGS = [
                                                                          "0.5x"], id="search-prune"),
     pytest.param("prune", PruneConfig, None, ["--model", "m"], id="prune"),
     pytest.param("eval", EvaluateConfig, None, ["--model", "m"], id="eval"),
+    pytest.param("teacher-logits", TeacherLogitsConfig, None, ["--model", "m", "--out", "o"], id="teacher-logits"),
 ]
 
 
@@ -79,10 +81,14 @@ def test_recipe_sections_are_the_stage_configs():
     hints = typing.get_type_hints(Recipe)
     assert hints["importance"] is ImportanceConfig and hints["search"] is SearchConfig
     assert hints["prune"] is PruneConfig and hints["evaluate"] is EvaluateConfig and hints["export"] is ExportConfig
-    assert hints["distill"] is TrainingSection and hints["scratch"] is ScratchSection
+    assert hints["distill"] is DistillSection and issubclass(DistillSection, TrainingSection)
+    assert hints["scratch"] is ScratchSection and hints["teacher_logits"] is TeacherLogitsConfig
     trainer = {f.name for f in dataclasses.fields(DistillConfig)}
-    assert {f.name for f in dataclasses.fields(TrainingSection)} == trainer - {"mode", "teacher", "student", "out"} | {
-        "enabled"}
+    assert {f.name for f in dataclasses.fields(TrainingSection)} == trainer - {"mode", "teacher", "student", "out",
+                                                                              "teacher_logits"} | {"enabled"}
+    # distill's own key: the kind of teacher (online, or offline: stored logits, the teacher_logits stage)
+    assert {f.name for f in dataclasses.fields(DistillSection)} - {f.name for f in dataclasses.fields(TrainingSection)} \
+        == {"teacher"}
     for cls in (ImportanceConfig, SearchConfig, PruneConfig, DistillConfig):
         assert issubclass(cls, DeviceConfig)
     assert issubclass(ImportanceConfig, DeviceMapConfig) and issubclass(EvaluateConfig, DeviceMapConfig)
@@ -136,7 +142,7 @@ def _set(obj, path, value):
 
 STAGE_SECTIONS = [("teacher_eval", "evaluate"), ("correct_teacher", "correct_teacher"), ("importance", "importance"),
                   ("search", "search"), ("prune", "prune"), ("distill", "distill"), ("scratch", "scratch"),
-                  ("evaluate", "evaluate"), ("export", "export")]
+                  ("evaluate", "evaluate"), ("export", "export"), ("teacher_logits", "teacher_logits")]
 
 
 def _key(recipe, stage):

@@ -41,6 +41,7 @@ class ConfigError(MinitronError, ValueError):
 MODES = ("distill", "correct-teacher")
 from minitron_fast.ops.kd_loss.divergences import DIVERGENCES  # noqa: E402  (the one registry)
 LOSS_IMPLS = ("fused", "materialized")
+TOPK_SEMANTICS = ("tail", "renorm")
 
 
 def _int(name: str, v: Any, low: int | None) -> int:
@@ -76,6 +77,10 @@ class LossConfig:
     beta: float = 0.5               # generalized JSD's beta
     impl: str = "fused"             # fused: never materializes [N, V]; materialized: plain torch logits
     chunk_size: int | None = None   # tokens per chunk inside the fused loss (None: its default)
+    # A top-k teacher: with teacher_logits, the stored rows (topk: fewer than stored folds the rest
+    # into the tail; None: all stored); with a live teacher, topk truncates it the same way online.
+    topk: int | None = None
+    topk_semantics: str = "tail"    # tail: top-k + one bucket for the rest; renorm: softmax over the top-k
 
 
 @dataclass
@@ -124,6 +129,7 @@ class DistillConfig(configtools.DeviceConfig):
     mode: str = "distill"
     teacher: str | None = None
     student: str | None = None
+    teacher_logits: str | None = None  # stored top-k teacher logits (minitron-fast teacher-logits): no teacher loaded
     out: str = "runs/distill"
     steps: int = 100
     micro_batch_size: int = 4
@@ -150,8 +156,13 @@ class DistillConfig(configtools.DeviceConfig):
     def validate(self) -> "DistillConfig":
         if self.mode not in MODES:
             raise ConfigError(f"mode={self.mode!r} is not one of {MODES}")
-        if self.teacher is None:
-            raise ConfigError("the recipe names no teacher; set teacher: PATH (or demo)")
+        if self.teacher is None and not (self.teacher_logits and self.mode == "distill"):
+            raise ConfigError("the recipe names no teacher; set teacher: PATH (or demo), or teacher_logits: DIR")
+        if self.teacher_logits and self.mode != "distill":
+            raise ConfigError("teacher_logits serves mode distill only; remove it for correct-teacher")
+        if self.teacher_logits and self.intermediate.weight > 0:
+            raise ConfigError("the intermediate-state loss needs the live teacher's hidden states; "
+                              "set intermediate.weight=0 or drop teacher_logits")
         if self.mode == "distill" and self.student is None:
             raise ConfigError("mode distill needs a student; set student: PATH")
         for name in ("steps", "micro_batch_size", "grad_accum", "save_every", "eval_every", "log_every"):
@@ -183,6 +194,16 @@ class DistillConfig(configtools.DeviceConfig):
             _num(name, v, low=0.0)
         if L.chunk_size is not None:
             _int("loss.chunk_size", L.chunk_size, 1)
+        if L.topk_semantics not in TOPK_SEMANTICS:
+            raise ConfigError(f"loss.topk_semantics={L.topk_semantics!r} is not one of {TOPK_SEMANTICS}")
+        if L.topk is not None:
+            _int("loss.topk", L.topk, 1)
+        if (L.topk or self.teacher_logits) and L.impl != "fused":
+            raise ConfigError("a top-k teacher (teacher_logits or loss.topk) runs through the fused loss; "
+                              "set loss.impl=fused")
+        if (L.topk or self.teacher_logits) and L.topk_semantics == "renorm" and L.divergence == "reverse_kl":
+            raise ConfigError("reverse_kl is infinite against a renormalized top-k teacher (zero mass outside "
+                              "the top-k); use loss.topk_semantics=tail or another divergence")
         if self.mode == "distill" and L.kd_weight == 0 and L.lm_weight == 0 and self.intermediate.weight == 0:
             raise ConfigError("every loss weight is 0; set loss.kd_weight (or lm_weight / intermediate.weight)")
         for p in self.intermediate.pairs:

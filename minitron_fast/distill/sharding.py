@@ -49,14 +49,16 @@ class ShardedBlocks:
         n = self.blocks.shape[0]
         return torch.stack([self._perm(p // n)[p % n] for p in positions])
 
+    def micro_batch_indices(self, step: int) -> list[torch.Tensor]:
+        """The block indices ``[micro_batch]`` of this rank's ``grad_accum`` micro-batches of
+        optimizer step ``step`` (what keyed per-block data, such as stored teacher logits, is read by)."""
+        base = step * self.global_batch
+        return [self.indices(range(start, start + self.micro_batch))
+                for start in (base + (m * self.world + self.rank) * self.micro_batch for m in range(self.grad_accum))]
+
     def micro_batches(self, step: int) -> list[torch.Tensor]:
         """This rank's ``grad_accum`` micro-batches ``[micro_batch, T]`` of optimizer step ``step``."""
-        out = []
-        base = step * self.global_batch
-        for m in range(self.grad_accum):
-            start = base + (m * self.world + self.rank) * self.micro_batch
-            out.append(self.blocks[self.indices(range(start, start + self.micro_batch))])  # only these blocks are read
-        return out
+        return [self.blocks[i] for i in self.micro_batch_indices(step)]  # only these blocks are read
 
     def position(self, step: int) -> dict[str, int]:
         """The data position reached after ``step`` optimizer steps (stored in checkpoints)."""

@@ -270,9 +270,9 @@ def _teacher_ds_config(cfg: DistillConfig, world: int, hidden: int | None = None
 def _check_inputs(cfg: DistillConfig, out: Path) -> None:
     """The run directory must not overlap an input model directory (checked before anything is
     created in it)."""
-    for src in (cfg.teacher, cfg.student):
+    for src in (cfg.teacher, cfg.student, cfg.teacher_logits):
         if src and src != "demo" and (same_or_inside(out, src) or same_or_inside(src, out)):
-            raise ResumeError(f"refusing to write into the input model directory {src}; choose another out")
+            raise ResumeError(f"refusing to write into the input directory {src}; choose another out")
     if out.exists() and not out.is_dir():
         raise ResumeError(f"out {out} is a file; choose a directory")
 
@@ -431,6 +431,8 @@ class Trainer:
         cfg = self.cfg
         dtype = torch.bfloat16 if cfg.deepspeed.bf16 else torch.float32
         dev = cfg.train_device()  # cuda without CUDA fails here, before any model loads
+        if cfg.teacher_logits:
+            return self._load_offline(dtype, dev)
         t_tok = load_tokenizer(cfg.teacher)
         self.n_tokens = len(t_tok)
         if cfg.mode == "distill":
@@ -453,6 +455,35 @@ class Trainer:
         blocks, eval_blocks = self._data(t_tok)
         return student, teacher, blocks, eval_blocks
 
+    def _load_offline(self, dtype: torch.dtype, dev: torch.device):
+        """Student and data for a run from stored teacher logits: the teacher is never loaded;
+        the logits' manifest is checked against this run's tokenizer, data, seq_len (and teacher,
+        when the recipe names one). Returns ``(student, None, blocks, eval_blocks)``."""
+        from minitron_fast.artifacts import teacher_logits as tl
+        from minitron_fast.models.loading import load_model, load_tokenizer, resolve_model_path
+
+        cfg = self.cfg
+        reader = tl.TeacherLogits(cfg.teacher_logits)
+        tok = load_tokenizer(cfg.student)
+        self.n_tokens = len(tok)
+        self.tokenizer_dir = resolve_model_path(cfg.student)
+        self.hidden = {"student": _hidden_size(cfg.student), "teacher": None}  # no teacher is built
+        s_ds = deepspeed_config(cfg, self.world, self.hidden["student"])[0] if cfg.deepspeed.zero_stage == 3 else None
+        with partitioned(s_ds):
+            student = load_model(cfg.student, dtype=dtype, device=dev, attn_implementation=cfg.attn_implementation)
+        if s_ds is not None:
+            release_freed_memory()
+        teacher_digest = tl.model_digest(resolve_model_path(cfg.teacher)) if cfg.teacher else None
+        run = tl.RunIdentity(seq_len=cfg.data.seq_len, tokenizer_digest=tl.tokenizer_digest(tok),
+                             vocab_size=int(student.config.vocab_size), data_source=str(cfg.data.source),
+                             text_field=cfg.data.text_field, teacher_digest=teacher_digest)
+        reader.check_run(run)  # cheap checks first, then the data itself
+        blocks, eval_blocks = self._data(tok, max_blocks=reader.n_blocks if cfg.data.max_blocks is None else None)
+        # every block is checked against its stored hash as it is read; here, early, the first 1,024
+        reader.check_run(run, tl.block_hashes(blocks, limit=1024), n_blocks=len(blocks))
+        self.stored_logits = reader
+        return student, None, blocks, eval_blocks
+
     def _loss_setup(self, student: nn.Module, teacher: nn.Module | None, n_tokens: int) -> nn.Module | None:
         """The KD step's options (``self.spec``), the intermediate pairs and the student->teacher
         projection (returned; None without pairs), from the recipe and both models."""
@@ -462,6 +493,12 @@ class Trainer:
         self.pairs: list[tuple[int, int]] = []
         if cfg.mode == "correct-teacher":
             self.spec = losses.kd_spec(cfg.loss, **head_options(student)).lm_only()
+            return None
+        if cfg.teacher_logits:  # stored rows of the teacher's vocabulary; a padded student head is cut to it
+            opts = head_options(student)
+            if student.config.vocab_size > self.stored_logits.vocab_size:
+                opts["vocab_size"] = self.stored_logits.vocab_size
+            self.spec = losses.kd_spec(cfg.loss, **opts)
             return None
         proj = None
         if cfg.intermediate.weight > 0:
@@ -475,13 +512,13 @@ class Trainer:
                                    **head_options(student, teacher, n_tokens))
         return proj
 
-    def _data(self, tokenizer):
+    def _data(self, tokenizer, *, max_blocks: int | None = None):
         """The training split as memory-mapped ``TokenBlocks`` (each rank reads only the blocks of
         its micro-batches) and the held-out blocks (a small ``[n, T]`` tensor, or None)."""
         from minitron_fast.data import TokenBlocks, token_blocks
 
         d = self.cfg.data
-        blocks = TokenBlocks.open(tokenizer, d.source, "train", d.seq_len, max_blocks=d.max_blocks,
+        blocks = TokenBlocks.open(tokenizer, d.source, "train", d.seq_len, max_blocks=max_blocks or d.max_blocks,
                                   text_field=d.text_field, cache=d.cache_dir,
                                   progress=self.progress and int(os.environ.get("RANK", "0")) == 0).require_one()
         eval_blocks = None
@@ -493,7 +530,7 @@ class Trainer:
     def _check_memory_plan(self) -> None:
         """On a GPU, says before loading anything when the memory plan does not fit the device,
         and names the knobs (``minitron-fast memory`` prints the whole plan)."""
-        if not torch.cuda.is_available():
+        if not torch.cuda.is_available() or self.cfg.teacher_logits:  # the plan models a live teacher only
             return
         from minitron_fast.distill.memory import plan_config
 
@@ -580,7 +617,15 @@ class Trainer:
                                                                                           self.hidden["teacher"]))
                 t_engine.eval()
                 teacher = t_engine.module
-        self.teacher = teacher
+        from minitron_fast.distill.teacher import LiveTeacher, StoredTeacher
+
+        L = cfg.loss
+        if cfg.teacher_logits:  # the teacher's source: stored rows, or the (optionally top-k) live model
+            self.teacher = StoredTeacher(self.stored_logits, topk=L.topk, semantics=L.topk_semantics)
+        elif teacher is not None:
+            self.teacher = LiveTeacher(teacher, topk=L.topk, semantics=L.topk_semantics)
+        else:
+            self.teacher = None
 
         data = ShardedBlocks(blocks, world=world, rank=rank, micro_batch=cfg.micro_batch_size,
                              grad_accum=cfg.grad_accum, seed=cfg.data.seed)
@@ -615,11 +660,14 @@ class Trainer:
         return result
 
     # ----- one micro-batch
-    def _step(self, engine, ids: torch.Tensor, num_items: float) -> dict[str, torch.Tensor]:
-        """The loss terms of one micro-batch, each ``sum / num_items``: the KD step
-        (``integrations.kd_step``) run as the engine's forward, so ZeRO-3 gathers the student's
-        lm_head and projection inside it and again for backward."""
-        return engine(ids.to(_device()), self.teacher, spec=self.spec, num_items=num_items, pairs=self.pairs)
+    def _step(self, engine, ids: torch.Tensor, blocks: torch.Tensor, num_items: float) -> dict[str, torch.Tensor]:
+        """The loss terms of one micro-batch (train blocks ``blocks``), each ``sum / num_items``: the
+        KD step (``integrations.kd_step``) run as the engine's forward, so ZeRO-3 gathers the
+        student's lm_head and projection inside it and again for backward. The teacher comes from
+        its source (``distill.teacher``): the model, or top-k rows (stored, or made online)."""
+        ids = ids.to(_device())
+        teacher = self.teacher.for_batch(ids, blocks) if self.teacher is not None else None
+        return engine(ids, teacher, spec=self.spec, num_items=num_items, pairs=self.pairs)
 
     # ----- training loop
     def _loop(self, engine, data: ShardedBlocks, eval_blocks, start: int, ckpt_dir: Path, metrics_path: Path):
@@ -637,12 +685,13 @@ class Trainer:
         for step in range(start, cfg.steps):
             t0 = time.perf_counter()
             lr_now = engine.get_lr()[0] if engine.get_lr() else None  # the lr this step applies
-            micros = data.micro_batches(step)
+            block_ids = data.micro_batch_indices(step)
+            micros = [data.blocks[i] for i in block_ids]
             n_local = sum((m[:, 1:] != losses.IGNORE_INDEX).sum().item() for m in micros)
             num_items = float(_all_reduce(torch.tensor([float(n_local)], dtype=torch.float64))[0])
             sums: dict[str, float] = {}
-            for ids in micros:
-                parts = self._step(engine, ids, num_items)
+            for ids, blk in zip(micros, block_ids):
+                parts = self._step(engine, ids, blk, num_items)
                 check = _all_reduce(parts["loss"].detach().float().reshape(1).clone())
                 if not torch.isfinite(check).all():
                     raise NaNLossError(
@@ -736,7 +785,8 @@ class Trainer:
                 if plan is not None:
                     record["plan"] = plan
                 export_hf(model, final, tokenizer_from=self.tokenizer_dir, record=record, overwrite=True,
-                          protect=[p for p in (self.cfg.teacher, self.cfg.student) if p and p != "demo"])
+                          protect=[p for p in (self.cfg.teacher, self.cfg.student, self.cfg.teacher_logits)
+                                   if p and p != "demo"])
         _barrier()
 
 

@@ -45,6 +45,7 @@ from minitron_fast.export.config import ExportConfig
 from minitron_fast.importance.config import ImportanceConfig
 from minitron_fast.prune.config import PruneConfig
 from minitron_fast.search.config import SearchConfig
+from minitron_fast.teacher_logits.config import TeacherLogitsConfig
 
 
 class RecipeError(MinitronError, ValueError):
@@ -71,7 +72,8 @@ class LaunchSection:
 
 
 # Keys of a training section that the pipeline sets itself (never the user).
-_RESERVED = ("mode", "teacher", "student", "out")
+_RESERVED = ("mode", "teacher", "student", "out", "teacher_logits")
+TEACHER_KINDS = ("online", "offline")
 # Keys of a training section's ``data`` that come from the recipe's ``data`` section.
 _DATA_FROM_RECIPE = ("source", "text_field", "seq_len")
 # Keys the ``scratch`` baseline takes from ``distill`` unless it sets them (the same token count).
@@ -113,12 +115,19 @@ TrainingSection = _typed_section("TrainingSection", DistillConfig, drop=_RESERVE
                                  types={"data": TrainingData}, enabled=True,
                                  doc="A training stage's keys: DistillConfig's, less mode/teacher/student/out.")
 #: ``scratch``: as TrainingSection; the keys in _SCRATCH_INHERITS default to distill's (None).
+#: ``distill``: TrainingSection plus ``teacher``, the kind of teacher (its path is the recipe's).
+DistillSection = dataclasses.make_dataclass(
+    "DistillSection", [("teacher", str, field(default="online", metadata={
+        "help": "online: the (corrected) teacher model runs beside the student; offline: its top-k logits are "
+                "written once by the teacher_logits stage and no teacher is loaded", "choices": TEACHER_KINDS}))],
+    bases=(TrainingSection,), namespace={"__module__": __name__})
+DistillSection.__doc__ = "The distill stage: TrainingSection's keys plus teacher: online | offline."
 ScratchSection = _typed_section("ScratchSection", TrainingSection, drop=(), none=("seed",) + _SCRATCH_INHERITS,
                                 doc="The from-scratch baseline: TrainingSection's keys; None takes distill's.")
 
 
-STAGES = ("teacher_eval", "correct_teacher", "importance", "search", "prune", "distill", "scratch", "evaluate",
-          "export")
+STAGES = ("teacher_eval", "correct_teacher", "teacher_logits", "importance", "search", "prune", "distill", "scratch",
+          "evaluate", "export")
 
 
 @dataclass
@@ -133,7 +142,8 @@ class Recipe:
     importance: ImportanceConfig = field(default_factory=ImportanceConfig)
     search: SearchConfig = field(default_factory=SearchConfig)
     prune: PruneConfig = field(default_factory=PruneConfig)
-    distill: TrainingSection = field(default_factory=TrainingSection)
+    distill: DistillSection = field(default_factory=DistillSection)
+    teacher_logits: TeacherLogitsConfig = field(default_factory=TeacherLogitsConfig)  # distill.teacher: offline
     scratch: ScratchSection = field(default_factory=lambda: ScratchSection(enabled=False))
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
@@ -177,9 +187,15 @@ class Recipe:
             raise RecipeError(f"launch.num_procs must be at least 1, got {self.launch.num_procs}")
         if self.launch.launcher not in ("auto", "deepspeed", "torchrun", "none"):
             raise RecipeError(f"launch.launcher={self.launch.launcher!r} is not one of auto, deepspeed, torchrun, none")
+        if self.distill.teacher not in TEACHER_KINDS:
+            raise RecipeError(f"distill.teacher={self.distill.teacher!r} is not one of {', '.join(TEACHER_KINDS)} (the "
+                              "teacher model itself is the recipe's teacher)")
         for section in ("correct_teacher", "distill", "scratch"):
             if stage_enabled(self, section):
-                training_config(self, section, teacher="<teacher>", student="<student>", out="<out>")
+                training_config(self, section, teacher="<teacher>", student="<student>", out="<out>",
+                                teacher_logits="<teacher_logits>" if offline_teacher(self) else None)
+        if offline_teacher(self):
+            teacher_logits_config(self)
         return self
 
 
@@ -188,8 +204,32 @@ def stage_enabled(recipe: Recipe, section: str) -> bool:
     return bool(getattr(recipe, section).enabled)
 
 
+def offline_teacher(recipe: Recipe) -> bool:
+    """Whether distill reads stored top-k teacher logits (``distill.teacher: offline``)."""
+    return recipe.distill.teacher == "offline" and stage_enabled(recipe, "distill")
+
+
+def teacher_logits_config(recipe: Recipe, *, check: bool = True) -> TeacherLogitsConfig:
+    """The teacher-logits stage's config: the recipe's ``teacher_logits`` section with ``seq_len``
+    the data's and, unless set, ``samples`` the train blocks distill reads
+    (``distill.data.max_blocks``; the whole split when that is unset too). ``check``: refuse a
+    ``seq_len`` other than the data's and invalid values (one-line RecipeError)."""
+    tl = recipe.teacher_logits
+    if check and tl.seq_len is not None and tl.seq_len != recipe.data.seq_len:
+        raise RecipeError(f"teacher_logits.seq_len={tl.seq_len} differs from data.seq_len={recipe.data.seq_len}, which "
+                          "distill trains on; remove teacher_logits.seq_len")
+    samples = tl.samples if tl.samples is not None else recipe.distill.data.max_blocks
+    cfg = dataclasses.replace(tl, seq_len=tl.seq_len or recipe.data.seq_len, samples=samples)
+    if not check:
+        return cfg
+    try:
+        return cfg.validate("teacher_logits.")
+    except MinitronError as exc:
+        raise RecipeError(str(exc)) from None
+
+
 def training_config(recipe: Recipe, section: str, *, teacher: str, student: str | None, out: str,
-                    validate: bool = True) -> dict[str, Any]:
+                    validate: bool = True, teacher_logits: str | None = None) -> dict[str, Any]:
     """The distillation trainer's recipe (a plain dict of DistillConfig's keys) for a training section.
 
     ``correct_teacher`` runs the trainer's ``correct-teacher`` mode (LM loss on the teacher);
@@ -201,6 +241,7 @@ def training_config(recipe: Recipe, section: str, *, teacher: str, student: str 
     """
     sec = dataclasses.asdict(getattr(recipe, section))
     sec.pop("enabled", None)
+    sec.pop("teacher", None)  # distill's teacher kind; the path is the pipeline's (offline: teacher_logits)
     if section == "scratch":
         dist = dataclasses.asdict(recipe.distill)
         sec.update({k: dist[k] for k in _SCRATCH_INHERITS if sec[k] is None})
@@ -214,7 +255,7 @@ def training_config(recipe: Recipe, section: str, *, teacher: str, student: str 
     if recipe.threads and cfg["threads"] is None:
         cfg["threads"] = recipe.threads
     if section == "distill":
-        cfg.update(mode="distill", student=student)
+        cfg.update(mode="distill", student=student, teacher_logits=teacher_logits)
     else:  # correct_teacher and scratch both train one model with the LM loss
         cfg.update(mode="correct-teacher", student=None)
     if validate:
@@ -275,7 +316,7 @@ def recipe_from_dict(d: dict[str, Any]) -> Recipe:
         if not isinstance(sec, dict):
             continue
         for k in _RESERVED:
-            if k in sec:
+            if k in sec and not (section == "distill" and k == "teacher"):
                 raise RecipeError(f"{section}.{k} is set by the pipeline; remove it from the recipe")
         for k in _DATA_FROM_RECIPE:
             if isinstance(sec.get("data"), dict) and k in sec["data"]:

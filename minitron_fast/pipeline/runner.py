@@ -5,6 +5,8 @@ Stages, each cached in ``<out>/<stage>/`` by a hash of its inputs (``stages.py``
 1. ``teacher_eval``     held-out perplexity of the teacher
 2. ``correct_teacher``  LM-loss fine-tune of the teacher on the distillation data (the trainer,
                         ``python -m minitron_fast.distill``, on DeepSpeed), then its perplexity
+   ``teacher_logits``   with ``distill.teacher: offline``: the (corrected) teacher's top-k logits
+                        over the train blocks distill reads (``minitron_fast.teacher_logits``)
 3. ``importance``       activation scores of the (corrected) teacher (``minitron_fast.importance``)
 4. ``search``           optional: candidate shapes at a budget, briefly retrained, best kept
 5. ``prune``            plan from the scores + target, checkpoint-to-checkpoint prune, perplexity
@@ -36,7 +38,8 @@ from minitron_fast.configtools import DeviceConfig
 from minitron_fast.distill.launch import launcher_env, trainer_command
 from minitron_fast.errors import MinitronError
 from minitron_fast.io import atomic_write_text, same_or_inside
-from minitron_fast.pipeline.recipe import Recipe, check_against_teacher, stage_enabled, training_config
+from minitron_fast.pipeline.recipe import (Recipe, check_against_teacher, offline_teacher, stage_enabled,
+                                            teacher_logits_config, training_config)
 from minitron_fast.pipeline.stages import StageCache, model_fingerprint, stable_hash
 
 log_ = logging.getLogger(__name__)
@@ -114,9 +117,11 @@ class PipelineRunner:
             self.log(f"    {desc} {task}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
         return res
 
-    def train(self, section: str, d: Path, resume: bool, *, teacher: str, student: str | None) -> dict[str, Any]:
+    def train(self, section: str, d: Path, resume: bool, *, teacher: str, student: str | None,
+              teacher_logits: str | None = None) -> dict[str, Any]:
         """Writes the trainer recipe for ``section`` into ``d`` and runs the trainer there."""
-        cfg = training_config(self.recipe, section, teacher=teacher, student=student, out=str(d / "run"))
+        cfg = training_config(self.recipe, section, teacher=teacher, student=student, out=str(d / "run"),
+                              teacher_logits=teacher_logits)
         cfg_path = d / "trainer.yaml"
         atomic_write_text(cfg_path, yaml.safe_dump(cfg, sort_keys=False))
         launch = self.recipe.launch
@@ -148,9 +153,13 @@ class PipelineRunner:
         if stage == "prune":
             return dataclasses.replace(r.prune, target=target if target is not None else r.prune.target)
         if stage in ("correct_teacher", "distill", "scratch"):
-            return training_config(r, stage, teacher="<teacher>", student="<student>", out="<out>", validate=False)
+            logits = "<teacher_logits>" if stage == "distill" and offline_teacher(r) else None
+            return training_config(r, stage, teacher="<teacher>", student="<student>", out="<out>", validate=False,
+                                   teacher_logits=logits)
         if stage == "export":
             return r.export
+        if stage == "teacher_logits":
+            return teacher_logits_config(r, check=False)
         raise KeyError(stage)
 
     def heldout_id(self) -> dict[str, Any]:
@@ -172,7 +181,7 @@ class PipelineRunner:
         if stage == "search":
             inputs["prune"] = {k: dataclasses.asdict(self.recipe.prune)[k] for k in ("depth_metric", "depth_mode")}
             inputs["data"] = dataclasses.asdict(self.recipe.data)
-        elif stage == "importance":
+        elif stage in ("importance", "teacher_logits"):
             inputs["data"] = dataclasses.asdict(self.recipe.data)
         elif stage in ("evaluate", "export"):
             pass
@@ -241,6 +250,22 @@ class PipelineRunner:
             ct = c.skip("correct_teacher", "disabled in the recipe (correct_teacher.enabled: false)")
             corrected_path, corrected_id = teacher_path, teacher_id
 
+        # 2b. offline teacher (distill.teacher: offline): the (corrected) teacher's top-k logits over
+        # the blocks distill reads, written once; the distill stage then loads no teacher.
+        tl_stage = None
+        if offline_teacher(r):
+            def write_logits(d: Path, resume: bool) -> dict[str, Any]:
+                from minitron_fast.teacher_logits import write_teacher_logits
+
+                m = write_teacher_logits(str(corrected_path), r.data.source, out=d / "logits",
+                                         config=self.stage_config("teacher_logits"), text_field=r.data.text_field,
+                                         progress=self.progress, log=self.log)
+                return {"dir": str(d / "logits"), "top_k": m["top_k"], "tokens": m["n_blocks"] * m["rows_per_block"],
+                        "bytes_per_token": m["bytes_per_token"], "write_seconds": m["write_seconds"]}
+
+            tl_stage = c.run("teacher_logits", self.stage_inputs("teacher_logits", {"model": corrected_id}),
+                             write_logits)
+
         # 3. importance
         def importance(d: Path, resume: bool) -> dict[str, Any]:
             from minitron_fast.importance import run_importance
@@ -291,11 +316,17 @@ class PipelineRunner:
 
         # 6. distill
         if stage_enabled(r, "distill"):
+            logits_dir = tl_stage.outputs["dir"] if tl_stage is not None else None
+
             def distill(d: Path, resume: bool) -> dict[str, Any]:
-                out = self.train("distill", d, resume, teacher=str(corrected_path), student=student_path)
+                out = self.train("distill", d, resume, teacher=str(corrected_path), student=student_path,
+                                 teacher_logits=logits_dir)
                 return dict(out, **self.evaluate(out["model"], "distilled student"))
 
-            di = c.run("distill", self.stage_inputs("distill", {"prune": pr.key, "teacher": corrected_id}), distill)
+            upstream = {"prune": pr.key, "teacher": corrected_id}
+            if tl_stage is not None:
+                upstream["teacher_logits"] = tl_stage.key
+            di = c.run("distill", self.stage_inputs("distill", upstream), distill)
         else:
             di = c.skip("distill", "disabled in the recipe (distill.enabled: false)")
 
