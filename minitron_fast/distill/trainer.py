@@ -395,6 +395,8 @@ def _check_model_inputs(cfg: DistillConfig) -> None:
     from minitron_fast.models.loading import check_seq_len, load_config
 
     for role in ("teacher", "student") if cfg.mode == "distill" else ("teacher",):
+        if getattr(cfg, role) is None:  # distillation from stored teacher logits names no teacher model
+            continue
         check_seq_len(load_config(getattr(cfg, role)), cfg.data.seq_len, what=f"data.seq_len ({role})")
 
 
