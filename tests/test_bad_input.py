@@ -179,6 +179,7 @@ def _d(root: Path, *overrides: str) -> list[str]:
 M = "--model {r}/model"
 IMP = "importance --data {r}/data.txt --samples 2 --seq-len 16 --batch-size 2 --threads 1 --no-heatmap"
 PRUNE = "prune --model {r}/model --scores {r}/scores.safetensors --target ffn=32"
+TL = "teacher-logits --data {r}/data.txt --top-k 4 --seq-len 16 --samples 2"
 EVAL = "eval --data {r}/data.txt --seq-len 16 --eval-blocks 1 --batch-size 1"
 SEARCH = "search --model {r}/model --scores {r}/scores.safetensors --params 0.9x --data {r}/data.txt --seq-len 16"
 
@@ -403,6 +404,11 @@ ROWS: list[tuple] = [
     ("memory-bad-override", "memory demo distill.micro_batch_size=0", 2, "micro_batch_size must be at least 1"),
     ("demo-max-tokens-0", "demo --max-tokens 0 --out {r}/demo", 2, "--max-tokens must be positive"),
     ("demo-redo-bogus", "demo --redo bogus --out {r}/demo", 2, "unknown stage"),
+    ("teacher-logits-missing-model", TL + " --model {r}/nope --out {r}/tl", 2, "does not exist"),
+    ("teacher-logits-top-k-0", TL + " " + M + " --out {r}/tl --top-k 0", 2, "top_k"),
+    ("teacher-logits-out-in-model", TL + " " + M + " --out {r}/model/tl", 2, "refusing to write teacher logits into the input"),
+    ("teacher-logits-out-is-data", TL + " " + M + " --out {r}/data.txt", 2, "data.txt"),
+    ("teacher-logits-seq-len-past-context", TL + " " + M + " --out {r}/tl --seq-len 65", 2, "max_position_embeddings"),
     ("unknown-subcommand", "frobnicate", 2, "invalid choice"),
 ]
 

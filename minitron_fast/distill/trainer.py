@@ -272,7 +272,8 @@ def _check_inputs(cfg: DistillConfig, out: Path) -> None:
     created in it)."""
     for src in (cfg.teacher, cfg.student, cfg.teacher_logits):
         if src and src != "demo" and (same_or_inside(out, src) or same_or_inside(src, out)):
-            raise ResumeError(f"refusing to write into the input directory {src}; choose another out")
+            what = "stored teacher logits" if src == cfg.teacher_logits else "model"
+            raise ResumeError(f"refusing to write into the input {what} directory {src}; choose another out")
     if out.exists() and not out.is_dir():
         raise ResumeError(f"out {out} is a file; choose a directory")
 

@@ -70,7 +70,7 @@ def write_teacher_logits(model: str | os.PathLike = "demo", data: str | os.PathL
     from tqdm.auto import tqdm
 
     from minitron_fast.data import TokenBlocks
-    from minitron_fast.models.loading import load_config, load_model, load_tokenizer, resolve_model_path
+    from minitron_fast.models.loading import check_seq_len, load_config, load_model, load_tokenizer, resolve_model_path
 
     log = log or log_.info
     cfg = (config or TeacherLogitsConfig()).validate()
@@ -82,7 +82,9 @@ def write_teacher_logits(model: str | os.PathLike = "demo", data: str | os.PathL
     for src in [model_path] + ([Path(data)] if str(data) != "demo" and Path(data).exists() else []):
         if same_or_inside(out, src):
             raise tl.TeacherLogitsError(f"refusing to write teacher logits into the input {src}; choose another --out")
-    vocab = int(load_config(model_path).vocab_size)
+    config = load_config(model_path)
+    check_seq_len(config, seq_len)
+    vocab = int(config.vocab_size)
     if cfg.top_k > vocab:
         raise tl.TeacherLogitsError(f"--top-k {cfg.top_k} exceeds the teacher's vocabulary of {vocab} tokens")
     tok = load_tokenizer(model)
