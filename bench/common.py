@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -81,8 +80,10 @@ def rss_mb() -> float:
 
 
 def peak_rss_mb() -> float:
-    """Peak resident set size of this process so far, MB (Linux ru_maxrss is in KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """Peak resident set size of this process so far, MB (``VmHWM``; see ``minitron_fast.io.peak_rss_mb``)."""
+    from minitron_fast.io import peak_rss_mb as peak
+
+    return peak()
 
 
 def run_in_subprocess(target: str, kwargs: dict[str, Any], *, timeout: float | None = None) -> dict[str, Any]:

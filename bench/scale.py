@@ -30,7 +30,6 @@ import argparse
 import json
 import os
 import random
-import resource
 import statistics
 import subprocess
 import sys
@@ -39,6 +38,8 @@ import textwrap
 import time
 from pathlib import Path
 from typing import Any
+
+from minitron_fast.io import peak_rss_mb
 
 HELP = "scale rehearsal: streaming tokenization (small/large corpus) and a ZeRO-3-partitioned teacher on 2 CPU ranks vs 1 process"
 
@@ -97,11 +98,11 @@ def tokenize_case(corpus: str, cache: str, tokenizer: str = "demo") -> dict[str,
     from minitron_fast.models.loading import load_tokenizer
 
     tok = load_tokenizer(tokenizer)
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    base = peak_rss_mb()
     t0 = time.perf_counter()
     corpus_obj = open_corpus(tok, corpus, cache=cache, progress=False)
     dt = time.perf_counter() - t0
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = peak_rss_mb()
     n = corpus_obj.n_tokens
     # checks: documents tile the token file; a block decodes to text of the corpus
     ok = bool(corpus_obj.doc_ends[-1] == n and np.all(np.diff(corpus_obj.doc_ends) > 0))
@@ -194,14 +195,15 @@ def build_models(work: Path, size: str, vocab: int | None, shard_mb: int) -> tup
 
 
 WORKER = textwrap.dedent("""
-    import json, os, resource, sys
+    import json, os, sys
     from minitron_fast.distill import load_config, train
     from minitron_fast.distill.trainer import read_metrics
+    from minitron_fast.io import peak_rss_mb
     overrides = json.load(open(sys.argv[-1]))
     res = train(load_config(None, overrides), progress=False)
     out = [o.split("=", 1)[1] for o in overrides if o.startswith("out=")][0]
     rank = int(os.environ.get("RANK", "0"))
-    line = {"rank": rank, "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "result": res}
+    line = {"rank": rank, "peak_mb": peak_rss_mb(), "result": res}
     if rank == 0:
         line["metrics"] = read_metrics(os.path.join(out, "metrics.jsonl"))
     with open(sys.argv[-1] + f".rank{rank}.result", "w") as f:  # (ranks' stdout lines can interleave)

@@ -353,3 +353,19 @@ def save_figure(fig: Any, path: PathLike, *, dpi: int = 100) -> Path:
     plt.close(fig)
     atomic_write_bytes(path, buf.getvalue())
     return Path(path)
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set size of this process, MB: ``VmHWM`` of ``/proc/self/status``, which
+    starts afresh with each ``exec``. (``ru_maxrss`` does not: Linux carries it across fork + exec,
+    so a child of a large process would report at least its parent's size.)"""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -83,7 +83,7 @@ def test_memory_command(tmp_path, capsys):
 
 
 MEASURE = textwrap.dedent("""
-    import json, os, resource, sys
+    import json, os, sys
     from minitron_fast.distill import load_config, train
     from minitron_fast.distill.trainer import init_distributed, resident_memory_mb
     from minitron_fast.models.loading import load_tokenizer
@@ -94,7 +94,9 @@ MEASURE = textwrap.dedent("""
     load_tokenizer(cfg.teacher)
     base = resident_memory_mb()
     train(cfg, progress=False)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    # VmHWM, not ru_maxrss: Linux carries ru_maxrss across fork + exec, so a child of a large
+    # pytest process would start at its parent's RSS
+    peak = next(int(ln.split()[1]) for ln in open("/proc/self/status") if ln.startswith("VmHWM:")) / 1024
     print("RESULT " + json.dumps({"base_mb": base, "peak_mb": peak}), flush=True)
 """)
 

@@ -23,7 +23,6 @@ import json
 import logging
 import math
 import os
-import resource
 import shutil
 import time
 from pathlib import Path
@@ -40,7 +39,7 @@ from minitron_fast.errors import MinitronError
 from minitron_fast.integrations.kd_step import KDStudent, head_options
 from minitron_fast.integrations.zero3 import gathered
 from minitron_fast.io import (LOCK, MARKER, RunLock, atomic_write_json, atomic_write_text, clean_stale_tmp_in,
-                              same_or_inside, save_figure, write_marker)
+                              peak_rss_mb, same_or_inside, save_figure, write_marker)
 
 log = logging.getLogger("minitron_fast.distill")
 
@@ -105,7 +104,7 @@ def peak_memory_mb() -> float:
     """Peak device memory (CUDA) or peak resident set size of this process (CPU), MB."""
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return peak_rss_mb()
 
 
 @contextlib.contextmanager
