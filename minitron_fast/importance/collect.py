@@ -51,8 +51,10 @@ def _check_agg(name: str, agg: str) -> None:
         raise MinitronError(f"{name} must be one of {AGGS}, got {agg!r}")
 
 
-def seq_aggregate(s1: torch.Tensor | None, s2: torch.Tensor | None, n: torch.Tensor, agg: str) -> torch.Tensor:
-    """Per-sample values ``[B, U]`` from the sums over valid tokens (``n [B, 1]`` tokens each)."""
+def aggregate(s1: torch.Tensor | None, s2: torch.Tensor | None, n: torch.Tensor | int, agg: str) -> torch.Tensor:
+    """Aggregated values from streamed sums ``s1 = sum x`` and ``s2 = sum x**2`` over ``n`` items:
+    ``mean`` = s1 / n, ``l2`` = sqrt(s2), ``var`` = s2 / n - mean**2. Used twice: over a sample's
+    valid tokens (``[B, U]`` sums, ``n [B, 1]``), then over samples of those per-sample values."""
     if agg == "mean":
         return s1 / n
     if agg == "l2":
@@ -61,14 +63,8 @@ def seq_aggregate(s1: torch.Tensor | None, s2: torch.Tensor | None, n: torch.Ten
     return (s2 / n - mean * mean).clamp_min(0)
 
 
-def batch_aggregate(S1: torch.Tensor | None, S2: torch.Tensor | None, N: int, agg: str) -> torch.Tensor:
-    """Per-unit scores from the sums over samples of the per-sample values."""
-    if agg == "mean":
-        return S1 / N
-    if agg == "l2":
-        return S2.sqrt()
-    mean = S1 / N
-    return (S2 / N - mean * mean).clamp_min(0)
+# the two stages of the papers' aggregation (over the sequence, then over the batch): one formula
+seq_aggregate = batch_aggregate = aggregate
 
 
 class _Stat:
