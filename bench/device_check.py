@@ -373,64 +373,10 @@ def check_compaction(dev: Device, s: Shapes) -> list[dict[str, Any]]:
 # -- 2. the KD loss against its peers ------------------------------------------------------------
 
 def _kd_step(impl: str, h, W, th, tW, labels) -> Callable[[], Any]:
-    """``step()``: one forward+backward of ``impl`` (grads land in ``h.grad`` / ``W.grad``)."""
-    import torch
+    """``step()``: one forward+backward of ``impl`` (``bench.kd_loss``'s steps, on the inputs' device)."""
+    from bench.kd_loss import make_step
 
-    if impl in ("minitron_fast", "minitron_fast_torch"):
-        from minitron_fast import fused_linear_kd_loss
-
-        which = "torch" if impl == "minitron_fast_torch" else "auto"
-
-        def step():
-            h.grad = W.grad = None
-            loss = fused_linear_kd_loss(h, W, th, tW, labels=labels, impl=which)
-            loss.backward()
-            return loss
-    elif impl == "torch_naive":
-        def step():
-            h.grad = W.grad = None
-            zs, zt = (h @ W.T).float(), (th @ tW.T).float()
-            valid = labels != -100
-            kl = torch.nn.functional.kl_div(zs.log_softmax(-1), zt.log_softmax(-1), log_target=True,
-                                            reduction="none").sum(-1)
-            loss = (kl * valid).sum() / valid.sum().clamp_min(1)
-            loss.backward()
-            return loss
-    elif impl == "liger_fused_jsd":
-        from liger_kernel.transformers import LigerFusedLinearJSD
-
-        fn = LigerFusedLinearJSD(jsd_beta=0.0, temperature=1.0)
-
-        def step():
-            h.grad = W.grad = None
-            loss = fn(h, W, th, tW, labels)
-            loss.backward()
-            return loss
-    elif impl == "liger_chunked":
-        from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss
-
-        fn = LigerFusedLinearJSDLoss(weight_hard_loss=0.0, weight_soft_loss=1.0, beta=0.0, temperature=1.0)
-
-        def step():
-            h.grad = W.grad = None
-            loss = fn(h, W, th, tW, labels)
-            loss.backward()
-            return loss
-    elif impl == "gemm_floor":
-        N, V = h.shape[0], W.shape[0]
-        zs = torch.ones(N, V, device=h.device, dtype=h.dtype)
-        zt = torch.ones_like(zs)
-        dh, dW = torch.ones_like(h), torch.ones_like(W)
-        hd, Wd = h.detach(), W.detach()
-
-        def step():
-            torch.mm(hd, Wd.T, out=zs)
-            torch.mm(th, tW.T, out=zt)
-            torch.mm(zs, Wd, out=dh)
-            torch.mm(zs.T, hd, out=dW)
-    else:
-        raise ValueError(f"unknown impl {impl!r}; known: {KD_IMPLS}")
-    return step
+    return make_step(impl, h, W, th, tW, labels, liger_compiled=h.is_cuda)
 
 
 def bench_kd_loss(dev: Device, s: Shapes, budget: Budget) -> list[dict[str, Any]]:

@@ -110,8 +110,10 @@ def rows_impl_of(impl, divergence, h):
                              teacher_kind="topk" if divergence == "topk" else "hidden")
 
 
-def _make_step(impl, h, W, th, tW, labels, divergence="forward_kl"):
-    """Returns ``step() -> loss`` doing forward+backward (grads land in h.grad / W.grad)."""
+def make_step(impl, h, W, th, tW, labels, divergence="forward_kl", *, liger_compiled=False):
+    """Returns ``step() -> loss`` doing forward+backward (grads land in h.grad / W.grad), on the
+    inputs' device and dtype (``bench device_check`` times the same steps on a GPU in bf16; there
+    Liger's chunked loss runs compiled, as its users get it)."""
     import torch
 
     if impl in ("minitron_fast", "minitron_fast_torch"):
@@ -134,8 +136,8 @@ def _make_step(impl, h, W, th, tW, labels, divergence="forward_kl"):
 
         def step():
             h.grad = W.grad = None
-            zs = h @ W.T
-            zt = th @ tW.T
+            zs = (h @ W.T).float()  # fp32 softmax math whatever the inputs' dtype
+            zt = (th @ tW.T).float()
             valid = labels != -100
             kl = formula(torch.log_softmax(zs, -1), torch.log_softmax(zt, -1), 0.5)
             loss = (kl * valid).sum() / valid.sum().clamp_min(1)
@@ -147,7 +149,19 @@ def _make_step(impl, h, W, th, tW, labels, divergence="forward_kl"):
         if divergence == "topk":
             raise ValueError("liger_chunked has no top-k teacher (compare topk with forward_kl)")
         fn = LigerFusedLinearJSDLoss(weight_hard_loss=0.0, weight_soft_loss=1.0, beta=_LIGER_BETA[divergence],
-                                     temperature=1.0, compiled=False)
+                                     temperature=1.0, compiled=liger_compiled)
+
+        def step():
+            h.grad = W.grad = None
+            loss = fn(h, W, th, tW, labels)
+            loss.backward()
+            return loss
+    elif impl == "liger_fused_jsd":  # Liger's Triton fused linear JSD (CUDA only)
+        from liger_kernel.transformers import LigerFusedLinearJSD
+
+        if divergence == "topk":
+            raise ValueError("liger_fused_jsd has no top-k teacher (compare topk with forward_kl)")
+        fn = LigerFusedLinearJSD(jsd_beta=_LIGER_BETA[divergence], temperature=1.0)
 
         def step():
             h.grad = W.grad = None
@@ -156,8 +170,8 @@ def _make_step(impl, h, W, th, tW, labels, divergence="forward_kl"):
             return loss
     elif impl == "gemm_floor":
         N, V = h.shape[0], W.shape[0]
-        zs = torch.ones(N, V)
-        zt = torch.ones(N, V)
+        zs = torch.ones(N, V, device=h.device, dtype=h.dtype)
+        zt = torch.ones_like(zs)
         dh = torch.ones_like(h)
         dW = torch.ones_like(W)
         hd, Wd = h.detach(), W.detach()
@@ -183,7 +197,7 @@ def _check(impl, h, W, th, tW, labels, n, divergence="forward_kl"):
         return True, {}
     hs = h.detach()[:n].clone().requires_grad_()
     Ws = W  # the timed leaf itself (each step resets its grad): no second copy of a 128k-row head
-    step = _make_step(impl, hs, Ws, th[:n], tW, labels[:n], divergence)
+    step = make_step(impl, hs, Ws, th[:n], tW, labels[:n], divergence)
     loss = step()
     # float64 throughout when the heads are small; at Llama shapes a float64 copy of both heads
     # (7+ GB) does not fit beside the other agents' jobs, so the GEMMs stay fp32 there and the
@@ -220,7 +234,7 @@ def worker(case, impl, N, Hs, Ht, V, reps, warmup, check_tokens, divergence="for
     gc.collect()
     base_mb = rss_mb()
     owed_mb = (h.numel() + W.numel()) * 4 / 2**20  # dX and dW, every implementation returns them
-    step = _make_step(impl, h, W, th, tW, labels, divergence)
+    step = make_step(impl, h, W, th, tW, labels, divergence)
     t0 = time.perf_counter()
     timing = time_fn(step, warmup=warmup, reps=reps)
     total_s = time.perf_counter() - t0
