@@ -24,7 +24,7 @@ estimators (``estimate_zero2_model_states_mem_needs`` / ``estimate_zero3_...``) 
 apply (bf16 with ZeRO-2/3); the per-part split follows the same accounting (2 + 2 + 16 bytes per
 parameter for bf16). Activation bytes per token and layer count the tensors a Llama-style
 decoder layer keeps for backward (SDPA / flash attention: no ``[T, T]`` scores).
-``tests/test_memory_plan.py`` checks the plan against a measured CPU run.
+``tests/distill/test_memory_plan.py`` checks the plan against a measured CPU run.
 
 Example:
     >>> from minitron_fast.distill.memory import plan_recipe

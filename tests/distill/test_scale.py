@@ -7,13 +7,10 @@ import os
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:  # the bench/ folder is not an installed package
-    sys.path.insert(0, str(ROOT))
+from tests import ROOT
 
 VOCAB = 49152
 

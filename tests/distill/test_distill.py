@@ -32,8 +32,8 @@ from minitron_fast.distill import losses
 from minitron_fast.distill.config import ConfigError, load_config, parse_overrides
 from minitron_fast.distill.launch import free_port
 from minitron_fast.distill.sharding import ShardedBlocks, eval_shard
+from tests import ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
 STEPS = 8
 LM_WEIGHT = 0.5  # every training run mixes the student's CE into KD: both parts come from one fused pass
 

@@ -15,8 +15,7 @@ import pytest
 from minitron_fast.distill.config import DistillConfig, config_from_dict
 from minitron_fast.distill.memory import (GB, MemoryPlanError, ModelStats, model_config, parse_size, plan, plan_config,
                                           plan_recipe)
-
-ROOT = Path(__file__).resolve().parent.parent
+from tests import ROOT
 
 
 def test_parse_size():
