@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import math
 from typing import Callable, Sequence
 
 import numpy as np
@@ -47,23 +48,24 @@ class FeistelPermutation:
     of the same shape, vectorized in numpy. ``key`` is any ``str`` (``BlockOrder`` uses
     ``"{seed}:{epoch}"``).
 
-    Construction (a keyed Feistel network with cycle-walking: Luby and Rackoff, 1988; Black and
-    Rogaway, "Ciphers with arbitrary finite domains", CT-RSA 2002):
+    Construction (a keyed Feistel network on a mixed-radix domain with cycle-walking: Luby and
+    Rackoff, 1988; Black and Rogaway, "Ciphers with arbitrary finite domains", CT-RSA 2002; the
+    modular-addition rounds of NIST SP 800-38G's FF1 and FFX):
 
-    1. ``b = max(2, bit_length(n - 1))`` bits, so ``n <= 2**b`` and ``2**b < 2n`` for ``n >= 3``.
-       An index ``x < 2**b`` is split into a high part ``H`` (``ceil(b/2)`` bits) and a low part
-       ``L`` (``floor(b/2)`` bits, at least 1).
-    2. ``ROUNDS`` rounds alternate ``H ^= F(L ^ k_r) mod 2**|H|`` and ``L ^= F(H ^ k_r) mod 2**|L|``.
-       A round changes one part by a function of the other part, which it leaves alone, so applying
-       the same round again undoes it: each round is a bijection of ``[0, 2**b)`` whatever ``F``
-       is, and so is their composition ``P``. ``F`` is splitmix64's finalizer; the round keys
-       ``k_r`` are a blake2b digest of ``key``, not Python's ``hash``, so every process and
-       platform computes the same permutation.
+    1. ``A = ceil(sqrt(n))`` and ``B = ceil(n / A)``, so ``n <= A * B < n + A``. An index
+       ``x < A * B`` is the pair ``(x // B, x % B) = (H, L)``, ``H < A``, ``L < B``.
+    2. ``ROUNDS`` rounds alternate ``H = (H + F(L ^ k_r)) mod A`` and ``L = (L + F(H ^ k_r)) mod B``.
+       A round changes one part by a function of the other, which it leaves alone, so subtracting
+       the same value undoes it: each round is a bijection of ``[0, A * B)`` whatever ``F`` is,
+       and so is their composition ``P``. ``F`` is splitmix64's finalizer; the round keys ``k_r``
+       are a blake2b digest of ``key``, not Python's ``hash``, so every process and platform
+       computes the same permutation.
     3. Cycle-walking: ``perm(x)`` is the first of ``P(x), P(P(x)), ...`` that is below ``n``. The
        walk ends: it follows the cycle of ``P`` through ``x``, which comes back to ``x < n``. It is
        injective: walking backwards (``P``'s inverse) from ``perm(x)``, the first value below ``n``
        is ``x`` again, so two starts cannot end at one value. An injective map of ``[0, n)`` into
-       itself is a bijection. Since ``2**b < 2n``, a walk takes fewer than 2 steps on average.
+       itself is a bijection. A pass lands outside ``[0, n)`` with probability under
+       ``A / (n + A)``, about ``1 / sqrt(n)``: at 12 M blocks one index in ~3,500 walks a step.
 
     Example:
         >>> perm = FeistelPermutation(10, key="0:0")
@@ -77,22 +79,21 @@ class FeistelPermutation:
         if n > 1 << 62:
             raise ValueError(f"n = {n} is too large for 64-bit Feistel rounds (at most 2**62)")
         self.n = int(n)
-        bits = max(2, (self.n - 1).bit_length())
-        self._lo_bits = _U(bits // 2)
-        self._lo_mask = _U((1 << (bits // 2)) - 1)
-        self._hi_mask = _U((1 << (bits - bits // 2)) - 1)
+        a = math.isqrt(self.n - 1) + 1                # ceil(sqrt(n))
+        self._A, self._B = _U(a), _U(-(-self.n // a))  # n <= A * B < n + A
         digest = hashlib.blake2b(key.encode(), digest_size=8 * ROUNDS, person=b"minitron-order").digest()
         self._keys = [_U(k) for k in np.frombuffer(digest, dtype="<u8")]
 
     def _network(self, x: np.ndarray) -> np.ndarray:
-        """``P``: the Feistel network on ``[0, 2**b)``; ``x`` is uint64 ``[m]``."""
-        hi, lo = x >> self._lo_bits, x & self._lo_mask
+        """``P``: the Feistel network on ``[0, A * B)``; ``x`` is uint64 ``[m]``."""
+        A, B = self._A, self._B
+        hi, lo = x // B, x % B
         for r, k in enumerate(self._keys):
             if r % 2 == 0:
-                hi ^= _mix64(lo ^ k) & self._hi_mask
+                hi = (hi + _mix64(lo ^ k) % A) % A
             else:
-                lo ^= _mix64(hi ^ k) & self._lo_mask
-        return (hi << self._lo_bits) | lo
+                lo = (lo + _mix64(hi ^ k) % B) % B
+        return hi * B + lo
 
     def __call__(self, i) -> np.ndarray:
         i = np.asarray(i)
@@ -136,9 +137,14 @@ class BlockOrder:
 
     def __call__(self, positions: Sequence[int] | np.ndarray | torch.Tensor) -> torch.Tensor:
         p = np.asarray(positions, dtype=np.int64).reshape(-1)
-        if p.size and p.min() < 0:
+        if not p.size:
+            return torch.zeros(0, dtype=torch.long)
+        if p.min() < 0:
             raise IndexError(f"sample positions must be >= 0, got {p.min()}")
         epoch, i = np.divmod(p, self.n)
+        first, last = int(epoch.min()), int(epoch.max())
+        if first == last:  # the usual case: one epoch
+            return torch.from_numpy(self._epoch(first)(i))
         out = np.empty_like(p)
         for e in np.unique(epoch).tolist():
             m = epoch == e

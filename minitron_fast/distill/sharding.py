@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import numpy as np
 import torch
 
 from minitron_fast.data.order import DENSE_MAX, BlockOrder
@@ -46,16 +47,16 @@ class ShardedBlocks:
     def global_batch(self) -> int:
         return self.world * self.micro_batch * self.grad_accum
 
-    def indices(self, positions: Sequence[int]) -> torch.Tensor:
+    def indices(self, positions: Sequence[int] | np.ndarray | torch.Tensor) -> torch.Tensor:
         """The block indices ``[len(positions)]`` of sample positions ``positions``."""
         return self.order(positions)
 
     def micro_batch_indices(self, step: int) -> list[torch.Tensor]:
         """The block indices ``[micro_batch]`` of this rank's ``grad_accum`` micro-batches of
         optimizer step ``step`` (what keyed per-block data, such as stored teacher logits, is read by)."""
-        base = step * self.global_batch
-        return [self.indices(range(start, start + self.micro_batch))
-                for start in (base + (m * self.world + self.rank) * self.micro_batch for m in range(self.grad_accum))]
+        starts = step * self.global_batch + (np.arange(self.grad_accum) * self.world + self.rank) * self.micro_batch
+        positions = starts[:, None] + np.arange(self.micro_batch)  # [grad_accum, micro_batch]
+        return list(self.indices(positions.reshape(-1)).split(self.micro_batch))  # one evaluation for the step
 
     def micro_batches(self, step: int) -> list[torch.Tensor]:
         """This rank's ``grad_accum`` micro-batches ``[micro_batch, T]`` of optimizer step ``step``."""
