@@ -705,6 +705,10 @@ class Trainer:
             if client_state.get("fingerprint") != cfg.fingerprint():
                 raise ResumeError(f"--resume: checkpoint in {ckpt_dir} belongs to a different run")
             start = int(client_state["step"])
+            changed = data.changed_since(client_state.get("data"), start)
+            if changed:
+                raise ResumeError(f"--resume: the training data changed since checkpoint step{start} in {ckpt_dir} "
+                                  f"({', '.join(changed)}); resume with the run's data, or start a new run")
             if "torch_rng" in client_state:
                 torch.set_rng_state(client_state["torch_rng"])
             if rank == 0:

@@ -109,6 +109,61 @@ def test_sharding_is_split_invariant_and_deterministic():
     assert weight == {i: 1.0 for i in range(5)}
 
 
+def test_rank_slices_are_disjoint_cover_each_epoch_and_resume_in_a_new_process():
+    """For both orders (randperm, Feistel): the ranks' micro-batches of a step are disjoint slices
+    of the global order; concatenated over steps they read every block once per epoch (no
+    drop-last: a step that crosses an epoch's end reads on into the next); a new process (another
+    PYTHONHASHSEED) that resumes at step 5 reads exactly the blocks the uninterrupted run reads."""
+    n, world, mb, ga, seed, steps = 37, 3, 2, 2, 11, 10
+    G = world * mb * ga  # 10 steps: 120 positions, three epochs and a bit
+    blocks = torch.arange(n)[:, None].expand(n, 3)
+    resumed = {}
+    for kind, dense_max in (("randperm", 1 << 20), ("feistel", 0)):
+        ranks = [ShardedBlocks(blocks, world=world, rank=r, micro_batch=mb, grad_accum=ga, seed=seed,
+                               dense_max=dense_max) for r in range(world)]
+        assert ranks[0].order.kind == kind
+        stream = []
+        for step in range(steps):
+            per_slot = {}  # position within the step -> block, from each rank's own micro-batches
+            for r, data in enumerate(ranks):
+                for m, (idx, rows) in enumerate(zip(data.micro_batch_indices(step), data.micro_batches(step))):
+                    assert torch.equal(rows[:, 0], idx)  # the rows read are the indexed blocks
+                    per_slot.update({(m * world + r) * mb + j: int(b) for j, b in enumerate(idx)})
+            assert sorted(per_slot) == list(range(G))  # disjoint and covering: every slot once
+            stream += [per_slot[j] for j in range(G)]
+            assert stream[-G:] == ranks[0].order(range(step * G, (step + 1) * G)).tolist()
+        for e in range(steps * G // n):
+            assert sorted(stream[e * n:(e + 1) * n]) == list(range(n))
+        assert stream[:n] != stream[n:2 * n]  # a new order each epoch
+        one = ShardedBlocks(blocks, world=1, rank=0, micro_batch=mb, grad_accum=world * ga, seed=seed,
+                            dense_max=dense_max)
+        assert torch.cat(one.micro_batch_indices(4)).tolist() == stream[4 * G:5 * G]  # split-invariant
+        resumed[kind] = [torch.cat(ranks[1].micro_batch_indices(s)).tolist() for s in range(5, steps)]
+    code = textwrap.dedent(f"""
+        import json, torch
+        from minitron_fast.distill.sharding import ShardedBlocks
+        out = {{}}
+        for kind, dense_max in (("randperm", 1 << 20), ("feistel", 0)):
+            d = ShardedBlocks(torch.zeros({n}, 3), world={world}, rank=1, micro_batch={mb}, grad_accum={ga}, seed={seed},
+                              dense_max=dense_max)
+            out[kind] = [torch.cat(d.micro_batch_indices(s)).tolist() for s in range(5, {steps})]
+        print(json.dumps(out))
+    """)
+    out = subprocess.run([sys.executable, "-c", code], env=dict(_env(), PYTHONHASHSEED="12345"), capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert json.loads(out.stdout) == resumed
+
+
+def test_resume_over_changed_data_is_named():
+    data = ShardedBlocks(torch.zeros(37, 4, dtype=torch.long), world=1, rank=0, micro_batch=2, grad_accum=1, seed=0)
+    assert data.position(3) == {"step": 3, "samples": 6, "epoch": 0, "n_blocks": 37, "order": "randperm"}
+    assert data.changed_since(data.position(3), 3) == []
+    assert data.changed_since({"step": 3, "samples": 6, "epoch": 0, "n_blocks": 37}, 3) == []  # before "order"
+    assert data.changed_since(None, 3) == []
+    assert data.changed_since({"n_blocks": 40, "order": "feistel"}, 3) == ["n_blocks 40 -> 37", "order feistel -> randperm"]
+
+
 def test_projection_starts_from_the_plans_kept_channels(tmp_path):
     """Student channel j is teacher channel plan.hidden[j]: the projection maps a width-pruned
     student's embeddings exactly onto the teacher's kept channels (the old identity start mapped
