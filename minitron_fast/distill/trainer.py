@@ -191,7 +191,10 @@ def enable_activation_checkpointing(model: nn.Module) -> nn.Module:
     (transformers' non-reentrant gradient checkpointing): activation memory per micro-batch
     drops from every layer's intermediates to one layer's plus the layer inputs. The loss and
     gradients are unchanged (the recomputation is the same forward)."""
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x; the old name warns
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:  # pragma: no cover - older transformers
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model
 
 
