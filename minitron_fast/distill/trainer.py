@@ -237,6 +237,9 @@ def lr_lambda(cfg: DistillConfig):
 
 # -- DeepSpeed config -----------------------------------------------------------------------------
 
+SUB_GROUP_SIZE = 2 * 10**7  # ZeRO-3 optimizer sub-group: an fp32 gradient of at most 80 MB per update step
+
+
 def _size_buckets(zero: dict[str, Any], hidden: int | None) -> None:
     """Communication buckets sized to the model, as transformers' ``"auto"`` does (hidden^2
     elements; DeepSpeed's defaults are 5e8 elements: a 2 GB fp32 gradient bucket on every rank
@@ -250,6 +253,9 @@ def _size_buckets(zero: dict[str, Any], hidden: int | None) -> None:
     if stage == 3:  # (the prefetch bucket stays DeepSpeed's: a smaller one leaves the tied lm_head in flight
         # when the loss's GatheredParameters exits)
         zero.setdefault("stage3_param_persistence_threshold", 10 * hidden)
+        # the optimizer steps the partition in sub-groups, each with an fp32 gradient built for the
+        # update: DeepSpeed's 1e9-element default builds the whole partition's at once
+        zero.setdefault("sub_group_size", SUB_GROUP_SIZE)
 
 
 def _stage3_residency(zero: dict[str, Any], d: Any) -> None:

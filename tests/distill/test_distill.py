@@ -235,6 +235,9 @@ def test_deepspeed_config_checks(tmp_path):
     assert ds["train_batch_size"] == 24 and client and "optimizer" not in ds
     assert ds["zero_optimization"]["stage3_param_persistence_threshold"] == 0
     assert "stage3_max_live_parameters" not in ds["zero_optimization"]  # DeepSpeed's default unless set
+    from minitron_fast.distill.trainer import SUB_GROUP_SIZE
+
+    assert deepspeed_config(cfg, world=4, hidden=64)[0]["zero_optimization"]["sub_group_size"] == SUB_GROUP_SIZE
     lean = load_config(_recipe(tmp_path), ["ds.zero_stage=3", "ds.teacher_zero3=true", "ds.max_live_parameters=0"])
     from minitron_fast.distill.trainer import _teacher_ds_config
 

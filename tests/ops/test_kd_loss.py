@@ -164,6 +164,42 @@ def test_half_precision_inputs(dtype):
         _close(g, r, TOL[dtype], f"grad {n}")
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_half_heads_upcast_block_by_block_on_the_cpu(dtype, monkeypatch):
+    """On the CPU a half head is upcast a block of vocabulary rows at a time (odd blocks here: 3
+    rows of the 24-wide teacher head, 2 of the 32-wide student head), never whole: no fp32 tensor
+    of the teacher head's V x Ht elements is ever made, and the result matches float64 as the
+    whole-head path does."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from minitron_fast.ops.kd_loss.sources import LinearSource
+
+    class Fp32Sizes(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.numels = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in (out if isinstance(out, (tuple, list)) else [out]):
+                if isinstance(t, torch.Tensor) and t.dtype == torch.float32:
+                    self.numels.add(t.numel())
+            return out
+
+    N, V, Hs, Ht = 37, 101, 32, 24
+    p = _problem(N, V, Hs, Ht, dtype=dtype, ignore_every=6)
+    kw = dict(labels=p[-1], temperature=2.0, hard_label_weight=0.3, divergence="jsd", beta=0.3)
+    monkeypatch.setattr(LinearSource, "BLOCK_ELEMS", 3 * Ht + 1)
+    with Fp32Sizes() as seen:
+        loss, grads = _ours(*p[:-1], chunk_size=16, **kw)
+    assert V * Ht not in seen.numels, sorted(seen.numels)
+    assert {3 * Ht, 2 * Ht, 2 * Hs, 1 * Hs} <= seen.numels  # 101 rows = 33 x 3 + 2 = 50 x 2 + 1
+    ref, rgrads = _reference(*p[:-1], **kw)
+    _close(loss, ref, 5e-4, "loss")
+    for g, r, n in zip(grads, rgrads, "hWb"):
+        _close(g, r, TOL[dtype], f"grad {n}")
+
+
 def test_vocab_128256_cheap():
     N, V, Hs, Ht = 9, 128_256, 8, 6
     p = _problem(N, V, Hs, Ht, bias=False, ignore_every=4)
