@@ -21,9 +21,9 @@ class SearchConfig(DeviceConfig):
     enabled: bool = opt(False, "run the search stage (the recipe; the search command always runs)", cli=False)
     params: str | None = opt(None, f"parameter budget: {BUDGET_EXAMPLES}")
     tolerance: float = opt(0.05, "candidates within this fraction below the budget")
-    kinds: list[str] = opt(help="candidate kinds: width (layers and KV groups kept), depth (only layers cut), mixed "
-                                "(layers and width cut, KV groups kept), kv (whole KV groups removed, where the teacher "
-                                "has more than one; leave it out to keep every KV head)",
+    kinds: list[str] = opt(help="candidate kinds: width (layers and KV groups kept), depth (only layers cut), "
+                                "mixed (layers and width cut, KV groups kept), kv (whole KV groups removed, where "
+                                "the teacher has more than one; leave it out to keep every KV head)",
                            default_factory=lambda: list(KINDS), choices=KINDS)
     multiple: int | None = opt(None, "hidden/FFN multiple (default 64, or 8 below hidden 1024)")
     max_candidates: int = opt(3, "candidates per kind (spread over the hidden sizes)")
