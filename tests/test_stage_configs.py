@@ -340,7 +340,7 @@ def test_cli_errors_name_the_flag_and_recipe_errors_the_key(capsys, tmp_path):
     for extra, msg in ((["--max-candidates", "0"], "--max-candidates must be at least 1, got 0"),
                        (["--lr", "nan"], "--lr must be a finite positive number"),
                        (["--micro-batch-size", "0"], "--micro-batch-size must be at least 1"),
-                       (["--kinds", "width,wide"], "--kinds='wide' is not one of width, depth, mixed")):
+                       (["--kinds", "width,wide"], "--kinds='wide' is not one of width, depth, mixed, kv")):
         assert main(argv + extra) == 2
         err = capsys.readouterr().err
         assert err.startswith(f"error: {msg}") and err.count("\n") == 1, err
