@@ -332,7 +332,9 @@ def dist_runs(models, tmp_path_factory):
             {"name": "z3", "overrides": _common(models, root / "z3", export=True,
                                                 **{"ds.zero_stage": 3, "ds.persistence_threshold": 0,
                                                    "ds.teacher_zero3": True})}]
-    ds = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(free_port()),
+    port = free_port()
+    (root / "master_port").write_text(str(port))
+    ds = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(port),
           str(root / "worker.py"), str(_write_runs(root / "runs.json", runs))]
     proc = subprocess.run(ds, env=_env(), capture_output=True, text=True, timeout=600, cwd=root)
     res = _results(proc.stdout)
@@ -452,6 +454,20 @@ def test_zero2_and_zero3_losses_fall(models, dist_runs):
     assert model.config.hidden_size == 48 and model.config.tie_word_embeddings
     blocks = token_blocks(load_tokenizer(final), "demo", "heldout", 32, max_blocks=4)
     assert lm_loss(model, blocks, progress=False) == pytest.approx(_metrics(root / "z3")[-1]["eval_loss"], rel=1e-4)
+
+
+@pytest.mark.slow
+def test_cpu_ranks_leave_nothing_in_dev_shm(dist_runs):
+    """DeepSpeed's CPU communicator never unlinks its per-rank 67 MB /dev/shm workspace; the
+    trainer does, so a finished 2-rank job leaves no segment of its port behind."""
+    from minitron_fast.distill.trainer import SHM_WORKSPACE
+
+    root, res = dist_runs
+    assert res["z3"]["ok"], res["z3"]
+    port = (root / "master_port").read_text()
+    pattern = Path(SHM_WORKSPACE.format(uid=os.getuid(), addr="*", port=port, rank="*"))
+    assert Path("/dev/shm").is_dir()
+    assert sorted(Path(pattern.parent).glob(pattern.name)) == []
 
 
 @pytest.mark.slow

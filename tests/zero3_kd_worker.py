@@ -75,9 +75,9 @@ def _train(mode, rank, world):
 def main(out):
     """Two runs in one launch: through the integration (``causal_lm_kd_loss``) and through the
     functional API handed the partitioned lm_head module."""
-    import deepspeed
+    from minitron_fast.distill.trainer import init_distributed
 
-    deepspeed.init_distributed(dist_backend="gloo")
+    init_distributed()  # (gloo on CPU; unlinks DeepSpeed's /dev/shm workspace)
     torch.autograd.set_detect_anomaly(bool(os.environ.get("Z3_ANOMALY")))
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     res = {"world": world}
