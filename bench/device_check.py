@@ -23,7 +23,7 @@ recording every case it skipped and why. Sections, in priority order:
 
 ``--tiny`` runs the same logic at tiny shapes on the CPU, Triton kernels under
 ``TRITON_INTERPRET=1`` (set here before any kernel is defined), so the script cannot rot between
-GPU days (``tests/test_bench_device_check.py`` runs it). Its timings mean nothing.
+GPU days (``tests/bench/test_device_check.py`` runs it). Its timings mean nothing.
 
 Rows follow the benchmark contract (``bench``, ``case``, ``impl``, ``median_s``, ``p20_s``,
 ``p80_s``, ``peak_mb``, ``ok``) plus ``section`` and ``status`` (``ran`` / ``skipped: ...``);

@@ -20,6 +20,11 @@ depth and width, written as sharded safetensors (``--shard-mb`` per file). The r
   ZeRO-3 inference, activation checkpointing on;
 - ``single``: one process, ZeRO-0, the same models and global batch.
 
+Both train in ``--dtype`` (default bf16, as the GPU recipes do; fp32 ZeRO additionally keeps an
+fp32 clone of each rank's partition). The ZeRO-3 run sets ``deepspeed.max_live_parameters``
+(``--max-live``, default 0: each module re-gathered when used, instead of DeepSpeed's default of
+keeping up to 1e9 gathered elements, i.e. this whole student, from forward to backward).
+
 ``peak_mb`` is each process's peak RSS, ``tokens_per_s`` the job's training throughput (median
 step after the first), ``x_single_peak`` a rank's peak over the single process's (goal <= 0.6).
 Correctness: both runs' first-step losses agree (rtol 1e-3).
@@ -60,6 +65,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seq-len", type=int, default=128, help="tokens per block in the teacher rows")
     p.add_argument("--steps", type=int, default=3, help="distillation steps per run (the first is warm-up)")
     p.add_argument("--shard-mb", type=int, default=200, help="safetensors shard size of the models, MB")
+    p.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16",
+                   help="training dtype of the teacher rows (default bf16, the GPU recipes' dtype)")
+    p.add_argument("--max-live", type=int, default=0,
+                   help="ZeRO-3 run's deepspeed.max_live_parameters (default 0: re-gather each module; -1: DeepSpeed's 1e9)")
     p.add_argument("--parts", default="data,teacher", help="data, teacher or both (comma-separated)")
     p.add_argument("--workdir", type=Path, default=None, help="where corpora, models and runs go (default: a temp dir)")
 
@@ -212,14 +221,17 @@ WORKER = textwrap.dedent("""
 
 
 def _overrides(teacher: Path, student: Path, out: Path, *, seq_len: int, steps: int, zero3: bool,
-               micro_batch: int, grad_accum: int, threads: int) -> list[str]:
+               micro_batch: int, grad_accum: int, threads: int, bf16: bool = True,
+               max_live: int | None = 0) -> list[str]:
     o = {"teacher": teacher, "student": student, "out": out, "steps": steps, "micro_batch_size": micro_batch,
          "grad_accum": grad_accum, "data.seq_len": seq_len, "data.max_blocks": 256, "data.eval_blocks": 0,
          "eval_every": 10**6, "save_every": 10**6, "export": False, "warmup_steps": 0, "schedule": "constant",
-         "lr": 1e-4, "threads": threads, "loss.chunk_size": 64}
+         "lr": 1e-4, "threads": threads, "loss.chunk_size": 64, "ds.bf16": bf16}
     if zero3:
         o.update({"ds.zero_stage": 3, "ds.teacher_zero3": True, "ds.persistence_threshold": 0,
                   "activation_checkpointing": True})
+        if max_live is not None:
+            o["ds.max_live_parameters"] = max_live
     else:
         o.update({"ds.zero_stage": 0})
     return [f"{k}={v}" for k, v in o.items()]
@@ -248,7 +260,7 @@ def _throughput(metrics: list[dict[str, Any]]) -> tuple[float | None, float | No
 
 
 def teacher_rows(work: Path, *, size: str, vocab: int | None, seq_len: int, steps: int, shard_mb: int,
-                 timeout: float = 3600) -> list[dict[str, Any]]:
+                 bf16: bool = True, max_live: int | None = 0, timeout: float = 3600) -> list[dict[str, Any]]:
     from minitron_fast.distill.launch import free_port
 
     teacher, student, n_teacher = build_models(work, size, vocab, shard_mb)
@@ -257,9 +269,10 @@ def teacher_rows(work: Path, *, size: str, vocab: int | None, seq_len: int, step
     rows: list[dict[str, Any]] = []
     case = f"{size}[{n_teacher / 1e6:.0f}M]"
     z3 = _overrides(teacher, student, work / f"run_z3_{size}", seq_len=seq_len, steps=steps, zero3=True, micro_batch=1,
-                    grad_accum=1, threads=1)
+                    grad_accum=1, threads=1, bf16=bf16, max_live=max_live)
     single = _overrides(teacher, student, work / f"run_single_{size}", seq_len=seq_len, steps=steps, zero3=False,
-                        micro_batch=1, grad_accum=2, threads=2)
+                        micro_batch=1, grad_accum=2, threads=2, bf16=bf16)
+    setup = {"model": case, "dtype": "bf16" if bf16 else "fp32"}
     for o in (z3, single):
         import shutil
 
@@ -276,13 +289,14 @@ def teacher_rows(work: Path, *, size: str, vocab: int | None, seq_len: int, step
     s_peak = s_lines[0]["peak_mb"] if s_lines else None
     for line in sorted(z3_lines, key=lambda x: x["rank"]):
         rows.append({"case": f"rank{line['rank']}", "impl": "zero3_rank", "ok": bool(agree and not z3_err),
-                     "peak_mb": line["peak_mb"], "tokens_per_s": z_tps, "model": case, "first_loss": z_loss,
+                     "peak_mb": line["peak_mb"], "tokens_per_s": z_tps, **setup, "first_loss": z_loss,
+                     "max_live_parameters": max_live,
                      "x_single_peak": line["peak_mb"] / s_peak if s_peak else None,
                      **({"error": z3_err} if z3_err else {})})
     if not z3_lines:
         rows += [{"case": f"rank{r}", "impl": "zero3_rank", "ok": False, "error": z3_err or "no result"} for r in (0, 1)]
     rows.append({"case": "single", "impl": "single", "ok": bool(s_lines) and not s_err and agree, "peak_mb": s_peak,
-                 "tokens_per_s": s_tps, "model": case, "first_loss": s_loss, **({"error": s_err} if s_err else {})})
+                 "tokens_per_s": s_tps, **setup, "first_loss": s_loss, **({"error": s_err} if s_err else {})})
     if not agree and s_loss is not None and z_loss is not None:
         for r in rows:
             r["error"] = f"first-step losses differ: zero3 {z_loss} vs single {s_loss}"
@@ -301,7 +315,8 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
             rows += data_rows(work, large_mb)
         if "teacher" in parts:
             rows += teacher_rows(work, size=size, vocab=args.vocab, seq_len=32 if args.quick else args.seq_len,
-                                 steps=args.steps, shard_mb=args.shard_mb)
+                                 steps=args.steps, shard_mb=args.shard_mb, bf16=args.dtype == "bf16",
+                                 max_live=None if args.max_live < 0 else args.max_live)
     return rows
 
 

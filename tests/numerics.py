@@ -1,5 +1,4 @@
-"""Assertion helpers shared by the numeric tests (imported as ``from numerics import close``:
-pytest puts ``tests/`` on ``sys.path``)."""
+"""Assertion helpers shared by the numeric tests (``from tests.numerics import close``)."""
 from __future__ import annotations
 
 import math

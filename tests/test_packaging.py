@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from pathlib import Path
+
+from tests import ROOT
 
 
 def test_kernels_only_under_the_package(tmp_path):
@@ -23,7 +24,7 @@ def test_pyproject_maps_kernels_and_keeps_torch_out_of_the_build():
     except ImportError:  # Python 3.10: pytest depends on tomli there
         import tomli as tomllib
 
-    cfg = tomllib.loads((Path(__file__).parent.parent / "pyproject.toml").read_text())
+    cfg = tomllib.loads((ROOT / "pyproject.toml").read_text())
     assert cfg["tool"]["setuptools"]["package-dir"]["minitron_fast.kernels"] == "kernels"
     assert not any(r.lower().startswith("torch") for r in cfg["build-system"]["requires"])
 
@@ -36,7 +37,7 @@ def test_every_subpackage_is_listed_for_the_wheel():
     except ImportError:  # Python 3.10
         import tomli as tomllib
 
-    root = Path(__file__).parent.parent
+    root = ROOT
     listed = set(tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
     on_disk = {".".join(p.parent.relative_to(root).parts) for p in (root / "minitron_fast").rglob("__init__.py")}
     assert on_disk - listed == set(), f"add these to [tool.setuptools] packages in pyproject.toml: {sorted(on_disk - listed)}"

@@ -17,9 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from test_bad_input import _save_tiny, _text
-
-ROOT = Path(__file__).resolve().parent.parent
+from tests import ROOT
+from tests.test_bad_input import _save_tiny, _text
 
 
 class _Evil:

@@ -117,6 +117,7 @@ class DeepSpeedConfig:
     optimizer: str = "torch_adamw"      # torch_adamw (client optimizer) | deepspeed (DS's own AdamW)
     gradient_clipping: float = 1.0
     persistence_threshold: int | None = None  # stage3_param_persistence_threshold (None: DS default)
+    max_live_parameters: int | None = None  # ZeRO-3: gathered elements a rank may keep (None: DS default, 1e9)
 
 
 @dataclass
@@ -219,6 +220,8 @@ class DistillConfig(configtools.DeviceConfig):
         _num("deepspeed.gradient_clipping", ds.gradient_clipping, low=0.0)
         if ds.persistence_threshold is not None:
             _int("deepspeed.persistence_threshold", ds.persistence_threshold, 0)
+        if ds.max_live_parameters is not None:
+            _int("deepspeed.max_live_parameters", ds.max_live_parameters, 0)
         if ds.zero_stage not in (0, 1, 2, 3):
             raise ConfigError(f"deepspeed.zero_stage must be 0, 1, 2 or 3, got {ds.zero_stage}")
         if ds.offload_param and ds.zero_stage != 3:

@@ -5,10 +5,13 @@ gives per GPU (rank):
 
 - **teacher**: its parameters in the training dtype (divided by the world size under
   ``teacher_zero3``, plus one gathered layer; none with ``teacher_offload_param``);
-- **student**: its parameters (stage 3: a partition plus one gathered layer);
+- **student**: its parameters (stage 3: a partition plus what a rank keeps gathered from forward
+  to backward: ``min(P, deepspeed.max_live_parameters)`` elements, DeepSpeed's default 1e9, or
+  one gathered layer at 0);
 - **gradients**: 16-bit (or fp32) gradients (stages 2-3: a partition);
-- **optimizer**: AdamW's two fp32 moments, plus the fp32 master weights and gradient partition
-  of mixed precision (stages 1-3: a partition; CPU with ``offload_optimizer``);
+- **optimizer**: AdamW's two fp32 moments, plus the fp32 master weights (mixed precision, and
+  every ZeRO stage: DeepSpeed clones an fp32 partition from fp32 parameters too) and the fp32
+  gradient partition of mixed precision (stages 1-3: a partition; CPU with ``offload_optimizer``);
 - **activations**: what the student's backward needs, with and without activation
   checkpointing (``activations_ckpt`` / ``activations_full``; the plan counts the recipe's
   choice), plus the teacher's and student's final hidden states;
@@ -21,7 +24,7 @@ estimators (``estimate_zero2_model_states_mem_needs`` / ``estimate_zero3_...``) 
 apply (bf16 with ZeRO-2/3); the per-part split follows the same accounting (2 + 2 + 16 bytes per
 parameter for bf16). Activation bytes per token and layer count the tensors a Llama-style
 decoder layer keeps for backward (SDPA / flash attention: no ``[T, T]`` scores).
-``tests/test_memory_plan.py`` checks the plan against a measured CPU run.
+``tests/distill/test_memory_plan.py`` checks the plan against a measured CPU run.
 
 Example:
     >>> from minitron_fast.distill.memory import plan_recipe
@@ -223,6 +226,9 @@ def _kd_chunk(V: int, N: int) -> tuple[int, int]:
         return max(1, min(1024, N)), 3
 
 
+DS_MAX_LIVE = 10**9  # DeepSpeed's stage3_max_live_parameters / stage3_max_reuse_distance default
+
+
 def _ds_student_states(P: int, largest: int, world: int, stage: int, bf16: bool, offload: bool) -> float | None:
     """DeepSpeed's estimate of the student's params + grads + optimizer per GPU (bf16, stage 2-3)."""
     if not bf16 or stage not in (2, 3):
@@ -263,10 +269,14 @@ def plan(cfg: Any, teacher: ModelStats | None, student: ModelStats, world: int, 
         else:
             parts["teacher"] = teacher.params * b
     # student model states (DeepSpeed's accounting: 16-bit params and grads, fp32 master + Adam)
-    master = 4 if ds.bf16 else 0                  # fp32 master weights of mixed precision
+    master = 4 if ds.bf16 or stage >= 1 else 0    # fp32 master partition (ZeRO clones one from fp32 params too)
     fp32_grad = 4 if ds.bf16 else 0               # fp32 gradient partition the optimizer steps on
     opt_bytes = (8 + master + fp32_grad) * P
-    parts["student"] = P * b / W + 2 * student.largest_layer * b if stage == 3 else P * b
+    if stage == 3:  # a partition, plus what stays gathered from forward to backward (_stage3_residency)
+        live = DS_MAX_LIVE if ds.max_live_parameters is None else ds.max_live_parameters
+        parts["student"] = P * b / W + max(2 * student.largest_layer, min(P, live)) * b
+    else:
+        parts["student"] = P * b
     parts["gradients"] = P * b / W if stage >= 2 else P * b
     if ds.offload_optimizer:
         parts["optimizer"] = 0.0

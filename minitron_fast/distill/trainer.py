@@ -19,6 +19,7 @@ Output directory layout (``cfg.out``)::
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import math
@@ -170,20 +171,30 @@ def _hidden_size(model: str) -> int:
     return view_class_for_config(c).geometry_of(c).hidden_size
 
 
-def release_freed_memory() -> None:
-    """Returns freed heap memory to the OS (glibc ``malloc_trim``; a no-op elsewhere). Building a
-    model under ``zero.Init`` allocates and frees every whole parameter once; on CPU ranks glibc
-    would otherwise keep those pages resident for the whole run."""
+@functools.lru_cache(maxsize=1)
+def _malloc_trim():
+    """glibc's ``malloc_trim``, or None (not glibc). Looked up once: ``find_library`` runs ldconfig."""
     import ctypes
     import ctypes.util
 
     name = ctypes.util.find_library("c")
     try:
         libc = ctypes.CDLL(name) if name else None
-        if libc is not None and hasattr(libc, "malloc_trim"):
-            libc.malloc_trim(0)
     except OSError:  # pragma: no cover - not glibc
-        pass
+        return None
+    return getattr(libc, "malloc_trim", None)
+
+
+def release_freed_memory() -> None:
+    """Returns freed heap memory to the OS (glibc ``malloc_trim``; a no-op elsewhere). Building a
+    model under ``zero.Init`` allocates and frees every whole parameter once, and each CPU step
+    frees its gathered parameters, full-size gradients and temporaries; glibc would otherwise
+    keep those pages resident (measured on a 2-rank ZeRO-3 CPU rehearsal, 344 M teacher: the
+    resident size between steps grew 2.8 -> 3.1 -> 3.2 GB over three steps; trimmed after each
+    step it stays at 2.45 GB)."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 def enable_activation_checkpointing(model: nn.Module) -> nn.Module:
@@ -191,8 +202,27 @@ def enable_activation_checkpointing(model: nn.Module) -> nn.Module:
     (transformers' non-reentrant gradient checkpointing): activation memory per micro-batch
     drops from every layer's intermediates to one layer's plus the layer inputs. The loss and
     gradients are unchanged (the recomputation is the same forward)."""
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x; the old name warns
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:  # pragma: no cover - older transformers
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model
+
+
+def adamw(params: list[nn.Parameter], cfg: DistillConfig) -> torch.optim.AdamW:
+    """The client optimizer: torch's AdamW with its fused kernel (CPU and CUDA, torch >= 2.4). The
+    per-tensor loop it replaces allocates a temporary of each tensor's size for the update; under
+    ZeRO that tensor is the rank's whole flat partition (measured on a 2-rank ZeRO-3 CPU
+    rehearsal, 344 M teacher, fp32: the optimizer step's peak RSS fell from 3.3-3.4 GB to
+    2.7-2.8 GB). Falls back to the default implementation where fused is not available."""
+    kw = dict(lr=cfg.lr, betas=tuple(cfg.adam_betas), weight_decay=cfg.weight_decay)
+    if all(p.device.type in ("cpu", "cuda") and p.dtype in (torch.float32, torch.bfloat16, torch.float16)
+           for p in params):
+        try:
+            return torch.optim.AdamW(params, fused=True, **kw)
+        except (RuntimeError, TypeError):  # pragma: no cover - older torch
+            pass
+    return torch.optim.AdamW(params, **kw)
 
 
 # -- schedule ------------------------------------------------------------------------------------
@@ -231,6 +261,21 @@ def _size_buckets(zero: dict[str, Any], hidden: int | None) -> None:
     if stage == 3:  # (the prefetch bucket stays DeepSpeed's: a smaller one leaves the tied lm_head in flight
         # when the loss's GatheredParameters exits)
         zero.setdefault("stage3_param_persistence_threshold", 10 * hidden)
+
+
+def _stage3_residency(zero: dict[str, Any], d: Any) -> None:
+    """How much of a ZeRO-3 model a rank keeps gathered: parameters below
+    ``persistence_threshold`` elements are never partitioned, and ``max_live_parameters`` bounds
+    both the gathered elements a rank holds at once and the reuse distance below which a gathered
+    parameter is kept for its next use (DeepSpeed's ``stage3_max_live_parameters`` and
+    ``stage3_max_reuse_distance``). DeepSpeed's default, 1e9 elements, keeps a whole student of up
+    to 1e9 parameters gathered from its forward to its backward (measured: all 125 M parameters
+    of a 344 M-teacher rehearsal's student, on each rank); 0 re-gathers each module when used."""
+    if d.persistence_threshold is not None:
+        zero["stage3_param_persistence_threshold"] = d.persistence_threshold
+    if d.max_live_parameters is not None:
+        zero["stage3_max_live_parameters"] = d.max_live_parameters
+        zero["stage3_max_reuse_distance"] = d.max_live_parameters
 
 
 def deepspeed_config(cfg: DistillConfig, world: int, hidden: int | None = None) -> tuple[dict[str, Any], bool]:
@@ -272,8 +317,8 @@ def deepspeed_config(cfg: DistillConfig, world: int, hidden: int | None = None) 
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": cfg.on_cuda()}
     if d.offload_param:
         zero["offload_param"] = {"device": "cpu", "pin_memory": cfg.on_cuda()}
-    if d.zero_stage == 3 and d.persistence_threshold is not None:
-        zero["stage3_param_persistence_threshold"] = d.persistence_threshold
+    if d.zero_stage == 3:
+        _stage3_residency(zero, d)
     _size_buckets(zero, hidden)
     ds = dict(want, zero_optimization=zero, gradient_clipping=d.gradient_clipping, steps_per_print=10**9,
               wall_clock_breakdown=False, bf16={"enabled": bool(d.bf16)})
@@ -289,8 +334,7 @@ def deepspeed_config(cfg: DistillConfig, world: int, hidden: int | None = None) 
 
 def _teacher_ds_config(cfg: DistillConfig, world: int, hidden: int | None = None) -> dict[str, Any]:
     zero: dict[str, Any] = {"stage": 3}
-    if cfg.deepspeed.persistence_threshold is not None:
-        zero["stage3_param_persistence_threshold"] = cfg.deepspeed.persistence_threshold
+    _stage3_residency(zero, cfg.deepspeed)
     _size_buckets(zero, hidden)
     if cfg.deepspeed.offload_param or cfg.deepspeed.teacher_offload_param:
         zero["offload_param"] = {"device": "cpu", "pin_memory": cfg.on_cuda()}
@@ -636,7 +680,7 @@ class Trainer:
         params = [p for p in wrapped.parameters() if p.requires_grad]
         optimizer = None
         if client:
-            optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.adam_betas), weight_decay=cfg.weight_decay)
+            optimizer = adamw(params, cfg)
             scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
             engine, _, _, _ = deepspeed.initialize(model=wrapped, optimizer=optimizer, lr_scheduler=scheduler,
                                                    config=ds_cfg)
@@ -678,6 +722,10 @@ class Trainer:
             if client_state.get("fingerprint") != cfg.fingerprint():
                 raise ResumeError(f"--resume: checkpoint in {ckpt_dir} belongs to a different run")
             start = int(client_state["step"])
+            changed = data.changed_since(client_state.get("data"), start)
+            if changed:
+                raise ResumeError(f"--resume: the training data changed since checkpoint step{start} in {ckpt_dir} "
+                                  f"({', '.join(changed)}); resume with the run's data, or start a new run")
             if "torch_rng" in client_state:
                 torch.set_rng_state(client_state["torch_rng"])
             if rank == 0:
@@ -745,6 +793,8 @@ class Trainer:
                 for k in ("loss", "kd", "lm", "inter"):  # the parts come from the same pass as the loss
                     if k in parts:
                         sums[k] = sums.get(k, 0.0) + float(parts[k].detach())
+            if self.device.type == "cpu":  # the step's freed gathers and temporaries go back to the OS
+                release_freed_memory()
             red = _all_reduce(torch.tensor([sums[k] for k in sorted(sums)], dtype=torch.float64))
             rec: dict[str, Any] = {"step": step + 1}
             rec.update({k: float(v) for k, v in zip(sorted(sums), red)})

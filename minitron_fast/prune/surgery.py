@@ -176,7 +176,7 @@ def hidden_rescale(view_cls: Any, config: Any, plan: Plan) -> tuple[float, float
     residual stream is the original's kept channels. With tied embeddings the lm_head is that same
     matrix, ``c`` times too large; the final norm, whose output feeds only the lm_head, absorbs
     ``1 / c``: ``(offset + w') = (offset + w) / c``. Logits are then those of the untied model
-    that keeps the original lm_head columns (tests/test_families.py checks this relation)."""
+    that keeps the original lm_head columns (tests/models/test_families.py checks this relation)."""
     old = view_cls.embed_scale_of(config, plan.source_geometry().hidden_size)
     new = view_cls.embed_scale_of(config, len(plan.hidden))
     c = old / new

@@ -8,12 +8,11 @@ import json
 import pytest
 import torch
 
+from bench.common import make_tiny_teacher
 from minitron_fast.errors import MinitronError
 from minitron_fast.evaluate import harness
 from minitron_fast.evaluate.config import EvaluateConfig
 from minitron_fast.evaluate.harness import LM_EVAL_MISSING, evaluate_model, lm_eval_available, resolve_tasks
-
-from test_pipeline import make_tiny_teacher
 
 needs_lm_eval = pytest.mark.skipif(not lm_eval_available(), reason="lm_eval is not installed (./run.sh installs it)")
 

@@ -6,7 +6,6 @@ import math
 
 import pytest
 import torch
-from numerics import close
 
 from minitron_fast.errors import MinitronError
 from minitron_fast.ops.kd_loss import (
@@ -18,6 +17,7 @@ from minitron_fast.ops.kd_loss import (
     kd_loss_reference,
 )
 from minitron_fast.ops.kd_loss import chunks
+from tests.numerics import close
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -8,12 +8,11 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests import ROOT
 
 
 def _bench(*argv: str, timeout: float = 900) -> subprocess.CompletedProcess:

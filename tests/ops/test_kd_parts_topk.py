@@ -6,7 +6,6 @@ import math
 
 import pytest
 import torch
-from numerics import close
 
 from minitron_fast.ops.kd_loss import (
     REGISTRY,
@@ -16,6 +15,7 @@ from minitron_fast.ops.kd_loss import (
     kd_loss_reference,
 )
 from minitron_fast.ops.kd_loss.divergences import canonical
+from tests.numerics import close
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -32,8 +32,8 @@ from minitron_fast.distill import losses
 from minitron_fast.distill.config import ConfigError, load_config, parse_overrides
 from minitron_fast.distill.launch import free_port
 from minitron_fast.distill.sharding import ShardedBlocks, eval_shard
+from tests import ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
 STEPS = 8
 LM_WEIGHT = 0.5  # every training run mixes the student's CE into KD: both parts come from one fused pass
 
@@ -109,6 +109,61 @@ def test_sharding_is_split_invariant_and_deterministic():
     assert weight == {i: 1.0 for i in range(5)}
 
 
+def test_rank_slices_are_disjoint_cover_each_epoch_and_resume_in_a_new_process():
+    """For both orders (randperm, Feistel): the ranks' micro-batches of a step are disjoint slices
+    of the global order; concatenated over steps they read every block once per epoch (no
+    drop-last: a step that crosses an epoch's end reads on into the next); a new process (another
+    PYTHONHASHSEED) that resumes at step 5 reads exactly the blocks the uninterrupted run reads."""
+    n, world, mb, ga, seed, steps = 37, 3, 2, 2, 11, 10
+    G = world * mb * ga  # 10 steps: 120 positions, three epochs and a bit
+    blocks = torch.arange(n)[:, None].expand(n, 3)
+    resumed = {}
+    for kind, dense_max in (("randperm", 1 << 20), ("feistel", 0)):
+        ranks = [ShardedBlocks(blocks, world=world, rank=r, micro_batch=mb, grad_accum=ga, seed=seed,
+                               dense_max=dense_max) for r in range(world)]
+        assert ranks[0].order.kind == kind
+        stream = []
+        for step in range(steps):
+            per_slot = {}  # position within the step -> block, from each rank's own micro-batches
+            for r, data in enumerate(ranks):
+                for m, (idx, rows) in enumerate(zip(data.micro_batch_indices(step), data.micro_batches(step))):
+                    assert torch.equal(rows[:, 0], idx)  # the rows read are the indexed blocks
+                    per_slot.update({(m * world + r) * mb + j: int(b) for j, b in enumerate(idx)})
+            assert sorted(per_slot) == list(range(G))  # disjoint and covering: every slot once
+            stream += [per_slot[j] for j in range(G)]
+            assert stream[-G:] == ranks[0].order(range(step * G, (step + 1) * G)).tolist()
+        for e in range(steps * G // n):
+            assert sorted(stream[e * n:(e + 1) * n]) == list(range(n))
+        assert stream[:n] != stream[n:2 * n]  # a new order each epoch
+        one = ShardedBlocks(blocks, world=1, rank=0, micro_batch=mb, grad_accum=world * ga, seed=seed,
+                            dense_max=dense_max)
+        assert torch.cat(one.micro_batch_indices(4)).tolist() == stream[4 * G:5 * G]  # split-invariant
+        resumed[kind] = [torch.cat(ranks[1].micro_batch_indices(s)).tolist() for s in range(5, steps)]
+    code = textwrap.dedent(f"""
+        import json, torch
+        from minitron_fast.distill.sharding import ShardedBlocks
+        out = {{}}
+        for kind, dense_max in (("randperm", 1 << 20), ("feistel", 0)):
+            d = ShardedBlocks(torch.zeros({n}, 3), world={world}, rank=1, micro_batch={mb}, grad_accum={ga}, seed={seed},
+                              dense_max=dense_max)
+            out[kind] = [torch.cat(d.micro_batch_indices(s)).tolist() for s in range(5, {steps})]
+        print(json.dumps(out))
+    """)
+    out = subprocess.run([sys.executable, "-c", code], env=dict(_env(), PYTHONHASHSEED="12345"), capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert json.loads(out.stdout) == resumed
+
+
+def test_resume_over_changed_data_is_named():
+    data = ShardedBlocks(torch.zeros(37, 4, dtype=torch.long), world=1, rank=0, micro_batch=2, grad_accum=1, seed=0)
+    assert data.position(3) == {"step": 3, "samples": 6, "epoch": 0, "n_blocks": 37, "order": "randperm"}
+    assert data.changed_since(data.position(3), 3) == []
+    assert data.changed_since({"step": 3, "samples": 6, "epoch": 0, "n_blocks": 37}, 3) == []  # before "order"
+    assert data.changed_since(None, 3) == []
+    assert data.changed_since({"n_blocks": 40, "order": "feistel"}, 3) == ["n_blocks 40 -> 37", "order feistel -> randperm"]
+
+
 def test_projection_starts_from_the_plans_kept_channels(tmp_path):
     """Student channel j is teacher channel plan.hidden[j]: the projection maps a width-pruned
     student's embeddings exactly onto the teacher's kept channels (the old identity start mapped
@@ -179,6 +234,14 @@ def test_deepspeed_config_checks(tmp_path):
     ds, client = deepspeed_config(cfg, world=4)
     assert ds["train_batch_size"] == 24 and client and "optimizer" not in ds
     assert ds["zero_optimization"]["stage3_param_persistence_threshold"] == 0
+    assert "stage3_max_live_parameters" not in ds["zero_optimization"]  # DeepSpeed's default unless set
+    lean = load_config(_recipe(tmp_path), ["ds.zero_stage=3", "ds.teacher_zero3=true", "ds.max_live_parameters=0"])
+    from minitron_fast.distill.trainer import _teacher_ds_config
+
+    for z in (deepspeed_config(lean, world=2)[0]["zero_optimization"], _teacher_ds_config(lean, 2)["zero_optimization"]):
+        assert z["stage3_max_live_parameters"] == 0 and z["stage3_max_reuse_distance"] == 0
+    with pytest.raises(ConfigError, match="max_live_parameters"):
+        load_config(_recipe(tmp_path), ["ds.max_live_parameters=-1"])
     user = tmp_path / "ds.json"
     user.write_text(json.dumps({"train_batch_size": 16, "zero_optimization": {"stage": 3}}))
     cfg2 = load_config(_recipe(tmp_path), ["micro_batch_size=2", "grad_accum=3", "ds.zero_stage=3",
@@ -213,6 +276,26 @@ def test_device_cpu_on_a_machine_with_cuda_is_the_cpu(tmp_path, monkeypatch):
     auto = load_config(_recipe(tmp_path), ["ds.offload_optimizer=true"])
     assert auto.train_device() == "cuda:1" and deepspeed_config(auto, world=1)[0]["zero_optimization"][
         "offload_optimizer"]["pin_memory"]
+
+
+def test_client_optimizer_is_torchs_fused_adamw(tmp_path):
+    """The fused kernel updates in place; the per-tensor loop it replaces allocates a temporary of
+    each tensor's size (under ZeRO: the rank's whole flat partition). Same update either way."""
+    from minitron_fast.distill.trainer import adamw
+
+    cfg = load_config(_recipe(tmp_path), ["lr=1e-2", "weight_decay=0.1"])
+    torch.manual_seed(0)
+    ps = [torch.nn.Parameter(torch.randn(37, 5, dtype=torch.float64).float()) for _ in range(2)]
+    ref = [torch.nn.Parameter(p.detach().clone()) for p in ps]
+    opt, slow = adamw(ps, cfg), torch.optim.AdamW(ref, lr=1e-2, betas=tuple(cfg.adam_betas), weight_decay=0.1)
+    assert opt.defaults["fused"] is True and not slow.defaults["fused"]
+    for _ in range(3):
+        for a, b in zip(ps, ref):
+            a.grad = b.grad = torch.randn_like(a)
+        opt.step()
+        slow.step()
+    for a, b in zip(ps, ref):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
 def test_cli_errors_are_one_line(tmp_path, capsys):

@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests import ROOT
+
 HERE = Path(__file__).resolve().parent
 
 
@@ -24,16 +26,13 @@ def test_zero3_two_process_cpu_matches_single_process(tmp_path):
     env.pop("TRITON_INTERPRET", None)
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                            str(HERE / "zero3_kd_worker.py"), str(out)], env=env, capture_output=True, text=True,
-                          timeout=900, cwd=HERE.parent)
+                          timeout=900, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads(out.read_text())
     assert res["world"] == 2
 
-    sys.path.insert(0, str(HERE))
-    try:
-        import zero3_kd_worker as worker
-    finally:
-        sys.path.remove(str(HERE))
+    from tests.integrations import zero3_kd_worker as worker
+
     ref_losses, ref_head = worker.reference()
     # through the integration, and through fused_linear_kd_loss handed the partitioned lm_head module
     for mode in ("integration", "functional"):

@@ -5,13 +5,10 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:  # the bench/ folder is not an installed package
-    sys.path.insert(0, str(ROOT))
+from tests import ROOT
 
 
 def test_parse_resource_usage():

@@ -6,8 +6,7 @@ import pytest
 from minitron_fast.models import get_view, view_class_for_config
 from minitron_fast.models.loading import meta_model
 from minitron_fast.search.candidates import SearchError, default_multiple, enumerate_candidates, format_candidates
-
-from test_recipes import llama31_8b_config, mistral_nemo_12b_config
+from tests.pipeline.test_recipes import llama31_8b_config, mistral_nemo_12b_config
 
 
 def smollm2_config():

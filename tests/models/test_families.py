@@ -23,6 +23,7 @@ import torch
 from minitron_fast.importance.simulate import zero_channels
 from minitron_fast.models import get_view
 from minitron_fast.prune import apply_plan, make_plan, prune_checkpoint
+from tests import ROOT
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -222,7 +223,7 @@ def _code_names(path: Path) -> set[str]:
 
 
 def test_no_family_attribute_names_outside_models():
-    pkg = Path(__file__).resolve().parents[1] / "minitron_fast"
+    pkg = ROOT / "minitron_fast"
     offenders = {}
     for path in sorted(pkg.rglob("*.py")):
         rel = path.relative_to(pkg)
@@ -282,7 +283,7 @@ def test_distill_each_family_single_process(tiny_builders, tmp_path, demo_model_
     from transformers import AutoModelForCausalLM
 
     from minitron_fast.models.export import TOKENIZER_FILES
-    from test_distill import WORKER, _env, _metrics, _results
+    from tests.distill.test_distill import WORKER, _env, _metrics, _results
 
     runs = []
     for name in NEW_FAMILIES:

@@ -7,13 +7,10 @@ import os
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:  # the bench/ folder is not an installed package
-    sys.path.insert(0, str(ROOT))
+from tests import ROOT
 
 VOCAB = 49152
 
@@ -38,14 +35,24 @@ CKPT_WORKER = textwrap.dedent("""
                     self.rows = max(self.rows, t.numel() // self.vocab)
             return out
 
+    import transformers.modeling_utils as mu
+    calls = [0]
+    _checkpoint = mu.checkpoint
+    def counted(*a, **k):  # counts the layer calls that run checkpointed
+        calls[0] += 1
+        return _checkpoint(*a, **k)
+    mu.checkpoint = counted
+
     runs = json.load(open(sys.argv[-1]))
     for run in runs:
         mode = WidestLogits(run["vocab"])
+        calls[0] = 0
         with mode:
             train(load_config(None, run["overrides"]), progress=False)
         out = [o.split("=", 1)[1] for o in run["overrides"] if o.startswith("out=")][0]
         losses = [r["loss"] for r in read_metrics(out + "/metrics.jsonl") if "loss" in r]
-        print("RESULT " + json.dumps({"name": run["name"], "losses": losses, "rows": mode.rows}), flush=True)
+        print("RESULT " + json.dumps({"name": run["name"], "losses": losses, "rows": mode.rows,
+                                      "checkpointed": calls[0]}), flush=True)
 """)
 
 
@@ -90,6 +97,9 @@ def test_activation_checkpointing_same_trajectory_and_no_full_logits(tiny_models
     assert len(off) == 3 and off[-1] < off[0]
     assert on == pytest.approx(off, rel=1e-6, abs=1e-7)
     assert 0 < res["on"]["rows"] <= 16 and res["off"]["rows"] <= 16
+    # checkpointing really ran: every student layer, every micro-batch (the equal losses cannot show it)
+    n_layers = json.loads((student / "config.json").read_text())["num_hidden_layers"]
+    assert res["off"]["checkpointed"] == 0 and res["on"]["checkpointed"] == 3 * n_layers
 
 
 def test_hostfile_reaches_deepspeeds_launcher(tmp_path):

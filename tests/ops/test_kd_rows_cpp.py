@@ -12,8 +12,7 @@ import torch
 from minitron_fast._ext import HAS_C, _C
 from minitron_fast.ops._dispatch import resolve_impl
 from minitron_fast.ops.kd_loss import fused_linear_kd_loss, kd_loss_from_logits, kd_loss_reference
-
-from test_kd_loss import TOL, _close, _problem, _reference
+from tests.ops.test_kd_loss import TOL, _close, _problem, _reference
 
 
 def test_the_extension_has_the_kernel():

@@ -7,10 +7,9 @@ import math
 
 import pytest
 
+from bench.common import make_tiny_teacher
 from minitron_fast.evaluate.config import EvaluateConfig
 from minitron_fast.evaluate.harness import evaluate_model
-
-from test_pipeline import make_tiny_teacher
 
 
 @pytest.fixture(scope="module")

@@ -7,10 +7,9 @@ import json
 import pytest
 import torch
 
+from bench.common import make_tiny_teacher
 from minitron_fast.models import view_class_for_config
 from minitron_fast.search import SearchConfig, SearchError, run_search
-
-from test_pipeline import make_tiny_teacher
 
 
 @pytest.fixture(scope="module")

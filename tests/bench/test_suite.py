@@ -3,16 +3,10 @@ from __future__ import annotations
 
 import argparse
 import math
-import sys
-from pathlib import Path
 
 import pytest
 
-from test_pipeline import make_tiny_teacher
-
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:  # the bench/ folder is not an installed package
-    sys.path.insert(0, str(ROOT))
+from bench.common import make_tiny_teacher
 
 
 def test_summary_markdown_and_plot(tmp_path):

@@ -1,4 +1,4 @@
-"""Run by tests/test_integrations_zero3.py under torchrun with 2 CPU processes (gloo):
+"""Run by tests/integrations/test_zero3.py under torchrun with 2 CPU processes (gloo):
 distills a tiny student under DeepSpeed ZeRO-3 (lm_head partitioned) with the fused loss and writes
 the per-step losses and the final lm_head to OUT (rank 0). Not collected by pytest (no test_ prefix)."""
 from __future__ import annotations

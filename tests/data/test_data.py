@@ -3,6 +3,7 @@ rule (disjoint, all three splits for any corpus of 3+ blocks, the demo's splits 
 block-indexed random access."""
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
@@ -370,3 +371,99 @@ def test_resume_is_used_not_restarted(tmp_path, monkeypatch):
     assert corpus.meta["n_docs"] == 500 and 0 < tok.calls < 400
     ref = [t for ids in tokenize_documents(_CharTokenizer(), load_documents(src)) for t in ids + [0]]
     assert np.asarray(corpus.tokens).tolist() == ref
+
+
+# -- the epoch order of training blocks (data/order.py) ---------------------------------------------------
+
+_ORDER_NS = [1, 2, 3, 4, 5, 6, 7, 8, 9, 15, 16, 17, 31, 32, 33, 37, 97, 101, 127, 128, 129, 1000, 1023, 1024, 1025,
+             4093, 65535, 65536, 65537]
+
+
+@pytest.mark.parametrize("n", _ORDER_NS, ids=[f"n{n}" for n in _ORDER_NS])
+def test_feistel_is_a_permutation_for_every_n(n):
+    from minitron_fast.data.order import FeistelPermutation
+
+    for key in ("0:0", "0:1", "-5:3"):
+        v = FeistelPermutation(n, key)(np.arange(n))
+        assert v.dtype == np.int64 and v.min() >= 0 and v.max() < n
+        assert np.array_equal(np.bincount(v, minlength=n), np.ones(n, dtype=np.int64))  # each value exactly once
+    # any shape, any order of queries: the same map
+    perm = FeistelPermutation(n, "-5:3")
+    assert np.array_equal(perm(np.arange(n)[::-1].reshape(-1, 1)), v[::-1].reshape(-1, 1))
+
+
+def test_feistel_is_pinned_and_seeded():
+    """Fixed values (blake2b keys, no Python ``hash``: the same in every process, platform and
+    PYTHONHASHSEED; a change here changes every large run's data order); every (seed, epoch)
+    its own permutation; at n = 3 and 4 the seeds reach all 3! and 4! orders."""
+    from minitron_fast.data.order import FeistelPermutation
+
+    assert FeistelPermutation(1000, "0:0")(np.arange(8)).tolist() == [183, 392, 560, 449, 578, 995, 178, 179]
+    assert FeistelPermutation(12_000_000, "7:2")(np.arange(4)).tolist() == [11496525, 2472694, 6752489, 1188821]
+    n = 1000
+    perms = {k: FeistelPermutation(n, k)(np.arange(n)) for k in ("0:0", "0:1", "1:0", "-1:0", "10:0")}
+    for a, b in itertools.combinations(perms.values(), 2):
+        assert (a == b).sum() < 10  # about 1 agreement expected between independent permutations
+    for n, count in ((2, 2), (3, 6), (4, 24)):
+        assert len({tuple(FeistelPermutation(n, f"{s}:0")(np.arange(n)).tolist()) for s in range(200)}) == count
+
+
+@pytest.mark.parametrize("n", [10007, 1 << 14, (1 << 14) + 1])
+def test_feistel_order_is_well_mixed(n):
+    """The statistics of a uniform random permutation: mean displacement (n^2 - 1) / 3n, about one
+    fixed point, no runs of consecutive blocks, nearby positions far apart, and which tenth of the
+    epoch a position is in independent of which tenth of the blocks it reads (chi-square, 81
+    degrees of freedom: a uniform permutation exceeds 137 with probability 1e-4)."""
+    from minitron_fast.data.order import FeistelPermutation
+
+    i = np.arange(n)
+    for key in ("0:0", "5:7"):
+        v = FeistelPermutation(n, key)(i)
+        assert abs(np.abs(v - i).mean() / n - (n * n - 1) / (3 * n * n)) < 0.01
+        assert (v == i).sum() < 10
+        step = np.diff(v)
+        assert (step == 1).sum() < 10 and (np.abs(step) == 1).sum() < 20  # ~1 and ~2 expected
+        assert (np.abs(step) < n // 100).mean() < 0.03                # ~0.02 expected
+        table = np.bincount(i * 10 // n * 10 + v * 10 // n, minlength=100).reshape(10, 10)
+        expected = np.outer(table.sum(1), table.sum(0)) / n
+        assert ((table - expected) ** 2 / expected).sum() < 137
+
+
+def test_block_order_keeps_randperm_below_dense_max_and_is_lazy_above(monkeypatch):
+    """Up to DENSE_MAX blocks the order is the randperm one every earlier run read (the demo's
+    numbers stay); above it no randperm is drawn and a query evaluates about its own positions only."""
+    from minitron_fast.data import order as order_mod
+    from minitron_fast.data.order import BlockOrder, FeistelPermutation
+
+    n, seed = 37, 3
+    old = torch.cat([torch.randperm(n, generator=torch.Generator().manual_seed(seed + e)) for e in range(3)])
+    small = BlockOrder(n, seed)
+    assert small.kind == "randperm" and torch.equal(small(range(3 * n)), old)
+    assert torch.equal(small(torch.tensor([40, 2, 80])), old[[40, 2, 80]])
+
+    def no_randperm(*a, **k):
+        raise AssertionError("randperm drawn for a lazy order")
+
+    evaluated = []
+    network = FeistelPermutation._network
+
+    def counting(self, x):
+        evaluated.append(x.size)
+        return network(self, x)
+
+    monkeypatch.setattr(order_mod.torch, "randperm", no_randperm)
+    monkeypatch.setattr(FeistelPermutation, "_network", counting)
+    big = BlockOrder(n, seed, dense_max=n - 1)
+    assert big.kind == "feistel"
+    out = big(range(3 * n))
+    for e in range(3):  # every epoch reads every block once
+        assert sorted(out[e * n:(e + 1) * n].tolist()) == list(range(n))
+        assert not torch.equal(out[e * n:(e + 1) * n], out[((e + 1) % 3) * n:((e + 1) % 3 + 1) * n])
+    huge = BlockOrder(12_000_000, seed)  # ~100 B tokens of 8,192-token blocks
+    evaluated.clear()
+    got = huge(range(5_000_000, 5_000_006))
+    assert huge.kind == "feistel" and 6 <= sum(evaluated) <= 6 * 8  # the 6 asked, plus short walks; not 12 M
+    assert torch.equal(got, torch.from_numpy(FeistelPermutation(12_000_000, f"{seed}:0")(np.arange(5_000_000, 5_000_006))))
+    assert huge(range(12_000_000, 12_000_002)).tolist() == FeistelPermutation(12_000_000, f"{seed}:1")(np.arange(2)).tolist()
+    with pytest.raises(IndexError):
+        big([-1])

@@ -19,6 +19,7 @@ import torch
 
 from minitron_fast.models import get_view
 from minitron_fast.prune import TargetError, apply_plan, make_plan, prune_checkpoint
+from tests import ROOT
 
 COMMON = dict(vocab_size=61, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
               max_position_embeddings=64, tie_word_embeddings=False)
@@ -346,7 +347,7 @@ def test_expert_importance_is_reap_from_the_same_pass(family, tmp_path):
 @pytest.fixture(scope="module")
 def moe_teacher(tmp_path_factory):
     """A tiny Qwen2-MoE (shared expert, one dense layer) with the pipeline tests' BPE tokenizer."""
-    from test_pipeline import make_tiny_teacher
+    from bench.common import make_tiny_teacher
 
     d = make_tiny_teacher(tmp_path_factory.mktemp("moe") / "teacher")
     for f in ("model.safetensors", "config.json", "generation_config.json"):
@@ -467,14 +468,12 @@ def test_streaming_reads_stacked_expert_tensors_too(tmp_path):
 def test_no_moe_attribute_names_outside_models():
     """MoE support lives in models/moe.py (and the family files): no stage names the HF MoE
     modules, config keys or on-disk expert names."""
-    from pathlib import Path
-
-    from test_families import _code_names
+    from tests.models.test_families import _code_names
 
     names = {"shared_expert", "shared_expert_gate", "mlp_only_layers", "decoder_sparse_step", "num_local_experts",
              "norm_topk_prob", "block_sparse_moe", "w1", "w2", "w3", "gate_up_proj", "top_k_index",
              "shared_expert_intermediate_size"}
-    pkg = Path(__file__).resolve().parents[1] / "minitron_fast"
+    pkg = ROOT / "minitron_fast"
     offenders = {str(p.relative_to(pkg)): sorted(_code_names(p) & names) for p in sorted(pkg.rglob("*.py"))
                  if p.relative_to(pkg).parts[0] != "models" and _code_names(p) & names}
     assert not offenders, f"MoE names outside minitron_fast/models/: {offenders}"

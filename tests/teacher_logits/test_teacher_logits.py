@@ -24,6 +24,7 @@ import torch
 from minitron_fast.artifacts import teacher_logits as tl
 from minitron_fast.integrations.kd_step import IGNORE_INDEX
 from minitron_fast.ops.kd_loss import kd_loss_reference
+from tests import ROOT
 
 torch.set_float32_matmul_precision("highest")
 
@@ -333,7 +334,7 @@ def trained(tiny, written, tmp_path_factory):
     spec.write_text(json.dumps([{**r, "overrides": [str(o) for o in r["overrides"]]} for r in runs]))
     (root / "worker.py").write_text(WORKER)
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
-               HF_HUB_OFFLINE="1", PYTHONPATH=str(Path(__file__).resolve().parent.parent) + os.pathsep
+               HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT) + os.pathsep
                + os.environ.get("PYTHONPATH", ""))
     env.pop("RANK", None)
     proc = subprocess.run([sys.executable, str(root / "worker.py"), str(spec)], env=env, capture_output=True,
@@ -380,10 +381,10 @@ def test_trainer_refuses_mismatched_logits_in_one_line(trained):
 
 @pytest.mark.slow
 def test_pipeline_offline_teacher_stage_is_cached_by_its_inputs(tmp_path):
-    from test_pipeline import TRAIN, make_tiny_teacher
-
+    from bench.common import make_tiny_teacher
     from minitron_fast.pipeline.recipe import RecipeError, load_recipe
     from minitron_fast.pipeline.runner import run_recipe
+    from tests.pipeline.test_pipeline import TRAIN
 
     teacher = make_tiny_teacher(tmp_path / "teacher")
     p = tmp_path / "r.yaml"

@@ -1,0 +1,1 @@
+"""Tests of minitron_fast.artifacts (tests/ mirrors the package)."""

@@ -1,0 +1,1 @@
+"""Tests of minitron_fast.data (tests/ mirrors the package)."""

@@ -1,0 +1,1 @@
+"""Tests of minitron_fast.distill (tests/ mirrors the package)."""

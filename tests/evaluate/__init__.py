@@ -1,0 +1,1 @@
+"""Tests of minitron_fast.evaluate (tests/ mirrors the package)."""

@@ -1,0 +1,1 @@
+"""Tests of minitron_fast.importance (tests/ mirrors the package)."""

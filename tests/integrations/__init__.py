@@ -1,0 +1,1 @@
+"""Tests of minitron_fast.integrations (tests/ mirrors the package)."""

@@ -1,0 +1,1 @@
+"""Tests of minitron_fast.models (tests/ mirrors the package)."""

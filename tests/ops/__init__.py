@@ -1,0 +1,1 @@
+"""Tests of minitron_fast.ops (tests/ mirrors the package)."""

@@ -1,0 +1,1 @@
+"""Tests of minitron_fast.pipeline (tests/ mirrors the package)."""

@@ -1,0 +1,1 @@
+"""Tests of minitron_fast.prune (tests/ mirrors the package)."""

@@ -1,0 +1,1 @@
+"""Tests of minitron_fast.search (tests/ mirrors the package)."""

@@ -1,0 +1,1 @@
+"""Tests of minitron_fast.teacher_logits (tests/ mirrors the package)."""
