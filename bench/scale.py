@@ -162,10 +162,11 @@ def data_rows(work: Path, large_mb: float) -> list[dict[str, Any]]:
 
 # -- teacher rows ---------------------------------------------------------------------------------
 
-def build_models(work: Path, size: str, vocab: int | None, shard_mb: int) -> tuple[Path, Path, int]:
-    """A random teacher of ``SIZES[size]`` and a smaller student, as sharded fp32 safetensors
-    with SmolLM2's tokenizer files (so the real tokenizer reads the data). Returns paths and the
-    teacher's parameter count."""
+def build_models(work: Path, size: str, vocab: int | None, shard_mb: int,
+                 dtype: str = "fp32") -> tuple[Path, Path, int]:
+    """A random teacher of ``SIZES[size]`` and a smaller student, as sharded safetensors in
+    ``dtype`` (bf16: as published checkpoints are) with SmolLM2's tokenizer files (so the real
+    tokenizer reads the data). Returns paths and the teacher's parameter count."""
     import shutil
 
     import torch
@@ -184,7 +185,7 @@ def build_models(work: Path, size: str, vocab: int | None, shard_mb: int) -> tup
     out = {}
     n_teacher = 0
     for name, sh in (("teacher", shape), ("student", s_shape)):
-        d = work / f"{name}_{size}_{vocab}"
+        d = work / (f"{name}_{size}_{vocab}" + ("" if dtype == "fp32" else f"_{dtype}"))
         out[name] = d
         cfg = LlamaConfig(**sh, vocab_size=vocab, max_position_embeddings=4096, tie_word_embeddings=False,
                           head_dim=shape["hidden_size"] // shape["num_attention_heads"])
@@ -195,6 +196,8 @@ def build_models(work: Path, size: str, vocab: int | None, shard_mb: int) -> tup
             continue
         torch.manual_seed(0 if name == "teacher" else 1)
         m = LlamaForCausalLM(cfg)
+        if dtype == "bf16":
+            m.to(torch.bfloat16)
         m.save_pretrained(d, max_shard_size=f"{shard_mb}MB")
         del m
         for t in TOKENIZER_FILES:
@@ -263,7 +266,7 @@ def teacher_rows(work: Path, *, size: str, vocab: int | None, seq_len: int, step
                  bf16: bool = True, max_live: int | None = 0, timeout: float = 3600) -> list[dict[str, Any]]:
     from minitron_fast.distill.launch import free_port
 
-    teacher, student, n_teacher = build_models(work, size, vocab, shard_mb)
+    teacher, student, n_teacher = build_models(work, size, vocab, shard_mb, "bf16" if bf16 else "fp32")
     print(f"  teacher {size}: {n_teacher / 1e9:.2f} B parameters ({teacher})", flush=True)
     (work / "worker.py").write_text(WORKER)
     rows: list[dict[str, Any]] = []
