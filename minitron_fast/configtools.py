@@ -102,6 +102,14 @@ class DeviceConfig:
                 raise OptionError(f"{key(where, 'device')}={d} but this machine has {torch.cuda.device_count()} CUDA devices")
         return d
 
+    def on_cuda(self) -> bool:
+        """Whether the stage runs on CUDA here: ``auto`` or ``cuda`` on a machine with CUDA. ``cpu``
+        is the CPU even where CUDA is available. Never raises (:meth:`resolved_device` reports a
+        ``cuda`` without CUDA)."""
+        import torch
+
+        return str(self.device) != "cpu" and torch.cuda.is_available()
+
     def load_kwargs(self, where: str = "") -> dict[str, Any]:
         """Keyword arguments for ``minitron_fast.models.loading.load_model``."""
         kw = {"device": self.resolved_device(where), "attn_implementation": self.attn_implementation}

@@ -20,6 +20,13 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+import transformers.utils.logging  # noqa: E402
+
+# transformers binds its log handler to the sys.stderr of the moment it first configures logging:
+# bind it here, to the session's stream, not inside a capsys test whose stream is closed afterwards
+# (every later transformers warning then prints a "--- Logging error ---" traceback into another
+# test's stderr: test_bad_input's rows failed that way when tests/artifacts ran first)
+transformers.utils.logging.get_logger()
 
 torch.set_float32_matmul_precision("highest")
 

@@ -57,11 +57,12 @@ def test_flags_are_the_config_fields_with_the_same_defaults(command, cls, only, 
 def test_flag_names_values_and_aliases():
     p = build_parser()
     a = p.parse_args(["search", "--model", "m", "--scores", "s", "--params", "90M", "--retrain-steps", "7",
-                      "--max-candidates", "2", "--kinds", "width,mixed", "--no-head-pruning", "--prune-kv-heads",
+                      "--max-candidates", "2", "--kinds", "width,mixed", "--no-head-pruning",
                       "--seed", "3", "--device", "cpu", "--dtype", "bfloat16", "--depth-metric", "lm_loss_block"])
     cfg = configtools.from_args(SearchConfig, a)
-    assert (cfg.retrain_steps, cfg.max_candidates, cfg.kinds, cfg.prune_heads, cfg.prune_kv_heads, cfg.seed,
-            cfg.device, cfg.dtype) == (7, 2, ["width", "mixed"], False, True, 3, "cpu", "bfloat16")
+    assert (cfg.retrain_steps, cfg.max_candidates, cfg.kinds, cfg.prune_heads, cfg.seed,
+            cfg.device, cfg.dtype) == (7, 2, ["width", "mixed"], False, 3, "cpu", "bfloat16")
+    assert SearchConfig().kinds == ["width", "depth", "mixed", "kv"]  # KV groups are searched unless left out
     assert configtools.from_args(PruneConfig, a, only=("depth_metric",)).depth_metric == "lm_loss_block"
     a = p.parse_args(["prune", "--model", "m", "--streaming"])  # the old flag still parses (now the default)
     assert a.streaming is True and p.parse_args(["prune", "--model", "m", "--in-memory"]).streaming is False
@@ -295,13 +296,14 @@ def test_search_considers_kv_group_pruning(tiny_builders):
     cfg = LlamaConfig(vocab_size=1000, hidden_size=256, intermediate_size=768, num_hidden_layers=4,
                       num_attention_heads=8, num_key_value_heads=4, head_dim=32)
     full = view_class_for_config(cfg).count_params(cfg)["total"]
-    without = enumerate_candidates(cfg, int(0.8 * full), tolerance=0.1, kinds=["width"], max_per_kind=None)
-    with_kv = enumerate_candidates(cfg, int(0.8 * full), tolerance=0.1, kinds=["width"], max_per_kind=None,
-                                   prune_kv_heads=True)
+    with_kv = enumerate_candidates(cfg, int(0.8 * full), tolerance=0.1, max_per_kind=None)  # the default kinds
+    without = enumerate_candidates(cfg, int(0.8 * full), tolerance=0.1, kinds=["width", "depth", "mixed"],
+                                   max_per_kind=None)
     assert {c.geometry.num_key_value_heads for c in without} == {4}
-    kvs = {c.geometry.num_key_value_heads for c in with_kv}
-    assert kvs > {4} and min(kvs) < 4
-    for c in with_kv:
+    kv = [c for c in with_kv if c.kind == "kv"]
+    assert {c.geometry.num_key_value_heads for c in kv} == {1, 2, 3}
+    assert [c for c in with_kv if c.kind != "kv"] == without  # the kv kind adds shapes, it changes no other
+    for c in kv:
         g = c.geometry
         assert g.num_attention_heads % g.num_key_value_heads == 0 and f"kv_heads={g.num_key_value_heads}" in c.target()
 
@@ -338,7 +340,7 @@ def test_cli_errors_name_the_flag_and_recipe_errors_the_key(capsys, tmp_path):
     for extra, msg in ((["--max-candidates", "0"], "--max-candidates must be at least 1, got 0"),
                        (["--lr", "nan"], "--lr must be a finite positive number"),
                        (["--micro-batch-size", "0"], "--micro-batch-size must be at least 1"),
-                       (["--kinds", "width,wide"], "--kinds='wide' is not one of width, depth, mixed")):
+                       (["--kinds", "width,wide"], "--kinds='wide' is not one of width, depth, mixed, kv")):
         assert main(argv + extra) == 2
         err = capsys.readouterr().err
         assert err.startswith(f"error: {msg}") and err.count("\n") == 1, err

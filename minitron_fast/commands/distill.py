@@ -59,4 +59,4 @@ def run(args: argparse.Namespace) -> int:
                           hostfile=args.hostfile, launcher_args=shlex.split(args.launcher_args or ""),
                           overrides=overrides)
     print("launching: " + " ".join(cmd), flush=True)
-    return subprocess.run(cmd, env=launcher_env()).returncode
+    return subprocess.run(cmd, env=launcher_env(cfg.device)).returncode

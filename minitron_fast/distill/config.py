@@ -244,19 +244,14 @@ class DistillConfig(configtools.DeviceConfig):
         return self
 
     def train_device(self) -> str:
-        """The device this rank trains on: ``cuda:LOCAL_RANK`` when CUDA is available (``auto`` or
-        ``cuda``), else the CPU. Raises ConfigError, before any model loads, for ``cuda`` without
-        CUDA or ``cpu`` on a machine with CUDA (DeepSpeed then uses NCCL)."""
+        """The device this rank trains on: ``cuda:LOCAL_RANK`` for ``auto`` with CUDA available or
+        ``cuda`` (``cuda:N`` as given), else the CPU, also on a machine with CUDA for ``cpu`` (the
+        trainer then runs gloo ranks on DeepSpeed's CPU accelerator). Raises ConfigError, before any
+        model loads, for ``cuda`` without CUDA."""
         try:
             dev = self.resolved_device()
         except MinitronError as exc:
             raise ConfigError(str(exc)) from None
-        if dev == "cpu" and self.device == "cpu":
-            import torch
-
-            if torch.cuda.is_available():
-                raise ConfigError("device=cpu on a machine with CUDA: the trainer takes the GPUs when it sees them; "
-                                  "hide them with CUDA_VISIBLE_DEVICES= to train on the CPU")
         if dev.startswith("cuda"):
             return dev if ":" in dev else f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
         return "cpu"

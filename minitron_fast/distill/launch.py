@@ -64,17 +64,15 @@ def trainer_command(config: str | os.PathLike | None, *, num_procs: int = 1, lau
     return cmd + port + extra + ["--module", "minitron_fast.distill", *tail]
 
 
-def launcher_env() -> dict[str, str]:
-    """The environment for the launched processes: DeepSpeed's CPU accelerator when no CUDA device
-    is visible (gloo ranks), unless the caller chose an accelerator."""
-    env = dict(os.environ)
-    try:
-        import torch
+def launcher_env(device: str = "auto") -> dict[str, str]:
+    """The environment for the launched processes of a trainer on ``device`` (the recipe's
+    ``device``): DeepSpeed's CPU accelerator (gloo ranks) for ``cpu``, or when no CUDA device is
+    visible, unless the caller chose an accelerator."""
+    from minitron_fast.configtools import DeviceConfig
 
-        if not torch.cuda.is_available():
-            env.setdefault("DS_ACCELERATOR", "cpu")
-    except ImportError:  # pragma: no cover
-        pass
+    env = dict(os.environ)
+    if not DeviceConfig(device=device).on_cuda():
+        env.setdefault("DS_ACCELERATOR", "cpu")
     return env
 
 

@@ -55,20 +55,29 @@ class ResumeError(MinitronError, ValueError):
 
 # -- distributed setup ----------------------------------------------------------------------------
 
-def init_distributed() -> tuple[int, int]:
-    """Initializes torch.distributed through DeepSpeed (gloo on CPU, nccl on CUDA). A process
-    started without a launcher becomes a world of one. Returns ``(rank, world_size)``."""
+def init_distributed(on_cuda: bool | None = None) -> tuple[int, int]:
+    """Initializes torch.distributed through DeepSpeed: nccl and DeepSpeed's CUDA accelerator when
+    ``on_cuda`` (default: when CUDA is available), else gloo and its CPU accelerator
+    (``DS_ACCELERATOR=cpu``), also on a machine with CUDA (``device: cpu``). A process started
+    without a launcher becomes a world of one. Returns ``(rank, world_size)``."""
+    if on_cuda is None:
+        on_cuda = torch.cuda.is_available()
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=os.environ.get("MASTER_PORT") or str(free_port()))
-    if not torch.cuda.is_available():
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    if not on_cuda:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # read when DeepSpeed first picks its accelerator
     import deepspeed
     import torch.distributed as dist
+    from deepspeed.accelerator import get_accelerator
 
+    if not on_cuda and get_accelerator().device_name() != "cpu":
+        raise ConfigError(f"device=cpu but DeepSpeed's accelerator is {get_accelerator().device_name()} "
+                          f"(DS_ACCELERATOR={os.environ.get('DS_ACCELERATOR')}); unset DS_ACCELERATOR or set it to cpu")
     if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
-        _unlink_shm_workspace()
+        deepspeed.init_distributed(dist_backend="nccl" if on_cuda else "gloo")
+        if not on_cuda:
+            _unlink_shm_workspace()
     return dist.get_rank(), dist.get_world_size()
 
 
@@ -84,10 +93,11 @@ def _unlink_shm_workspace() -> None:
     67 MB per rank in the RAM-backed ``/dev/shm`` for good (11 GB after a day of runs on a 24 GB
     machine). Each rank maps all ranks' segments inside ``init_distributed``; after a barrier the
     names are no longer needed, and unlinking a mapped segment leaves the mappings valid until the
-    process exits, so nothing leaks even when the job is killed later."""
+    process exits, so nothing leaks even when the job is killed later. Called for CPU ranks only
+    (DeepSpeed's CPU accelerator, also on a machine with CUDA for ``device: cpu``)."""
     import torch.distributed as dist
 
-    if torch.cuda.is_available() or os.environ.get("DS_ACCELERATOR", "cpu") != "cpu":
+    if os.environ.get("DS_ACCELERATOR", "cpu") != "cpu":
         return
     dist.barrier()  # every rank has opened every other rank's segment
     name = Path(SHM_WORKSPACE.format(uid=os.getuid(), addr=os.environ.get("MASTER_ADDR", ""),
@@ -95,17 +105,18 @@ def _unlink_shm_workspace() -> None:
     name.unlink(missing_ok=True)
 
 
-def _device() -> torch.device:
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    return torch.device("cpu")
-
-
 def _all_reduce(t: torch.Tensor) -> torch.Tensor:
+    """Sums the CPU tensor ``t`` over ranks in place (through the current GPU under nccl, which
+    reduces only CUDA tensors)."""
     import torch.distributed as dist
 
     if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(t)
+        if dist.get_backend() == "nccl":
+            on_gpu = t.to(torch.device("cuda", torch.cuda.current_device()))
+            dist.all_reduce(on_gpu)
+            t.copy_(on_gpu.cpu())
+        else:
+            dist.all_reduce(t)
     return t
 
 
@@ -125,10 +136,10 @@ def resident_memory_mb() -> float | None:
         return None
 
 
-def peak_memory_mb() -> float:
-    """Peak device memory (CUDA) or peak resident set size of this process (CPU), MB."""
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2**20
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak memory of ``device`` (CUDA) or peak resident set size of this process (CPU), MB."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
     return peak_rss_mb()
 
 
@@ -309,9 +320,9 @@ def deepspeed_config(cfg: DistillConfig, world: int, hidden: int | None = None) 
     if d.zero_stage >= 2:
         zero.update(overlap_comm=False, contiguous_gradients=True)
     if d.offload_optimizer:
-        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": cfg.on_cuda()}
     if d.offload_param:
-        zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+        zero["offload_param"] = {"device": "cpu", "pin_memory": cfg.on_cuda()}
     if d.zero_stage == 3:
         _stage3_residency(zero, d)
     _size_buckets(zero, hidden)
@@ -332,7 +343,7 @@ def _teacher_ds_config(cfg: DistillConfig, world: int, hidden: int | None = None
     _stage3_residency(zero, cfg.deepspeed)
     _size_buckets(zero, hidden)
     if cfg.deepspeed.offload_param or cfg.deepspeed.teacher_offload_param:
-        zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+        zero["offload_param"] = {"device": "cpu", "pin_memory": cfg.on_cuda()}
     return {"train_micro_batch_size_per_gpu": cfg.micro_batch_size, "gradient_accumulation_steps": 1,
             "train_batch_size": cfg.micro_batch_size * world, "zero_optimization": zero,
             "bf16": {"enabled": bool(cfg.deepspeed.bf16)}, "steps_per_print": 10**9}
@@ -506,7 +517,7 @@ class Trainer:
 
         cfg = self.cfg
         dtype = torch.bfloat16 if cfg.deepspeed.bf16 else torch.float32
-        dev = cfg.train_device()  # cuda without CUDA fails here, before any model loads
+        dev = self.device
         if cfg.teacher_logits:
             return self._load_offline(dtype, dev)
         t_tok = load_tokenizer(cfg.teacher)
@@ -583,7 +594,7 @@ class Trainer:
             student_dir = resolve_model_path(cfg.student)
             proj = losses.projection(student.config.hidden_size, teacher.config.hidden_size,
                                      losses.plan_hidden_channels(student_dir), where=str(student_dir),
-                                     dtype=next(student.parameters()).dtype, device=_device())
+                                     dtype=next(student.parameters()).dtype, device=self.device)
         self.spec = losses.kd_spec(cfg.loss, inter_weight=cfg.intermediate.weight if self.pairs else 0.0,
                                    **head_options(student, teacher, n_tokens))
         return proj
@@ -606,12 +617,12 @@ class Trainer:
     def _check_memory_plan(self) -> None:
         """On a GPU, says before loading anything when the memory plan does not fit the device,
         and names the knobs (``minitron-fast memory`` prints the whole plan)."""
-        if not torch.cuda.is_available() or self.cfg.teacher_logits:  # the plan models a live teacher only
+        if self.device.type != "cuda" or self.cfg.teacher_logits:  # the plan models a live teacher only
             return
         from minitron_fast.distill.memory import plan_config
 
         try:
-            p = plan_config(self.cfg, self.world, gpu_mem=torch.cuda.get_device_properties(_device()).total_memory)
+            p = plan_config(self.cfg, self.world, gpu_mem=torch.cuda.get_device_properties(self.device).total_memory)
         except (MinitronError, OSError, ValueError) as exc:  # a plan is advice: never block training on it
             log.info("no memory plan (%s)", exc)
             return
@@ -624,6 +635,9 @@ class Trainer:
         cfg = self.cfg
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
+        # cuda:LOCAL_RANK, or the CPU (also where CUDA exists, for device: cpu); cuda without CUDA
+        # is a one-line error here, before anything loads
+        self.device = torch.device(cfg.train_device())
         # Inputs and the run directory are checked before the process group starts (ranks and
         # world size as the launcher sets them), and nothing is recorded until they pass.
         out = Path(cfg.out)
@@ -634,7 +648,7 @@ class Trainer:
         self._lock = RunLock(out).acquire() if env_rank == 0 else None  # released when run() returns or dies
         try:
             resume_step = _check_out_dir(cfg, out, self.resume, env_world)
-            rank, world = init_distributed()
+            rank, world = init_distributed(on_cuda=self.device.type == "cuda")
             self.rank, self.world = rank, world
             import deepspeed
 
@@ -745,7 +759,7 @@ class Trainer:
         KD step (``integrations.kd_step``) run as the engine's forward, so ZeRO-3 gathers the
         student's lm_head and projection inside it and again for backward. The teacher comes from
         its source (``distill.teacher``): the model, or top-k rows (stored, or made online)."""
-        ids = ids.to(_device())
+        ids = ids.to(self.device)
         teacher = self.teacher.for_batch(ids, blocks) if self.teacher is not None else None
         return engine(ids, teacher, spec=self.spec, num_items=num_items, pairs=self.pairs)
 
@@ -785,7 +799,7 @@ class Trainer:
                 for k in ("loss", "kd", "lm", "inter"):  # the parts come from the same pass as the loss
                     if k in parts:
                         sums[k] = sums.get(k, 0.0) + float(parts[k].detach())
-            if _device().type == "cpu":  # the step's freed gathers and temporaries go back to the OS
+            if self.device.type == "cpu":  # the step's freed gathers and temporaries go back to the OS
                 release_freed_memory()
             red = _all_reduce(torch.tensor([sums[k] for k in sorted(sums)], dtype=torch.float64))
             rec: dict[str, Any] = {"step": step + 1}
@@ -793,7 +807,7 @@ class Trainer:
             dt = time.perf_counter() - t0
             rec.update(lr=None if lr_now is None else float(lr_now), tokens=int(num_items),
                        tokens_per_s=data.global_batch * data.seq_len / dt, step_s=dt,
-                       peak_mem_mb=peak_memory_mb(), rss_mb=resident_memory_mb())
+                       peak_mem_mb=peak_memory_mb(self.device), rss_mb=resident_memory_mb())
             final_loss = rec["loss"]
             done = step + 1
             if eval_blocks is not None and (done % cfg.eval_every == 0 or done == cfg.steps):
@@ -842,7 +856,7 @@ class Trainer:
         total = torch.zeros(2, dtype=torch.float64)
         try:
             for idx, wts in eval_shard(eval_blocks.shape[0], self.world, self.rank, self.cfg.micro_batch_size):
-                ids = eval_blocks[idx].to(_device())
+                ids = eval_blocks[idx].to(self.device)
                 labels = ids.clone()
                 labels[torch.tensor(wts) == 0] = losses.IGNORE_INDEX  # padding repeats count for nothing
                 parts = engine(ids, None, labels=labels, spec=spec, num_items=1.0)  # the summed NLL

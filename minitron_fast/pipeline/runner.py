@@ -128,7 +128,7 @@ class PipelineRunner:
         cmd = trainer_command(cfg_path, num_procs=launch.num_procs, launcher=launch.launcher,
                               resume=resume and (d / "run").exists(), hostfile=launch.hostfile)
         self.log(f"    $ {' '.join(cmd)}")
-        rc = subprocess.run(cmd, env=launcher_env()).returncode
+        rc = subprocess.run(cmd, env=launcher_env(cfg["device"])).returncode
         if rc != 0:
             raise StageFailed(f"stage {section}: the trainer exited with status {rc} (its output is above); "
                               f"rerun the same command to resume from its last checkpoint in {d / 'run'}")

@@ -9,11 +9,14 @@ a multiple of the head count, even with an explicit head_dim). Parameters
 are counted with ``ModelView.count_params`` for the teacher's family, so biases, tied embeddings
 and Mistral-NeMo's explicit head_dim are all accounted for.
 
-Kinds:
-- ``width``: layers kept; at least one of hidden, FFN, heads (and, with ``prune_kv_heads``, KV
-  groups) shrunk (4B-Width);
+Kinds (every shape belongs to exactly one):
+- ``width``: layers and KV groups kept; at least one of hidden, FFN, query heads (or experts)
+  shrunk (4B-Width);
 - ``depth``: only layers removed (4B-Depth);
-- ``mixed``: layers removed and some width shrunk.
+- ``mixed``: layers removed and some width shrunk, KV groups kept;
+- ``kv``: whole KV groups removed (1 to all but one of the teacher's KV heads, each kept group
+  keeping the same number of query heads), with any other width or depth cut. Only a teacher
+  with more than one KV head has such shapes; leaving ``kv`` out of the kinds keeps every KV head.
 
 On mixture-of-experts teachers the expert count is one more width axis: every count from the
 router's top-k to the teacher's is tried (``experts=N`` in the candidate's target).
@@ -89,7 +92,7 @@ def _sizes(full: int, m: int) -> list[int]:
 
 def enumerate_candidates(config: Any, budget: int, *, tolerance: float = 0.05,
                          kinds: Iterable[str] = KINDS, multiple: int | None = None, prune_heads: bool = True,
-                         prune_kv_heads: bool = False, max_per_kind: int | None = 6,
+                         max_per_kind: int | None = 6,
                          max_ratio_change: float = 2.0) -> list[Candidate]:
     """Candidate student shapes of ``config``'s model with ``budget * (1 - tolerance) <= params <= budget``.
 
@@ -97,14 +100,13 @@ def enumerate_candidates(config: Any, budget: int, *, tolerance: float = 0.05,
         config: the teacher's HF config (a supported family).
         budget: parameter budget (total, embeddings included, tied weights once).
         tolerance: how far below the budget a candidate may fall, as a fraction.
-        kinds: any of ``width``, ``depth``, ``mixed``.
+        kinds: any of ``width``, ``depth``, ``mixed``, ``kv`` (default all four).
         multiple: hidden/FFN multiple (default 64 for hidden >= 1024, else 8).
         prune_heads: also shrink query heads (every kept KV group keeps the same number).
-        prune_kv_heads: also remove whole KV groups (1 to all of the teacher's KV heads).
         max_per_kind: keep at most this many per kind (None: all).
         max_ratio_change: FFN/hidden may differ from the teacher's ratio by at most this factor.
 
-    Returns candidates sorted by kind (width, depth, mixed) then parameters, descending.
+    Returns candidates sorted by kind (in the order of ``kinds``) then parameters, descending.
     Raises SearchError (naming the numbers) when the budget is not below the teacher's size or no
     candidate lands in the window.
 
@@ -132,8 +134,9 @@ def enumerate_candidates(config: Any, budget: int, *, tolerance: float = 0.05,
     H, F, nq, nkv, L = (src.hidden_size, src.intermediate_size, src.num_attention_heads, src.num_key_value_heads,
                         src.num_hidden_layers)
     group = nq // nkv
-    # (query heads, KV heads) pairs: every kept KV group keeps the same number of query heads
-    attn_opts = [(kv * g, kv) for kv in (range(1, nkv + 1) if prune_kv_heads else [nkv])
+    # (query heads, KV heads) pairs: every kept KV group keeps the same number of query heads;
+    # fewer KV heads only for the kv kind (and only where the teacher has more than one)
+    attn_opts = [(kv * g, kv) for kv in (range(1, nkv + 1) if "kv" in kinds else [nkv])
                  for g in (range(1, group + 1) if prune_heads else [group])]
     src_ratio = F / H
     ffn_opts = _sizes(F, m)
@@ -175,7 +178,12 @@ def enumerate_candidates(config: Any, budget: int, *, tolerance: float = 0.05,
                 if not lo <= n <= budget:
                     continue
                 width_cut = width_cut or g.intermediate_size < F
-                kind = ("mixed" if width_cut else "depth") if layers < L else ("width" if width_cut else None)
+                if kv < nkv:
+                    kind = "kv"
+                elif layers < L:
+                    kind = "mixed" if width_cut else "depth"
+                else:
+                    kind = "width" if width_cut else None
                 if kind not in found:
                     continue
                 if kind != "depth":
@@ -188,10 +196,11 @@ def enumerate_candidates(config: Any, budget: int, *, tolerance: float = 0.05,
     for kind in kinds:
         out += _select(found[kind], max_per_kind)
     if not out:
+        single = " (the teacher has a single KV head: no KV group to remove)" if kinds == ["kv"] and nkv == 1 else ""
         raise SearchError(
             f"no {'/'.join(kinds)} candidate of this {view_cls.family} model (teacher {full:,} parameters) has between "
             f"{lo:,} and {budget:,} parameters with hidden/FFN multiples of {m}; widen the tolerance "
-            f"(now {tolerance:g}), change the budget, or allow more kinds")
+            f"(now {tolerance:g}), change the budget, or allow more kinds{single}")
     return out
 
 

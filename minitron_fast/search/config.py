@@ -9,7 +9,7 @@ from minitron_fast.artifacts.targets import BUDGET_EXAMPLES, TargetError, parse_
 from minitron_fast.configtools import key, DeviceConfig, OptionError, opt
 from minitron_fast.errors import MinitronError
 
-KINDS = ("width", "depth", "mixed")
+KINDS = ("width", "depth", "mixed", "kv")
 
 
 class SearchError(MinitronError, ValueError):
@@ -21,13 +21,14 @@ class SearchConfig(DeviceConfig):
     enabled: bool = opt(False, "run the search stage (the recipe; the search command always runs)", cli=False)
     params: str | None = opt(None, f"parameter budget: {BUDGET_EXAMPLES}")
     tolerance: float = opt(0.05, "candidates within this fraction below the budget")
-    kinds: list[str] = opt(help="candidate kinds: width (layers kept), depth (only layers cut), mixed",
+    kinds: list[str] = opt(help="candidate kinds: width (layers and KV groups kept), depth (only layers cut), "
+                                "mixed (layers and width cut, KV groups kept), kv (whole KV groups removed, where "
+                                "the teacher has more than one; leave it out to keep every KV head)",
                            default_factory=lambda: list(KINDS), choices=KINDS)
     multiple: int | None = opt(None, "hidden/FFN multiple (default 64, or 8 below hidden 1024)")
     max_candidates: int = opt(3, "candidates per kind (spread over the hidden sizes)")
     prune_heads: bool = opt(True, "also shrink query heads (every KV group keeps the same number)",
                             aliases=("--no-head-pruning",))
-    prune_kv_heads: bool = opt(False, "also consider removing whole KV groups (KV heads)")
     retrain_steps: int = opt(20, "KD steps of micro_batch_size blocks per candidate before ranking (0: rank right "
                                  "after pruning)")
     micro_batch_size: int = opt(4, "blocks per retraining step")

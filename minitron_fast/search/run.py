@@ -117,8 +117,7 @@ def run_search(model: str | os.PathLike, scores: str | os.PathLike, config: Sear
             raise SearchError("the search has no budget: set params (e.g. 90M, 4.5e9 or 0.7x)")
         budget = parse_budget(cfg.params, view_class_for_config(teacher_config).count_params(teacher_config)["total"])
     cands = enumerate_candidates(teacher_config, budget, tolerance=tolerance, kinds=cfg.kinds, multiple=cfg.multiple,
-                                 max_per_kind=cfg.max_candidates, prune_heads=cfg.prune_heads,
-                                 prune_kv_heads=cfg.prune_kv_heads)
+                                 max_per_kind=cfg.max_candidates, prune_heads=cfg.prune_heads)
     log(f"search: {len(cands)} candidates within {tolerance:.0%} below {budget:,} parameters")
     log(format_candidates(cands))
     teacher = load_model(model, **load_kw)

@@ -261,6 +261,26 @@ def test_deepspeed_config_checks(tmp_path):
     assert all(a >= b for a, b in zip(vals[4:], vals[5:])) and vals[20] == pytest.approx(0.1)
 
 
+def test_device_cpu_on_a_machine_with_cuda_is_the_cpu(tmp_path, monkeypatch):
+    """``device: cpu`` where CUDA exists: the launched ranks get DeepSpeed's CPU accelerator, the
+    trainer the CPU, offloaded memory is not pinned; ``auto`` takes the GPU. (CUDA faked here.)"""
+    from minitron_fast.distill.launch import launcher_env
+    from minitron_fast.distill.trainer import deepspeed_config
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.delenv("DS_ACCELERATOR", raising=False)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert launcher_env("cpu")["DS_ACCELERATOR"] == "cpu" and "DS_ACCELERATOR" not in launcher_env("auto")
+    cpu = load_config(_recipe(tmp_path), ["device=cpu", "ds.offload_optimizer=true", "ds.offload_param=true",
+                                          "ds.zero_stage=3"])
+    assert cpu.train_device() == "cpu"
+    assert not any(v["pin_memory"] for k, v in deepspeed_config(cpu, world=1)[0]["zero_optimization"].items()
+                   if k.startswith("offload"))
+    auto = load_config(_recipe(tmp_path), ["ds.offload_optimizer=true"])
+    assert auto.train_device() == "cuda:1" and deepspeed_config(auto, world=1)[0]["zero_optimization"][
+        "offload_optimizer"]["pin_memory"]
+
+
 def test_client_optimizer_is_torchs_fused_adamw(tmp_path):
     """The fused kernel updates in place; the per-tensor loop it replaces allocates a temporary of
     each tensor's size (under ZeRO: the rank's whole flat partition). Same update either way."""
@@ -441,6 +461,47 @@ def single_runs(models, tmp_path_factory):
     res = _results(proc.stdout)
     assert proc.returncode == 0 and len(res) == len(runs) - 1, proc.stdout[-3000:] + proc.stderr[-3000:]
     return root, res
+
+
+ON_A_CUDA_MACHINE = textwrap.dedent("""
+    import json, os, sys
+    import torch
+    torch.cuda.is_available = lambda: True  # as on a machine with a GPU (there is none here)
+    from minitron_fast.distill import load_config, trainer
+    seen = []
+    step = trainer.Trainer._step
+    def spy(self, engine, ids, *args, **kw):
+        seen.append(sorted({str(ids.device)} | {str(p.device) for p in engine.module.parameters()}
+                           | {str(p.device) for p in self.teacher.model.parameters()}))
+        return step(self, engine, ids, *args, **kw)
+    trainer.Trainer._step = spy
+    res = trainer.train(load_config(None, json.load(open(sys.argv[-1]))), progress=False)
+    import torch.distributed as dist
+    from deepspeed.accelerator import get_accelerator
+    print("RESULT " + json.dumps({"backend": dist.get_backend(), "accelerator": get_accelerator().device_name(),
+                                  "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR"), "seen": seen,
+                                  "steps": res["steps"]}), flush=True)
+""")
+
+
+@pytest.mark.slow
+def test_device_cpu_trains_on_the_cpu_where_cuda_exists(models, tmp_path):
+    """``device: cpu`` on a machine with CUDA (faked: torch.cuda.is_available() is True in the
+    worker, which starts without DS_ACCELERATOR): the trainer runs gloo on DeepSpeed's CPU
+    accelerator, and the batches, the student and the teacher all live on the CPU."""
+    (tmp_path / "worker.py").write_text(ON_A_CUDA_MACHINE)
+    args = tmp_path / "overrides.json"
+    args.write_text(json.dumps([str(o) for o in _common(models, tmp_path / "out", steps=2, save_every=2,
+                                                         eval_every=2, device="cpu")]))
+    env = _env()
+    env.pop("DS_ACCELERATOR")
+    proc = subprocess.run([sys.executable, str(tmp_path / "worker.py"), str(args)], env=env, capture_output=True,
+                          text=True, timeout=300, cwd=tmp_path)
+    line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+    assert proc.returncode == 0 and line, proc.stdout[-3000:] + proc.stderr[-3000:]
+    res = json.loads(line[0][len("RESULT "):])
+    assert (res["backend"], res["accelerator"], res["DS_ACCELERATOR"], res["steps"]) == ("gloo", "cpu", "cpu", 2)
+    assert res["seen"] == [["cpu"], ["cpu"]]  # one micro-batch per step, everything on the CPU
 
 
 def _falls(ls: list[float]) -> bool:

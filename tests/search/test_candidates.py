@@ -44,14 +44,22 @@ def test_candidates_respect_budget_and_hardware_rules(make_config, frac):
         assert g.hidden_size % m == 0 or g.hidden_size == src.hidden_size
         assert g.intermediate_size % m == 0 or g.intermediate_size == src.intermediate_size
         assert g.num_attention_heads % g.num_key_value_heads == 0
-        assert g.num_key_value_heads == src.num_key_value_heads
+        # equal groups, none larger than the teacher's
+        assert g.num_attention_heads // g.num_key_value_heads <= src.num_attention_heads // src.num_key_value_heads
         assert (g.head_dim, g.vocab_size) == (src.head_dim, src.vocab_size)
         width_cut = (g.hidden_size, g.intermediate_size, g.num_attention_heads) != (
             src.hidden_size, src.intermediate_size, src.num_attention_heads)
         depth_cut = g.num_hidden_layers < src.num_hidden_layers
-        assert c.kind == {(True, False): "width", (False, True): "depth", (True, True): "mixed"}[(width_cut, depth_cut)]
-    # one candidate per (hidden, layers) after selection
-    keys = [(c.kind, c.geometry.hidden_size, c.geometry.num_hidden_layers) for c in cands]
+        if g.num_key_value_heads < src.num_key_value_heads:  # whole KV groups removed: the kv kind, whatever else
+            assert c.kind == "kv"
+        else:
+            assert c.kind == {(True, False): "width", (False, True): "depth", (True, True): "mixed"}[(width_cut,
+                                                                                                      depth_cut)]
+    # KV groups are a default axis: every one of these GQA teachers gets shapes with fewer KV heads
+    assert src.num_key_value_heads > 1 and "kv" in {c.kind for c in cands}
+    # one candidate per (hidden, layers, KV heads) after selection
+    keys = [(c.kind, c.geometry.hidden_size, c.geometry.num_hidden_layers, c.geometry.num_key_value_heads)
+            for c in cands]
     assert len(keys) == len(set(keys))
     # the analytic count equals the module shapes on the meta device (one candidate per kind)
     for kind in {c.kind for c in cands}:
@@ -87,7 +95,7 @@ def test_selection_keeps_at_most_k_per_kind_spread_over_widths():
     full = view_class_for_config(config).count_params(config)["total"]
     all_ = enumerate_candidates(config, int(0.7 * full), max_per_kind=None)
     few = enumerate_candidates(config, int(0.7 * full), max_per_kind=3)
-    for kind in ("width", "mixed"):
+    for kind in ("width", "mixed", "kv"):
         k_all = [c for c in all_ if c.kind == kind]
         k_few = [c for c in few if c.kind == kind]
         assert len(k_few) == min(3, len(k_all))
@@ -101,7 +109,7 @@ def test_selection_keeps_at_most_k_per_kind_spread_over_widths():
 
 @pytest.mark.parametrize("budget, kw, match", [
     pytest.param(10**12, {}, "not below the teacher", id="over-teacher"),
-    pytest.param(1000, {}, "no width/depth/mixed candidate", id="too-small"),
+    pytest.param(1000, {}, "no width/depth/mixed/kv candidate", id="too-small"),
     pytest.param(None, {"kinds": ["depth"], "tolerance": 0.001}, "no depth candidate", id="no-depth-in-window"),
     pytest.param(None, {"kinds": ["sideways"]}, "non-empty subset", id="bad-kind"),
     pytest.param(None, {"tolerance": 1.5}, "tolerance", id="bad-tolerance"),

@@ -55,6 +55,38 @@ def test_search_ranks_retrained_candidates_and_writes_plan(teacher_and_scores, t
     assert any("winner:" in m for m in logs)
 
 
+def test_search_prunes_kv_group_candidates_by_default(teacher_and_scores):
+    """KV groups are a default search axis: on the GQA teacher (4 query / 2 KV heads) the default
+    kinds give candidates with one KV head, each of which prune plans from its target and cuts; with
+    ``kv`` left out of the kinds every candidate keeps both KV heads."""
+    import copy
+
+    from minitron_fast.models import get_view
+    from minitron_fast.models.loading import load_config, load_model
+    from minitron_fast.prune import apply_plan, make_plan, validate_plan
+
+    teacher, scores = teacher_and_scores
+    config = load_config(teacher)
+    budget = int(0.75 * view_class_for_config(config).count_params(config)["total"])
+    kw = dict(tolerance=0.1, max_candidates=1, retrain_steps=0, eval_blocks=1)
+    res = run_search(str(teacher), scores, SearchConfig(**kw), budget=budget, seq_len=32, progress=False,
+                     log=lambda s: None)
+    kv = [c for c in res["candidates"] if c["kind"] == "kv"]
+    assert len(kv) == 1 and kv[0]["num_key_value_heads"] == 1 and "kv_heads=1" in kv[0]["target"]
+    assert torch.isfinite(torch.tensor(kv[0]["loss_pruned"]))  # the search pruned and evaluated it
+    model = load_model(teacher)
+    for c in kv:
+        plan = make_plan(config, scores, c["target"])  # prune's own grammar and planner
+        geo = validate_plan(plan, config)
+        assert geo.as_dict() == {k: c[k] for k in geo.as_dict()}
+        view = get_view(apply_plan(copy.deepcopy(model), plan))
+        assert view.geometry() == geo
+        assert view.layers[0].k_proj.weight.shape == (geo.head_dim, geo.hidden_size)  # one KV head's rows
+    res = run_search(str(teacher), scores, SearchConfig(kinds=["width", "depth", "mixed"], **kw), budget=budget,
+                     seq_len=32, progress=False, log=lambda s: None)
+    assert res["candidates"] and {c["num_key_value_heads"] for c in res["candidates"]} == {2}
+
+
 def test_search_with_lora_retraining(teacher_and_scores, tmp_path):
     pytest.importorskip("peft")
     teacher, scores = teacher_and_scores
@@ -84,6 +116,6 @@ def test_search_cli_and_impossible_budget(teacher_and_scores, tmp_path, capsys):
     assert main(["search", "--model", str(teacher), "--scores", str(scores), "--params", "10",
                  "--out", str(tmp_path / "t")]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: no width/depth/mixed candidate") and err.count("\n") == 1  # before any loading
+    assert err.startswith("error: no width/depth/mixed/kv candidate") and err.count("\n") == 1  # before any loading
     with pytest.raises(SearchError):
         run_search(str(teacher), scores, SearchConfig(), budget=10**12, progress=False, log=lambda s: None)
