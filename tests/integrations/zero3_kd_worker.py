@@ -75,9 +75,9 @@ def _train(mode, rank, world):
 def main(out):
     """Two runs in one launch: through the integration (``causal_lm_kd_loss``) and through the
     functional API handed the partitioned lm_head module."""
-    from minitron_fast.distill.trainer import init_distributed
+    import deepspeed
 
-    init_distributed()  # (gloo on CPU; unlinks DeepSpeed's /dev/shm workspace)
+    deepspeed.init_distributed(dist_backend="gloo")  # as a DeepSpeed user of the integration does
     torch.autograd.set_detect_anomaly(bool(os.environ.get("Z3_ANOMALY")))
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     res = {"world": world}
@@ -89,6 +89,9 @@ def main(out):
     if rank == 0:
         with open(out, "w") as f:
             json.dump(res, f)
+    from minitron_fast.distill.trainer import _unlink_shm_workspace
+
+    _unlink_shm_workspace()  # DeepSpeed never removes its /dev/shm workspace (see the trainer)
 
 
 def reference(steps=3, world=2):
