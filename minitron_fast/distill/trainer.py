@@ -172,8 +172,8 @@ def _hidden_size(model: str) -> int:
 
 
 @functools.lru_cache(maxsize=1)
-def _malloc_trim():
-    """glibc's ``malloc_trim``, or None (not glibc). Looked up once: ``find_library`` runs ldconfig."""
+def _libc():
+    """glibc, or None (not glibc). Looked up once: ``find_library`` runs ldconfig."""
     import ctypes
     import ctypes.util
 
@@ -182,7 +182,7 @@ def _malloc_trim():
         libc = ctypes.CDLL(name) if name else None
     except OSError:  # pragma: no cover - not glibc
         return None
-    return getattr(libc, "malloc_trim", None)
+    return libc if libc is not None and hasattr(libc, "malloc_trim") and hasattr(libc, "mallopt") else None
 
 
 def release_freed_memory() -> None:
@@ -192,9 +192,29 @@ def release_freed_memory() -> None:
     keep those pages resident (measured on a 2-rank ZeRO-3 CPU rehearsal, 344 M teacher: the
     resident size between steps grew 2.8 -> 3.1 -> 3.2 GB over three steps; trimmed after each
     step it stays at 2.45 GB)."""
-    trim = _malloc_trim()
-    if trim is not None:
-        trim(0)
+    libc = _libc()
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
+MMAP_THRESHOLD = 4 << 20  # bytes: CPU training blocks of this size or more are mapped, and unmapped when freed
+_M_MMAP_THRESHOLD = -3  # mallopt's parameter number (malloc.h)
+
+
+def cap_heap_retention(threshold: int = MMAP_THRESHOLD) -> bool:
+    """Makes glibc serve allocations of ``threshold`` bytes or more with their own mappings,
+    returned to the OS as soon as they are freed (``mallopt(M_MMAP_THRESHOLD)``). By default
+    glibc raises that threshold to the size of each mapped block freed, up to 32 MB, after which
+    a ZeRO-3 CPU rank's per-module gathers (4-16 MB each), recomputed activations and loss
+    chunks come from the heap and stay resident once freed, unusable by the 100+ MB blocks
+    (heads, their gradients) that are mapped anyway. Measured on ``bench scale`` (2 ranks, 1.17 B
+    bf16 teacher): each rank's head-loss peak fell from ~5.6 to ~5.15 GB (rss before the step
+    4.37 GB), the single process's peak was unchanged. A no-op (False) off glibc, or when the
+    user set ``MALLOC_MMAP_THRESHOLD_`` themselves."""
+    if "MALLOC_MMAP_THRESHOLD_" in os.environ:
+        return False
+    libc = _libc()
+    return bool(libc is not None and libc.mallopt(_M_MMAP_THRESHOLD, int(threshold)) == 1)
 
 
 def enable_activation_checkpointing(model: nn.Module) -> nn.Module:
@@ -638,6 +658,8 @@ class Trainer:
         # cuda:LOCAL_RANK, or the CPU (also where CUDA exists, for device: cpu); cuda without CUDA
         # is a one-line error here, before anything loads
         self.device = torch.device(cfg.train_device())
+        if self.device.type == "cpu":  # freed gathers and temporaries go back to the OS (before anything loads)
+            cap_heap_retention()
         # Inputs and the run directory are checked before the process group starts (ranks and
         # world size as the launcher sets them), and nothing is recorded until they pass.
         out = Path(cfg.out)
