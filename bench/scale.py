@@ -27,6 +27,10 @@ keeping up to 1e9 gathered elements, i.e. this whole student, from forward to ba
 
 ``peak_mb`` is each process's peak RSS, ``tokens_per_s`` the job's training throughput (median
 step after the first), ``x_single_peak`` a rank's peak over the single process's (goal <= 0.6).
+``load_peak_mb`` / ``load_anon_mb``: the peak RSS while the models load (``Trainer._load``) and
+the peak of its anonymous part (``RssAnon``: allocated memory, without the mapped pages of the
+checkpoint's safetensors files, which transformers' ZeRO-3 loader maps on global rank 0 and the
+kernel can reclaim); ``train_peak_mb`` the peak RSS after loading (sampled every 10 ms).
 Correctness: both runs' first-step losses agree (rtol 1e-3).
 """
 from __future__ import annotations
@@ -206,16 +210,69 @@ def build_models(work: Path, size: str, vocab: int | None, shard_mb: int,
     return out["teacher"], out["student"], n_teacher
 
 
+PHASE_KEYS = ("load_peak_mb", "load_anon_mb", "train_peak_mb")
+
+
+class RssPhases:
+    """Samples this process's ``/proc/self/status`` every ``interval`` s in a thread: the peak
+    resident size and the peak of its anonymous part (``RssAnon``: what the process allocated,
+    unlike ``RssFile``, mapped file pages such as memory-mapped checkpoint shards, which the
+    kernel can drop) while loading (inside ``Trainer._load``) and after. Linux only."""
+
+    def __init__(self, interval: float = 0.01):
+        import threading
+
+        from minitron_fast.distill import trainer
+
+        self.phase = "start"
+        self.peaks: dict[str, dict[str, float]] = {}
+        load = trainer.Trainer._load
+
+        def wrapped(tr, *a, **k):
+            self.phase = "load"
+            try:
+                return load(tr, *a, **k)
+            finally:
+                self._sample()
+                self.phase = "train"
+
+        trainer.Trainer._load = wrapped
+        self.interval = interval
+        threading.Thread(target=self._run, daemon=True).start()
+
+    def _sample(self) -> None:
+        vals = {}
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(("VmRSS:", "RssAnon:")):
+                    vals[line.split(":")[0]] = int(line.split()[1]) / 1024
+        peak = self.peaks.setdefault(self.phase, {})
+        for k, v in vals.items():
+            peak[k] = max(peak.get(k, 0.0), v)
+
+    def _run(self) -> None:
+        while True:
+            self._sample()
+            time.sleep(self.interval)
+
+    def summary(self) -> dict[str, float | None]:
+        self._sample()
+        ld, tr = self.peaks.get("load", {}), self.peaks.get("train", {})
+        return {"load_peak_mb": ld.get("VmRSS"), "load_anon_mb": ld.get("RssAnon"), "train_peak_mb": tr.get("VmRSS")}
+
+
 WORKER = textwrap.dedent("""
     import json, os, sys
+    from bench.scale import RssPhases
     from minitron_fast.distill import load_config, train
     from minitron_fast.distill.trainer import read_metrics
     from minitron_fast.io import peak_rss_mb
+    phases = RssPhases()
     overrides = json.load(open(sys.argv[-1]))
     res = train(load_config(None, overrides), progress=False)
     out = [o.split("=", 1)[1] for o in overrides if o.startswith("out=")][0]
     rank = int(os.environ.get("RANK", "0"))
-    line = {"rank": rank, "peak_mb": peak_rss_mb(), "result": res}
+    line = {"rank": rank, "peak_mb": peak_rss_mb(), "result": res, **phases.summary()}
     if rank == 0:
         line["metrics"] = read_metrics(os.path.join(out, "metrics.jsonl"))
     with open(sys.argv[-1] + f".rank{rank}.result", "w") as f:  # (ranks' stdout lines can interleave)
@@ -293,13 +350,15 @@ def teacher_rows(work: Path, *, size: str, vocab: int | None, seq_len: int, step
     for line in sorted(z3_lines, key=lambda x: x["rank"]):
         rows.append({"case": f"rank{line['rank']}", "impl": "zero3_rank", "ok": bool(agree and not z3_err),
                      "peak_mb": line["peak_mb"], "tokens_per_s": z_tps, **setup, "first_loss": z_loss,
+                     **{k: line.get(k) for k in PHASE_KEYS},
                      "max_live_parameters": max_live,
                      "x_single_peak": line["peak_mb"] / s_peak if s_peak else None,
                      **({"error": z3_err} if z3_err else {})})
     if not z3_lines:
         rows += [{"case": f"rank{r}", "impl": "zero3_rank", "ok": False, "error": z3_err or "no result"} for r in (0, 1)]
     rows.append({"case": "single", "impl": "single", "ok": bool(s_lines) and not s_err and agree, "peak_mb": s_peak,
-                 "tokens_per_s": s_tps, **setup, "first_loss": s_loss, **({"error": s_err} if s_err else {})})
+                 "tokens_per_s": s_tps, **setup, "first_loss": s_loss,
+                 **{k: s_lines[0].get(k) if s_lines else None for k in PHASE_KEYS}, **({"error": s_err} if s_err else {})})
     if not agree and s_loss is not None and z_loss is not None:
         for r in rows:
             r["error"] = f"first-step losses differ: zero3 {z_loss} vs single {s_loss}"
