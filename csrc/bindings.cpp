@@ -96,14 +96,14 @@ PYBIND11_MODULE(_C, m) {
       [](int div, float beta, std::uintptr_t s, std::int64_t lds, std::uintptr_t t, std::int64_t ldt, std::uintptr_t a,
          std::uintptr_t kd, std::int64_t rows, std::int64_t V, bool need_grad, int n_threads) {
         py::gil_scoped_release nogil;
-        minitron::kd_div_rows(div, beta, reinterpret_cast<float*>(s), lds, reinterpret_cast<const float*>(t), ldt,
+        minitron::kd_div_rows(div, beta, reinterpret_cast<float*>(s), lds, reinterpret_cast<float*>(t), ldt,
                               reinterpret_cast<const float*>(a), reinterpret_cast<float*>(kd), rows, V, need_grad,
                               n_threads);
       },
       py::arg("div"), py::arg("beta"), py::arg("s"), py::arg("lds"), py::arg("t"), py::arg("ldt"), py::arg("a"),
       py::arg("kd"), py::arg("rows"), py::arg("V"), py::arg("need_grad"), py::arg("n_threads") = 0,
       "Reverse KL (div=1) or JSD(beta) (div=2) of fp32 scaled-logit rows: kd[i]; with need_grad, s becomes "
-      "a[i] * dD/du_s. Addresses of fp32 buffers (row strides lds, ldt).");
+      "a[i] * dD/du_s and t is overwritten (scratch). Addresses of fp32 buffers (row strides lds, ldt).");
   m.def(
       "kd_topk_rows",
       [](int div, float beta, std::uintptr_t s, std::int64_t lds, std::uintptr_t idx, std::uintptr_t tv, std::int64_t k,

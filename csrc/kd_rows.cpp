@@ -132,12 +132,15 @@ void ce_base(const float* z, std::int64_t ldz, float* g, std::int64_t ldg, const
   for (std::int64_t i = lo; i < hi; ++i) ce[i] = ce_kernel<Grad>(z + i * ldz, g + i * ldg, label[i], a ? a[i] : 0.0f, V);
 }
 
-// log(1 + y) for y in [0, 1] in plain arithmetic the compiler vectorizes (Cephes' logf
-// polynomial, ~1-2 ulp): y itself is the polynomial's argument below sqrt(2) - 1 (exact, no
-// rounding of 1 + y), else (1 + y) / 2 - 1 = (y - 1) / 2 and ln 2 is added.
-__attribute__((always_inline)) inline float log1p_01(float y) {
-  const bool big = y > 0.41421356f;
-  const float f = big ? (y - 1.0f) * 0.5f : y;
+// log(x) for x >= FLT_MIN (callers clamp) in plain arithmetic the compiler vectorizes: x = 2^e m
+// with m in [sqrt(2)/2, sqrt(2)) from the exponent bits (exact), then Cephes' logf polynomial on
+// f = m - 1 in [-0.29, 0.41] and e ln 2 added in two parts (~1-2 ulp).
+__attribute__((always_inline)) inline float log_pos(float x) {
+  const std::int32_t i = __builtin_bit_cast(std::int32_t, x);
+  const float m1 = __builtin_bit_cast(float, (i & 0x007fffff) | 0x3f800000);  // [1, 2)
+  const bool big = m1 > 1.41421356f;
+  const float f = big ? m1 * 0.5f - 1.0f : m1 - 1.0f;
+  const float e = static_cast<float>(((i >> 23) & 0xff) - 127) + (big ? 1.0f : 0.0f);
   const float f2 = f * f;
   float p = 7.0376836292e-2f;
   p = p * f - 1.1514610310e-1f;
@@ -148,28 +151,22 @@ __attribute__((always_inline)) inline float log1p_01(float y) {
   p = p * f + 2.0000714765e-1f;
   p = p * f - 2.4999993993e-1f;
   p = p * f + 3.3333331174e-1f;
-  const float r = f + (f * f2 * p - 0.5f * f2);
-  return big ? r + 0.693147180559945f : r;
-}
-
-// log(e^x + e^y) for finite x, y
-__attribute__((always_inline)) inline float logaddexp(float x, float y) {
-  const float m = x > y ? x : y;
-  const float n = x > y ? y : x;
-  return m + log1p_01(exp_nonpos(n - m));
+  float r = f * f2 * p + e * -2.12194440e-4f;
+  r = r - 0.5f * f2;
+  return (f + r) + e * 0.693359375f;
 }
 
 // One row of reverse KL (DIV 1) or JSD (DIV 2) for scaled logits s (u_s) and t (u_t): four passes
-// (max; sums; per-element terms; gradient). Per element first, from d = log p_s - log p_t:
+// (max; sums; per-element terms; gradient). Per element, with d = log p_s - log p_t:
 //   reverse KL: kd = sum p_s d,              q = d;
 //   JSD:        kd = sum beta p_t (log p_t - log m) + (1 - beta) p_s (log p_s - log m),
-//               q = log p_s - log m = -logaddexp(log(1 - beta), log(beta) - d),
-//               log p_t - log m = -logaddexp(log(beta), log(1 - beta) + d);
+//               m = beta p_t + (1 - beta) p_s (one log per element), q = log p_s - log m;
 // gradient w.r.t. u_s: c p_s (q - qbar) with c = 1 (reverse KL) or 1 - beta (JSD) and
-// qbar = <p_s, q> / sum p_s, so each row sums to zero up to rounding.
+// qbar = <p_s, q> / sum p_s, so each row sums to zero up to rounding. With Grad the third pass
+// leaves p_s in s and p_s q in t, and the fourth is arithmetic only: c (p_s q - p_s qbar).
 template <int DIV, bool Grad>
-__attribute__((always_inline)) inline float div_row(float* __restrict s, const float* __restrict t, float a,
-                                                    float beta, std::int64_t V) {
+__attribute__((always_inline)) inline float div_row(float* __restrict s, float* __restrict t, float a, float beta,
+                                                    std::int64_t V) {
   float ms = -std::numeric_limits<float>::infinity(), mt = ms;
 #pragma omp simd reduction(max : ms, mt)
   for (std::int64_t v = 0; v < V; ++v) {
@@ -189,7 +186,7 @@ __attribute__((always_inline)) inline float div_row(float* __restrict s, const f
     St += st;
   }
   const float ls0 = static_cast<float>(std::log(Ss)), lt0 = static_cast<float>(std::log(St));
-  const float lb = std::log(beta), l1b = std::log1p(-beta), omb = 1.0f - beta;
+  const float omb = 1.0f - beta, tiny = std::numeric_limits<float>::min();
   double kd = 0.0, sum_ps = 0.0, sum_pq = 0.0;
   for (std::int64_t b0 = 0; b0 < V; b0 += kBlock) {
     const std::int64_t b1 = b0 + kBlock < V ? b0 + kBlock : V;
@@ -197,20 +194,25 @@ __attribute__((always_inline)) inline float div_row(float* __restrict s, const f
 #pragma omp simd reduction(+ : k, sp, spq)
     for (std::int64_t v = b0; v < b1; ++v) {
       const float ls = (s[v] - ms) - ls0, lt = (t[v] - mt) - lt0;
-      const float ps = exp_nonpos(ls), d = ls - lt;
+      const float ps = exp_nonpos(ls);
       float pq, kv;
       if (DIV == 1) {
-        pq = ps > 0.0f ? ps * d : 0.0f;
+        pq = ps > 0.0f ? ps * (ls - lt) : 0.0f;
         kv = pq;
       } else {
         const float pt = exp_nonpos(lt);
-        const float rs = -logaddexp(l1b, lb - d), rt = -logaddexp(lb, l1b + d);
-        pq = ps > 0.0f ? ps * rs : 0.0f;
-        kv = (pt > 0.0f ? beta * pt * rt : 0.0f) + omb * pq;
+        const float mx = beta * pt + omb * ps;
+        const float lm = log_pos(mx > tiny ? mx : tiny);  // (both ~0: every term below is masked)
+        pq = ps > 0.0f ? ps * (ls - lm) : 0.0f;
+        kv = (pt > 0.0f ? beta * pt * (lt - lm) : 0.0f) + omb * pq;
       }
       k += kv;
       sp += ps;
       spq += pq;
+      if (Grad) {
+        s[v] = ps;
+        t[v] = pq;
+      }
     }
     kd += k;
     sum_ps += sp;
@@ -220,12 +222,7 @@ __attribute__((always_inline)) inline float div_row(float* __restrict s, const f
     const float qbar = static_cast<float>(sum_pq / sum_ps);
     const float c = DIV == 1 ? a : a * omb;
 #pragma omp simd
-    for (std::int64_t v = 0; v < V; ++v) {
-      const float ls = (s[v] - ms) - ls0, lt = (t[v] - mt) - lt0;
-      const float ps = exp_nonpos(ls), d = ls - lt;
-      const float q = DIV == 1 ? d : -logaddexp(l1b, lb - d);
-      s[v] = ps > 0.0f ? c * ps * (q - qbar) : 0.0f;
-    }
+    for (std::int64_t v = 0; v < V; ++v) s[v] = c * (t[v] - s[v] * qbar);
   }
   return static_cast<float>(kd);
 }
@@ -364,7 +361,7 @@ void cap_base(float* x, std::int64_t ldx, float* d, std::int64_t ldd, float inv_
 }
 
 template <int DIV, bool Grad>
-__attribute__((target("avx2,fma"))) void div_avx2(float* s, std::int64_t lds, const float* t, std::int64_t ldt,
+__attribute__((target("avx2,fma"))) void div_avx2(float* s, std::int64_t lds, float* t, std::int64_t ldt,
                                                   const float* a, float* kd, float beta, std::int64_t lo,
                                                   std::int64_t hi, std::int64_t V) {
   for (std::int64_t i = lo; i < hi; ++i)
@@ -372,7 +369,7 @@ __attribute__((target("avx2,fma"))) void div_avx2(float* s, std::int64_t lds, co
 }
 
 template <int DIV, bool Grad>
-void div_base(float* s, std::int64_t lds, const float* t, std::int64_t ldt, const float* a, float* kd, float beta,
+void div_base(float* s, std::int64_t lds, float* t, std::int64_t ldt, const float* a, float* kd, float beta,
               std::int64_t lo, std::int64_t hi, std::int64_t V) {
   for (std::int64_t i = lo; i < hi; ++i)
     kd[i] = div_row<DIV, Grad>(s + i * lds, t + i * ldt, a ? a[i] : 0.0f, beta, V);
@@ -444,7 +441,7 @@ void ce_rows(const float* z, std::int64_t ldz, float* g, std::int64_t ldg, const
   });
 }
 
-void kd_div_rows(int div, float beta, float* s, std::int64_t lds, const float* t, std::int64_t ldt, const float* a,
+void kd_div_rows(int div, float beta, float* s, std::int64_t lds, float* t, std::int64_t ldt, const float* a,
                  float* kd, std::int64_t rows, std::int64_t V, bool need_grad, int n_threads) {
   if (rows <= 0 || V <= 0) return;
   const int T = row_threads(n_threads, rows, V);

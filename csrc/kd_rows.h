@@ -26,9 +26,10 @@ void ce_rows(const float* z, std::int64_t ldz, float* g, std::int64_t ldg, const
 // Reverse KL (div = 1) or JSD(beta) (div = 2, 0 < beta < 1; the divergence registry's codes) of
 // the rows of the scaled logits s (u_s) and t (u_t): kd[i] per row, in four passes, each row sum
 // a sum of per-element terms (no two ~log V sums subtracted). With need_grad, s[i, :] becomes
-// a[i] * dD/du_s (rows sum to zero up to rounding); t is read only. Teacher entries of -1e30 or
-// below get probability 0. Threads and ISA as kd_forward_kl_rows.
-void kd_div_rows(int div, float beta, float* s, std::int64_t lds, const float* t, std::int64_t ldt, const float* a,
+// a[i] * dD/du_s (rows sum to zero up to rounding) and t is used as scratch (overwritten); without,
+// t is read only. Teacher entries of -1e30 or below get probability 0. Threads and ISA as
+// kd_forward_kl_rows.
+void kd_div_rows(int div, float beta, float* s, std::int64_t lds, float* t, std::int64_t ldt, const float* a,
                  float* kd, std::int64_t rows, std::int64_t V, bool need_grad, int n_threads);
 
 // Any divergence (div = 0 forward KL, 1 reverse KL, 2 JSD) against a top-k teacher: idx [rows, k]
