@@ -1,6 +1,7 @@
 """Resolving and loading models: a checkpoint directory, or ``demo`` for the embedded teacher."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -126,6 +127,10 @@ def load_model(model: str | os.PathLike, *, dtype: torch.dtype | str = torch.flo
     if attn_implementation is None:
         attn_implementation = default_attn_implementation(device, config)
     check_tensor_shapes(path, config)
+    if not device_map and _zero3_active():
+        m = load_zero3_by_shard(path, config, dtype=dtype, attn_implementation=attn_implementation)
+        if m is not None:
+            return m.eval()
     kw = {"device_map": device_map} if device_map else {}
     try:
         m, info = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype,
@@ -138,6 +143,77 @@ def load_model(model: str | os.PathLike, *, dtype: torch.dtype | str = torch.flo
         m.to(device)
     m.eval()
     return m
+
+
+def _zero3_active() -> bool:
+    try:
+        from transformers.integrations import is_deepspeed_zero3_enabled
+    except ImportError:  # pragma: no cover
+        return False
+    return bool(is_deepspeed_zero3_enabled())
+
+
+def _safetensors_files(path: Path) -> list[Path] | None:
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        return [path / f for f in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+    return [path / "model.safetensors"] if (path / "model.safetensors").is_file() else None
+
+
+def load_zero3_by_shard(path: Path, config, *, dtype: torch.dtype,
+                        attn_implementation: str | None) -> torch.nn.Module | None:
+    """Builds the model partitioned (``deepspeed.zero.Init`` through transformers, weights not
+    initialized) and fills it one safetensors shard at a time: global rank 0 reads each tensor
+    from the open shard into its module's gathered parameters (``GatheredParameters``,
+    ``modifier_rank=0``, one module at a time) and closes the shard before opening the next, so
+    no rank maps more than one shard file. (transformers' ZeRO-3 loader maps every shard at once
+    on rank 0: in ``bench scale`` that put 2.0 GB of checkpoint pages in rank 0's resident size.)
+    Shapes are checked against the partitioned parameters' full shapes (``ds_shape``).
+
+    Only for checkpoints whose tensor names are the model's own parameter and buffer names
+    (Llama, Qwen, Gemma, Mistral and the checkpoints this tool writes); None for others (a
+    checkpoint transformers converts on load, e.g. per-expert MoE weights into fused ones), and
+    the caller uses transformers' loader. Missing tensors are an error, as in ``load_model``."""
+    files = _safetensors_files(path)
+    shapes = safetensors_shapes(path) if files is not None else None
+    if not shapes:
+        return None
+    import deepspeed
+    import torch.distributed as dist
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+    from transformers.initialization import no_init_weights
+
+    with no_init_weights():
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn_implementation)
+    state = dict(model.named_parameters())  # tied weights once, under their first name
+    full = {**{k: tuple(getattr(p, "ds_shape", p.shape)) for k, p in model.named_parameters(remove_duplicate=False)},
+            **{k: tuple(b.shape) for k, b in model.named_buffers()}}
+    wanted = {k for k in shapes if not k.endswith(IGNORED_UNEXPECTED)}
+    if not wanted <= set(full):
+        del model
+        return None  # names transformers would convert: its own loader
+    check_loading_info({"missing_keys": [k for k in state if k not in wanted],
+                        "mismatched_keys": [f"{k} {shapes[k]} (the config says {full[k]})" for k in sorted(wanted)
+                                            if tuple(shapes[k]) != full[k]]}, path)
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    modules = dict(model.named_modules())
+    for f in files:
+        with safe_open(str(f), framework="pt") as st:
+            by_module: dict[str, list[str]] = {}
+            for k in st.keys():
+                if k in wanted:
+                    by_module.setdefault(k.rpartition(".")[0], []).append(k)
+            for mod_name, keys in by_module.items():
+                leaves = [(k, getattr(modules[mod_name], k.rpartition(".")[2])) for k in keys]
+                ps = [t for _, t in leaves if isinstance(t, torch.nn.Parameter)]
+                gather = deepspeed.zero.GatheredParameters(ps, modifier_rank=0) if ps else contextlib.nullcontext()
+                with gather, torch.no_grad():
+                    for k, t in leaves:
+                        if rank == 0 or not isinstance(t, torch.nn.Parameter):  # buffers: every rank reads
+                            t.data.copy_(st.get_tensor(k))
+    model.config._name_or_path = str(path)
+    return model
 
 
 def safetensors_shapes(path: Path) -> dict[str, tuple[int, ...]] | None:
