@@ -147,9 +147,9 @@ def peak_memory_mb(device: torch.device) -> float:
 def partitioned(ds_config: dict[str, Any] | None):
     """While active, transformers builds models under ``deepspeed.zero.Init`` (its DeepSpeed
     integration, ``HfDeepSpeedConfig``) when ``ds_config`` is ZeRO stage 3: each rank allocates
-    only its partition, and ``from_pretrained`` loads the checkpoint shard file by shard file in
-    the training dtype, so no rank ever holds the whole model (with ``offload_param`` the
-    partitions live in CPU memory). A no-op for ``None`` or stages 0-2."""
+    only its partition, and ``load_model`` fills it shard file by shard file in the training
+    dtype (``models.loading.load_zero3_by_shard``), so no rank ever holds the whole model (with
+    ``offload_param`` the partitions live in CPU memory). A no-op for ``None`` or stages 0-2."""
     if not ds_config or ds_config.get("zero_optimization", {}).get("stage", 0) != 3:
         yield
         return
