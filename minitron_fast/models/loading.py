@@ -154,10 +154,16 @@ def _zero3_active() -> bool:
 
 
 def _safetensors_files(path: Path) -> list[Path] | None:
+    """The checkpoint's safetensors files (from its index when sharded), or None when it has none;
+    an unreadable index is a one-line error."""
     index = path / "model.safetensors.index.json"
     if index.is_file():
-        return [path / f for f in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
-    return [path / "model.safetensors"] if (path / "model.safetensors").is_file() else None
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise MinitronError(f"{index} is not a valid safetensors index ({_one_line(exc)})") from None
+        return [path / f for f in shards]
+    return [path / "model.safetensors"] if (path / "model.safetensors").exists() else None
 
 
 def load_zero3_by_shard(path: Path, config, *, dtype: torch.dtype,
@@ -222,19 +228,11 @@ def safetensors_shapes(path: Path) -> dict[str, tuple[int, ...]] | None:
     header is a one-line error."""
     from safetensors import safe_open
 
-    index = path / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as exc:
-            raise MinitronError(f"{index} is not a valid safetensors index ({_one_line(exc)})") from None
-    elif (path / "model.safetensors").exists():
-        shards = ["model.safetensors"]
-    else:
+    files = _safetensors_files(path)
+    if files is None:
         return None
     shapes: dict[str, tuple[int, ...]] = {}
-    for shard in shards:
-        f = path / shard
+    for f in files:
         if not f.is_file():
             raise MinitronError(f"checkpoint shard {f} is missing or not a file; restore the checkpoint")
         try:
