@@ -1,15 +1,17 @@
 """Shared benchmark plumbing: timing, peak memory in a fresh process, metadata, result rows."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 ROW_KEYS = ("bench", "case", "impl", "median_s", "p20_s", "p80_s", "peak_mb", "ok")
 
@@ -184,3 +186,17 @@ def make_tiny_teacher(path: str | os.PathLike) -> Path:
     m.save_pretrained(path)
     fast.save_pretrained(path)
     return path
+
+
+@contextlib.contextmanager
+def work_dir(path: str | os.PathLike | None, prefix: str) -> Iterator[Path]:
+    """A benchmark's working directory: ``path`` when given (created, and kept for inspection),
+    else a fresh temporary directory removed at the end (models, token shards and stored logits
+    run to gigabytes: an offline-teacher run left 13 GB in /tmp before this)."""
+    if path:
+        p = Path(path)
+        p.mkdir(parents=True, exist_ok=True)
+        yield p
+        return
+    with tempfile.TemporaryDirectory(prefix=prefix) as d:
+        yield Path(d)

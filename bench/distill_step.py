@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -93,11 +92,17 @@ def run_case(impl: str, student: str, out: str, micro_batch: int, seq_len: int, 
 
 
 def run(args: argparse.Namespace) -> list[dict[str, Any]]:
+    from bench.common import work_dir
+
+    with work_dir(args.workdir, "distill_step-") as work:
+        return _run(args, work)
+
+
+def _run(args: argparse.Namespace, work: Path) -> list[dict[str, Any]]:
     sizes = [int(x) for x in str(args.micro_batch).split(",") if x.strip()]
     T, steps = args.seq_len, args.steps
     if args.quick:
         sizes, T, steps = [2], 128, 2
-    work = Path(args.workdir or tempfile.mkdtemp(prefix="distill_step-"))
     student = build_student(work / "student")
     rows: list[dict[str, Any]] = []
     for mb in sizes:

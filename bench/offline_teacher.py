@@ -29,7 +29,6 @@ import argparse
 import math
 import shutil
 import statistics
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -109,6 +108,13 @@ def write_case(out: str, k: int, samples: int, seq_len: int, threads: int | None
 
 
 def run(args: argparse.Namespace) -> list[dict[str, Any]]:
+    from bench.common import work_dir
+
+    with work_dir(args.workdir, "offline_teacher-") as work:
+        return _run(args, work)
+
+
+def _run(args: argparse.Namespace, work: Path) -> list[dict[str, Any]]:
     from bench.common import run_in_subprocess
 
     steps, mb, T, ev = args.steps, args.micro_batch, args.seq_len, args.eval_blocks
@@ -116,8 +122,6 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     sems = [s.strip() for s in str(args.semantics).split(",") if s.strip()]
     if args.quick:
         steps, mb, T, ev, ks = 3, 2, 128, 2, [8, 64]
-    work = Path(args.workdir or tempfile.mkdtemp(prefix="offline_teacher-"))
-    work.mkdir(parents=True, exist_ok=True)
     student = build_student(work, T)
     case = f"smollm2-135m->ffn768 {steps}x{mb}x{T} tokens"
     common = dict(student=str(student), steps=steps, micro_batch=mb, seq_len=T, eval_blocks=ev, threads=args.threads)

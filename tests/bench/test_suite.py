@@ -62,3 +62,17 @@ def test_paper_claims_rows_on_tiny_model(tmp_path):
     assert by[("teacher correction", "uncorrected")]["loss"] != by[("teacher correction", "corrected")]["loss"]
     paper_claims.plot(rows, tmp_path / "p.png")
     assert (tmp_path / "p.png").stat().st_size > 1000
+
+
+def test_work_dir_removes_its_temporary_directory_and_keeps_a_given_one(tmp_path):
+    """Benchmarks without ``--workdir`` work in a temporary directory that is gone afterwards
+    (models and stored logits run to gigabytes); a given ``--workdir`` is kept."""
+    from bench.common import work_dir
+
+    with work_dir(None, "bench_test_") as w:
+        (w / "model.bin").write_bytes(b"x" * 1024)
+        assert w.is_dir() and w.name.startswith("bench_test_")
+    assert not w.exists()
+    with work_dir(tmp_path / "keep", "bench_test_") as k:
+        (k / "model.bin").write_bytes(b"x")
+    assert (tmp_path / "keep" / "model.bin").is_file()
