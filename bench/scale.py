@@ -171,13 +171,11 @@ def build_models(work: Path, size: str, vocab: int | None, shard_mb: int,
     """A random teacher of ``SIZES[size]`` and a smaller student, as sharded safetensors in
     ``dtype`` (bf16: as published checkpoints are) with SmolLM2's tokenizer files (so the real
     tokenizer reads the data). Returns paths and the teacher's parameter count."""
-    import shutil
-
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from minitron_fast.models.embedded import embedded_model_path
-    from minitron_fast.models.export import TOKENIZER_FILES
+    from minitron_fast.models.export import copy_tokenizer_files
 
     shape = dict(SIZES[size])
     tok_dir = embedded_model_path()
@@ -204,9 +202,7 @@ def build_models(work: Path, size: str, vocab: int | None, shard_mb: int,
             m.to(torch.bfloat16)
         m.save_pretrained(d, max_shard_size=f"{shard_mb}MB")
         del m
-        for t in TOKENIZER_FILES:
-            if (Path(tok_dir) / t).is_file():
-                shutil.copy2(Path(tok_dir) / t, d / t)
+        copy_tokenizer_files(tok_dir, d)
     return out["teacher"], out["student"], n_teacher
 
 

@@ -38,16 +38,14 @@ def _text() -> str:
 def _save_tiny(path: Path, tok_src: Path, *, seed: int = 0, **kw: Any) -> None:
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from minitron_fast.models.export import TOKENIZER_FILES
+    from minitron_fast.models.export import copy_tokenizer_files
 
     torch.manual_seed(seed)
     cfg = dict(vocab_size=49152, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=True)
     cfg.update(kw)
     LlamaForCausalLM(LlamaConfig(**cfg)).save_pretrained(path)
-    for t in TOKENIZER_FILES:
-        if (tok_src / t).is_file():
-            shutil.copy2(tok_src / t, path / t)
+    copy_tokenizer_files(tok_src, path)
 
 
 def _variant(root: Path, name: str, edit: Callable[[Path], None]) -> Path:

@@ -367,7 +367,7 @@ def models(tmp_path_factory, demo_model_dir):
     whose tokenizer swaps two token ids (same size: only a token/id comparison sees it)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from minitron_fast.models.export import TOKENIZER_FILES
+    from minitron_fast.models.export import copy_tokenizer_files
 
     root = tmp_path_factory.mktemp("distill_models")
     specs = {"teacher": (64, 128, False, 0.2, 49152), "student": (48, 96, True, 0.02, 49152),
@@ -378,9 +378,7 @@ def models(tmp_path_factory, demo_model_dir):
                                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
                                          tie_word_embeddings=tied, initializer_range=std))
         m.save_pretrained(root / name)
-        for t in TOKENIZER_FILES:
-            if (Path(demo_model_dir) / t).is_file():
-                shutil.copy2(Path(demo_model_dir) / t, root / name / t)
+        copy_tokenizer_files(demo_model_dir, root / name)
     # the student carries a prune plan (48 of the teacher's 64 channels): the intermediate-state
     # projection starts from it, and distill's export carries it on
     kept = sorted(torch.randperm(64, generator=torch.Generator().manual_seed(0))[:48].tolist())

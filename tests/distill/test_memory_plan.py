@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import textwrap
@@ -112,7 +111,7 @@ def test_plan_within_25_percent_of_a_measured_cpu_run(tmp_path, demo_model_dir):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from minitron_fast.models.export import TOKENIZER_FILES
+    from minitron_fast.models.export import copy_tokenizer_files
 
     dirs = {}
     for name, (h, f, heads, kv) in {"teacher": (256, 1024, 4, 2), "student": (192, 512, 3, 1)}.items():
@@ -123,9 +122,7 @@ def test_plan_within_25_percent_of_a_measured_cpu_run(tmp_path, demo_model_dir):
         d = dirs[name] = tmp_path / name
         m.save_pretrained(d)
         del m
-        for t in TOKENIZER_FILES:
-            if (Path(demo_model_dir) / t).is_file():
-                shutil.copy2(Path(demo_model_dir) / t, d / t)
+        copy_tokenizer_files(demo_model_dir, d)
     o = {"teacher": dirs["teacher"], "student": dirs["student"], "out": tmp_path / "run", "steps": 2,
          "micro_batch_size": 2, "grad_accum": 1, "data.seq_len": 64, "data.max_blocks": 32, "data.eval_blocks": 0,
          "eval_every": 100, "save_every": 100, "export": False, "warmup_steps": 0, "threads": 1,

@@ -282,7 +282,7 @@ def test_distill_each_family_single_process(tiny_builders, tmp_path, demo_model_
 
     from transformers import AutoModelForCausalLM
 
-    from minitron_fast.models.export import TOKENIZER_FILES
+    from minitron_fast.models.export import copy_tokenizer_files
     from tests.distill.test_distill import WORKER, _env, _metrics, _results
 
     runs = []
@@ -290,9 +290,7 @@ def test_distill_each_family_single_process(tiny_builders, tmp_path, demo_model_
         teacher = tiny_builders[name](vocab_size=49152, initializer_range=0.2)  # SmolLM2 tokenizer; peaked logits
         tdir = tmp_path / name / "teacher"
         teacher.save_pretrained(tdir)
-        for t in TOKENIZER_FILES:
-            if (Path(demo_model_dir) / t).is_file():
-                (tdir / t).write_bytes((Path(demo_model_dir) / t).read_bytes())
+        copy_tokenizer_files(demo_model_dir, tdir)
         geo = get_view(teacher).geometry()
         plan = make_plan(teacher, _scores(geo), {"hidden": geo.hidden_size - 16, "ffn": 48, "layers": 2},
                          depth_mode="top")

@@ -151,7 +151,7 @@ def tiny(tmp_path_factory, demo_model_dir):
     """A tiny teacher (peaked logits) and a narrower student sharing the real SmolLM2 tokenizer."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from minitron_fast.models.export import TOKENIZER_FILES
+    from minitron_fast.models.export import copy_tokenizer_files
 
     root = tmp_path_factory.mktemp("tl_models")
     for seed, (name, h, f, tied, std) in enumerate([("teacher", 64, 128, False, 0.2), ("student", 48, 96, True, 0.02)]):
@@ -160,9 +160,7 @@ def tiny(tmp_path_factory, demo_model_dir):
                                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
                                          tie_word_embeddings=tied, initializer_range=std))
         m.save_pretrained(root / name)
-        for t in TOKENIZER_FILES:
-            if (Path(demo_model_dir) / t).is_file():
-                shutil.copy2(Path(demo_model_dir) / t, root / name / t)
+        copy_tokenizer_files(demo_model_dir, root / name)
     return root
 
 
