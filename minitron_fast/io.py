@@ -49,6 +49,22 @@ def fix_mode(path: PathLike, *, is_dir: bool) -> None:
 
 # -- leftovers of killed runs -------------------------------------------------------------------------
 
+def fix_modes_under(directory: PathLike) -> None:
+    """Gives every file and folder under ``directory`` (itself included) the mode a plain
+    ``open``/``mkdir`` would. Libraries that write through ``mkstemp`` (transformers'
+    ``save_pretrained`` of ``model.safetensors``, for one) leave 0600 files that nobody else on a
+    shared machine can read."""
+    directory = Path(directory)
+    for root, dirs, files in os.walk(directory):
+        for d in dirs:
+            fix_mode(os.path.join(root, d), is_dir=True)
+        for f in files:
+            p = os.path.join(root, f)
+            if not os.path.islink(p):
+                fix_mode(p, is_dir=False)
+    fix_mode(directory, is_dir=True)
+
+
 def _pid_alive(pid: int) -> bool:
     if pid == os.getpid():
         return True
@@ -183,7 +199,7 @@ def write_marker(directory: PathLike, **info: Any) -> None:
 def atomic_dir(target: PathLike, *, overwrite: bool = False, inputs: Iterable[PathLike | None] = (),
                require_marker: bool = True) -> Iterator[Path]:
     """Yields a fresh temporary directory beside ``target`` (mode 0777 less the umask, holding the
-    marker file); on success it becomes ``target``.
+    marker file); on success every file in it gets the umask's mode and it becomes ``target``.
 
     Refuses (:func:`check_output`) an existing non-empty ``target`` unless ``overwrite``, and
     then only one minitron_fast wrote (``require_marker=False``: a cache the caller owns). On an
@@ -200,6 +216,7 @@ def atomic_dir(target: PathLike, *, overwrite: bool = False, inputs: Iterable[Pa
         fix_mode(tmp, is_dir=True)
         write_marker(tmp)
         yield tmp
+        fix_modes_under(tmp)
         if target.exists():
             old = target.with_name(f".{target.name}.old-{os.getpid()}")
             os.replace(target, old)

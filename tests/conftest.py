@@ -6,10 +6,31 @@ before anything imports triton (torch itself does not).
 """
 from __future__ import annotations
 
+import atexit
 import os
 import random
+import shutil
+import tempfile
 
 import torch
+
+# Every test session starts from an empty minitron_fast cache, so the embedded model is converted
+# and the demo text tokenized within the run: no test may depend on what an earlier run left in
+# ~/.cache (a cache converted before the output marker existed once hid a fresh-machine bug).
+# The directory is made once per session (pytest-xdist workers and the subprocesses tests start
+# inherit it) and removed at the end. MINITRON_FAST_TEST_CACHE=DIR keeps one across runs instead:
+# a developer's speed-up (about 30 s), never set by CI.
+if "_MINITRON_FAST_SESSION_CACHE" not in os.environ:
+    _keep = os.environ.get("MINITRON_FAST_TEST_CACHE")
+    if _keep:
+        _session_cache = os.path.abspath(_keep)
+        os.makedirs(_session_cache, exist_ok=True)
+    else:
+        _session_cache = tempfile.mkdtemp(prefix="minitron_fast-test-cache-")
+        atexit.register(shutil.rmtree, _session_cache, ignore_errors=True)
+    os.environ["_MINITRON_FAST_SESSION_CACHE"] = _session_cache
+os.environ["MINITRON_FAST_CACHE"] = os.environ["_MINITRON_FAST_SESSION_CACHE"]
+os.environ.pop("MINITRON_FAST_TOKEN_CACHE", None)
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -189,7 +210,8 @@ def tiny_builders():
 
 @pytest.fixture(scope="session")
 def demo_model_dir():
-    """The embedded SmolLM2-135M converted to an fp32 HF checkpoint (cached across runs)."""
+    """The embedded SmolLM2-135M converted to an fp32 HF checkpoint (once per session, in the
+    session's own cache)."""
     from minitron_fast.models.embedded import embedded_model_path
 
     return embedded_model_path()

@@ -13,12 +13,20 @@ pytestmark = pytest.mark.slow
 
 
 def test_checkpoint_layout(demo_model_dir):
+    from minitron_fast.io import MARKER, current_umask
+
     names = {p.name for p in demo_model_dir.iterdir()}
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= names
     cfg = json.loads((demo_model_dir / "config.json").read_text())
     assert "quantization_config" not in cfg
     assert cfg["architectures"] == ["LlamaForCausalLM"]
-    assert not any(n.startswith(".") for n in names)  # no temporary leftovers
+    # the only dot-file is the output marker; no temporary leftovers inside or beside it
+    assert {n for n in names if n.startswith(".")} == {MARKER}
+    assert not [p.name for p in demo_model_dir.parent.iterdir() if ".tmp-" in p.name or ".old-" in p.name]
+    # readable by others as the umask allows (save_pretrained writes model.safetensors through mkstemp, 0600)
+    want = 0o666 & ~current_umask()
+    modes = {p.name: oct(p.stat().st_mode & 0o777) for p in demo_model_dir.iterdir()}
+    assert set(modes.values()) == {oct(want)}, modes
 
 
 def test_reused_without_reconversion(demo_model_dir):
