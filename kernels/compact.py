@@ -15,6 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._launch import on_tensor_device
+
 
 @triton.jit
 def _gather_rows_kernel(src_ptr, dst_ptr, kept_ptr, n_out, n_cols,
@@ -53,12 +55,14 @@ def _gather_cols_kernel(src_ptr, dst_ptr, kept_ptr, n_rows, n_cols, n_kept,
 _BLOCK_R, _BLOCK_C = 16, 256
 
 
+@on_tensor_device
 def _launch_rows(src: torch.Tensor, dst: torch.Tensor, kept: torch.Tensor, n_cols: int) -> None:
     n = kept.numel()
     grid = (triton.cdiv(n, _BLOCK_R), triton.cdiv(max(n_cols, 1), _BLOCK_C))
     _gather_rows_kernel[grid](src, dst, kept, n, n_cols, BLOCK_R=_BLOCK_R, BLOCK_C=_BLOCK_C, num_warps=4)
 
 
+@on_tensor_device
 def _launch_cols(src: torch.Tensor, dst: torch.Tensor, kept: torch.Tensor, n_rows: int, n_cols: int) -> None:
     k = kept.numel()
     grid = (triton.cdiv(n_rows, _BLOCK_R), triton.cdiv(k, _BLOCK_C))

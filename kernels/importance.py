@@ -29,6 +29,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._launch import on_tensor_device
+
 
 @triton.jit
 def _swiglu_stats_kernel(g_ptr, u_ptr, h_ptr, mask_ptr, s1_ptr, s2_ptr, T, F, n_tblocks,
@@ -181,6 +183,7 @@ def _stat_args(s1, s2, ref):
 ACT_CODES = {"silu": 0, "gelu_tanh": 1}
 
 
+@on_tensor_device
 def swiglu_stats(gate: torch.Tensor, up: torch.Tensor, mask: torch.Tensor | None, s1: torch.Tensor | None,
                  s2: torch.Tensor | None, act: str = "silu") -> torch.Tensor:
     """h = act(gate) * up ``[B, T, F]`` (``act``: "silu" or "gelu_tanh"); adds sums of ``|h|`` (s1)
@@ -199,6 +202,7 @@ def swiglu_stats(gate: torch.Tensor, up: torch.Tensor, mask: torch.Tensor | None
     return h
 
 
+@on_tensor_device
 def rmsnorm_stats(x: torch.Tensor, weight: torch.Tensor, eps: float, mask: torch.Tensor | None,
                   s1: torch.Tensor | None, s2: torch.Tensor | None, offset: float = 0.0) -> torch.Tensor:
     """HF RMSNorm of ``x [B, T, H]`` (``offset`` 1: Gemma's ``(1 + w)``, output in x's dtype); adds
@@ -217,6 +221,7 @@ def rmsnorm_stats(x: torch.Tensor, weight: torch.Tensor, eps: float, mask: torch
     return y
 
 
+@on_tensor_device
 def head_stats(x: torch.Tensor, n_heads: int, mask: torch.Tensor | None, s1: torch.Tensor | None,
                s2: torch.Tensor | None) -> None:
     """Adds sums over valid tokens of each head's per-token L2 norm (s1) and squared norm (s2) of
@@ -232,6 +237,7 @@ def head_stats(x: torch.Tensor, n_heads: int, mask: torch.Tensor | None, s1: tor
                                           WANT_S2=w2, BLOCK_T=bt, BLOCK_D=triton.next_power_of_2(hd))
 
 
+@on_tensor_device
 def block_cos(x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor | None, out: torch.Tensor, eps: float = 1e-8) -> None:
     """Adds the sum over valid tokens of cos(x[b, t], y[b, t]) into ``out [B]`` (fp32);
     ``x, y: [B, T, H]``."""

@@ -21,6 +21,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from ._launch import on_tensor_device
+
 # DIV: the divergence registry's code (minitron_fast/ops/kd_loss/divergences.py): 0 forward KL,
 # 1 reverse KL, 2 JSD. The ops layer passes it; this module does not import the ops layer.
 
@@ -136,6 +138,7 @@ def _kd_softmax_kernel(
             tl.store(s_row + cols, g * coef, mask=mask)
 
 
+@on_tensor_device
 def kd_softmax(S, Tt, a, kd_rows, *, div_code: int, beta: float, g_mult: float, write_grad: bool = True,
                block_v: int | None = None, num_warps: int = 8) -> None:
     """Launches one program per row of the chunk; ``div_code``: the divergence registry's code.

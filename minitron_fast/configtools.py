@@ -63,6 +63,14 @@ def check_fields(cfg: Any, where: str = "") -> None:
 # -- where a stage runs ---------------------------------------------------------------------------
 
 DEVICES = ("auto", "cpu", "cuda")
+
+
+def cuda_devices_text() -> str:
+    """``"2 CUDA devices (cuda:0, cuda:1)"``: what an error about a missing device names."""
+    import torch
+
+    n = torch.cuda.device_count()
+    return f"{n} CUDA device{'s' if n != 1 else ''} ({', '.join(f'cuda:{i}' for i in range(n)) or 'none'})"
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -76,7 +84,7 @@ class DeviceConfig:
     dtype: str | None = opt(None, "model dtype: float32, bfloat16 or float16 (default: float32)", choices=DTYPES)
     attn_implementation: str | None = opt(
         None, "transformers attention: sdpa, eager, flash_attention_2 (default: flash_attention_2 on CUDA "
-              "when installed, else sdpa)")
+              "when installed and dtype is bfloat16/float16, else sdpa)")
 
     def check_device(self, where: str = "") -> None:
         """The device's syntax and every field with ``choices`` (at load time; availability is
@@ -99,7 +107,8 @@ class DeviceConfig:
                 raise OptionError(f"{key(where, 'device')}={d} but CUDA is not available on this machine (torch "
                                   f"{torch.__version__}); set {key(where, 'device')}=cpu (or auto)")
             if ":" in d and int(d.split(":")[1]) >= torch.cuda.device_count():
-                raise OptionError(f"{key(where, 'device')}={d} but this machine has {torch.cuda.device_count()} CUDA devices")
+                raise OptionError(f"{key(where, 'device')}={d} but this machine has {cuda_devices_text()}; "
+                                  "pick one of them")
         return d
 
     def on_cuda(self) -> bool:

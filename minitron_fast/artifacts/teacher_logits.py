@@ -186,12 +186,12 @@ def _pack_bit16(indices: torch.Tensor) -> torch.Tensor:
     if pad:
         bits = torch.nn.functional.pad(bits, (0, pad))
     bits = bits.view(*bits.shape[:-1], -1, 8)
-    weights = (1 << torch.arange(8, dtype=torch.int32)).to(torch.uint8)
+    weights = (1 << torch.arange(8, dtype=torch.int32, device=bits.device)).to(torch.uint8)  # on the ids' device
     return (bits * weights).sum(-1, dtype=torch.int32).to(torch.uint8)
 
 
 def _unpack_bit16(packed: torch.Tensor, k: int) -> torch.Tensor:
-    bits = (packed.to(torch.int64)[..., None] >> torch.arange(8)) & 1
+    bits = (packed.to(torch.int64)[..., None] >> torch.arange(8, device=packed.device)) & 1
     return bits.reshape(*packed.shape[:-1], -1)[..., :k] << 16
 
 

@@ -46,8 +46,9 @@ def run(args: argparse.Namespace) -> int:
                             "table.txt)")
     for name in ("plan.json", "search.json", "table.txt"):  # the files it writes: never an input
         check_output(Path(args.out) / name, inputs=[args.scores, args.data], kind="--out", allow_existing_file=True)
-    check_seq_len(load_config(args.model), args.seq_len)
+    # the options' own syntax first: a bad flag fails before the model is read (or the embedded one converted)
     cfg = configtools.from_args(SearchConfig, args, enabled=True).validate("--")  # before dividing by its sizes
+    check_seq_len(load_config(args.model), args.seq_len)
     if args.retrain_tokens is not None:
         if args.retrain_tokens < 0:
             raise MinitronError(f"--retrain-tokens must be >= 0, got {args.retrain_tokens}")

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import gc
 import os
 from pathlib import Path
 from typing import Any
@@ -99,10 +100,24 @@ def check_device(device: str | torch.device) -> torch.device:
         if not torch.cuda.is_available():
             raise MinitronError(f"--device {device} but CUDA is not available on this machine; use --device cpu")
         if d.index is not None and d.index >= torch.cuda.device_count():
-            raise MinitronError(f"--device {device} but this machine has {torch.cuda.device_count()} CUDA devices")
+            from minitron_fast.configtools import cuda_devices_text
+
+            raise MinitronError(f"--device {device} but this machine has {cuda_devices_text()}; pick one of them")
     elif d.type not in ("cpu", "meta"):
         raise MinitronError(f"--device {device}: only cpu and cuda are supported")
     return d
+
+
+HALF_ONLY_ATTENTION = ("flash_attention_2", "flash_attention_3")
+
+
+def check_attn_dtype(attn_implementation: str | None, dtype: torch.dtype, what: str = "--attn-implementation") -> None:
+    """flash-attention runs fp16 and bf16 only: refuse fp32 in one line, before any weight loads
+    (transformers would fail at the first forward: "only support fp16 and bf16")."""
+    if attn_implementation in HALF_ONLY_ATTENTION and dtype not in (torch.float16, torch.bfloat16):
+        raise MinitronError(f"{what} {attn_implementation} needs a bfloat16 or float16 model, but the dtype is "
+                            f"{str(dtype).replace('torch.', '')}; set dtype to bfloat16 (or float16), or use "
+                            "attn_implementation sdpa")
 
 
 # non-persistent buffers some older checkpoints still carry; harmless when unexpected
@@ -113,7 +128,8 @@ def load_model(model: str | os.PathLike, *, dtype: torch.dtype | str = torch.flo
                attn_implementation: str | None = None, device_map: str | dict | None = None) -> torch.nn.Module:
     """Loads a supported causal LM for training or analysis (eval mode, no hub access).
 
-    ``attn_implementation`` defaults to flash-attn 2 on CUDA when installed, else SDPA.
+    ``attn_implementation`` defaults to flash-attn 2 on CUDA when installed and ``dtype`` is bf16 or
+    fp16, else SDPA; flash-attention with fp32 is refused in one line.
     ``device_map`` (e.g. ``"auto"``, through accelerate) spreads a model larger than one GPU over
     the visible devices; ``device`` is then ignored.
     """
@@ -125,7 +141,8 @@ def load_model(model: str | os.PathLike, *, dtype: torch.dtype | str = torch.flo
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
     if attn_implementation is None:
-        attn_implementation = default_attn_implementation(device, config)
+        attn_implementation = default_attn_implementation(device, config, dtype)
+    check_attn_dtype(attn_implementation, dtype)
     check_tensor_shapes(path, config)
     if not device_map and _zero3_active():
         m = load_zero3_by_shard(path, config, dtype=dtype, attn_implementation=attn_implementation)
@@ -291,14 +308,29 @@ def check_loading_info(info: dict[str, Any], path: Path) -> None:
         raise MinitronError(f"cannot load the weights in {path}: {_one_line(Exception(errors[0]))}")
 
 
+def free_device_memory() -> None:
+    """Collects unreachable models and, in a process that has used CUDA, hands the blocks torch's
+    caching allocator keeps reserved back to the driver. The pipeline process calls it between
+    its in-process stages and before it launches a trainer on the same GPUs: ``del`` and
+    ``gc.collect()`` alone leave an 8B evaluation's ~58 GB reserved on cuda:0 while rank 0 trains
+    there."""
+    gc.collect()
+    if torch.cuda.is_initialized():  # False on CPU-only builds and in processes that never used CUDA
+        torch.cuda.empty_cache()
+
+
 def load_view(model: str | os.PathLike, **kw: Any) -> ModelView:
     return get_view(load_model(model, **kw))
 
 
-def default_attn_implementation(device: str | torch.device, config: Any = None) -> str:
-    """flash-attn 2 on CUDA when installed, else the family's own default (SDPA; Gemma 2: eager,
-    since SDPA cannot softcap attention scores)."""
-    if torch.device(device).type == "cuda":
+def default_attn_implementation(device: str | torch.device, config: Any = None,
+                                dtype: torch.dtype | str | None = None) -> str:
+    """flash-attn 2 on CUDA when installed and the model is bf16 or fp16 (it runs nothing else),
+    else the family's own default (SDPA; Gemma 2: eager, since SDPA cannot softcap attention
+    scores). ``dtype`` None means float32, every stage's default."""
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    if torch.device(device).type == "cuda" and dtype in (torch.float16, torch.bfloat16):
         import importlib.util
 
         if importlib.util.find_spec("flash_attn") is not None:

@@ -19,6 +19,8 @@ the buffer, where that would be too small, go through a bounded staging block):
 """
 from __future__ import annotations
 
+import itertools
+
 import torch
 
 from minitron_fast.ops._dispatch import resolve_impl
@@ -163,6 +165,25 @@ def compact_(t: torch.Tensor, kept: torch.Tensor, dim: int = 0, *, impl: str = "
         # object (optimizers and modules holding it see the new shape).
         t.data = data.as_strided(new_shape, strides)
     return t
+
+
+def shrink_storage_(module: torch.nn.Module) -> torch.nn.Module:
+    """Moves every parameter and buffer of ``module`` whose storage is larger than the tensor
+    (what in-place compaction leaves: the pruned tensor re-views the source's storage) into a
+    storage of its own size, and returns ``module``. The big storage is freed once nothing else
+    holds it. On CUDA (and for the torch path) compaction returns nothing to the allocator, so a
+    pruned copy of a teacher would otherwise keep the teacher's size for as long as it lives;
+    the C++ path returns the pages, but the storage still claims them. Tied parameters are one
+    object and are moved once."""
+    seen: set[int] = set()
+    with torch.no_grad():
+        for t in itertools.chain(module.parameters(), module.buffers()):
+            if id(t) in seen:
+                continue
+            seen.add(id(t))
+            if t.untyped_storage().nbytes() > t.numel() * t.element_size():
+                t.data = t.data.clone(memory_format=torch.contiguous_format)
+    return module
 
 
 def compact_2d_(t: torch.Tensor, rows: torch.Tensor | None = None, cols: torch.Tensor | None = None, *,

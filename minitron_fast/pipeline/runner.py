@@ -21,7 +21,6 @@ Stages meet only through files: checkpoint directories, the scores file and the 
 from __future__ import annotations
 
 import dataclasses
-import gc
 import logging
 import math
 import os
@@ -96,7 +95,7 @@ class PipelineRunner:
             params = get_view(m).param_counts()["total"]
         finally:
             del m
-            gc.collect()
+            _free_device_memory()
         self.log(f"    {desc}: held-out loss {loss:.4f}, perplexity {math.exp(loss):.3f}, {params:,} parameters")
         return {"loss": loss, "ppl": math.exp(loss), "params": params}
 
@@ -112,7 +111,7 @@ class PipelineRunner:
                               include_path=ev.include_path)
         finally:
             del m
-            gc.collect()
+            _free_device_memory()
         for task, metrics in res.items():
             self.log(f"    {desc} {task}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
         return res
@@ -128,6 +127,7 @@ class PipelineRunner:
         cmd = trainer_command(cfg_path, num_procs=launch.num_procs, launcher=launch.launcher,
                               resume=resume and (d / "run").exists(), hostfile=launch.hostfile)
         self.log(f"    $ {' '.join(cmd)}")
+        _free_device_memory()  # the trainer's rank 0 shares this process's GPU: nothing stays reserved here
         rc = subprocess.run(cmd, env=launcher_env(cfg["device"])).returncode
         if rc != 0:
             raise StageFailed(f"stage {section}: the trainer exited with status {rc} (its output is above); "
@@ -391,7 +391,7 @@ class PipelineRunner:
         export_hf(m, dst, tokenizer_from=like, record={"stage": "scratch", "init": "random", "seed": self.recipe.seed,
                                                        "shape_of": str(like)}, overwrite=True)
         del m
-        gc.collect()
+        _free_device_memory()
 
 
 def task_files_digest(tasks: list[str], include_path: list[str]) -> str:
@@ -401,6 +401,12 @@ def task_files_digest(tasks: list[str], include_path: list[str]) -> str:
     for d in include_path:
         files += sorted(p for p in Path(d).rglob("*") if p.suffix in (".yaml", ".yml"))
     return stable_hash({str(f.resolve()): f.read_text() for f in files if f.is_file()})
+
+
+def _free_device_memory() -> None:
+    from minitron_fast.models.loading import free_device_memory  # torch is imported only when a stage runs
+
+    free_device_memory()
 
 
 def run_recipe(recipe: Recipe, **kw: Any) -> dict[str, Any]:

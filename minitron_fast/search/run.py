@@ -12,7 +12,6 @@ Retraining is full fine-tuning, or LoRA through ``peft`` (``lora_rank > 0``).
 from __future__ import annotations
 
 import copy
-import gc
 import math
 import os
 import time
@@ -102,7 +101,8 @@ def run_search(model: str | os.PathLike, scores: str | os.PathLike, config: Sear
     load_kw = cfg.load_kwargs()  # device: cuda without CUDA fails here, before anything loads
     from minitron_fast.data import token_blocks
     from minitron_fast.evaluate.perplexity import lm_loss
-    from minitron_fast.models.loading import load_model, load_tokenizer
+    from minitron_fast.models.loading import free_device_memory, load_model, load_tokenizer
+    from minitron_fast.ops.compact import shrink_storage_
     from minitron_fast.prune import apply_plan, make_plan
 
     from minitron_fast.models import view_class_for_config
@@ -140,7 +140,8 @@ def run_search(model: str | os.PathLike, scores: str | os.PathLike, config: Sear
         plan = make_plan(teacher.config, scores, c.geometry, depth_metric=prune.depth_metric,
                          depth_mode=prune.depth_mode)
         plans[c.name] = plan
-        student = apply_plan(copy.deepcopy(teacher), plan)
+        # a student of its own size: compaction leaves the deepcopy's teacher-sized storages behind
+        student = shrink_storage_(apply_plan(copy.deepcopy(teacher), plan))
         torch.manual_seed(seed)
         before = lm_loss(student, heldout, progress=False)
         student, curve = retrain(student, batches, targets, lr=cfg.lr, lora_rank=cfg.lora_rank, progress=progress,
@@ -152,7 +153,7 @@ def run_search(model: str | os.PathLike, scores: str | os.PathLike, config: Sear
         log(f"  [{i}/{len(cands)}] {c.name}: held-out loss {before:.4f} pruned -> {after:.4f} after "
             f"{len(curve)} KD steps")
         del student
-        gc.collect()
+        free_device_memory()
 
     order = sorted(range(len(cands)), key=lambda j: results[j]["loss"])
     ranked = [cands[j] for j in order]

@@ -251,3 +251,50 @@ def test_demo_max_tokens_knob():
     assert load_recipe("demo", demo_overrides(4096, None, ["distill.steps=2"])).distill.steps == 2
     with pytest.raises(MinitronError, match="--max-tokens must be positive"):
         demo_overrides(0, None, [])
+
+
+def test_pipeline_gives_the_gpu_back_before_a_training_stage(tmp_path, tiny_teacher, monkeypatch):
+    """The pipeline process loads models (teacher_eval, importance, prune, evaluate) on the GPU its
+    trainer's rank 0 then uses: before the trainer launches, torch's caching allocator must hand
+    what it reserved back (empty_cache), not only drop references. CUDA is faked as initialized
+    here, and the launch is recorded instead of run."""
+    import subprocess as sp
+
+    import torch
+
+    from minitron_fast.models import loading
+    from minitron_fast.pipeline import runner as runner_mod
+    from minitron_fast.pipeline.recipe import load_recipe
+
+    events: list[str] = []
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: events.append("empty_cache"))
+    real_load = loading.load_model
+    monkeypatch.setattr(loading, "load_model", lambda *a, **k: events.append("load") or real_load(*a, **k))
+
+    def launch(cmd, **kw):
+        events.append("launch")
+        return sp.CompletedProcess(cmd, 1)
+
+    monkeypatch.setattr(runner_mod.subprocess, "run", launch)
+    with pytest.raises(runner_mod.StageFailed):
+        runner_mod.run_recipe(load_recipe(tiny_recipe(tmp_path, tiny_teacher)), progress=False, log=lambda m: None)
+    assert "launch" in events and "load" in events[:events.index("launch")], events
+    before = events[:events.index("launch")]
+    last_load = len(before) - 1 - before[::-1].index("load")
+    assert "empty_cache" in before[last_load:], events
+
+
+def test_free_device_memory_empties_the_cache_only_where_cuda_was_used(monkeypatch):
+    import torch
+
+    from minitron_fast.models.loading import free_device_memory
+
+    calls = []
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: calls.append(1))
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
+    free_device_memory()
+    assert calls == []
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    free_device_memory()
+    assert calls == [1]

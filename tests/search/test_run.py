@@ -119,3 +119,46 @@ def test_search_cli_and_impossible_budget(teacher_and_scores, tmp_path, capsys):
     assert err.startswith("error: no width/depth/mixed/kv candidate") and err.count("\n") == 1  # before any loading
     with pytest.raises(SearchError):
         run_search(str(teacher), scores, SearchConfig(), budget=10**12, progress=False, log=lambda s: None)
+
+
+def test_each_candidate_holds_only_its_own_size_while_it_retrains(teacher_and_scores, monkeypatch):
+    """Compaction re-views the source's storage (on CUDA it frees nothing), so a candidate pruned
+    from a deepcopy of the teacher held teacher-sized storage through its whole retraining. Each
+    candidate's parameters must own storages of their own size."""
+    import minitron_fast.search.run as search_run
+    from minitron_fast.models.loading import load_config
+
+    teacher, scores = teacher_and_scores
+    config = load_config(teacher)
+    full = view_class_for_config(config).count_params(config)["total"]
+    seen = []
+    real = search_run.retrain
+
+    def retrain(student, *a, **k):
+        held = sum(p.untyped_storage().nbytes() for p in student.parameters())
+        own = sum(p.numel() * p.element_size() for p in student.parameters())
+        seen.append((held, own))
+        return real(student, *a, **k)
+
+    monkeypatch.setattr(search_run, "retrain", retrain)
+    run_search(str(teacher), scores, SearchConfig(tolerance=0.1, kinds=["width", "depth"], max_candidates=1,
+                                                  retrain_steps=1, micro_batch_size=2, eval_blocks=2),
+               budget=int(0.75 * full), seq_len=32, progress=False, log=lambda s: None)
+    assert seen and all(held == own for held, own in seen), seen
+
+
+def test_shrink_storage_moves_only_oversized_tensors_and_keeps_ties():
+    from minitron_fast.ops.compact import compact_, shrink_storage_
+
+    lin = torch.nn.Linear(8, 6)
+    emb = torch.nn.Embedding(6, 8)
+    m = torch.nn.ModuleDict({"lin": lin, "emb": emb})
+    emb.weight = lin.weight.__class__(torch.randn(6, 8))
+    m.lin.weight = m.emb.weight  # tied, one object
+    ref = m.emb.weight.detach()[[0, 2, 5]].clone()
+    compact_(m.emb.weight, torch.tensor([0, 2, 5]), 0, impl="torch")
+    bias_ptr = m.lin.bias.data_ptr()
+    shrink_storage_(m)
+    assert m.lin.weight is m.emb.weight and torch.equal(m.emb.weight, ref)
+    assert m.emb.weight.untyped_storage().nbytes() == 3 * 8 * 4
+    assert m.lin.bias.data_ptr() == bias_ptr  # already its own size: untouched

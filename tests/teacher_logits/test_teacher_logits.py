@@ -425,3 +425,35 @@ evaluate: {{eval_blocks: 2, batch_size: 2}}
         load_recipe(p, ["distill.teacher=maybe"])
     with pytest.raises(RecipeError, match="teacher_logits.seq_len=16 differs from data.seq_len=32"):
         load_recipe(p, ["teacher_logits.seq_len=16"])
+
+
+@pytest.mark.parametrize("vocab", [128_256, 131_072, 50_000, 2**20], ids=lambda v: f"V{v}")
+def test_live_top_k_teacher_keeps_its_rows_on_the_model_device(vocab, monkeypatch):
+    """The live top-k teacher rounds its rows as the stored ones are (encode -> decode) on the
+    teacher's device: at 17-bit vocabularies (Llama-3.x, Mistral-NeMo) the bit-16 packing once mixed
+    in a CPU ``arange``, which crashes on CUDA. On the meta device, mixing in a CPU tensor raises as
+    CUDA would."""
+    from types import SimpleNamespace
+
+    from minitron_fast.artifacts import teacher_logits as tl
+    from minitron_fast.distill.teacher import LiveTeacher
+
+    B, L, k = 2, 3, 5
+    meta = torch.device("meta")
+    rows = (torch.empty(B, L, k, device=meta), torch.empty(B, L, k, dtype=torch.int64, device=meta),
+            torch.empty(B, L, device=meta))
+    monkeypatch.setattr(tl, "model_rows", lambda model, ids, topk, gather=None: rows)
+    model = SimpleNamespace(config=SimpleNamespace(vocab_size=vocab))
+    teacher = LiveTeacher(model, topk=k).for_batch(torch.empty(B, L, dtype=torch.int64, device=meta), torch.arange(B))
+    assert teacher.indices.device == meta and teacher.values.device == meta and teacher.indices.shape == (B * L, k)
+
+
+def test_bit16_packing_round_trips_ids_above_65535():
+    from minitron_fast.artifacts import teacher_logits as tl
+
+    g = torch.Generator().manual_seed(0)
+    idx = torch.randint(0, 131_072, (4, 7, 13), generator=g)
+    idx[0, 0, :3] = torch.tensor([65_535, 65_536, 131_071])
+    vals, tail = torch.randn(4, 7, 13, generator=g), torch.randn(4, 7, generator=g)
+    v, i, t = tl.decode(tl.encode(vals, idx, tail, 131_072), 13)
+    assert torch.equal(i, idx) and torch.equal(t, tail)
