@@ -10,7 +10,7 @@ import torch
 
 from minitron_fast.ops.kd_loss.chunks import run
 from minitron_fast.ops.kd_loss.options import _divisor
-from minitron_fast.ops.kd_loss.sources import LinearSource, LogitsSource, teacher_source
+from minitron_fast.ops.kd_loss.sources import LinearSource, LogitsSource, fp16_grad_scale, teacher_source
 
 
 def _row_scale(labels, N, ignore_index, divisor, device):
@@ -59,7 +59,8 @@ class FusedKD(torch.autograd.Function):
         scale, _ = _row_scale(labels, N, cfg.ignore_index, divisor, h.device)
         precompute = any(need) and reduction != "none"
         with torch.no_grad():
-            student = LinearSource(h, W, b, cfg.dtype, *(need if precompute else (False,) * 3))
+            student = LinearSource(h, W, b, cfg.dtype, *(need if precompute else (False,) * 3),
+                                   grad_scale=fp16_grad_scale(divisor, cfg))
             tsrc = teacher_source(teacher_kind, teacher, cfg)
             kd, ce = run(student, teacher_kind, tsrc, labels, N, V, cfg, scale, precompute, h.device, want_ce)
         ctx.meta = (h.dtype, W.dtype, None if b is None else b.dtype, reduction, need)
@@ -88,8 +89,11 @@ class FusedKD(torch.autograd.Function):
             scale = grad_out.float().reshape(-1)
             if labels is not None:
                 scale = scale * (labels != cfg.ignore_index).float()
+            gs = 1.0
+            if (cfg.dtype or h.dtype) == torch.float16:  # one host read of the largest per-token scale
+                gs = fp16_grad_scale(1.0 / max(float(scale.abs().max()), 1e-30), cfg)
             with torch.no_grad():
-                student = LinearSource(h, W, b, cfg.dtype, *need)
+                student = LinearSource(h, W, b, cfg.dtype, *need, grad_scale=gs)
                 run(student, teacher_kind, teacher_source(teacher_kind, teacher, cfg), labels, N, V, cfg, scale, True,
                      h.device)
             dh, dw, db = student.dh, student.dw, student.db
