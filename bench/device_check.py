@@ -20,6 +20,12 @@ recording every case it skipped and why. Sections, in priority order:
    FFN 14336 -> 9216, 32 -> 24 heads) against ``index_select`` into new tensors: GB/s and peak memory.
 5. ``recipe``: a tiny recipe end to end (importance, prune, two distillation steps under DeepSpeed
    on one device) through ``minitron_fast.pipeline``.
+6. ``gpu_paths``: the kinds of defect a reading of the CUDA-only branches found (issue 23): fp16
+   gradients through the fused loss against float64 under a loss scale, the live top-k teacher's
+   rows at V=128,256 on the device, what the pipeline process keeps reserved after it evaluated
+   a model, and, where 2+ GPUs are visible, every Triton kernel launched on ``cuda:1`` (skipped
+   and named on one GPU, as is the 2-rank ZeRO-3 step, which this check does not run yet).
+   A ``kd_loss`` row of ours slower than ``KD_FLOOR_LIMIT`` x the GEMM floor fails.
 
 ``--tiny`` runs the same logic at tiny shapes on the CPU, Triton kernels under
 ``TRITON_INTERPRET=1`` (set here before any kernel is defined), so the script cannot rot between
@@ -50,7 +56,8 @@ from typing import Any, Callable, Iterator
 
 HELP = "one prepared GPU check: kernel correctness at real shapes, KD loss vs Liger/floor, importance, compaction, a tiny recipe"
 
-SECTIONS = ("correctness", "kd_loss", "importance", "compaction", "recipe")
+SECTIONS = ("correctness", "kd_loss", "importance", "compaction", "recipe", "gpu_paths")
+KD_FLOOR_LIMIT = 2.0  # a KD row slower than this many times the GEMM floor fails (issue 23)
 KD_IMPLS = ("minitron_fast", "minitron_fast_torch", "torch_naive", "liger_fused_jsd", "liger_chunked", "gemm_floor")
 IMPORTANCE_KERNELS = ("swiglu_stats", "rmsnorm_stats", "head_stats", "block_cos")
 
@@ -78,14 +85,15 @@ LLAMA_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, nu
                 rope_theta=500000.0, tie_word_embeddings=False)
 REAL = Shapes(kd=(8192, 3072, 4096, 128256), kd_check_rows=128, topk=64, model=LLAMA_8B, imp_samples=8,
               imp_seq=4096, imp_batch=2, compact_layers=32, compact_keep={"hidden": 3072, "ffn": 9216, "heads": 24},
-              reps=5, est_s={"correctness": 20, "kd_loss": 25, "importance": 60, "compaction": 40, "recipe": 90})
+              reps=5, est_s={"correctness": 20, "kd_loss": 25, "importance": 60, "compaction": 40, "recipe": 90,
+                     "gpu_paths": 15})
 TINY = Shapes(kd=(96, 48, 64, 1000), kd_check_rows=32, topk=8,
               model=dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
                          tie_word_embeddings=False),
               imp_samples=4, imp_seq=32, imp_batch=2, compact_layers=2,
               compact_keep={"hidden": 48, "ffn": 96, "heads": 3}, reps=2,
-              est_s={"correctness": 1, "kd_loss": 1, "importance": 1, "compaction": 1, "recipe": 5})
+              est_s={"correctness": 1, "kd_loss": 1, "importance": 1, "compaction": 1, "recipe": 5, "gpu_paths": 1})
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -421,6 +429,10 @@ def bench_kd_loss(dev: Device, s: Shapes, budget: Budget) -> list[dict[str, Any]
         dev.free()
     _ratios(rows, "kd_loss", {"gemm_floor": "vs_floor", "torch_naive": "vs_naive", "liger_fused_jsd": "vs_liger_fused",
                               "liger_chunked": "vs_liger_chunked"})
+    for r in rows:
+        if dev.cuda and r["impl"].startswith("minitron_fast") and (r.get("vs_floor") or 0) > KD_FLOOR_LIMIT:
+            r["ok"] = False
+            r["error"] = f"{r['vs_floor']:.2f}x the GEMM floor (limit {KD_FLOOR_LIMIT}x)"
     return rows
 
 
@@ -620,6 +632,91 @@ def bench_recipe(dev: Device, s: Shapes, budget: Budget) -> list[dict[str, Any]]
         shutil.rmtree(work, ignore_errors=True)
 
 
+# -- 6. the GPU-only branches (issue 23) -----------------------------------------------------------
+
+def check_gpu_paths(dev: Device, s: Shapes) -> list[dict[str, Any]]:
+    import torch
+
+    from minitron_fast.artifacts import teacher_logits as tl
+    from minitron_fast.ops.kd_loss import fused_linear_kd_loss
+    from minitron_fast.ops.kd_loss.reference import kd_loss_reference
+
+    rows = []
+    # fp16 gradients under gradient accumulation's divisor and a GradScaler-like loss scale
+    N, H, V = 64, 128, 4096 if dev.cuda else 257
+    g = _gen(dev, 3)
+    h = (torch.randn(N, H, generator=g, device=dev.dev) * 0.5).half().requires_grad_()
+    W = (torch.randn(V, H, generator=g, device=dev.dev) * 0.3).half().requires_grad_()
+    th = torch.randn(N, H, generator=g, device=dev.dev).half()
+    tw = (torch.randn(V, H, generator=g, device=dev.dev) * 0.3).half()
+    loss = fused_linear_kd_loss(h, W, th, tw, num_items=10**6) * 65536.0
+    gh, gw = torch.autograd.grad(loss, (h, W))
+    h64, W64 = h.detach().double().requires_grad_(), W.detach().double().requires_grad_()
+    ref = kd_loss_reference(h64 @ W64.t(), th.double() @ tw.double().t(), num_items=10**6) * 65536.0
+    rh, rw = torch.autograd.grad(ref, (h64, W64))
+    err = max(_rel(gh.double(), rh), _rel(gw.double(), rw))
+    rows.append(_row("gpu_paths", f"fp16 head N={N} H={H} V={V}, num_items=1e6, loss scale 65536", "minitron_fast",
+                     ok=bool(gh.abs().max() > 0 and err < 8e-3), err_grad_vs_fp64=err))
+    # the live top-k teacher's stored rounding, at a 17-bit vocabulary, on the device
+    k, vocab = 16, 128_256
+    idx = torch.randint(0, vocab, (4, 8, k), generator=g, device=dev.dev)
+    vals, tail = torch.randn(4, 8, k, generator=g, device=dev.dev), torch.randn(4, 8, generator=g, device=dev.dev)
+    try:
+        v, i, t = tl.decode(tl.encode(vals, idx, tail, vocab), k)
+        ok, err_txt = bool(torch.equal(i, idx) and i.device == idx.device), None
+    except Exception as exc:  # the defect this row exists for raised here
+        ok, err_txt = False, f"{type(exc).__name__}: {exc}"[:200]
+    rows.append(_row("gpu_paths", f"live top-k teacher rows, V={vocab}, k={k}", "minitron_fast", ok=ok,
+                     **({"error": err_txt} if err_txt else {})))
+    # what the pipeline process keeps reserved after evaluating a model (before a trainer starts)
+    if dev.cuda:
+        from minitron_fast.evaluate.perplexity import lm_loss
+        from minitron_fast.models.loading import free_device_memory
+
+        dev.free()
+        before = torch.cuda.memory_reserved() / 2**20
+        m = _random_model(dev, s.model)
+        ids = torch.randint(0, s.model["vocab_size"], (2, 64), generator=g, device=dev.dev)
+        with torch.no_grad():
+            lm_loss(m, ids, batch_size=2, progress=False)
+        held = torch.cuda.memory_reserved() / 2**20
+        del m
+        free_device_memory()
+        after = torch.cuda.memory_reserved() / 2**20
+        rows.append(_row("gpu_paths", "memory_reserved after evaluate + free_device_memory", "pipeline",
+                         ok=after - before < 64, reserved_mb_before=before, reserved_mb_during=held,
+                         reserved_mb_after=after))
+    else:
+        rows.append(_skipped("gpu_paths", "memory_reserved after evaluate + free_device_memory", "pipeline",
+                             "needs CUDA"))
+    # several GPUs: every kernel on cuda:1 (a launch on the current device would fail there)
+    n_gpu = torch.cuda.device_count() if dev.cuda else 0
+    if n_gpu >= 2:
+        from minitron_fast.kernels import importance as ik
+        from minitron_fast.ops.compact import compact_
+
+        d1 = torch.device("cuda", 1)
+        x, y = torch.randn(2, 37, 96, device=d1), torch.randn(2, 37, 96, device=d1)
+        out = torch.zeros(2, device=d1)
+        ik.block_cos(x, y, None, out)
+        s2 = torch.zeros(2, 4, device=d1)
+        ik.head_stats(x, 4, None, None, s2)
+        w = torch.arange(96 * 8, dtype=torch.float32, device=d1).view(96, 8)
+        keep = torch.tensor([1, 5, 90], device=d1)
+        want = w.index_select(0, keep)
+        compact_(w, keep, 0, impl="triton")
+        cos_ref = torch.nn.functional.cosine_similarity(x, y, dim=-1).sum(1)
+        ok = torch.allclose(out, cos_ref, atol=1e-3) and torch.equal(w, want)
+        rows.append(_row("gpu_paths", "Triton kernels on cuda:1 (cuda:0 current)", "triton", ok=bool(ok)))
+        rows.append(_skipped("gpu_paths", "2-rank ZeRO-3 torchrun step vs 1 rank", "distill",
+                             "not in device_check yet (tests/integrations/test_zero3.py runs it on CPU ranks)"))
+    else:
+        for case, impl in (("Triton kernels on cuda:1 (cuda:0 current)", "triton"),
+                           ("2-rank ZeRO-3 torchrun step vs 1 rank", "distill")):
+            rows.append(_skipped("gpu_paths", case, impl, f"needs 2 GPUs ({n_gpu} visible)"))
+    return rows
+
+
 # -- the driver -----------------------------------------------------------------------------------
 
 def _environment(dev: Device) -> dict[str, Any]:
@@ -666,6 +763,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
         ("importance", lambda: bench_importance(dev, s, budget)),
         ("compaction", lambda: bench_compaction(dev, s, budget)),
         ("recipe", lambda: bench_recipe(dev, s, budget)),
+        ("gpu_paths", lambda: check_gpu_paths(dev, s)),
     ]
     rows: list[dict[str, Any]] = []
     for name, fn in steps:

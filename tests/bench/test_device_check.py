@@ -32,7 +32,7 @@ def test_tiny_rehearsal_runs_every_section(tmp_path):
     for r in rows:
         by_section.setdefault(r["section"], []).append(r)
         assert r["bench"] == "device_check" and r["ok"] is True, r
-    assert set(by_section) == {"correctness", "kd_loss", "importance", "compaction", "recipe"}
+    assert set(by_section) == {"correctness", "kd_loss", "importance", "compaction", "recipe", "gpu_paths"}
 
     # correctness: the KD rows per divergence (errors recorded), every importance kernel launched,
     # both compaction gathers exact
@@ -64,9 +64,19 @@ def test_tiny_rehearsal_runs_every_section(tmp_path):
     rec = by_section["recipe"][0]
     assert rec["distilled_ppl"] > 1 and rec["pruned_ppl"] > 1
 
+    # the GPU-only branches: fp16 gradients and the live top-k rows ran; the CUDA-only and
+    # multi-GPU rows are skipped and named
+    gp = {r["case"].split(",")[0]: r for r in by_section["gpu_paths"]}
+    fp16 = next(r for r in by_section["gpu_paths"] if r["case"].startswith("fp16 head"))
+    assert fp16["status"] == "ran" and 0 <= fp16["err_grad_vs_fp64"] < 8e-3
+    assert gp["live top-k teacher rows"]["status"] == "ran"
+    skipped = [r["case"] for r in by_section["gpu_paths"] if r["status"].startswith("skipped")]
+    assert any("cuda:1" in c for c in skipped) and any("ZeRO-3" in c for c in skipped)
+    assert any("memory_reserved" in c for c in skipped)
+
     md = out.with_suffix(".md").read_text()
     assert "cpu (TRITON_INTERPRET=1)" in md and "## Goals (issue 13)" in md
-    for sec in ("correctness", "kd_loss", "importance", "compaction", "recipe"):
+    for sec in ("correctness", "kd_loss", "importance", "compaction", "recipe", "gpu_paths"):
         assert f"## {sec}" in md
 
 
