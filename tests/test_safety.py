@@ -43,7 +43,7 @@ def _env() -> dict[str, str]:
 # -- nothing unpickles --------------------------------------------------------------------------------
 
 def test_resume_loader_refuses_a_pickle_that_runs_code(tmp_path):
-    from minitron_fast.distill.trainer import ResumeError, weights_only_load
+    from minitron_fast.distill.checkpoints import ResumeError, weights_only_load
 
     pwned = tmp_path / "pwned"
     f = tmp_path / "mp_rank_00_model_states.pt"
@@ -257,7 +257,8 @@ class _FakeEngine:
 def test_checkpoint_is_renamed_into_place_and_latest_written_last(tmp_path):
     from minitron_fast.distill.config import load_config
     from minitron_fast.distill.sharding import ShardedBlocks
-    from minitron_fast.distill.trainer import Trainer, _clean_tmp_checkpoints, read_latest
+    from minitron_fast.distill.checkpoints import _clean_tmp_checkpoints, read_latest
+    from minitron_fast.distill.trainer import Trainer
 
     t = Trainer.__new__(Trainer)
     t.cfg = load_config(None, ["teacher=demo", "student=x"])
@@ -404,7 +405,7 @@ KILL_IN_CHECKPOINT_RENAME = """
 
 @pytest.mark.slow
 def test_sigkill_during_distill_checkpoint_save_then_resume(kill_env, tmp_path):
-    from minitron_fast.distill.trainer import read_latest
+    from minitron_fast.distill.checkpoints import read_latest
 
     r = kill_env
 

@@ -227,7 +227,7 @@ def test_layer_pairs_and_tokenizers():
 
 
 def test_deepspeed_config_checks(tmp_path):
-    from minitron_fast.distill.trainer import deepspeed_config, lr_lambda
+    from minitron_fast.distill.engine import deepspeed_config, lr_lambda
 
     cfg = load_config(_recipe(tmp_path), ["micro_batch_size=2", "grad_accum=3", "ds.zero_stage=3",
                                           "ds.persistence_threshold=0"])
@@ -235,11 +235,11 @@ def test_deepspeed_config_checks(tmp_path):
     assert ds["train_batch_size"] == 24 and client and "optimizer" not in ds
     assert ds["zero_optimization"]["stage3_param_persistence_threshold"] == 0
     assert "stage3_max_live_parameters" not in ds["zero_optimization"]  # DeepSpeed's default unless set
-    from minitron_fast.distill.trainer import SUB_GROUP_SIZE
+    from minitron_fast.distill.engine import SUB_GROUP_SIZE
 
     assert deepspeed_config(cfg, world=4, hidden=64)[0]["zero_optimization"]["sub_group_size"] == SUB_GROUP_SIZE
     lean = load_config(_recipe(tmp_path), ["ds.zero_stage=3", "ds.teacher_zero3=true", "ds.max_live_parameters=0"])
-    from minitron_fast.distill.trainer import _teacher_ds_config
+    from minitron_fast.distill.engine import _teacher_ds_config
 
     for z in (deepspeed_config(lean, world=2)[0]["zero_optimization"], _teacher_ds_config(lean, 2)["zero_optimization"]):
         assert z["stage3_max_live_parameters"] == 0 and z["stage3_max_reuse_distance"] == 0
@@ -265,7 +265,7 @@ def test_device_cpu_on_a_machine_with_cuda_is_the_cpu(tmp_path, monkeypatch):
     """``device: cpu`` where CUDA exists: the launched ranks get DeepSpeed's CPU accelerator, the
     trainer the CPU, offloaded memory is not pinned; ``auto`` takes the GPU. (CUDA faked here.)"""
     from minitron_fast.distill.launch import launcher_env
-    from minitron_fast.distill.trainer import deepspeed_config
+    from minitron_fast.distill.engine import deepspeed_config
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.delenv("DS_ACCELERATOR", raising=False)
@@ -284,7 +284,7 @@ def test_device_cpu_on_a_machine_with_cuda_is_the_cpu(tmp_path, monkeypatch):
 def test_client_optimizer_is_torchs_fused_adamw(tmp_path):
     """The fused kernel updates in place; the per-tensor loop it replaces allocates a temporary of
     each tensor's size (under ZeRO: the rank's whole flat partition). Same update either way."""
-    from minitron_fast.distill.trainer import adamw
+    from minitron_fast.distill.engine import adamw
 
     cfg = load_config(_recipe(tmp_path), ["lr=1e-2", "weight_decay=0.1"])
     torch.manual_seed(0)
@@ -547,7 +547,7 @@ def test_zero2_and_zero3_losses_fall(models, dist_runs):
 def test_cpu_ranks_leave_nothing_in_dev_shm(dist_runs):
     """DeepSpeed's CPU communicator never unlinks its per-rank 67 MB /dev/shm workspace; the
     trainer does, so a finished 2-rank job leaves no segment of its port behind."""
-    from minitron_fast.distill.trainer import SHM_WORKSPACE
+    from minitron_fast.distill.cpu_memory import SHM_WORKSPACE
 
     root, res = dist_runs
     assert res["z3"]["ok"], res["z3"]

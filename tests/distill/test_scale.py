@@ -154,7 +154,7 @@ def test_scale_rehearsal_tiny(tmp_path, demo_model_dir):
 HEAP_CHURN = textwrap.dedent("""
     import json, sys
     import torch
-    from minitron_fast.distill.trainer import cap_heap_retention, resident_memory_mb
+    from minitron_fast.distill.cpu_memory import cap_heap_retention, resident_memory_mb
     capped = cap_heap_retention() if sys.argv[-1] == "cap" else None
     torch.empty(2 << 20).fill_(1.0)  # one 8 MB block mapped and freed (glibc's threshold adapts to it)
     base = resident_memory_mb()

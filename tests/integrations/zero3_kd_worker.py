@@ -89,7 +89,7 @@ def main(out):
     if rank == 0:
         with open(out, "w") as f:
             json.dump(res, f)
-    from minitron_fast.distill.trainer import _unlink_shm_workspace
+    from minitron_fast.distill.cpu_memory import _unlink_shm_workspace
 
     _unlink_shm_workspace()  # DeepSpeed never removes its /dev/shm workspace (see the trainer)
 

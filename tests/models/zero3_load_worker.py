@@ -12,7 +12,8 @@ import torch
 def main(out: str, *paths: str) -> None:
     import deepspeed
 
-    from minitron_fast.distill.trainer import _unlink_shm_workspace, partitioned
+    from minitron_fast.distill.cpu_memory import _unlink_shm_workspace
+    from minitron_fast.distill.engine import partitioned
     from minitron_fast.models import loading
 
     deepspeed.init_distributed(dist_backend="gloo")

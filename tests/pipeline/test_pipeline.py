@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -124,8 +125,30 @@ evaluate: {{eval_blocks: 2, batch_size: 2}}
     return p
 
 
+@pytest.fixture
+def umask_022():
+    old = os.umask(0o022)
+    yield
+    os.umask(old)
+
+
+def _modes_off_the_umask(root: Path) -> list[str]:
+    """Files and folders under ``root`` that umask 022 would not give: each must be readable by
+    group and others (folders also searchable) and writable by the owner alone. Executable bits
+    are left to the writer (DeepSpeed copies its zero_to_fp32.py scripts as 0744)."""
+    bad = []
+    for p in [root, *root.rglob("*")]:
+        if p.is_symlink():
+            continue
+        mode = p.stat().st_mode & 0o777
+        need = 0o755 if p.is_dir() else 0o644
+        if mode & need != need or mode & 0o022:
+            bad.append(f"{p.relative_to(root)} {oct(mode)}")
+    return bad
+
+
 @pytest.mark.slow
-def test_pipeline_end_to_end_then_cached(tmp_path, tiny_teacher, capsys):
+def test_pipeline_end_to_end_then_cached(tmp_path, tiny_teacher, capsys, umask_022):
     from minitron_fast.cli import main
 
     recipe = tiny_recipe(tmp_path, tiny_teacher)
@@ -153,6 +176,9 @@ def test_pipeline_end_to_end_then_cached(tmp_path, tiny_teacher, capsys):
     assert json.loads((run / "prune" / "plan.json").read_text())["target"]["hidden_size"] == 48
     # the input model directory was not written
     assert {f.name: f.stat().st_mtime_ns for f in tiny_teacher.iterdir()} == before
+    # every file written follows the umask, trained checkpoints (save_pretrained writes
+    # model.safetensors through mkstemp: 0600) and DeepSpeed's checkpoints included
+    assert not _modes_off_the_umask(run), _modes_off_the_umask(run)[:10]
 
     # a rerun reuses every stage and reports the same numbers
     assert main(["run", str(recipe), "--no-progress"]) == 0
