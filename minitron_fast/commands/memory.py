@@ -1,10 +1,15 @@
 """``minitron-fast memory RECIPE [--gpu-mem 80GB] [--world N] [--json FILE] [key=value ...]``.
 
-Prints the per-GPU memory plan of every training stage of a pipeline recipe (a shipped name or
-a YAML path) or of one trainer recipe (``configs/distill/*.yaml``): teacher, student,
-gradients, optimizer states, activations (with and without activation checkpointing) and the
-KD loss's workspace, with a verdict against ``--gpu-mem`` and the knobs to change when a stage
-does not fit (``minitron_fast.distill.memory``). Exit status 1 when a stage does not fit.
+Prints the per-GPU memory plan of every stage of a pipeline recipe (a shipped name or a YAML
+path) that loads a model, in the order the pipeline runs them, or of one trainer recipe
+(``configs/distill/*.yaml``). Training stages (``correct_teacher``, ``distill``, ``scratch``):
+teacher, student, gradients, optimizer states, activations (with and without activation
+checkpointing) and the KD loss's workspace. Stages that load a whole model outside DeepSpeed
+(``teacher_eval``, ``teacher_logits``, ``importance``, ``search``, ``prune``, ``evaluate``): its
+weights in the stage's dtype, on one GPU or spread over the node's GPUs with ``device_map:
+auto``, one forward's activations and the logits it makes. Each with a verdict against
+``--gpu-mem`` and the recipe keys to change when the stage does not fit
+(``minitron_fast.distill.memory``). Exit status 1 when a stage does not fit.
 """
 from __future__ import annotations
 
@@ -16,7 +21,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("recipe", help="a shipped recipe name, a pipeline recipe YAML, or a trainer recipe (configs/distill/)")
     p.add_argument("--gpu-mem", default="80GB", help="memory of one GPU (default 80GB)")
     p.add_argument("--world", type=int, default=None,
-                   help="ranks (default: launch.num_procs, or the slots of launch.hostfile; 1 for a trainer recipe)")
+                   help="ranks (default: launch.num_procs, or the slots of launch.hostfile; 1 for a trainer recipe); "
+                        "on one node also the GPUs a device_map: auto stage spreads over")
     p.add_argument("--json", default=None, help="also write the plans as JSON here")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides, e.g. distill.micro_batch_size=2")
 
@@ -35,4 +41,7 @@ def run(args: argparse.Namespace) -> int:
         print(p.render(cfg))
     if args.json:
         atomic_write_json(args.json, [p.to_dict() for p, _ in plans])
-    return 0 if all(p.fits is not False for p, _ in plans) else 1
+    over = [p.stage or p.title for p, _ in plans if p.fits is False]
+    if over and len(plans) > 1:
+        print(f"does not fit a {plans[0][0].gpu_mem / 1e9:.0f} GB GPU: {', '.join(over)}")
+    return 0 if not over else 1

@@ -58,7 +58,7 @@ def test_student_states_follow_deepspeeds_estimators():
 
 @pytest.mark.parametrize("recipe", ["llama3.1-8b-to-4b-width", "llama3.1-8b-to-4b-depth", "mistral-nemo-12b-to-8b"])
 def test_shipped_gpu_recipes_fit_8x80gb(recipe):
-    plans = plan_recipe(recipe, gpu_mem="80GB")
+    plans = [(p, cfg) for p, cfg in plan_recipe(recipe, gpu_mem="80GB") if p.kind == "train"]  # loads: test_recipes_fit
     assert {p.title.split(": ")[1] for p, _ in plans} >= {"correct_teacher", "distill"}
     for p, cfg in plans:
         assert p.world == 8 and p.fits, p.render(cfg)
@@ -76,7 +76,7 @@ def test_memory_command(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "verdict: fits a 80 GB GPU" in out and "kd_loss" in out and "optimizer" in out
     rows = json.loads((tmp_path / "p.json").read_text())
-    assert all(r["fits"] for r in rows) and rows[0]["world"] == 8
+    assert all(r["fits"] for r in rows) and [r["world"] for r in rows if r["kind"] == "train"][0] == 8
     assert main(["memory", "llama3.1-8b-to-4b-width", "distill.activation_checkpointing=false", "--gpu-mem", "80GB"]) == 1
     assert "change: activation_checkpointing=true" in capsys.readouterr().out
     assert main(["memory", "llama3.1-8b-to-4b-width", "--gpu-mem", "eighty"]) == 2
@@ -88,7 +88,8 @@ def test_memory_command(tmp_path, capsys):
 MEASURE = textwrap.dedent("""
     import json, os, sys
     from minitron_fast.distill import load_config, train
-    from minitron_fast.distill.trainer import init_distributed, resident_memory_mb
+    from minitron_fast.distill.cpu_memory import resident_memory_mb
+    from minitron_fast.distill.engine import init_distributed
     from minitron_fast.models.loading import load_tokenizer
     overrides = json.load(open(sys.argv[-1]))
     cfg = load_config(None, overrides)

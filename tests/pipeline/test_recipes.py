@@ -30,7 +30,7 @@ def mistral_nemo_12b_config():
     from transformers import MistralConfig
 
     return MistralConfig(vocab_size=131072, hidden_size=5120, intermediate_size=14336, num_hidden_layers=40,
-                         num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=128000,
+                         num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=1024000,
                          rope_theta=1e6, rms_norm_eps=1e-5, tie_word_embeddings=False, sliding_window=None)
 
 
