@@ -63,6 +63,21 @@ def _all_reduce(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def all_reduce_to_host(t: torch.Tensor) -> list[float]:
+    """Sums ``t`` (1-D, on the training device) over ranks and reads it to the host: one collective
+    and one device-to-host read, where the tensor lives (nccl reduces CUDA tensors, gloo CPU ones).
+    The trainer reads each micro-batch's loss parts this way: one sync per micro-batch, not one
+    per part plus the NaN check's."""
+    import torch.distributed as dist
+
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        on_gpu = dist.get_backend() == "nccl"
+        if on_gpu != t.is_cuda:
+            t = t.to(torch.device("cuda", torch.cuda.current_device()) if on_gpu else "cpu")
+        dist.all_reduce(t)
+    return t.tolist()
+
+
 def _barrier() -> None:
     import torch.distributed as dist
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import shutil
 import time
@@ -37,7 +38,7 @@ from minitron_fast.distill.checkpoints import (_check_inputs, _check_model_input
 from minitron_fast.distill.config import DistillConfig, dump_config
 from minitron_fast.distill.cpu_memory import (cap_heap_retention, peak_memory_mb, release_freed_memory,
                                               resident_memory_mb)
-from minitron_fast.distill.engine import (adamw, _all_reduce, _barrier, deepspeed_config,
+from minitron_fast.distill.engine import (adamw, _all_reduce, all_reduce_to_host, _barrier, deepspeed_config,
                                           enable_activation_checkpointing, _hidden_size, init_distributed, lr_lambda,
                                           partitioned, _teacher_ds_config)
 from minitron_fast.distill.sharding import ShardedBlocks, eval_shard
@@ -327,8 +328,8 @@ class Trainer:
         if start == 0 and eval_blocks is not None:
             last_eval = self.evaluate(engine, eval_blocks)
             self._log(metrics_path, {"step": 0, "eval_loss": last_eval})
-        bar = tqdm(total=cfg.steps, initial=start, desc=f"{cfg.mode} (ZeRO-{cfg.deepspeed.zero_stage}, {world} rank"
-                   f"{'s' if world > 1 else ''})", disable=not (self.progress and rank == 0), dynamic_ncols=True)
+        bar = tqdm(total=cfg.steps, initial=start, desc=progress_label(cfg, world),
+                   disable=not (self.progress and rank == 0), dynamic_ncols=True)
         final_loss = None
         for step in range(start, cfg.steps):
             t0 = time.perf_counter()
@@ -340,24 +341,26 @@ class Trainer:
             sums: dict[str, float] = {}
             for ids, blk in zip(micros, block_ids):
                 parts = self._step(engine, ids, blk, num_items)
-                check = _all_reduce(parts["loss"].detach().float().reshape(1).clone())
-                if not torch.isfinite(check).all():
+                # the parts come from the same pass as the loss: summed over ranks and read to the
+                # host together, the micro-batch's one sync (the NaN check reads the same numbers)
+                keys = [k for k in ("loss", "kd", "lm", "inter") if k in parts]
+                got = dict(zip(keys, all_reduce_to_host(
+                    torch.stack([parts[k].detach().reshape(()) for k in keys]).to(torch.float64))))
+                if not math.isfinite(got["loss"]):
                     raise NaNLossError(
-                        f"loss is {float(check[0])} at step {step + 1}; stopped before applying it. The last good "
+                        f"loss is {got['loss']} at step {step + 1}; stopped before applying it. The last good "
                         f"checkpoint is {self._latest(ckpt_dir)}; lower lr or check the data and models")
                 # DeepSpeed averages gradients over ranks: multiply by world so the update is the
                 # gradient of sum(loss) / num_items over the whole step (scale_wrt_gas=False: our
                 # num_items already spans the micro-batches).
                 engine.backward(parts["loss"] * world, scale_wrt_gas=False)
                 engine.step()
-                for k in ("loss", "kd", "lm", "inter"):  # the parts come from the same pass as the loss
-                    if k in parts:
-                        sums[k] = sums.get(k, 0.0) + float(parts[k].detach())
+                for k, v in got.items():
+                    sums[k] = sums.get(k, 0.0) + v
             if self.device.type == "cpu":  # the step's freed gathers and temporaries go back to the OS
                 release_freed_memory()
-            red = _all_reduce(torch.tensor([sums[k] for k in sorted(sums)], dtype=torch.float64))
             rec: dict[str, Any] = {"step": step + 1}
-            rec.update({k: float(v) for k, v in zip(sorted(sums), red)})
+            rec.update({k: sums[k] for k in sorted(sums)})
             dt = time.perf_counter() - t0
             rec.update(lr=None if lr_now is None else float(lr_now), tokens=int(num_items),
                        tokens_per_s=data.global_batch * data.seq_len / dt, step_s=dt,
@@ -438,6 +441,12 @@ class Trainer:
                           protect=[p for p in (self.cfg.teacher, self.cfg.student, self.cfg.teacher_logits)
                                    if p and p != "demo"])
         _barrier()
+
+
+def progress_label(cfg: DistillConfig, world: int) -> str:
+    """What the progress bar calls the run: its label (the pipeline's stage: teacher correction,
+    distillation, the from-scratch baseline), else its mode, with the ZeRO stage and rank count."""
+    return f"{cfg.label or cfg.mode} (ZeRO-{cfg.deepspeed.zero_stage}, {world} rank{'s' if world > 1 else ''})"
 
 
 def train(cfg: DistillConfig, *, resume: bool = False, progress: bool = True) -> dict[str, Any]:

@@ -266,8 +266,10 @@ def divergence_rows(s_logits: Tensor, t_logits: Tensor, *, divergence: str, beta
     return get(canonical(divergence, float(beta))).reference(ls, lt, float(beta))
 
 
-def _materialized(hs, w, b, teacher, labels, spec: KDSpec, divisor: float) -> tuple[Tensor, dict[str, Tensor]]:
+def _materialized(hs, w, b, teacher, labels, spec: KDSpec,
+                  num_items: float | Tensor | None) -> tuple[Tensor, dict[str, Tensor]]:
     valid = labels != IGNORE_INDEX
+    divisor = num_items if num_items is not None else valid.sum().clamp(min=1)  # a device tensor: no host read
     if spec.kd_weight == 0:  # the LM loss alone: the student's own head, padding rows included (as fused)
         spec = replace(spec, vocab_size=None)
     z = _materialized_logits(hs, w, b, spec)
@@ -288,12 +290,13 @@ def _materialized(hs, w, b, teacher, labels, spec: KDSpec, divisor: float) -> tu
     return total, {k: v.detach() for k, v in parts.items()}
 
 
-def _fused(hs, w, b, teacher, labels, spec: KDSpec, divisor: float) -> tuple[Tensor, dict[str, Tensor]]:
+def _fused(hs, w, b, teacher, labels, spec: KDSpec,
+           num_items: float | Tensor | None) -> tuple[Tensor, dict[str, Tensor]]:
     from minitron_fast.ops.kd_loss import fused_linear_cross_entropy, fused_linear_kd_loss
 
     kw = dict(chunk_size=spec.chunk_size, impl=spec.op_impl, ignore_index=IGNORE_INDEX, softcap=spec.softcap)
     if spec.kd_weight == 0:  # the LM loss alone: the student's own head, padding rows included
-        lm = fused_linear_cross_entropy(hs, w, labels, bias=b, num_items=divisor, **kw)
+        lm = fused_linear_cross_entropy(hs, w, labels, bias=b, num_items=num_items, **kw)
         return spec.lm_weight * lm, {"lm": lm.detach()}
     if isinstance(teacher, TopKTeacher):
         t_kw: dict[str, Any] = {"teacher_topk": (teacher.values, teacher.indices)}
@@ -306,7 +309,7 @@ def _fused(hs, w, b, teacher, labels, spec: KDSpec, divisor: float) -> tuple[Ten
     # comes from the same pass whatever its weight (the student's log-sum-exp is computed anyway)
     out = fused_linear_kd_loss(hs, w, student_bias=b, labels=labels, divergence=spec.divergence, beta=spec.beta,
                                temperature=spec.temperature, t2_scaling=spec.t2_scaling,
-                               hard_label_weight=spec.lm_weight / spec.kd_weight, num_items=divisor,
+                               hard_label_weight=spec.lm_weight / spec.kd_weight, num_items=num_items,
                                vocab_size=spec.vocab_size, return_parts=True, **t_kw, **kw)
     return spec.kd_weight * out.loss, {"kd": out.kd, "lm": out.ce}
 
@@ -319,13 +322,16 @@ def head_loss(student_hidden: Tensor, student_head: nn.Module, teacher: TeacherH
     ``impl="materialized"``, one set of full logits). Under ZeRO-3 the student head is gathered by
     running this as its forward (and re-gathered for backward), the teacher head read-only.
 
+    ``num_items``: the divisor; None: this call's valid-token count. Passed to the fused op as
+    given (None: its own count, read with its other host numbers; a tensor stays where it is), so
+    the step reads the device no more than the op does.
+
     Returns ``{"loss": weighted sum (with gradient), "kd", "lm": detached parts}``.
     """
     if spec.kd_weight > 0 and teacher is None:
         raise KDSetupError("kd_weight > 0 needs a teacher (a model, TeacherHidden or TopKTeacher)")
     if isinstance(teacher, TopKTeacher) and spec.impl == "materialized":
         raise KDSetupError("a top-k teacher needs impl='fused' (the materialized baseline takes a teacher model)")
-    divisor = float(num_items) if num_items is not None else float(max(int((labels != IGNORE_INDEX).sum()), 1))
     t_params = (teacher.weight, teacher.bias) if isinstance(teacher, TeacherHidden) else ()
 
     def run(h: Tensor) -> dict[str, Tensor]:
@@ -336,14 +342,14 @@ def head_loss(student_hidden: Tensor, student_head: nn.Module, teacher: TeacherH
         with gathered(*t_params):
             fn = _fused if spec.impl == "fused" else _materialized
             # (autocast: bf16 hidden states with fp32 weights are the op's to reconcile; materialized: fp32)
-            total, parts = fn(h, w, b, t if spec.kd_weight > 0 else None, labels, spec, divisor)
+            total, parts = fn(h, w, b, t if spec.kd_weight > 0 else None, labels, spec, num_items)
         return {"loss": total, **parts}
 
     return call_through(student_head, run, student_hidden)
 
 
 def intermediate_loss(student_states: Sequence[Tensor], teacher_states: Sequence[Tensor], valid: Tensor,
-                      divisor: float, proj: nn.Module | None = None) -> Tensor:
+                      divisor: float | Tensor, proj: nn.Module | None = None) -> Tensor:
     """Mean over pairs of ``sum over valid rows of mean_c (proj(s) - t)^2 / divisor``; states are
     ``[N, H]`` rows (student width before ``proj``, teacher width after)."""
     total = None
@@ -413,7 +419,7 @@ def kd_step(student: nn.Module, teacher: Teacher, input_ids: Tensor, attention_m
     valid = rows_labels != IGNORE_INDEX
     out["tokens"] = valid.sum()
     if pairs:
-        divisor = float(num_items) if num_items is not None else float(max(int(out["tokens"]), 1))
+        divisor = num_items if num_items is not None else out["tokens"].clamp(min=1)  # no host read
         inter = intermediate_loss([h[:, :-1].reshape(-1, h.shape[-1]) for h in s_inter],
                                   [h[:, :-1].reshape(-1, h.shape[-1]) for h in t_inter], valid, divisor, proj)
         out["inter"] = inter.detach()

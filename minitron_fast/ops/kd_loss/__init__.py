@@ -36,10 +36,11 @@ the float64 ground truth the tests use.
 
 The package, one concern per file:
 - ``divergences.py``: the divergence registry (torch rows, float64 formulas, kernel codes, impls);
-- ``options.py``: argument checks, the per-call config, chunk sizing, the row-impl resolution;
+- ``options.py``: argument checks, the per-call config, chunk sizing, the row-impl resolution, and
+  ``DeviceReads``, the call's one host read (checks on device values, ``num_items``, chunk counts);
 - ``sources.py``: logits from a linear head or given logits, and the mixed-dtype rule;
 - ``rows_torch.py`` / ``rows_native.py``: one chunk's rows in torch / in C++ and Triton;
-- ``chunks.py``: the chunk loop (softcap, CE term, teacher forms);
+- ``chunks.py``: the chunk layout and loop (softcap, CE term, teacher forms);
 - ``autograd.py``: the autograd Functions; ``api.py``: the public functions;
 - ``reference.py``: the float64 reference.
 """

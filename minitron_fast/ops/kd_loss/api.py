@@ -10,6 +10,7 @@ from minitron_fast.integrations.zero3 import call_through, gathered, is_zero3_pa
 from minitron_fast.ops.kd_loss.autograd import FusedKD, LogitsKD
 from minitron_fast.ops.kd_loss.divergences import REGISTRY, canonical
 from minitron_fast.ops.kd_loss.options import (
+    DeviceReads,
     KDInputError,
     _Cfg,
     _check_common,
@@ -97,7 +98,8 @@ def _check_bare_zero3(name, w, call):
 
 
 def _prepare_teacher(N, V, device, teacher_hidden, teacher_weight, teacher_bias, teacher_logits, teacher_topk,
-                     divergence, tail=None):
+                     divergence, reads, tail=None):
+    """The teacher as ``(kind, tensors)``; the top-k index range check is queued on ``reads``."""
     given = [x is not None for x in (teacher_hidden, teacher_logits, teacher_topk)]
     if sum(given) != 1:
         raise KDInputError("give exactly one teacher: teacher_hidden (+ teacher_weight), teacher_logits, or "
@@ -140,11 +142,12 @@ def _prepare_teacher(N, V, device, teacher_hidden, teacher_weight, teacher_bias,
         raise KDInputError(f"teacher_topk must be (values [N, k], indices [N, k]) with N={N} matching shapes")
     if idx.dtype not in (torch.int64, torch.int32):
         raise KDInputError(f"teacher_topk indices must be int64 or int32, got {idx.dtype}")
-    if idx.numel() and int(idx.min()) < 0:
-        raise KDInputError(f"teacher_topk indices must lie in [0, {V})")
-    if idx.numel() and int(idx.max()) >= V:
-        raise KDInputError(f"teacher_topk index {int(idx.max())} lies outside the shared vocabulary [0, {V}) "
-                           "(a padded vocabulary's top-k must come from its real, shared prefix)")
+    if idx.numel():
+        lo, hi = torch.aminmax(idx)
+        reads.check((lo < 0) | (hi >= V), lambda: (
+            f"teacher_topk indices must lie in [0, {V})" if int(lo) < 0 else
+            f"teacher_topk index {int(hi)} lies outside the shared vocabulary [0, {V}) "
+            "(a padded vocabulary's top-k must come from its real, shared prefix)"))
     if tail is not None:
         _check_float("teacher_topk_tail_lse", tail, 0)
         if tail.numel() != N or tail.dim() > 1 and tuple(tail.shape) != tuple(teacher_topk[0].shape[:-1]):
@@ -212,7 +215,9 @@ def fused_linear_kd_loss(student_hidden, student_weight, teacher_hidden=None, te
         hard_label_weight: ``w``; the loss adds ``w * CE(z_s, label)`` at temperature 1.
         reduction: ``"mean"`` over valid tokens (or ``/ num_items`` when given), ``"sum"``, or
             ``"none"`` (``[N]`` per-token losses, 0 on ignored rows).
-        num_items: divisor for ``"mean"`` (a token count across micro-batches for gradient accumulation).
+        num_items: divisor for ``"mean"`` (a token count across micro-batches for gradient accumulation):
+            a number, or a one-element tensor on any device (read with the call's other host numbers:
+            a call reads the device once, in its forward; see ``options.DeviceReads``).
         softcap: ``c > 0`` or None: ``c * tanh(z / c)`` on both models' logits before the
             temperature (Gemma-2/3's ``final_logit_softcapping``), inside the fused path, with its
             gradient. Applies to logits computed here (hidden states x head) and to given teacher
@@ -292,9 +297,10 @@ def fused_linear_kd_loss(student_hidden, student_weight, teacher_hidden=None, te
         W, b = W[:V], None if b is None else b[:V]
     N = h.shape[0]
     div = canonical(divergence, float(beta))
+    reads = DeviceReads()  # the checks that need device values: read once, in the forward
     kind, teacher = _prepare_teacher(N, V, h.device, teacher_hidden, teacher_weight, teacher_bias, teacher_logits,
-                                     teacher_topk, div, teacher_topk_tail_lse)
-    labels = _check_labels(labels, N, V, ignore_index, h.device)
+                                     teacher_topk, div, reads, teacher_topk_tail_lse)
+    labels = _check_labels(labels, N, V, ignore_index, h.device, reads)
     if hard_label_weight > 0 and labels is None:
         raise KDInputError("hard_label_weight > 0 needs labels")
     rows_impl = resolve_rows_impl(impl, h, op="fused_linear_kd_loss", divergence=div, teacher_kind=kind)
@@ -302,8 +308,9 @@ def fused_linear_kd_loss(student_hidden, student_weight, teacher_hidden=None, te
     cfg = _Cfg(div, float(beta), float(temperature), bool(t2_scaling), float(hard_label_weight), int(ignore_index),
                chunk_size or 0, rows_impl, cap, dtype, tdtype)
     if N == 0:
+        reads.read(num_items=num_items)
         return _empty(h, student_weight, lead_shape, reduction, return_parts)
-    outs = FusedKD.apply(h, W, b, (labels, kind, teacher, cfg, reduction, num_items, return_parts))
+    outs = FusedKD.apply(h, W, b, (labels, kind, teacher, cfg, reduction, num_items, return_parts, reads))
     return _finish(outs, lead_shape, reduction, return_parts)
 
 
@@ -334,15 +341,16 @@ def kd_loss_from_logits(student_logits, teacher_logits=None, *, teacher_topk=Non
     if V < Vs:
         z = z[:, :V]
     div = canonical(divergence, float(beta))
-    kind, teacher = _prepare_teacher(N, V, z.device, None, None, None, teacher_logits, teacher_topk, div,
+    reads = DeviceReads()
+    kind, teacher = _prepare_teacher(N, V, z.device, None, None, None, teacher_logits, teacher_topk, div, reads,
                                      teacher_topk_tail_lse)
-    labels = _check_labels(labels, N, V, ignore_index, z.device)
+    labels = _check_labels(labels, N, V, ignore_index, z.device, reads)
     if hard_label_weight > 0 and labels is None:
         raise KDInputError("hard_label_weight > 0 needs labels")
     rows_impl = resolve_rows_impl(impl, z, op="kd_loss_from_logits", divergence=div, teacher_kind=kind)
     cfg = _Cfg(div, float(beta), float(temperature), bool(t2_scaling), float(hard_label_weight), int(ignore_index),
                chunk_size or 0, rows_impl, cap)
-    outs = LogitsKD.apply(z, (labels, kind, teacher, cfg, reduction, num_items, return_parts))
+    outs = LogitsKD.apply(z, (labels, kind, teacher, cfg, reduction, num_items, return_parts, reads))
     return _finish(outs, lead_shape, reduction, return_parts)
 
 
@@ -381,10 +389,12 @@ def fused_linear_cross_entropy(hidden, weight, labels, *, bias=None, ignore_inde
     if labels is None:
         raise KDInputError("labels are required")
     N = h.shape[0]
-    labels = _check_labels(labels, N, V, ignore_index, h.device)
+    reads = DeviceReads()
+    labels = _check_labels(labels, N, V, ignore_index, h.device, reads)
     rows_impl = resolve_rows_impl(impl, h, op="fused_linear_cross_entropy", divergence=None, teacher_kind=None)
     cfg = _Cfg(None, 0.5, 1.0, False, 1.0, int(ignore_index), chunk_size or 0, rows_impl, cap, dtype)
     if N == 0:
+        reads.read(num_items=num_items)
         return _empty(h, weight, lead_shape, reduction, False)
-    outs = FusedKD.apply(h, weight, bias, (labels, None, None, cfg, reduction, num_items, False))
+    outs = FusedKD.apply(h, weight, bias, (labels, None, None, cfg, reduction, num_items, False, reads))
     return _finish(outs, lead_shape, reduction, False)

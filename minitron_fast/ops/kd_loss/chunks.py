@@ -52,39 +52,60 @@ def _ce_rows(S, vc, labels, c0, c1, a, w, need_grad, cfg, bufs, in_place):
     return ce, P
 
 
-def run(student, teacher_kind, teacher_src, labels, N, V, cfg, row_scale, need_grad, device, want_ce=False):
+def _needs_ce(cfg, labels, want_ce):
+    return labels is not None and (cfg.hard_label_weight > 0 or cfg.divergence is None or want_ce)
+
+
+def layout(cfg, teacher_kind, labels, N, V, need_grad, want_ce=False):
+    """The chunk rows ``run`` uses for these arguments, and, with labels, the valid-token count of
+    each chunk: ``[n_chunks]`` int64 on the labels' device, read on the host once per call with the
+    call's other host numbers (``options.DeviceReads``): ``run`` skips the chunks with none, and
+    their sum is the divisor of ``"mean"``. Without labels: ``(chunk, None)``."""
+    n_buf = _n_buffers(cfg, teacher_kind, _needs_ce(cfg, labels, want_ce)) + (1 if cfg.softcap and need_grad else 0)
+    chunk = max(1, min(cfg.chunk_size or default_chunk_size(V, N, n_buf), N))
+    if labels is None:
+        return chunk, None
+    n_chunks = -(-N // chunk)
+    valid = labels.new_zeros(n_chunks * chunk, dtype=torch.bool)  # [n_chunks * chunk], the tail padded
+    valid[:N] = labels != cfg.ignore_index
+    return chunk, valid.view(n_chunks, chunk).sum(1)
+
+
+def run(student, teacher_kind, teacher_src, labels, N, V, cfg, row_scale, need_grad, device, want_ce=False,
+        plan=None):
     """Loops over chunks. Returns the per-token terms ``(kd [N], ce [N] or None)`` fp32 (``kd`` already
     times ``kd_scale``; both 0 on ignored rows; the loss row is ``kd + w * ce``); ``student``
     accumulates ``row_scale``-weighted gradients when ``need_grad``. ``want_ce``: compute the CE
     term (for ``return_parts``) even when its weight is 0.
 
     teacher_kind: "hidden"/"logits" (``teacher_src`` a source), "topk" (``(vals, idx, tail)``), None (CE).
-    row_scale: ``[N]`` fp32 per-token dL/dloss_i (already 0 on ignored rows)."""
+    row_scale: ``[N]`` fp32 per-token dL/dloss_i (already 0 on ignored rows).
+    plan: ``(chunk, per-chunk valid counts as host ints or None)`` from ``layout`` for the same
+    arguments and the call's one host read; None: computed here (one host read with labels)."""
     T = cfg.temperature
     w = cfg.hard_label_weight
     div = cfg.divergence
     cap = cfg.softcap
     kd_out = torch.zeros(N, dtype=torch.float32, device=device)
     valid = None if labels is None else labels != cfg.ignore_index
-    need_ce = labels is not None and (w > 0 or div is None or want_ce)
+    need_ce = _needs_ce(cfg, labels, want_ce)
     ce_out = torch.zeros(N, dtype=torch.float32, device=device) if need_ce else None
-    n_buf = _n_buffers(cfg, teacher_kind, need_ce) + (1 if cap and need_grad else 0)
+    if plan is None:
+        chunk, counts = layout(cfg, teacher_kind, labels, N, V, need_grad, want_ce)
+        plan = chunk, None if counts is None else counts.tolist()
+    chunk, chunk_valid = plan
     # the cap in the C++ rows (one pass, from raw z) under impl="cpp", else torch (from z / cap)
     cap_cpp = cap is not None and cfg.impl == "cpp" and _cpp_fn("softcap_rows") is not None
     cap_fill = 1.0 if cap_cpp else (None if cap is None else 1.0 / cap)
-    chunk = max(1, min(cfg.chunk_size or default_chunk_size(V, N, n_buf), N))
     bufs = Buffers(chunk, V, device)
     if div is None:
         w = 1.0
-    for c0 in range(0, N, chunk):
+    for i, c0 in enumerate(range(0, N, chunk)):
         c1 = min(N, c0 + chunk)
         c = c1 - c0
-        if valid is not None:
-            vc = valid[c0:c1]
-            if not bool(vc.any()):
-                continue  # every token ignored: no loss, zero gradients, no GEMMs
-        else:
-            vc = None
+        if chunk_valid is not None and chunk_valid[i] == 0:
+            continue  # every token ignored: no loss, zero gradients, no GEMMs
+        vc = None if valid is None else valid[c0:c1]
         a = row_scale[c0:c1]
         S = bufs.get("s", c)
         student.fill(S, c0, c1, cap_fill if cap is not None else (1.0 if need_ce else 1.0 / T))

@@ -109,14 +109,79 @@ def check_softcap(softcap) -> Optional[float]:
 
 
 def _check_num_items(num_items):
+    """A number is checked here; a tensor's value (often on the device) is checked when the call's
+    ``DeviceReads`` reads it."""
     if num_items is None:
         return
-    v = float(num_items.item() if isinstance(num_items, torch.Tensor) else num_items)
+    if isinstance(num_items, torch.Tensor):
+        if num_items.numel() != 1 or num_items.dtype == torch.bool or num_items.is_complex():
+            raise KDInputError(f"num_items must be a positive number or a one-element real tensor, got a "
+                               f"{num_items.dtype} tensor of shape {tuple(num_items.shape)}")
+        return
+    _check_items_value(num_items)
+
+
+def _check_items_value(v) -> float:
+    v = float(v)
     if not v > 0:
         raise KDInputError(f"num_items must be positive, got {v}")
+    return v
 
 
-def _check_labels(labels, N, V, ignore_index, device):
+class DeviceReads:
+    """Everything one call of the loss must learn about its (device) tensors on the host, read in
+    **one** transfer: the input checks whose outcome is a tensor (labels inside the vocabulary,
+    top-k indices inside it), a tensor ``num_items``, and the valid-token count of each chunk
+    (``chunks.layout``: which chunks hold only ignored tokens, and the divisor of ``"mean"``).
+
+    Each read of a device tensor (``.item()``, ``bool()``, ``int()``, ``.tolist()``) stalls the host
+    until the device has drained its queue. Read one by one, the checks, the valid count (twice) and
+    each chunk's "any token valid?" made 25-30 stalls per micro-batch at real sizes (issue 23). The
+    checks are queued as the arguments are checked (``check``) and raised, first queued first, when
+    the forward reads them together with the counts (``read``); a failed check's message, which may
+    read the device again, is built only then.
+    """
+
+    def __init__(self):
+        self._checks = []  # (bad: 0-dim bool tensor, True when the input is bad; message: () -> str)
+
+    def check(self, bad, message):
+        self._checks.append((bad, message))
+
+    def read(self, counts=None, num_items=None):
+        """The call's one host read. Raises the first failed check (and a ``num_items`` that is not
+        positive) as ``KDInputError``; returns ``(counts, num_items)`` as a list of ints (or None)
+        and a float (or None).
+
+        ``counts``: ``[n_chunks]`` int64 valid tokens per chunk, or None (no labels);
+        ``num_items``: None, a number or a one-element tensor (on any device)."""
+        items = num_items
+        parts = [bad.reshape(1) for bad, _ in self._checks]
+        if counts is not None:
+            parts.append(counts.reshape(-1))
+        if isinstance(num_items, torch.Tensor):
+            if parts and num_items.is_cpu and not parts[0].is_cpu:
+                # host memory: reading it waits for no device (a blocking copy of it to the device
+                # would synchronize the stream)
+                items = num_items.item()
+            else:
+                parts.append(num_items.reshape(1))
+        if parts:
+            # float64 holds the flags, the counts (< 2**53) and num_items (any dtype) exactly
+            host = torch.cat([p.to(parts[0].device, torch.float64) for p in parts]).tolist()
+            for (_, message), flag in zip(self._checks, host):
+                if flag:
+                    raise KDInputError(message())
+            if counts is not None:
+                n = len(self._checks)
+                counts = [int(x) for x in host[n:n + counts.numel()]]
+            if isinstance(items, torch.Tensor):
+                items = host[-1]
+        return counts, None if items is None else _check_items_value(items)
+
+
+def _check_labels(labels, N, V, ignore_index, device, reads):
+    """Labels as int64 ``[N]``; the range check is queued on ``reads`` (``DeviceReads``)."""
     if labels is None:
         return None
     if labels.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
@@ -128,17 +193,18 @@ def _check_labels(labels, N, V, ignore_index, device):
         raise KDInputError(f"labels is on {labels.device}, the hidden states on {device}")
     labels = labels.long()
     bad = (labels != ignore_index) & ((labels < 0) | (labels >= V))
-    if bool(bad.any()):
-        v = int(labels[bad][0])
-        raise KDInputError(f"labels must lie in [0, {V}) or equal ignore_index={ignore_index}; found {v}")
+    reads.check(bad.any(), lambda: f"labels must lie in [0, {V}) or equal ignore_index={ignore_index}; found "
+                                   f"{int(labels[bad][0])}")
     return labels
 
 
 def _divisor(reduction, num_items, n_valid):
+    """The divisor of the loss (a host number): ``num_items`` (as ``DeviceReads.read`` returned it)
+    for ``"mean"`` when given, else the valid-token count."""
     if reduction == "sum" or reduction == "none":
         return 1.0
     if num_items is not None:
-        return float(num_items.item() if isinstance(num_items, torch.Tensor) else num_items)
+        return float(num_items)
     return float(max(n_valid, 1))  # 0 valid tokens: the sum is 0, so is the mean
 
 
