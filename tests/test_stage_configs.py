@@ -85,8 +85,8 @@ def test_recipe_sections_are_the_stage_configs():
     assert hints["distill"] is DistillSection and issubclass(DistillSection, TrainingSection)
     assert hints["scratch"] is ScratchSection and hints["teacher_logits"] is TeacherLogitsConfig
     trainer = {f.name for f in dataclasses.fields(DistillConfig)}
-    assert {f.name for f in dataclasses.fields(TrainingSection)} == trainer - {"mode", "teacher", "student", "out",
-                                                                              "teacher_logits"} | {"enabled"}
+    assert {f.name for f in dataclasses.fields(TrainingSection)} == trainer - {"mode", "label", "teacher", "student",
+                                                                              "out", "teacher_logits"} | {"enabled"}
     # distill's own key: the kind of teacher (online, or offline: stored logits, the teacher_logits stage)
     assert {f.name for f in dataclasses.fields(DistillSection)} - {f.name for f in dataclasses.fields(TrainingSection)} \
         == {"teacher"}

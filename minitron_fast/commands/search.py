@@ -48,6 +48,7 @@ def run(args: argparse.Namespace) -> int:
         check_output(Path(args.out) / name, inputs=[args.scores, args.data], kind="--out", allow_existing_file=True)
     # the options' own syntax first: a bad flag fails before the model is read (or the embedded one converted)
     cfg = configtools.from_args(SearchConfig, args, enabled=True).validate("--")  # before dividing by its sizes
+    cfg.resolved_device("--")  # a CUDA device where there is none: one line, before anything loads
     check_seq_len(load_config(args.model), args.seq_len)
     if args.retrain_tokens is not None:
         if args.retrain_tokens < 0:

@@ -128,6 +128,7 @@ class DistillConfig(configtools.DeviceConfig):
     ``deepspeed.bf16``."""
 
     mode: str = "distill"
+    label: str | None = None       # what progress bars and logs call the run (None: the mode); the pipeline names its stage
     teacher: str | None = None
     student: str | None = None
     teacher_logits: str | None = None  # stored top-k teacher logits (minitron-fast teacher-logits): no teacher loaded
@@ -264,7 +265,7 @@ class DistillConfig(configtools.DeviceConfig):
         output paths), so ``--resume`` can refuse a directory written by a different run."""
         d = self.to_dict()
         for k in ("steps", "out", "save_every", "eval_every", "log_every", "export", "threads",
-                  "activation_checkpointing"):  # memory knobs that leave the trajectory unchanged
+                  "activation_checkpointing", "label"):  # memory knobs and names leave the trajectory unchanged
             d.pop(k, None)
         d["deepspeed"] = {k: v for k, v in d["deepspeed"].items() if k not in ("config_file", "teacher_offload_param")}
         d["data"].pop("cache_dir", None)  # where token shards are cached does not change what is read

@@ -72,7 +72,7 @@ class LaunchSection:
 
 
 # Keys of a training section that the pipeline sets itself (never the user).
-_RESERVED = ("mode", "teacher", "student", "out", "teacher_logits")
+_RESERVED = ("mode", "label", "teacher", "student", "out", "teacher_logits")
 TEACHER_KINDS = ("online", "offline")
 # Keys of a training section's ``data`` that come from the recipe's ``data`` section.
 _DATA_FROM_RECIPE = ("source", "text_field", "seq_len")
@@ -228,6 +228,12 @@ def teacher_logits_config(recipe: Recipe, *, check: bool = True) -> TeacherLogit
         raise RecipeError(str(exc)) from None
 
 
+# what each training section's progress bar and logs call it (the trainer's mode alone would call
+# the from-scratch baseline "correct-teacher": it runs that mode on a random student)
+TRAINING_LABELS = {"correct_teacher": "teacher correction", "distill": "distillation",
+                   "scratch": "from-scratch baseline"}
+
+
 def training_config(recipe: Recipe, section: str, *, teacher: str, student: str | None, out: str,
                     validate: bool = True, teacher_logits: str | None = None) -> dict[str, Any]:
     """The distillation trainer's recipe (a plain dict of DistillConfig's keys) for a training section.
@@ -258,6 +264,7 @@ def training_config(recipe: Recipe, section: str, *, teacher: str, student: str 
         cfg.update(mode="distill", student=student, teacher_logits=teacher_logits)
     else:  # correct_teacher and scratch both train one model with the LM loss
         cfg.update(mode="correct-teacher", student=None)
+    cfg["label"] = TRAINING_LABELS[section]
     if validate:
         from minitron_fast.distill.config import config_from_dict
 

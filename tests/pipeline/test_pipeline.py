@@ -324,3 +324,26 @@ def test_free_device_memory_empties_the_cache_only_where_cuda_was_used(monkeypat
     monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
     free_device_memory()
     assert calls == [1]
+
+
+def test_each_training_stage_is_labelled_by_what_it_runs():
+    """The from-scratch baseline runs the trainer's correct-teacher mode on a random student, and its
+    progress bar read "correct-teacher (ZeRO-1, 1 rank)". Each training section names itself."""
+    from minitron_fast.distill.config import config_from_dict
+    from minitron_fast.distill.trainer import progress_label
+    from minitron_fast.pipeline.recipe import TRAINING_LABELS, load_recipe, training_config
+
+    r = load_recipe("demo")
+    labels = {}
+    for section in TRAINING_LABELS:
+        cfg = config_from_dict(training_config(r, section, teacher="t", student="s", out="o", validate=False))
+        labels[section] = progress_label(cfg, 1)
+    assert labels["scratch"].startswith("from-scratch baseline (ZeRO-")
+    assert labels["correct_teacher"].startswith("teacher correction (ZeRO-")
+    assert labels["distill"].startswith("distillation (ZeRO-")
+    assert len(set(labels.values())) == 3
+    # a label changes no trajectory: --resume still accepts a run recorded without one
+    a = config_from_dict(training_config(r, "distill", teacher="t", student="s", out="o", validate=False))
+    b = config_from_dict(dict(training_config(r, "distill", teacher="t", student="s", out="o", validate=False),
+                              label=None))
+    assert a.fingerprint() == b.fingerprint()
