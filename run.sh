@@ -103,7 +103,8 @@ setup() {
   local mode="lock:$LOCK"
   [ "$latest" = 1 ] && mode="latest"
   local want
-  want=$( { echo "$mode ${MINITRON_TORCH:-}"; cat pyproject.toml setup.py run.sh csrc/*; [ "$LOCK" != none ] && cat "$LOCK"; } | sha256sum | cut -d' ' -f1)
+  want=$( { echo "$mode ${MINITRON_TORCH:-}"; cat pyproject.toml setup.py run.sh csrc/*; if [ "$LOCK" != none ]; then cat "$LOCK"; fi; } \
+    | sha256sum | cut -d' ' -f1)
   local stamp="$VENV/.minitron_fast-setup"
   if [ "$latest" != 1 ] && [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] \
      && "$VENV/bin/python" -c "import minitron_fast._C" 2>/dev/null; then

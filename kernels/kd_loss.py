@@ -1,7 +1,7 @@
 """Triton kernel for the KD loss's per-chunk softmax work: loss rows and dlogits in one kernel.
 
 The chunk's GEMMs (student and teacher logits, then dX and dW from the dlogits) stay cuBLAS
-GEMMs (``minitron_fast/ops/kd_loss.py``); this kernel replaces the ~20 elementwise passes of the
+GEMMs (``minitron_fast/ops/kd_loss/sources.py``); this kernel replaces the ~20 elementwise passes of the
 torch path by one program per token that streams the vocabulary in ``BLOCK_V`` blocks:
 
 - pass 1: online log-sum-exp of the student's and teacher's scaled logits (and, for forward KL,

@@ -173,3 +173,24 @@ def test_the_default_lock_pins_every_package_run_sh_installs():
         elif version.split("+")[0] != pins[name]:
             off.append(f"{name} {version} != {pins[name]}")
     assert not missing and not off, f"not in the lock: {missing}; differ: {off} (refresh it: ./run.sh lock)"
+
+
+@pytest.mark.parametrize("how", ["MINITRON_LOCK=none", "test --latest"])
+def test_without_the_lock_setup_resolves_the_newest_releases(setup_env, how):
+    """``MINITRON_LOCK=none`` and ``--latest`` install with no pins (the latter upgrading eagerly,
+    into its own venv). Both once exited silently before installing anything."""
+    env, log, tmp = setup_env
+    if how == "MINITRON_LOCK=none":
+        env["MINITRON_LOCK"] = "none"
+        out = _run(env, "setup")
+    else:
+        env["MINITRON_LATEST_VENV"] = str(tmp / "venv-latest")
+        out = _run(env, "test", "--latest", "--co", "-q", "tests/test_setup_script.py::test_a_missing_lock_file_is_one_line")
+    assert out.returncode == 0, out.stdout + out.stderr
+    calls = _pip_calls(log)
+    assert len(calls) == 3, calls
+    venv = tmp / ("venv" if how == "MINITRON_LOCK=none" else "venv-latest")
+    assert (venv / "constraints.txt").read_text() == ""  # nothing pinned
+    if how == "test --latest":
+        assert all("--upgrade --upgrade-strategy eager" in c for c in calls[1:]), calls
+        assert "[setup] done" in out.stdout and "test_a_missing_lock_file_is_one_line" in out.stdout
