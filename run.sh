@@ -119,7 +119,11 @@ setup() {
 
   # The constraints pip gets: the lock, less what belongs to this machine's torch build.
   CONSTRAINTS="$VENV/constraints.txt"
-  if [ "$LOCK" = none ]; then
+  if [ "$LOCK" = none ] && ! has_gpu && [ -z "${MINITRON_TORCH:-}" ]; then
+    # nothing pinned but the CPU torch: an eager upgrade would otherwise replace it with the newest
+    # torch, a CUDA build with ~5 GB of nvidia-* wheels (and the triton pinned to it)
+    echo "$CPU_TORCH" > "$CONSTRAINTS"
+  elif [ "$LOCK" = none ]; then
     : > "$CONSTRAINTS"
   elif has_gpu || [ -n "${MINITRON_TORCH:-}" ]; then
     grep -viE "$TORCH_BUILD_RE" "$LOCK" > "$CONSTRAINTS" || true

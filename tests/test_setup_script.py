@@ -177,8 +177,9 @@ def test_the_default_lock_pins_every_package_run_sh_installs():
 
 @pytest.mark.parametrize("how", ["MINITRON_LOCK=none", "test --latest"])
 def test_without_the_lock_setup_resolves_the_newest_releases(setup_env, how):
-    """``MINITRON_LOCK=none`` and ``--latest`` install with no pins (the latter upgrading eagerly,
-    into its own venv). Both once exited silently before installing anything."""
+    """``MINITRON_LOCK=none`` and ``--latest`` install with no pins but the CPU torch (the latter
+    upgrading eagerly, into its own venv). Both once exited silently before installing anything,
+    and the eager upgrade replaced the CPU torch by the newest CUDA build."""
     env, log, tmp = setup_env
     if how == "MINITRON_LOCK=none":
         env["MINITRON_LOCK"] = "none"
@@ -190,7 +191,8 @@ def test_without_the_lock_setup_resolves_the_newest_releases(setup_env, how):
     calls = _pip_calls(log)
     assert len(calls) == 3, calls
     venv = tmp / ("venv" if how == "MINITRON_LOCK=none" else "venv-latest")
-    assert (venv / "constraints.txt").read_text() == ""  # nothing pinned
+    # nothing pinned but the CPU torch (an eager upgrade took the newest torch, a CUDA build)
+    assert (venv / "constraints.txt").read_text().split() == ["torch==2.13.0"]
     if how == "test --latest":
         assert all("--upgrade --upgrade-strategy eager" in c for c in calls[1:]), calls
         assert "[setup] done" in out.stdout and "test_a_missing_lock_file_is_one_line" in out.stdout
