@@ -2,21 +2,29 @@
 input; ``--overwrite`` only replaces what minitron_fast itself wrote; modes follow the umask.
 
 - A killed run never leaves a half-written file or directory under the final name; its hidden
-  ``.NAME.tmp-PID-*`` leftovers are removed by the next write of the same target once PID is gone.
+  ``.NAME.tmp-HOST-PID-*`` leftovers are removed by the next write of the same target once PID is
+  gone. Only this host's: on a filesystem several nodes share, a PID says nothing about another
+  host's processes, so another host's leftovers are never removed (see :func:`clean_stale_tmp`).
 - Every output directory carries a marker file (``.minitron_fast``); ``--overwrite`` removes an
   existing directory only when it carries the marker (or is empty).
 - :func:`check_output` refuses an output that is, or lies inside, or would delete an input (the
   model directory, data files, scores, a plan in use).
 - :class:`RunLock` is an advisory lock on a run directory: a second run on it is an error that
-  names the holder's PID.
+  names the holder's host and PID. The lock file records the holder (host, PID, launch, nonce), so
+  the other nodes of a multi-node run check that the lock is their own launch's
+  (:func:`check_run_lock`): ``fcntl`` locks are not reliable across the nodes of an NFS mount.
 """
 from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import json
+import logging
 import os
+import re
 import shutil
+import socket
 import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -26,6 +34,9 @@ from minitron_fast.errors import MinitronError
 MARKER = ".minitron_fast"      # written into every output directory
 LOCK = ".minitron_fast.lock"   # advisory run lock (fcntl) of a run directory
 PathLike = str | os.PathLike
+HOST_TAG_MAX = 40              # longest host name part of a temporary name
+
+log = logging.getLogger(__name__)
 
 
 class OutputError(MinitronError, ValueError):
@@ -77,24 +88,71 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def host_tag(host: str | None = None) -> str:
+    """This host's name (``host``: that one's) as temporary names carry it: letters, digits, ``.``,
+    ``_`` and ``-`` only, starting with a letter (an older minitron_fast, which reads the first
+    field of ``.NAME.tmp-<field>-...`` as a PID, then never takes it for one) and at most
+    HOST_TAG_MAX characters. A name that had to change (cut, or odd characters) ends with a hash of
+    the whole name, so two hosts never share a tag."""
+    host = socket.gethostname() if host is None else host
+    tag = re.sub(r"[^A-Za-z0-9._-]", "_", host)
+    if not tag[:1].isalpha():
+        tag = "h" + tag
+    if tag != host or len(tag) > HOST_TAG_MAX:
+        digest = hashlib.sha1(host.encode("utf-8", "surrogateescape")).hexdigest()[:8]
+        tag = f"{tag[:HOST_TAG_MAX - 9]}.{digest}"
+    return tag
+
+
+def _owner_tag() -> str:
+    """``HOST-PID`` of this process, as its temporary names carry it."""
+    return f"{host_tag()}-{os.getpid()}"
+
+
 def _tmp_prefix(target: Path) -> str:
     return f".{target.name}.tmp-"
 
 
+def _leftover_owner(rest: str, tag: str) -> tuple[str | None, int] | None:
+    """``(host tag, PID)`` of a leftover from what follows its ``.NAME.tmp-`` / ``.NAME.old-``:
+    ``HOST-PID-RANDOM`` / ``HOST-PID`` (host None for the older ``PID-RANDOM`` / ``PID``, which
+    carry no host). None for a name neither format fits. The random part of ``mkstemp`` and
+    ``mkdtemp`` names has no ``-``; the host's may have: it is split from the right."""
+    n = 2 if tag == ".tmp-" else 1  # fields after the PID in the older format, plus one
+    parts = rest.rsplit("-", n)
+    if len(parts) == n:
+        host, pid = None, parts[0]
+    elif len(parts) == n + 1 and parts[0]:
+        host, pid = parts[0], parts[1]
+    else:
+        return None
+    return (host, int(pid)) if pid.isdigit() else None
+
+
 def clean_stale_tmp(target: PathLike) -> list[Path]:
-    """Removes ``.NAME.tmp-PID-*`` / ``.NAME.old-PID`` siblings of ``target`` left by killed
-    processes (PID no longer running). Returns what was removed."""
+    """Removes ``.NAME.tmp-HOST-PID-*`` / ``.NAME.old-HOST-PID`` siblings of ``target`` that
+    processes of this host left when killed (PID no longer running). Returns what was removed.
+
+    Leftovers of other hosts are never removed: on a filesystem several nodes share, whether
+    their PID runs can only be told on their host. Leftovers in the older format, which has no
+    host (``.NAME.tmp-PID-*`` / ``.NAME.old-PID``, written by minitron_fast before host names), are
+    removed when PID is not running here, as they always were: only an older minitron_fast writes
+    that format, so they are its leftovers, and keeping them would leave half-written
+    checkpoints and models on disk for good."""
     target = Path(target)
     removed = []
     if not target.parent.is_dir():
         return removed
+    me = host_tag()
     for p in target.parent.iterdir():
         for tag in (".tmp-", ".old-"):
             head = f".{target.name}{tag}"
             if not p.name.startswith(head):
                 continue
-            pid = p.name[len(head):].split("-", 1)[0]
-            if pid.isdigit() and not _pid_alive(int(pid)):
+            owner = _leftover_owner(p.name[len(head):], tag)
+            if owner is None or owner[0] not in (None, me):
+                continue
+            if not _pid_alive(owner[1]):
                 if p.is_dir() and not p.is_symlink():
                     shutil.rmtree(p, ignore_errors=True)
                 else:
@@ -211,14 +269,14 @@ def atomic_dir(target: PathLike, *, overwrite: bool = False, inputs: Iterable[Pa
         raise OutputError(f"output directory {target} already exists; pass --overwrite or choose another --out")
     target.parent.mkdir(parents=True, exist_ok=True)
     clean_stale_tmp(target)
-    tmp = Path(tempfile.mkdtemp(prefix=f"{_tmp_prefix(target)}{os.getpid()}-", dir=target.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f"{_tmp_prefix(target)}{_owner_tag()}-", dir=target.parent))
     try:
         fix_mode(tmp, is_dir=True)
         write_marker(tmp)
         yield tmp
         fix_modes_under(tmp)
         if target.exists():
-            old = target.with_name(f".{target.name}.old-{os.getpid()}")
+            old = target.with_name(f".{target.name}.old-{_owner_tag()}")
             os.replace(target, old)
             os.replace(tmp, target)
             shutil.rmtree(old, ignore_errors=True)
@@ -237,7 +295,7 @@ def atomic_write_bytes(path: PathLike, data: bytes) -> None:
     if path.is_dir():
         raise OutputError(f"{path} is a directory; pass a file path")
     clean_stale_tmp(path)
-    fd, tmp = tempfile.mkstemp(prefix=f"{_tmp_prefix(path)}{os.getpid()}-", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f"{_tmp_prefix(path)}{_owner_tag()}-", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -261,10 +319,96 @@ def atomic_write_json(path: PathLike, obj: Any) -> None:
 
 # -- run lock ------------------------------------------------------------------------------------------
 
+def launch_id() -> str | None:
+    """What names this launch to all of its ranks: ``MASTER_ADDR:MASTER_PORT``, which DeepSpeed's
+    and torchrun's launchers export to every rank of every node (None without them)."""
+    addr, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
+    return f"{addr}:{port}" if addr and port else None
+
+
+def _printable(value: Any, limit: int = 120) -> str:
+    """A field of a lock file (written by anyone) fit for a one-line message."""
+    text = "".join(c if c.isprintable() else "?" for c in str(value))
+    return text[:limit]
+
+
+def parse_lock(text: str) -> dict[str, Any] | None:
+    """The holder a lock file's text records: ``{"pid", "host", "launch", "nonce", "started"}``
+    (one JSON line), or ``{"pid"}`` alone for the older format (a bare PID) or a file cut short;
+    None for an empty file."""
+    text = text.strip()
+    if not text:
+        return None
+    with contextlib.suppress(ValueError):
+        rec = json.loads(text)
+        if isinstance(rec, dict):
+            return rec
+    return {"pid": text.split()[0] if text.split() else "unknown"}
+
+
+def read_lock(directory: PathLike) -> dict[str, Any] | None:
+    """The holder recorded in ``directory``'s lock file (:func:`parse_lock`); None when it is
+    absent, empty or unreadable."""
+    try:
+        with open(Path(directory) / LOCK, "rb") as f:  # a fresh open: NFS revalidates what it caches
+            return parse_lock(f.read(4096).decode("utf-8", "replace"))
+    except OSError:
+        return None
+
+
+def describe_holder(rec: dict[str, Any] | None) -> str:
+    """The holder as errors name it: ``(PID N) on host H (launch L)``, as much as ``rec`` records."""
+    if not rec:
+        return "(PID unknown)"
+    text = f"(PID {_printable(rec.get('pid', 'unknown'))})"
+    if rec.get("host"):
+        text += f" on host {_printable(rec['host'])}"
+    if rec.get("launch"):
+        text += f" (launch {_printable(rec['launch'])})"
+    return text
+
+
+def _same_holder(rec: dict[str, Any] | None, expected: dict[str, Any]) -> bool:
+    if not rec:
+        return False
+    if expected.get("nonce"):  # the holder's own record: exact
+        return rec.get("nonce") == expected["nonce"]
+    return expected.get("launch") is not None and rec.get("launch") == expected["launch"]
+
+
+def check_run_lock(directory: PathLike, expected: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Checks, on a node other than rank 0's, that ``directory``'s run lock is held by this
+    launch: the lock file must record ``expected`` (rank 0's :attr:`RunLock.record`, matched by its
+    nonce; default: this launch's :func:`launch_id`). The ``fcntl`` lock itself cannot be tested
+    from here (rank 0 holds it; and across NFS clients it may not hold at all): the record is what
+    every node reads. Returns the record; raises :class:`MinitronError` (one line) naming the
+    holder's host and PID when another run holds the lock, or when this node sees no lock."""
+    directory = Path(directory)
+    expected = expected or {"launch": launch_id()}
+    rec = read_lock(directory)
+    if _same_holder(rec, expected):
+        return rec  # type: ignore[return-value]
+    if rec is None:
+        raise MinitronError(f"{directory}: this node ({_printable(socket.gethostname())}) does not see the run lock "
+                            f"rank 0 holds there ({LOCK}): a multi-node run needs out on a filesystem every node "
+                            "mounts at the same path (NFS, Lustre, ...)")
+    mine = f"PID {_printable(expected.get('pid', '?'))} on host {_printable(expected.get('host', '?'))}" \
+        if expected.get("nonce") else f"launch {_printable(expected.get('launch'))}"
+    raise MinitronError(f"{directory} is in use by another minitron_fast run {describe_holder(rec)}, not by this "
+                        f"launch (rank 0: {mine}); wait for it to finish, stop it, or choose another out")
+
+
 class RunLock:
     """An advisory ``fcntl`` lock on a run directory, held while the run lasts (released by the
-    kernel when the process dies, so a killed run never blocks the next one). The lock file
-    holds the holder's PID; a second run gets a one-line error naming it.
+    kernel when the process dies, so a killed run never blocks the next one). A second run gets a
+    one-line error naming the holder's host and PID.
+
+    The lock file records the holder, one JSON line: ``{"host", "pid", "launch", "nonce",
+    "started"}`` (``launch``: :func:`launch_id`; ``nonce``: random, new for each acquire), written
+    and synced to disk when the lock is taken and emptied when it is released. ``fcntl`` locks
+    may not reach across the nodes of an NFS mount; the other nodes of a run check this record
+    instead (:func:`check_run_lock` against :attr:`record`), and :meth:`verify` tells the holder
+    whether another run has written over it since.
 
     Example:
         >>> with RunLock("runs/demo"):
@@ -275,9 +419,12 @@ class RunLock:
         self.dir = Path(directory)
         self.path = self.dir / LOCK
         self.fd: int | None = None
+        self.record: dict[str, Any] | None = None
 
     def acquire(self) -> "RunLock":
         import fcntl
+        import secrets
+        import time
 
         self.dir.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
@@ -287,21 +434,45 @@ class RunLock:
             if exc.errno not in (errno.EWOULDBLOCK, errno.EACCES, errno.EAGAIN):
                 os.close(fd)
                 raise
-            holder = os.pread(fd, 64, 0).decode("ascii", "replace").strip() or "unknown"
+            holder = parse_lock(os.pread(fd, 4096, 0).decode("utf-8", "replace"))
             os.close(fd)
-            raise MinitronError(f"{self.dir} is in use by another minitron_fast run (PID {holder}); wait for it to "
-                                "finish, stop it, or choose another out") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        self.fd = fd
+            raise MinitronError(f"{self.dir} is in use by another minitron_fast run {describe_holder(holder)}; wait "
+                                "for it to finish, stop it, or choose another out") from None
+        try:
+            prev = parse_lock(os.pread(fd, 4096, 0).decode("utf-8", "replace"))
+            host = socket.gethostname()
+            if prev and prev.get("host") and prev.get("host") != host:
+                # a killed run on another node (it could not empty the file), or one still running
+                # there on a filesystem whose fcntl locks do not reach across nodes
+                log.warning("%s: taking the run lock last held by %s, which did not release it (killed?); if "
+                            "that run is still going, stop one of the two", self.dir, describe_holder(prev))
+            record = {"host": host, "pid": os.getpid(), "launch": launch_id(), "nonce": secrets.token_hex(16),
+                      "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, (json.dumps(record, sort_keys=True) + "\n").encode(), 0)
+            os.fsync(fd)  # other nodes read it: on NFS, what is not flushed is not there
+        except BaseException:
+            os.close(fd)
+            raise
+        self.fd, self.record = fd, record
         return self
+
+    def verify(self) -> None:
+        """Raises :class:`MinitronError` (one line) unless the lock file still holds this lock's
+        record: another run, started where ``fcntl`` locks do not reach, wrote over it."""
+        if self.record is not None:
+            check_run_lock(self.dir, self.record)
 
     def release(self) -> None:
         if self.fd is not None:
             with contextlib.suppress(OSError):
-                os.ftruncate(self.fd, 0)
+                # emptied only while it holds this lock's record: not another run's that wrote over it
+                rec = parse_lock(os.pread(self.fd, 4096, 0).decode("utf-8", "replace"))
+                if rec is None or self.record is None or rec.get("nonce") == self.record.get("nonce"):
+                    os.ftruncate(self.fd, 0)
             os.close(self.fd)  # closing drops the flock
             self.fd = None
+            self.record = None
 
     def __enter__(self) -> "RunLock":
         return self.acquire()

@@ -214,3 +214,41 @@ def check_shared_out_dir(out: Path, rank: int, world: int) -> None:
         raise ResumeError(f"{n_missing} of {world} ranks cannot see the output directory {out} that rank 0 writes"
                           f"{where}: a multi-node run needs out on a filesystem every node mounts at the same path "
                           "(NFS, Lustre, ...); see docs/scale.md")
+
+
+def check_lock_across_ranks(out: Path, lock: Any, lock_error: BaseException | None, rank: int, world: int) -> None:
+    """The run lock across nodes, before rank 0 writes anything into ``out``: rank 0 broadcasts its
+    lock record (or the error it got taking the lock); each other node's local rank 0 reads the
+    lock file and checks that it records this launch (fcntl locks may not reach across the nodes
+    of an NFS mount: the record is what every node reads); rank 0 checks that nobody wrote over
+    it. Every rank learns every finding, so all fail together, in one line. A world of one has
+    raised its lock error already."""
+    if world <= 1:
+        if lock_error is not None:
+            raise lock_error
+        return
+    import os
+
+    import torch.distributed as dist
+
+    from minitron_fast.io import check_run_lock
+
+    box = [lock.record if lock is not None else None, None if lock_error is None else str(lock_error)]
+    dist.broadcast_object_list(box, src=0)
+    found = None
+    if box[0] is not None and box[1] is None:
+        try:
+            if rank == 0:
+                lock.verify()
+            elif int(os.environ.get("LOCAL_RANK", "0")) == 0:
+                check_run_lock(out, box[0])
+        except MinitronError as exc:
+            found = str(exc)
+    findings: list[str | None] = [None] * world
+    dist.all_gather_object(findings, found)
+    first = box[1] or next((f for f in findings if f), None)
+    if lock_error is not None:
+        raise lock_error
+    if first is not None:
+        raise MinitronError(first)
+

@@ -32,7 +32,8 @@ import torch
 from torch import nn
 
 from minitron_fast.distill import losses
-from minitron_fast.distill.checkpoints import (_check_inputs, _check_model_inputs, _check_out_dir, check_shared_out_dir,
+from minitron_fast.distill.checkpoints import (_check_inputs, _check_model_inputs, _check_out_dir, check_lock_across_ranks,
+                                               check_shared_out_dir,
                                                _clean_tmp_checkpoints, ResumeError, _TMP_CKPT, _truncate_metrics,
                                                weights_only_load)
 from minitron_fast.distill.config import DistillConfig, dump_config
@@ -199,11 +200,31 @@ class Trainer:
         _check_inputs(cfg, out)
         _check_model_inputs(cfg)
         env_rank, env_world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
-        self._lock = RunLock(out).acquire() if env_rank == 0 else None  # released when run() returns or dies
+        # The run lock: taken by global rank 0 on the shared out (released when run() returns or
+        # dies), and checked by every other node's local rank 0 once the process group is up. In
+        # a world of one a lock error is raised at once; with more ranks rank 0 keeps it and still
+        # joins the rendezvous, so that every rank fails together, in one line, instead of the
+        # others waiting for rank 0 until the rendezvous times out.
+        self._lock, lock_error = None, None
+        if env_rank == 0:
+            try:
+                self._lock = RunLock(out).acquire()
+            except (MinitronError, OSError) as exc:
+                if env_world <= 1:
+                    raise
+                lock_error = exc
         try:
-            resume_step = _check_out_dir(cfg, out, self.resume, env_world)
+            try:
+                resume_step = _check_out_dir(cfg, out, self.resume, env_world)
+            except MinitronError:
+                if lock_error is not None:  # the other ranks fail on the same check, before the rendezvous
+                    raise lock_error from None
+                raise
+            if self.device.type == "cuda":  # NCCL and the object collectives use the current device
+                torch.cuda.set_device(self.device)
             rank, world = init_distributed(on_cuda=self.device.type == "cuda")
             self.rank, self.world = rank, world
+            check_lock_across_ranks(out, self._lock, lock_error, rank, world)
             check_shared_out_dir(out, rank, world)  # node-local run directories fail here, on every rank
             import deepspeed
 

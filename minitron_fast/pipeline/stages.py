@@ -6,7 +6,7 @@ different hash redoes the stage and says which inputs changed (the stale artifac
 resume from their last DeepSpeed checkpoint).
 
 Safety: the run directory is locked for the run (``io.RunLock``: a second run on it is an error
-naming the first one's PID); a cached stage is reused only after its artifacts are verified
+naming the first one's host and PID); a cached stage is reused only after its artifacts are verified
 (each exists and has the sha256 recorded when it was written); input models are identified by
 the sha256 of their files (cached by file identity, ``io.content_digest``); hidden temporary
 files of killed runs are removed when the next run starts.
@@ -135,7 +135,7 @@ class StageCache:
         self._lock: RunLock | None = None
 
     def acquire(self) -> None:
-        """Locks the run directory for this run (a second run gets an error naming this PID),
+        """Locks the run directory for this run (a second run gets an error naming this host and PID),
         marks it as minitron_fast's, and removes what killed runs left half-written."""
         if self._lock is None:
             self._lock = RunLock(self.out).acquire()

@@ -67,3 +67,31 @@ def test_a_world_of_one_checks_nothing(tmp_path):
 
     check_shared_out_dir(tmp_path / "does-not-exist", 0, 1)  # no process group, no file
     assert not (tmp_path / "does-not-exist").exists()
+
+
+def test_each_cuda_rank_makes_its_gpu_current_before_the_process_group(tmp_path, monkeypatch):
+    """NCCL and the object collectives of the start-up checks run on the current CUDA device: with
+    none set, every local rank of a node used cuda:0 (NCCL's duplicate-GPU error)."""
+    import torch
+
+    from bench.common import make_tiny_teacher
+    from minitron_fast.distill import trainer as tr
+    from minitron_fast.distill.config import DistillConfig
+
+    calls = []
+
+    class Stop(Exception):
+        pass
+
+    def fake_init(on_cuda=None):
+        calls.append(("init_distributed", on_cuda))
+        raise Stop
+
+    monkeypatch.setattr(DistillConfig, "train_device", lambda self: "cuda:3")
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: calls.append(("set_device", str(d))))
+    monkeypatch.setattr(tr, "init_distributed", fake_init)
+    teacher = make_tiny_teacher(tmp_path / "teacher")
+    cfg = DistillConfig(mode="correct-teacher", teacher=str(teacher), out=str(tmp_path / "run"))
+    with pytest.raises(Stop):
+        tr.Trainer(cfg, progress=False).run()
+    assert calls == [("set_device", "cuda:3"), ("init_distributed", True)]
