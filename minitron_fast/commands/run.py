@@ -5,6 +5,7 @@ inputs are reused, so a rerun resumes."""
 from __future__ import annotations
 
 import argparse
+import sys
 
 
 
@@ -15,7 +16,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default=None, help="run directory (default: the recipe's out)")
     p.add_argument("--redo", default="", help="comma-separated stages to rerun even when cached")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.add_argument("--dry-run", action="store_true", help="validate the recipe and print it, run nothing")
+    p.add_argument("--dry-run", action="store_true", help="check the recipe (as --check), print it, run nothing")
+    p.add_argument("--check", action="store_true",
+                   help="check the whole recipe against the teacher's config (targets, seq_len, dtypes, devices, "
+                        "data, outputs, and with --gpu-mem every stage's memory plan), load no weights, run nothing; "
+                        "every problem on one line, exit 2 if any (run does the same check before its first stage)")
+    p.add_argument("--gpu-mem", default=None, metavar="SIZE",
+                   help="GPU memory to plan every stage against, e.g. 80GB (default: the visible GPUs'; none: no "
+                        "memory check on a machine without CUDA)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -27,6 +35,18 @@ def run(args: argparse.Namespace) -> int:
     bad = [s for s in redo if s not in STAGES]
     if bad:
         raise MinitronError(f"--redo {','.join(bad)}: unknown stage; stages are {', '.join(STAGES)}")
+    from minitron_fast.pipeline.check import check_recipe
+
+    problems = check_recipe(recipe, recipe_ref=args.recipe, overrides=list(args.overrides), out=args.out,
+                            gpu_mem=args.gpu_mem)
+    if problems:
+        for line in problems:
+            print(line, file=sys.stderr)
+        return 2
+    if args.check:
+        print(f"ok: {recipe.name} passes every check against {recipe.teacher}"
+              + (f" (memory planned for {args.gpu_mem} GPUs)" if args.gpu_mem else ""))
+        return 0
     if args.dry_run:
         print(dump_recipe(recipe), end="")
         return 0

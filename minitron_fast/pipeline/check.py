@@ -1,0 +1,184 @@
+"""``minitron-fast run RECIPE --check``: every problem a recipe has against its teacher, found in
+the first seconds, before any stage runs.
+
+Reads the teacher's ``config.json`` (or, without a checkpoint, the public config of a shipped
+recipe's model, ``distill.memory.KNOWN_CONFIGS``; ``demo`` without converting it) and loads no
+weights. Each problem is one line, ``error: <key>: <what> (<how to fix>)``, and all of them are
+reported at once:
+
+- the prune target against the model, with the very message ``prune --plan-only`` gives
+  (``artifacts.targets.target_geometry``: GQA divisibility, experts on a dense model, sizes above
+  the source, layers, ``params=`` budgets), and a search budget below the teacher's size;
+- every ``seq_len`` against ``max_position_embeddings``;
+- flash-attention with an fp32 stage (flash-attention runs fp16 and bf16 only);
+- ``device: cuda:N`` against the visible devices, where CUDA is there;
+- a GPU recipe (a stage on ``cuda``) that leaves a model-loading stage to fp32: one line per
+  stage, naming its ``dtype`` key;
+- the data source exists;
+- the run directory lying inside an input (the teacher, the data);
+- with a GPU memory size (``--gpu-mem``, or the visible GPUs'), the memory plan of every stage
+  that loads a model (``distill.memory.plan_recipe``): a stage that cannot fit is an error with
+  the plan's numbers.
+
+Not checked yet: how many blocks the data yields against the splits asked for, and stored
+teacher logits against the teacher and the data (their manifest).
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+HALF = ("bfloat16", "float16")
+FLASH = ("flash_attention_2", "flash_attention_3")
+# sections that load a whole model (outside DeepSpeed, or as the trainer) and carry dtype/device
+LOADING_SECTIONS = ("importance", "search", "evaluate", "teacher_logits", "correct_teacher", "distill", "scratch")
+TRAINING_SECTIONS = ("correct_teacher", "distill", "scratch")
+
+
+def _line(key: str, what: str, fix: str) -> str:
+    return f"error: {key}: {what} ({fix})"
+
+
+def _enabled(recipe: Any, name: str) -> bool:
+    from minitron_fast.pipeline.recipe import offline_teacher, stage_enabled
+
+    if name == "teacher_logits":
+        return offline_teacher(recipe)
+    if name in ("correct_teacher", "distill", "scratch", "search"):
+        return stage_enabled(recipe, name) if name != "search" else bool(recipe.search.enabled)
+    return True
+
+
+def _dtype(recipe: Any, name: str) -> str:
+    """The dtype a section loads its model in: its ``dtype``; a training section's None follows
+    ``deepspeed.bf16``; every other None is float32."""
+    sec = getattr(recipe, name)
+    if sec.dtype:
+        return sec.dtype
+    if name in TRAINING_SECTIONS:
+        ds = sec.deepspeed if sec.deepspeed is not None else recipe.distill.deepspeed
+        return "bfloat16" if ds is not None and ds.bf16 else "float32"
+    return "float32"
+
+
+def check_recipe(recipe: Any, *, recipe_ref: str | None = None, overrides: list[str] = (), out: str | None = None,
+                 gpu_mem: str | float | None = None) -> list[str]:
+    """The problems of ``recipe`` (a loaded :class:`~minitron_fast.pipeline.recipe.Recipe`), one
+    line each; empty when it passes. ``recipe_ref``/``overrides``: how it was loaded (the memory
+    plan reloads it); ``out``: the run directory (default: the recipe's); ``gpu_mem``: the GPU size
+    to plan for (None: the visible GPUs', or no memory check without CUDA)."""
+    import torch
+
+    from minitron_fast.artifacts.targets import TargetError, parse_budget_spec, target_geometry
+    from minitron_fast.distill.memory import KNOWN_CONFIGS, MemoryPlanError, model_config
+    from minitron_fast.errors import MinitronError
+    from minitron_fast.io import same_or_inside
+    from minitron_fast.models import view_class_for_config
+
+    problems: list[str] = []
+    r = recipe
+    teacher = str(r.teacher)
+    tpath = Path(teacher).expanduser()
+    local = teacher != "demo" and (tpath / "config.json").is_file()
+    config = None
+    try:
+        config = model_config(teacher)
+    except (MinitronError, OSError, ValueError) as exc:
+        known = ", ".join(["demo", *KNOWN_CONFIGS])
+        problems.append(_line("teacher", f"{teacher} has no readable config.json ({str(exc).splitlines()[0][:160]})",
+                              f"pass a local HF checkpoint directory; known without one: {known}"))
+    if config is not None:
+        try:
+            view_cls = view_class_for_config(config)
+        except MinitronError as exc:
+            problems.append(_line("teacher", str(exc), "use a supported family (minitron-fast info lists them)"))
+            view_cls = None
+        if view_cls is not None:
+            # the target, with prune's own refusals (the same function prune --plan-only runs)
+            if r.prune.target and not r.search.enabled:
+                try:
+                    target_geometry(config, r.prune.target, budget_axes=r.prune.budget_axes)
+                except TargetError as exc:
+                    problems.append(_line("prune.target", f"{r.prune.target}: {exc}",
+                                          "choose a target this model can take: minitron-fast info --model TEACHER"))
+            if r.search.enabled:
+                full = view_cls.count_params(config)["total"]
+                try:
+                    budget = parse_budget_spec(r.search.params).resolve(full)
+                    if budget >= full:
+                        problems.append(_line("search.params", f"{r.search.params} ({budget:,}) is not below the "
+                                              f"teacher's {full:,} parameters", "set a smaller budget, e.g. 0.5x"))
+                    else:
+                        target_geometry(config, f"params={budget}", budget_axes=r.prune.budget_axes)
+                except (TargetError, MinitronError, ValueError) as exc:
+                    problems.append(_line("search.params", f"{r.search.params}: {exc}", "set a reachable budget"))
+            # every seq_len against the model's context
+            max_pos = getattr(config, "max_position_embeddings", None)
+            seq_keys = [("data.seq_len", r.data.seq_len)] + [
+                (f"{n}.seq_len", getattr(getattr(r, n), "seq_len")) for n in ("importance", "teacher_logits")
+                if getattr(getattr(r, n, None), "seq_len", None)]
+            for key, n in seq_keys:
+                if max_pos and n and n > max_pos:
+                    problems.append(_line(key, f"{n} exceeds the teacher's max_position_embeddings ({max_pos})",
+                                          f"use at most {max_pos}"))
+    # dtype, attention and devices of every stage that loads a model
+    on_gpu = []
+    for name in LOADING_SECTIONS:
+        sec = getattr(r, name, None)
+        if sec is None or not _enabled(r, name):
+            continue
+        dt = _dtype(r, name)
+        dev = str(getattr(sec, "device", "auto") or "auto")
+        if dev.startswith("cuda"):
+            on_gpu.append(name)
+        if getattr(sec, "attn_implementation", None) in FLASH and dt not in HALF:
+            problems.append(_line(f"{name}.attn_implementation", f"{sec.attn_implementation} runs fp16 and bf16 "
+                                  f"only, but {name} loads its model in {dt}",
+                                  f"set {name}.dtype=bfloat16, or {name}.attn_implementation=sdpa"))
+        if dev.startswith("cuda:") and torch.cuda.is_available():
+            from minitron_fast.configtools import cuda_devices_text
+
+            if int(dev.split(":")[1]) >= torch.cuda.device_count():
+                problems.append(_line(f"{name}.device", f"{dev}, but this machine has {cuda_devices_text()}",
+                                      "pick one of them"))
+    if on_gpu:  # a GPU recipe: no model-loading stage left to fp32 (an 8B teacher in fp32 is 32 GB)
+        for name in LOADING_SECTIONS:
+            sec = getattr(r, name, None)
+            if sec is None or not _enabled(r, name) or _dtype(r, name) in HALF:
+                continue
+            problems.append(_line(f"{name}.dtype", f"{name} loads its model in {_dtype(r, name)} in a GPU recipe "
+                                  f"(stages on cuda: {', '.join(on_gpu)})", f"set {name}.dtype=bfloat16"))
+    # the data source
+    src = str(r.data.source)
+    if src != "demo" and not Path(src).expanduser().exists():
+        problems.append(_line("data.source", f"{src} does not exist",
+                              "point it at a .txt/.jsonl/.parquet file, a directory or a saved HF dataset"))
+    # outputs inside inputs
+    out_dir = Path(out or r.out).expanduser()
+    for key, inp in (("teacher", tpath if local else None), ("data.source", Path(src).expanduser() if src != "demo"
+                                                             else None)):
+        if inp is not None and inp.exists() and (same_or_inside(out_dir, inp) or same_or_inside(inp, out_dir)):
+            problems.append(_line("out", f"{out_dir} overlaps the input {key} {inp}", "choose another out"))
+    # memory, where a GPU size is known
+    if gpu_mem is None and torch.cuda.is_available():
+        gpu_mem = torch.cuda.get_device_properties(0).total_memory
+    if gpu_mem is not None and config is not None and recipe_ref is not None and not any(
+            p.startswith("error: prune.target") or p.startswith("error: search.params") for p in problems):
+        from minitron_fast.distill.memory import GB, plan_recipe
+
+        try:
+            plans = plan_recipe(recipe_ref, list(overrides), gpu_mem=gpu_mem)
+        except (MemoryPlanError, MinitronError) as exc:
+            problems.append(_line("memory", str(exc).splitlines()[0], "fix the recipe keys it names"))
+        else:
+            for p, cfg in plans:
+                if p.fits is False:
+                    advice = p.advice(cfg) if p.kind == "train" else p.advice()
+                    problems.append(_line(p.stage or "memory", f"needs {p.total / GB:.1f} GB per GPU, more than "
+                                          f"{p.gpu_mem / GB:.0f} GB allows (plan <= 90%)",
+                                          "; ".join(advice[:2]) or "minitron-fast memory RECIPE shows the plan"))
+    return problems
+
+
+__all__ = ["check_recipe", "LOADING_SECTIONS"]
