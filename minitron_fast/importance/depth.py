@@ -54,13 +54,19 @@ def skip_layers(model: nn.Module | ModelView, indices: Sequence[int]) -> Iterato
 
 @torch.no_grad()
 def heldout_loss(model: nn.Module, blocks: torch.Tensor, *, batch_size: int = 8) -> float:
-    """Mean next-token NLL (nats/token) over ``blocks [n, T]``."""
-    device = next(model.parameters()).device
+    """Mean next-token NLL (nats/token) over ``blocks [n, T]``. The ids go to the embedding's
+    device (accelerate's execution device when it places the model, whose first parameter may be
+    offloaded to ``meta``); the targets to the logits' device."""
+    from minitron_fast.importance.collect import module_device
+
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    device = module_device(emb) if emb is not None else next(model.parameters()).device
     total, count = 0.0, 0
     for s in range(0, blocks.shape[0], batch_size):
         ids = blocks[s: s + batch_size].to(device)
         logits = model(input_ids=ids, use_cache=False).logits[:, :-1]
-        total += float(F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
+        target = ids[:, 1:].to(logits.device)
+        total += float(F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), target.reshape(-1),
                                        reduction="sum"))
         count += ids[:, 1:].numel()
     return total / count
