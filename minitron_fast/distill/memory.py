@@ -126,11 +126,7 @@ class ModelStats:
         block = max(sum(p.numel() for p in layer.parameters()) for layer in get_view(m).decoder_layers)
         view_cls = view_class_for_config(config)
         g = view_cls.geometry_of(config)
-        ffn = g.intermediate_size
-        if g.is_moe:
-            active = g.moe_intermediate_size * g.num_experts_per_tok
-            active += int(getattr(config, "shared_expert_intermediate_size", 0) or 0)
-            ffn = max(ffn, active)       # (dense layers among the MoE ones keep intermediate_size)
+        ffn = view_cls.active_ffn_of(config, g)   # MoE: the experts each token passes through
         dt = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
         return cls(params=params, largest_layer=largest, hidden=g.hidden_size, ffn=ffn,
                    layers=g.num_hidden_layers, kv_dim=g.num_key_value_heads * g.head_dim,

@@ -290,6 +290,12 @@ class ModelView:
         return int(hd) if hd else config.hidden_size // config.num_attention_heads
 
     @classmethod
+    def active_ffn_of(cls, config: Any, geometry: Geometry) -> int:
+        """The FFN width one token passes through in a layer (the memory plan's activations): the
+        MLP's; MoE views count the experts each token is routed to (and a shared expert)."""
+        return geometry.intermediate_size
+
+    @classmethod
     def geometry_of(cls, config: Any) -> Geometry:
         return Geometry(
             hidden_size=config.hidden_size,

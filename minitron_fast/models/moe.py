@@ -170,6 +170,14 @@ class MoEModelView(ModelView):
         return g.replace(num_experts_per_tok=min(g.num_experts_per_tok, g.num_experts))
 
     @classmethod
+    def active_ffn_of(cls, config: Any, geometry: Geometry) -> int:
+        g = geometry
+        active = g.moe_intermediate_size * g.num_experts_per_tok
+        if cls.has_shared_expert:
+            active += int(config.shared_expert_intermediate_size)
+        return max(g.intermediate_size, active)  # (dense layers among the MoE ones keep intermediate_size)
+
+    @classmethod
     def count_params(cls, config: Any, geometry: Geometry | None = None) -> dict[str, int]:
         g = cls.normalize_geometry(config, geometry or cls.geometry_of(config))
         out = super().count_params(config, g)

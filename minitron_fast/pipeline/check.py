@@ -86,8 +86,9 @@ def check_recipe(recipe: Any, *, recipe_ref: str | None = None, overrides: list[
         config = model_config(teacher)
     except (MinitronError, OSError, ValueError) as exc:
         known = ", ".join(["demo", *KNOWN_CONFIGS])
-        problems.append(_line("teacher", f"{teacher} has no readable config.json ({str(exc).splitlines()[0][:160]})",
-                              f"pass a local HF checkpoint directory; known without one: {known}"))
+        what = (f"{teacher} does not exist" if not tpath.exists() else
+                f"{teacher} has no readable config.json ({str(exc).splitlines()[0][:120]})")
+        problems.append(_line("teacher", what, f"pass a local HF checkpoint directory; known without one: {known}"))
     if config is not None:
         try:
             view_cls = view_class_for_config(config)
@@ -159,7 +160,9 @@ def check_recipe(recipe: Any, *, recipe_ref: str | None = None, overrides: list[
     for key, inp in (("teacher", tpath if local else None), ("data.source", Path(src).expanduser() if src != "demo"
                                                              else None)):
         if inp is not None and inp.exists() and (same_or_inside(out_dir, inp) or same_or_inside(inp, out_dir)):
-            problems.append(_line("out", f"{out_dir} overlaps the input {key} {inp}", "choose another out"))
+            where = "lies inside" if same_or_inside(out_dir, inp) else "contains"
+            problems.append(_line("out", f"{out_dir} {where} the {key} {'directory' if inp.is_dir() else 'file'} "
+                                  f"{inp}", "choose another out"))
     # memory, where a GPU size is known
     if gpu_mem is None and torch.cuda.is_available():
         gpu_mem = torch.cuda.get_device_properties(0).total_memory
