@@ -390,6 +390,8 @@ DISTILL_WORKER = """
             print("RESULT " + json.dumps({"name": run["name"], "ok": True, "result": res}), flush=True)
         except MinitronError as exc:
             print("RESULT " + json.dumps({"name": run["name"], "ok": False, "error": str(exc)}), flush=True)
+    from minitron_fast.distill.engine import exit_process
+    exit_process(0)
 """
 
 KILL_IN_CHECKPOINT_RENAME = """

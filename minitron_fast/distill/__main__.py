@@ -47,4 +47,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from minitron_fast.distill.engine import exit_process
+
+    exit_process(main())  # every output is written; skip the interpreter's teardown (see exit_process)

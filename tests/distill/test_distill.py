@@ -333,6 +333,8 @@ WORKER = textwrap.dedent("""
             line = {"name": run["name"], "ok": False, "error": str(exc)}
         if os.environ.get("RANK", "0") == "0":
             print("RESULT " + json.dumps(line), flush=True)
+    from minitron_fast.distill.engine import exit_process
+    exit_process(0)
 """)
 
 

@@ -102,6 +102,8 @@ MEASURE = textwrap.dedent("""
     # pytest process would start at its parent's RSS
     peak = next(int(ln.split()[1]) for ln in open("/proc/self/status") if ln.startswith("VmHWM:")) / 1024
     print("RESULT " + json.dumps({"base_mb": base, "peak_mb": peak}), flush=True)
+    from minitron_fast.distill.engine import exit_process
+    exit_process(0)
 """)
 
 

@@ -53,6 +53,8 @@ CKPT_WORKER = textwrap.dedent("""
         losses = [r["loss"] for r in read_metrics(out + "/metrics.jsonl") if "loss" in r]
         print("RESULT " + json.dumps({"name": run["name"], "losses": losses, "rows": mode.rows,
                                       "checkpointed": calls[0]}), flush=True)
+    from minitron_fast.distill.engine import exit_process
+    exit_process(0)
 """)
 
 

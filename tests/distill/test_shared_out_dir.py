@@ -95,3 +95,23 @@ def test_each_cuda_rank_makes_its_gpu_current_before_the_process_group(tmp_path,
     with pytest.raises(Stop):
         tr.Trainer(cfg, progress=False).run()
     assert calls == [("set_device", "cuda:3"), ("init_distributed", True)]
+
+
+def test_exit_process_flushes_the_streams_and_keeps_the_exit_code():
+    """A rank ends through ``exit_process`` (no interpreter teardown, where a gloo thread could
+    abort a finished job): what it printed still arrives, and the exit code is the one given."""
+    import subprocess
+
+    code = ("import sys\n"
+            "from minitron_fast.distill.engine import exit_process, init_distributed\n"
+            "init_distributed(on_cuda=False)\n"
+            "print('done', end='')\n"
+            "sys.stderr.write('note')\n"
+            "exit_process(3)\n"
+            "print('never')\n")
+    env = dict(os.environ, DS_ACCELERATOR="cpu")
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 3, out.stderr[-2000:]
+    assert out.stdout.endswith("done") and "never" not in out.stdout and "note" in out.stderr
