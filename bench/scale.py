@@ -273,6 +273,8 @@ WORKER = textwrap.dedent("""
         line["metrics"] = read_metrics(os.path.join(out, "metrics.jsonl"))
     with open(sys.argv[-1] + f".rank{rank}.result", "w") as f:  # (ranks' stdout lines can interleave)
         json.dump(line, f)
+    from minitron_fast.distill.engine import exit_process
+    exit_process(0)  # the result is written; skip the teardown that can abort a gloo rank
 """)
 
 
