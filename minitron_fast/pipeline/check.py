@@ -45,9 +45,9 @@ def _enabled(recipe: Any, name: str) -> bool:
 
     if name == "teacher_logits":
         return offline_teacher(recipe)
-    if name in ("correct_teacher", "distill", "scratch", "search"):
-        return stage_enabled(recipe, name) if name != "search" else bool(recipe.search.enabled)
-    return True
+    if name == "search":
+        return bool(recipe.search.enabled)
+    return stage_enabled(recipe, name) if name in TRAINING_SECTIONS else True
 
 
 def _dtype(recipe: Any, name: str) -> str:
