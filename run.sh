@@ -18,7 +18,7 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")"
 
 PYTHON=${PYTHON:-python3}
-EXTRAS="test,demo,bench,search,eval"
+EXTRAS="test,demo,bench,search,eval,trl,peers"
 DEFAULT_LOCK=requirements/lock.txt
 # torch on a CPU machine when no lock says otherwise: the CPU wheel (see docs/install.md)
 CPU_TORCH=torch==2.13.0
