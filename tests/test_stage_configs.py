@@ -147,7 +147,7 @@ STAGE_SECTIONS = [("teacher_eval", "evaluate"), ("correct_teacher", "correct_tea
 
 
 def _key(recipe, stage):
-    return stage_key(stage, PipelineRunner(recipe, log=lambda s: None).stage_inputs(stage, {"upstream": "u"}))
+    return stage_key(stage, PipelineRunner(recipe, log=lambda s: None).stage_inputs(stage, upstream={"upstream": "u"}))
 
 
 @pytest.mark.parametrize("stage, section", [pytest.param(*s, id=s[0]) for s in STAGE_SECTIONS])

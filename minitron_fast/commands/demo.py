@@ -48,7 +48,8 @@ def run(args: argparse.Namespace) -> int:
 
     from minitron_fast.commands.run import print_summary
     from minitron_fast.errors import MinitronError
-    from minitron_fast.pipeline.recipe import STAGES, load_recipe
+    from minitron_fast.pipeline.recipe import load_recipe
+    from minitron_fast.pipeline.table import STAGES
     from minitron_fast.pipeline.runner import run_recipe
 
     t0 = time.perf_counter()

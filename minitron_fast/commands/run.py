@@ -16,7 +16,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default=None, help="run directory (default: the recipe's out)")
     p.add_argument("--redo", default="", help="comma-separated stages to rerun even when cached")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.add_argument("--dry-run", action="store_true", help="check the recipe (as --check), print it, run nothing")
+    p.add_argument("--dry-run", action="store_true", help="check the recipe (as --check), print it and its stages (what each runs and loads, or why it is skipped), run nothing")
     p.add_argument("--check", action="store_true",
                    help="check the whole recipe against the teacher's config (targets, seq_len, dtypes, devices, "
                         "data, outputs, and with --gpu-mem every stage's memory plan), load no weights, run nothing; "
@@ -28,7 +28,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from minitron_fast.errors import MinitronError
-    from minitron_fast.pipeline.recipe import STAGES, dump_recipe, load_recipe
+    from minitron_fast.pipeline.recipe import dump_recipe, load_recipe
+    from minitron_fast.pipeline.table import STAGES, describe
 
     recipe = load_recipe(args.recipe, args.overrides)
     redo = tuple(s.strip() for s in args.redo.split(",") if s.strip())
@@ -49,6 +50,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if args.dry_run:
         print(dump_recipe(recipe), end="")
+        print("\n" + "\n".join("# " + line for line in describe(recipe).splitlines()))  # still YAML
         return 0
     from minitron_fast.pipeline.runner import run_recipe
 

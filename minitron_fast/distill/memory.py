@@ -411,10 +411,6 @@ SPREAD_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")   # device_ma
 DEVICE_MAP_SECTIONS = ("importance", "evaluate", "teacher_logits")    # DeviceMapConfig sections
 LM_EVAL_TOKENS = 2048        # lm-evaluation-harness requests: at most its default context (short prompts)
 LOGIT_CHUNK = 1 << 28        # the offline teacher's fp32 [rows, V] logits per lm_head call (artifacts.teacher_logits)
-PIPELINE_STAGES = ("teacher_eval", "correct_teacher", "teacher_logits", "importance", "search", "prune", "distill",
-                   "scratch", "evaluate")
-
-
 @dataclass
 class StagePlan(Plan):
     """Per-GPU memory of a pipeline stage that loads a whole model outside DeepSpeed
@@ -674,7 +670,9 @@ def plan_recipe(recipe: str | os.PathLike, overrides: list[str] = (), *, gpu_mem
         plans[section] = (p, cfg)
     for p, sec in stage_plans(r, t_stats, s_stats, node_gpus, gpu_mem=mem):
         plans[p.stage] = (p, sec)
-    return [plans[s] for s in PIPELINE_STAGES if s in plans]
+    from minitron_fast.pipeline.table import STAGES
+
+    return [plans[s] for s in STAGES if s in plans]   # the pipeline's order
 
 
 __all__ = ["KNOWN_CONFIGS", "MemoryPlanError", "ModelStats", "Plan", "StagePlan", "activation_bytes_per_token_layer",

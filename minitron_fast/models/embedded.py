@@ -55,6 +55,12 @@ def embedded_model_path(*, refresh: bool = False) -> Path:
     return target
 
 
+def converted_model_path() -> Path | None:
+    """The converted checkpoint's directory if it exists already (None: not converted yet)."""
+    target = cache_dir() / CACHE_NAME
+    return target if _valid(target / "minitron_fast_source.json") else None
+
+
 def _valid(marker: Path) -> bool:
     try:
         return json.loads(marker.read_text()).get("format") == _FORMAT

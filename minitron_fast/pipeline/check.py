@@ -14,40 +14,115 @@ reported at once:
 - ``device: cuda:N`` against the visible devices, where CUDA is there;
 - a GPU recipe (a stage on ``cuda``) that leaves a model-loading stage to fp32: one line per
   stage, naming its ``dtype`` key;
-- the data source exists;
+- the data source exists and yields the blocks each stage asks of its splits (``data_needs``:
+  calibration, training, held-out, stored teacher logits), counted on its token shards, which
+  the check builds for sources up to 16 MiB (and the stages reuse) and reads where an earlier
+  run cached them (sources up to 1 GiB; larger ones are not counted);
 - the run directory lying inside an input (the teacher, the data);
 - with a GPU memory size (``--gpu-mem``, or the visible GPUs'), the memory plan of every stage
   that loads a model (``distill.memory.plan_recipe``): a stage that cannot fit is an error with
   the plan's numbers.
 
-Not checked yet: how many blocks the data yields against the splits asked for, and stored
-teacher logits against the teacher and the data (their manifest).
 """
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 from typing import Any
 
+from minitron_fast.pipeline.table import BY_NAME
+
 HALF = ("bfloat16", "float16")
 FLASH = ("flash_attention_2", "flash_attention_3")
-# sections that load a whole model (outside DeepSpeed, or as the trainer) and carry dtype/device
-LOADING_SECTIONS = ("importance", "search", "evaluate", "teacher_logits", "correct_teacher", "distill", "scratch")
-TRAINING_SECTIONS = ("correct_teacher", "distill", "scratch")
 
 
 def _line(key: str, what: str, fix: str) -> str:
     return f"error: {key}: {what} ({fix})"
 
 
-def _enabled(recipe: Any, name: str) -> bool:
-    from minitron_fast.pipeline.recipe import offline_teacher, stage_enabled
+# data sources counted by --check: hashed (to find their cached token shards) up to HASH_BYTES,
+# tokenized (and cached for the run's stages) up to TOKENIZE_BYTES; larger sources are counted
+# once a stage or an earlier run has cached their shards under the same tokenizer
+HASH_BYTES = 1 << 30
+TOKENIZE_BYTES = 16 << 20
 
-    if name == "teacher_logits":
-        return offline_teacher(recipe)
-    if name == "search":
-        return bool(recipe.search.enabled)
-    return stage_enabled(recipe, name) if name in TRAINING_SECTIONS else True
+
+def _source_bytes(src: str) -> int:
+    if src == "demo":
+        return 0
+    p = Path(src).expanduser()
+    return sum(f.stat().st_size for f in p.rglob("*") if f.is_file()) if p.is_dir() else p.stat().st_size
+
+
+def _tokenizer_dir(teacher: str) -> Path | None:
+    """Where the teacher's tokenizer is, without converting anything: a local checkpoint, or the
+    embedded demo model once converted (None otherwise)."""
+    if teacher == "demo":
+        from minitron_fast.models.embedded import converted_model_path
+
+        return converted_model_path()
+    p = Path(teacher).expanduser()
+    return p if (p / "config.json").is_file() else None
+
+
+def data_needs(r: Any) -> list[tuple[str, str, int, int, str]]:
+    """What the stages that run ask of the data: ``(key, split, seq_len, blocks, how to fix)``,
+    each a hard requirement of its stage (importance without ``allow_fewer`` refuses fewer
+    calibration blocks; stored teacher logits refuse more samples than the train split holds;
+    training and evaluation need at least one block)."""
+    from minitron_fast.pipeline.recipe import offline_teacher, stage_enabled, teacher_logits_config
+
+    T = r.data.seq_len
+    imp = r.importance
+    Ti = imp.seq_len or T
+    needs = [("evaluate.eval_blocks", "heldout", T, 1, "use more data or a smaller data.seq_len")]
+    if not imp.allow_fewer:
+        needs.append(("importance.samples", "calib", Ti, imp.samples,
+                      "lower importance.samples or importance.seq_len, use more data, or set importance.allow_fewer"))
+    if imp.depth_lm_loss:
+        needs.append(("importance.heldout_samples", "heldout", Ti, 1, "use more data or a smaller seq_len"))
+    if any(stage_enabled(r, s) for s in ("correct_teacher", "distill", "scratch")) or r.search.enabled:
+        needs.append(("data.source", "train", T, 1, "use more data or a smaller data.seq_len"))
+    if offline_teacher(r):
+        tl = teacher_logits_config(r, check=False)
+        if tl.samples is not None:
+            key = "teacher_logits.samples" if r.teacher_logits.samples is not None else "distill.data.max_blocks"
+            needs.append((key, "train", T, tl.samples, f"lower {key} or use more data"))
+    return needs
+
+
+def _data_problems(r: Any) -> list[str]:
+    """Every requirement of :func:`data_needs` the data cannot meet, counted on its token shards
+    (see HASH_BYTES; nothing is reported when the count cannot be made cheaply)."""
+    from minitron_fast.data import TokenBlocks
+    from minitron_fast.data.shards import open_corpus, token_cache_root
+    from minitron_fast.data.sources import corpus_fingerprint
+    from minitron_fast.errors import MinitronError
+
+    src = str(r.data.source)
+    tok_dir = _tokenizer_dir(str(r.teacher))
+    if tok_dir is None:
+        return []
+    try:
+        size = _source_bytes(src)
+        if size > HASH_BYTES:
+            return []
+        cached = token_cache_root() / corpus_fingerprint(src, text_field=r.data.text_field)
+        from minitron_fast.models.loading import load_tokenizer
+
+        tok = load_tokenizer(tok_dir)
+        if not (cached / "meta.json").is_file() and size > TOKENIZE_BYTES:
+            return []
+        corpus = open_corpus(tok, src, text_field=r.data.text_field, progress=False)  # cached for the stages
+    except (MinitronError, OSError) as exc:
+        return [_line("data.source", f"{src}: {str(exc).splitlines()[0]}", "fix the data source")]
+    problems = []
+    for key, split, T, n, fix in data_needs(r):
+        have = TokenBlocks(corpus, split, T).n
+        if have < n:
+            problems.append(_line(key, f"needs {n:,} {split} block{'s' if n > 1 else ''} of {T} tokens, but the "
+                                  f"{split} split of {src} holds {have:,} (the corpus holds "
+                                  f"{corpus.n_tokens:,} tokens)", fix))
+    return problems
 
 
 def _dtype(recipe: Any, name: str) -> str:
@@ -56,7 +131,7 @@ def _dtype(recipe: Any, name: str) -> str:
     sec = getattr(recipe, name)
     if sec.dtype:
         return sec.dtype
-    if name in TRAINING_SECTIONS:
+    if BY_NAME[name].kind == "train":
         ds = sec.deepspeed if sec.deepspeed is not None else recipe.distill.deepspeed
         return "bfloat16" if ds is not None and ds.bf16 else "float32"
     return "float32"
@@ -75,6 +150,7 @@ def check_recipe(recipe: Any, *, recipe_ref: str | None = None, overrides: list[
     from minitron_fast.errors import MinitronError
     from minitron_fast.io import same_or_inside
     from minitron_fast.models import view_class_for_config
+    from minitron_fast.pipeline.table import model_sections
 
     problems: list[str] = []
     r = recipe
@@ -125,10 +201,9 @@ def check_recipe(recipe: Any, *, recipe_ref: str | None = None, overrides: list[
                                           f"use at most {max_pos}"))
     # dtype, attention and devices of every stage that loads a model
     on_gpu = []
-    for name in LOADING_SECTIONS:
-        sec = getattr(r, name, None)
-        if sec is None or not _enabled(r, name):
-            continue
+    sections = model_sections(r)   # the sections of the stages that run and load a model (table.STAGE_TABLE)
+    for name in sections:
+        sec = getattr(r, name)
         dt = _dtype(r, name)
         dev = str(getattr(sec, "device", "auto") or "auto")
         if dev.startswith("cuda"):
@@ -144,9 +219,8 @@ def check_recipe(recipe: Any, *, recipe_ref: str | None = None, overrides: list[
                 problems.append(_line(f"{name}.device", f"{dev}, but this machine has {cuda_devices_text()}",
                                       "pick one of them"))
     if on_gpu:  # a GPU recipe: no model-loading stage left to fp32 (an 8B teacher in fp32 is 32 GB)
-        for name in LOADING_SECTIONS:
-            sec = getattr(r, name, None)
-            if sec is None or not _enabled(r, name) or _dtype(r, name) in HALF:
+        for name in sections:
+            if _dtype(r, name) in HALF:
                 continue
             problems.append(_line(f"{name}.dtype", f"{name} loads its model in {_dtype(r, name)} in a GPU recipe "
                                   f"(stages on cuda: {', '.join(on_gpu)})", f"set {name}.dtype=bfloat16"))
@@ -155,6 +229,8 @@ def check_recipe(recipe: Any, *, recipe_ref: str | None = None, overrides: list[
     if src != "demo" and not Path(src).expanduser().exists():
         problems.append(_line("data.source", f"{src} does not exist",
                               "point it at a .txt/.jsonl/.parquet file, a directory or a saved HF dataset"))
+    elif config is not None:   # the blocks every stage asks of each split
+        problems += _data_problems(r)
     # outputs inside inputs
     out_dir = Path(out or r.out).expanduser()
     for key, inp in (("teacher", tpath if local else None), ("data.source", Path(src).expanduser() if src != "demo"
@@ -184,4 +260,4 @@ def check_recipe(recipe: Any, *, recipe_ref: str | None = None, overrides: list[
     return problems
 
 
-__all__ = ["check_recipe", "LOADING_SECTIONS"]
+__all__ = ["check_recipe"]

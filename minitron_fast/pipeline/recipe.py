@@ -126,10 +126,6 @@ ScratchSection = _typed_section("ScratchSection", TrainingSection, drop=(), none
                                 doc="The from-scratch baseline: TrainingSection's keys; None takes distill's.")
 
 
-STAGES = ("teacher_eval", "correct_teacher", "teacher_logits", "importance", "search", "prune", "distill", "scratch",
-          "evaluate", "export")
-
-
 @dataclass
 class Recipe:
     name: str = "recipe"

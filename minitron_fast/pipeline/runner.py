@@ -1,19 +1,10 @@
 """The stage runner: a recipe in, a distilled student and a report out.
 
-Stages, each cached in ``<out>/<stage>/`` by a hash of its inputs (``stages.py``):
-
-1. ``teacher_eval``     held-out perplexity of the teacher
-2. ``correct_teacher``  LM-loss fine-tune of the teacher on the distillation data (the trainer,
-                        ``python -m minitron_fast.distill``, on DeepSpeed), then its perplexity
-   ``teacher_logits``   with ``distill.teacher: offline``: the (corrected) teacher's top-k logits
-                        over the train blocks distill reads (``minitron_fast.teacher_logits``)
-3. ``importance``       activation scores of the (corrected) teacher (``minitron_fast.importance``)
-4. ``search``           optional: candidate shapes at a budget, briefly retrained, best kept
-5. ``prune``            plan from the scores + target, checkpoint-to-checkpoint prune, perplexity
-6. ``distill``          logit KD from the corrected teacher (the trainer on DeepSpeed), perplexity
-7. ``scratch``          baseline: a random student of the pruned shape trained with the LM loss
-                        on the same number of tokens, perplexity
-8. ``export``           the distilled student copied to ``<out>/student`` (stock HF checkpoint)
+The stages are the rows of ``table.STAGE_TABLE``, run in its order (``minitron-fast run RECIPE
+--dry-run`` lists them for a recipe): teacher_eval, correct_teacher, teacher_logits (offline
+teacher), importance, search (optional), prune, distill, scratch (the from-scratch baseline),
+evaluate (lm-evaluation-harness tasks) and export. Each is cached in ``<out>/<stage>/`` by a hash
+of its row's inputs (``stages.py``), and runs as the method ``stage_<name>`` here.
 
 then ``report.md``, ``report.json`` and PNGs in ``<out>`` (``report.py``).
 Stages meet only through files: checkpoint directories, the scores file and the plan JSON.
@@ -37,15 +28,18 @@ from minitron_fast.configtools import DeviceConfig
 from minitron_fast.distill.launch import launcher_env, trainer_command
 from minitron_fast.errors import MinitronError
 from minitron_fast.io import atomic_write_text, same_or_inside
-from minitron_fast.pipeline.recipe import (Recipe, check_against_teacher, offline_teacher, stage_enabled,
-                                            teacher_logits_config, training_config)
+from minitron_fast.pipeline.recipe import Recipe, check_against_teacher, stage_enabled, training_config
 from minitron_fast.pipeline.stages import StageCache, model_fingerprint, stable_hash
+from minitron_fast.pipeline.table import BY_NAME, RECIPE_IDENTITIES, STAGE_TABLE
 
 log_ = logging.getLogger(__name__)
 
 
 # EvaluateConfig fields that only the lm-evaluation-harness stage reads (not held-out perplexity)
 TASK_FIELDS = ("tasks", "include_path", "limit")
+
+
+_SKIPPED = object()  # identity() of a stage that did not run: left out of the cache inputs
 
 
 class StageFailed(MinitronError):
@@ -140,27 +134,11 @@ class PipelineRunner:
 
     # -- stage configs and cache keys -----------------------------------------------------------------
     def stage_config(self, stage: str, *, target: str | None = None) -> Any:
-        """The config a stage runs with: its recipe section with the recipe-wide values filled in
-        (the data's seq_len, the recipe's seed; for ``prune`` the search winner's ``target``).
-        The training stages' config is the trainer's (a DistillConfig dict, paths as placeholders)."""
-        r = self.recipe
-        if stage in ("teacher_eval", "evaluate"):
-            return r.evaluate
-        if stage == "importance":
-            return dataclasses.replace(r.importance, seq_len=r.importance.seq_len or r.data.seq_len)
-        if stage == "search":
-            return dataclasses.replace(r.search, seed=r.seed if r.search.seed is None else r.search.seed)
-        if stage == "prune":
-            return dataclasses.replace(r.prune, target=target if target is not None else r.prune.target)
-        if stage in ("correct_teacher", "distill", "scratch"):
-            logits = "<teacher_logits>" if stage == "distill" and offline_teacher(r) else None
-            return training_config(r, stage, teacher="<teacher>", student="<student>", out="<out>", validate=False,
-                                   teacher_logits=logits)
-        if stage == "export":
-            return r.export
-        if stage == "teacher_logits":
-            return teacher_logits_config(r, check=False)
-        raise KeyError(stage)
+        """The config a stage runs with (its row's ``config`` in ``table.STAGE_TABLE``): its recipe
+        section with the recipe-wide values filled in (the data's seq_len, the recipe's seed; for
+        ``prune`` the search winner's ``target``); the training stages' is the trainer's (a
+        DistillConfig dict, paths as placeholders)."""
+        return BY_NAME[stage].config(self.recipe, target)
 
     def heldout_id(self) -> dict[str, Any]:
         """What every stage's held-out perplexity depends on: the data and the evaluate section's
@@ -169,27 +147,49 @@ class PipelineRunner:
         return {"data": dataclasses.asdict(r.data),
                 "evaluate": {k: v for k, v in ev.items() if k not in TASK_FIELDS}}
 
-    def stage_inputs(self, stage: str, upstream: dict[str, Any], *, target: str | None = None) -> dict[str, Any]:
-        """The cache inputs of ``stage``: its config (``stage_config``, as a dict), the held-out
-        evaluation it reports, and ``upstream`` (the identities of the artifacts it reads: a model
-        fingerprint or an upstream stage's key)."""
-        if stage == "teacher_eval":  # the held-out perplexity only: lm-eval tasks do not reach it
-            return {"eval": self.heldout_id(), **upstream}
-        cfg = self.stage_config(stage, target=target)
-        cfg = cfg if isinstance(cfg, dict) else dataclasses.asdict(cfg)
-        inputs: dict[str, Any] = {"config": cfg, **upstream}
-        if stage == "search":
-            inputs["prune"] = {k: dataclasses.asdict(self.recipe.prune)[k] for k in ("depth_metric", "depth_mode")}
-            inputs["data"] = dataclasses.asdict(self.recipe.data)
-        elif stage in ("importance", "teacher_logits"):
-            inputs["data"] = dataclasses.asdict(self.recipe.data)
-        elif stage in ("evaluate", "export"):
-            pass
-        else:
-            inputs["eval"] = self.heldout_id()
-        if stage in ("correct_teacher", "distill", "scratch"):
-            inputs["procs"] = self.recipe.launch.num_procs
-        return inputs
+    def identity(self, ident: str, *, stage: str, target: str | None = None) -> Any:
+        """The value of one of a row's inputs (``table.IDENTITIES``, or an upstream stage's cache
+        key); ``_SKIPPED`` for a stage that did not run."""
+        r = self.recipe
+        if ident in BY_NAME:
+            res = self.cache.results.get(ident)
+            return _SKIPPED if res is None or res.status == "skipped" else res.key
+        if ident == "config":
+            cfg = self.stage_config(stage, target=target)
+            return cfg if isinstance(cfg, dict) else dataclasses.asdict(cfg)
+        if ident == "heldout":
+            return self.heldout_id()
+        if ident == "data":
+            return dataclasses.asdict(r.data)
+        if ident == "procs":
+            return r.launch.num_procs
+        if ident == "prune_depth":
+            return {k: dataclasses.asdict(r.prune)[k] for k in ("depth_metric", "depth_mode")}
+        if ident == "teacher":
+            return self.teacher_id
+        if ident == "corrected":
+            return self.corrected()[1]
+        if ident == "seed":
+            return r.seed
+        if ident == "evaluated":
+            return {k: v[1] for k, v in self.evaluated_models().items()}
+        if ident == "task_files":
+            return task_files_digest(r.evaluate.tasks, r.evaluate.include_path)
+        raise KeyError(f"stage {stage}: unknown input identity {ident!r}")
+
+    def stage_inputs(self, stage: str, *, target: str | None = None,
+                     upstream: dict[str, Any] | None = None) -> dict[str, Any]:
+        """The cache inputs of ``stage``: its row's ``inputs``, resolved (an upstream stage that was
+        skipped is left out). ``upstream``: given, it stands in for the inputs that identify
+        artifacts (upstream stages, models, task files), so that the recipe's part of the key can
+        be computed without running anything."""
+        out: dict[str, Any] = {}
+        for key, ident in BY_NAME[stage].inputs:
+            if upstream is not None and ident not in RECIPE_IDENTITIES:
+                continue
+            out[key] = self.identity(ident, stage=stage, target=target)
+        out.update(upstream or {})
+        return {k: v for k, v in out.items() if v is not _SKIPPED}
 
     def check_devices(self) -> None:
         """Every stage's ``device`` resolved, and the ``impl`` of importance and prune checked
@@ -203,6 +203,107 @@ class PipelineRunner:
         for section in ("correct_teacher", "distill", "scratch"):
             if stage_enabled(r, section):
                 DeviceConfig(device=getattr(r, section).device).resolved_device(f"{section}.")
+
+    # -- what earlier stages produced -----------------------------------------------------------------
+    def output(self, stage: str, key: str) -> Any:
+        """``key`` of ``stage``'s outputs; None when it was skipped."""
+        res = self.cache.results.get(stage)
+        return None if res is None or res.status == "skipped" else res.outputs.get(key)
+
+    def corrected(self) -> tuple[Path, Any]:
+        """The distillation teacher: (path, identity): correct_teacher's model, else the teacher."""
+        model = self.output("correct_teacher", "model")
+        if model is None:
+            return self.teacher_path, self.teacher_id
+        return Path(model), {"stage": "correct_teacher", "key": self.cache.results["correct_teacher"].key}
+
+    def target(self) -> str | None:
+        """The prune target: the search winner's, else the recipe's."""
+        return self.output("search", "target") or self.recipe.prune.target
+
+    def evaluated_models(self) -> dict[str, tuple[str, Any]]:
+        """label -> (path, identity) of what ``evaluate`` scores: the corrected teacher and the
+        final student (distilled, else pruned)."""
+        path, ident = self.corrected()
+        if self.output("distill", "model") is not None:
+            student = (self.output("distill", "model"), {"stage": "distill", "key": self.cache.results["distill"].key})
+        else:
+            student = (self.output("prune", "model"), {"stage": "prune", "key": self.cache.results["prune"].key})
+        return {"teacher": (str(path), ident), "student": student}
+
+    # -- the stages (one method per row of table.STAGE_TABLE: stage_<name>(stage_dir, resume)) -------
+    def stage_teacher_eval(self, d: Path, resume: bool) -> dict[str, Any]:
+        return self.evaluate(self.teacher_path, "teacher")
+
+    def stage_correct_teacher(self, d: Path, resume: bool) -> dict[str, Any]:
+        out = self.train("correct_teacher", d, resume, teacher=str(self.teacher_path), student=None)
+        return dict(out, **self.evaluate(out["model"], "corrected teacher"))
+
+    def stage_teacher_logits(self, d: Path, resume: bool) -> dict[str, Any]:
+        """The (corrected) teacher's top-k logits over the blocks distill reads, written once; the
+        distill stage then loads no teacher."""
+        from minitron_fast.teacher_logits import write_teacher_logits
+
+        r = self.recipe
+        m = write_teacher_logits(str(self.corrected()[0]), r.data.source, out=d / "logits",
+                                 config=self.stage_config("teacher_logits"), text_field=r.data.text_field,
+                                 progress=self.progress, log=self.log)
+        return {"dir": str(d / "logits"), "top_k": m["top_k"], "tokens": m["n_blocks"] * m["rows_per_block"],
+                "bytes_per_token": m["bytes_per_token"], "write_seconds": m["write_seconds"]}
+
+    def stage_importance(self, d: Path, resume: bool) -> dict[str, Any]:
+        from minitron_fast.importance import run_importance
+
+        r = self.recipe
+        _, paths = run_importance(str(self.corrected()[0]), r.data.source, out=d / "scores.safetensors",
+                                  config=self.stage_config("importance"), text_field=r.data.text_field,
+                                  heatmap_png=True, progress=self.progress, overwrite=True)
+        return {k: str(v) for k, v in paths.items()}
+
+    def stage_search(self, d: Path, resume: bool) -> dict[str, Any]:
+        from minitron_fast.search import run_search
+
+        r = self.recipe
+        res = run_search(str(self.corrected()[0]), self.output("importance", "scores"), self.stage_config("search"),
+                         budget=parse_budget(r.search.params, self.output("teacher_eval", "params")), prune=r.prune,
+                         out_dir=d, data=r.data.source, seq_len=r.data.seq_len, text_field=r.data.text_field,
+                         progress=self.progress, log=self.log)
+        return {"target": res["winner"]["target"], "plan": res["plan"], "table": res["table"]}
+
+    def stage_prune(self, d: Path, resume: bool) -> dict[str, Any]:
+        from minitron_fast.prune import run_prune
+
+        model_dir = d / "model"
+        if model_dir.exists():  # an interrupted earlier attempt
+            shutil.rmtree(model_dir)
+        plan, _ = run_prune(str(self.corrected()[0]), self.output("importance", "scores"), model_dir,
+                            self.stage_config("prune", target=self.target()), progress=self.progress)
+        plan.save(d / "plan.json")
+        self.log(f"    plan: {plan.summary()}")
+        return dict(model=str(model_dir), plan=str(d / "plan.json"), summary=plan.summary(),
+                    **self.evaluate(model_dir, "pruned student (no retraining)"))
+
+    def stage_distill(self, d: Path, resume: bool) -> dict[str, Any]:
+        out = self.train("distill", d, resume, teacher=str(self.corrected()[0]), student=self.output("prune", "model"),
+                         teacher_logits=self.output("teacher_logits", "dir"))
+        return dict(out, **self.evaluate(out["model"], "distilled student"))
+
+    def stage_scratch(self, d: Path, resume: bool) -> dict[str, Any]:
+        init = d / "init"
+        if not (init / "config.json").is_file():
+            self._random_init(self.output("prune", "model"), init)
+        out = self.train("scratch", d, resume, teacher=str(init), student=None)
+        return dict(out, **self.evaluate(out["model"], "student trained from scratch"))
+
+    def stage_evaluate(self, d: Path, resume: bool) -> dict[str, Any]:
+        """lm-evaluation-harness tasks on the distillation teacher and the final student."""
+        return {"tasks": {label: self.run_tasks(path, label) for label, (path, _) in self.evaluated_models().items()}}
+
+    def stage_export(self, d: Path, resume: bool) -> dict[str, Any]:
+        from minitron_fast.export import export_checkpoint
+
+        return {"model": str(export_checkpoint(self.output("distill", "model"), self.out / "student",
+                                               self.recipe.export))}
 
     # -- the run ------------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
@@ -230,148 +331,18 @@ class PipelineRunner:
         atomic_write_text(self.out / "recipe.yaml", yaml.safe_dump(r.to_dict(), sort_keys=False))
         self.tokenizer = load_tokenizer(teacher_path)
         self.heldout = self._eval_blocks()
-        teacher_id = model_fingerprint(teacher_path)
-        c = self.cache
+        self.teacher_path, self.teacher_id = teacher_path, model_fingerprint(teacher_path)
         self.log(f"== minitron-fast run {r.name}: teacher {r.teacher}, out {self.out} ==")
-
-        # 1. teacher
-        t_eval = c.run("teacher_eval", self.stage_inputs("teacher_eval", {"teacher": teacher_id}),
-                       lambda d, resume: self.evaluate(teacher_path, "teacher"))
-
-        # 2. teacher correction
-        if stage_enabled(r, "correct_teacher"):
-            def correct(d: Path, resume: bool) -> dict[str, Any]:
-                out = self.train("correct_teacher", d, resume, teacher=str(teacher_path), student=None)
-                return dict(out, **self.evaluate(out["model"], "corrected teacher"))
-
-            ct = c.run("correct_teacher", self.stage_inputs("correct_teacher", {"teacher": teacher_id}), correct)
-            corrected_path, corrected_id = Path(ct.outputs["model"]), {"stage": "correct_teacher", "key": ct.key}
-        else:
-            ct = c.skip("correct_teacher", "disabled in the recipe (correct_teacher.enabled: false)")
-            corrected_path, corrected_id = teacher_path, teacher_id
-
-        # 2b. offline teacher (distill.teacher: offline): the (corrected) teacher's top-k logits over
-        # the blocks distill reads, written once; the distill stage then loads no teacher.
-        tl_stage = None
-        if offline_teacher(r):
-            def write_logits(d: Path, resume: bool) -> dict[str, Any]:
-                from minitron_fast.teacher_logits import write_teacher_logits
-
-                m = write_teacher_logits(str(corrected_path), r.data.source, out=d / "logits",
-                                         config=self.stage_config("teacher_logits"), text_field=r.data.text_field,
-                                         progress=self.progress, log=self.log)
-                return {"dir": str(d / "logits"), "top_k": m["top_k"], "tokens": m["n_blocks"] * m["rows_per_block"],
-                        "bytes_per_token": m["bytes_per_token"], "write_seconds": m["write_seconds"]}
-
-            tl_stage = c.run("teacher_logits", self.stage_inputs("teacher_logits", {"model": corrected_id}),
-                             write_logits)
-
-        # 3. importance
-        def importance(d: Path, resume: bool) -> dict[str, Any]:
-            from minitron_fast.importance import run_importance
-
-            _, paths = run_importance(str(corrected_path), r.data.source, out=d / "scores.safetensors",
-                                      config=self.stage_config("importance"), text_field=r.data.text_field,
-                                      heatmap_png=True, progress=self.progress, overwrite=True)
-            return {k: str(v) for k, v in paths.items()}
-
-        im = c.run("importance", self.stage_inputs("importance", {"model": corrected_id}), importance)
-        scores_path = im.outputs["scores"]
-
-        # 4. search (optional)
-        target = r.prune.target
-        if r.search.enabled:
-            def search(d: Path, resume: bool) -> dict[str, Any]:
-                from minitron_fast.search import run_search
-
-                res = run_search(str(corrected_path), scores_path, self.stage_config("search"),
-                                 budget=parse_budget(r.search.params, t_eval.outputs["params"]), prune=r.prune,
-                                 out_dir=d, data=r.data.source, seq_len=r.data.seq_len, text_field=r.data.text_field,
-                                 progress=self.progress, log=self.log)
-                return {"target": res["winner"]["target"], "plan": res["plan"], "table": res["table"]}
-
-            se = c.run("search", self.stage_inputs("search", {"importance": im.key, "model": corrected_id}), search)
-            target = se.outputs["target"]
-            self.log(f"    search winner: {target}")
-        else:
-            c.skip("search", "disabled in the recipe" + (f"; pruning to {target}" if target else ""))
-
-        # 5. prune
-        def prune(d: Path, resume: bool) -> dict[str, Any]:
-            from minitron_fast.prune import run_prune
-
-            model_dir = d / "model"
-            if model_dir.exists():  # an interrupted earlier attempt
-                shutil.rmtree(model_dir)
-            plan, _ = run_prune(str(corrected_path), scores_path, model_dir, self.stage_config("prune", target=target),
-                                progress=self.progress)
-            plan.save(d / "plan.json")
-            self.log(f"    plan: {plan.summary()}")
-            return dict(model=str(model_dir), plan=str(d / "plan.json"), summary=plan.summary(),
-                        **self.evaluate(model_dir, "pruned student (no retraining)"))
-
-        pr = c.run("prune", self.stage_inputs("prune", {"importance": im.key, "model": corrected_id}, target=target),
-                   prune)
-        student_path = pr.outputs["model"]
-
-        # 6. distill
-        if stage_enabled(r, "distill"):
-            logits_dir = tl_stage.outputs["dir"] if tl_stage is not None else None
-
-            def distill(d: Path, resume: bool) -> dict[str, Any]:
-                out = self.train("distill", d, resume, teacher=str(corrected_path), student=student_path,
-                                 teacher_logits=logits_dir)
-                return dict(out, **self.evaluate(out["model"], "distilled student"))
-
-            upstream = {"prune": pr.key, "teacher": corrected_id}
-            if tl_stage is not None:
-                upstream["teacher_logits"] = tl_stage.key
-            di = c.run("distill", self.stage_inputs("distill", upstream), distill)
-        else:
-            di = c.skip("distill", "disabled in the recipe (distill.enabled: false)")
-
-        # 7. from-scratch baseline
-        if stage_enabled(r, "scratch"):
-            def scratch(d: Path, resume: bool) -> dict[str, Any]:
-                init = d / "init"
-                if not (init / "config.json").is_file():
-                    self._random_init(student_path, init)
-                out = self.train("scratch", d, resume, teacher=str(init), student=None)
-                return dict(out, **self.evaluate(out["model"], "student trained from scratch"))
-
-            sc = c.run("scratch", self.stage_inputs("scratch", {"prune": pr.key, "seed": r.seed}), scratch)
-        else:
-            sc = c.skip("scratch", "disabled in the recipe (scratch.enabled: false)")
-
-        # 8. lm-evaluation-harness tasks on the distillation teacher and the final student
-        ev = r.evaluate
-        if ev.tasks:
-            student_final = di.outputs.get("model") if di.status != "skipped" else student_path
-            student_id = {"stage": "distill", "key": di.key} if di.status != "skipped" else {"stage": "prune",
-                                                                                           "key": pr.key}
-            models = {"teacher": (str(corrected_path), corrected_id), "student": (student_final, student_id)}
-
-            def evaluate(d: Path, resume: bool) -> dict[str, Any]:
-                return {"tasks": {label: self.run_tasks(path, label) for label, (path, _) in models.items()}}
-
-            c.run("evaluate", self.stage_inputs("evaluate", {"models": {k: v[1] for k, v in models.items()},
-                                                             "task_files": task_files_digest(ev.tasks, ev.include_path)}),
-                  evaluate)
-        else:
-            c.skip("evaluate", "no lm-evaluation-harness tasks in the recipe (evaluate.tasks); "
-                               "held-out perplexity is measured by every stage")
-
-        # 9. export
-        final_student = di.outputs.get("model") if di.status != "skipped" else None
-        if r.export.enabled and final_student:
-            def export(d: Path, resume: bool) -> dict[str, Any]:
-                from minitron_fast.export import export_checkpoint
-
-                return {"model": str(export_checkpoint(final_student, self.out / "student", r.export))}
-
-            c.run("export", self.stage_inputs("export", {"distill": di.key}), export)
-        else:
-            c.skip("export", "nothing to export (distill did not run)" if r.export.enabled else "disabled in the recipe")
+        for stage in STAGE_TABLE:  # every stage is a row of the table, run in its order
+            why = stage.skip(r)
+            if why is not None:
+                self.cache.skip(stage.name, why)
+                continue
+            target = self.target() if stage.name == "prune" else None
+            res = self.cache.run(stage.name, self.stage_inputs(stage.name, target=target),
+                                 getattr(self, f"stage_{stage.name}"))
+            if stage.summary:
+                self.log("    " + stage.summary.format(**res.outputs))
 
         from minitron_fast.pipeline.report import write_report
 

@@ -109,3 +109,55 @@ def test_dry_run_and_run_check_before_anything_runs(capsys, tmp_path):
     assert rc == 2 and "applies to mixture-of-experts models only" in err[0] and out == ""
     rc, err, _ = _check(capsys, "demo", "prune.target=experts=2", f"out={tmp_path / 'run'}", "--no-progress")
     assert rc == 2 and len(err) == 1 and not (tmp_path / "run").exists()  # refused before the first stage
+
+
+@pytest.fixture(scope="module")
+def tiny_teacher(tmp_path_factory):
+    from bench.common import make_tiny_teacher
+
+    return make_tiny_teacher(tmp_path_factory.mktemp("teacher") / "tiny")
+
+
+def test_data_too_small_for_what_each_stage_asks_is_one_line_per_key(capsys, tmp_path, tiny_teacher):
+    """The requirements come from ``check.data_needs`` (one per stage that asks the data for
+    blocks), so a new one is checked without a new case here."""
+    from minitron_fast.data.shards import token_cache_root
+    from minitron_fast.data.sources import corpus_fingerprint
+    from minitron_fast.pipeline.check import data_needs
+    from minitron_fast.pipeline.recipe import load_recipe
+
+    small = tmp_path / "small.txt"
+    small.write_text("A few words.\n\nAnd a second paragraph.\n")
+    over = [f"teacher={tiny_teacher}", "prune.target=ffn=64", f"data.source={small}", "data.seq_len=64",
+            "importance.depth_lm_loss=true", "distill.teacher=offline", "teacher_logits.samples=3"]
+    keys = {k for k, *_ in data_needs(load_recipe("demo", over))}
+    assert len(keys) == 5
+    rc, err, _ = _check(capsys, "demo", "--check", *over, f"out={tmp_path / 'run'}")
+    assert rc == 2 and {ln.split(":")[1].strip() for ln in err} == keys, err
+    assert all(" split of " in ln and "holds 0" in ln for ln in err), err
+    # the count built the token shards the stages will read
+    assert (token_cache_root() / corpus_fingerprint(small) / "meta.json").is_file()
+
+    # enough data for all but the sample counts asked for
+    rc, err, _ = _check(capsys, "demo", "--check", f"teacher={tiny_teacher}", "prune.target=ffn=64",
+                        "importance.samples=100000", "distill.teacher=offline", "teacher_logits.samples=100000",
+                        "data.seq_len=64", f"out={tmp_path / 'run'}")
+    assert rc == 2 and [ln.split(":")[1].strip() for ln in err] == ["importance.samples", "teacher_logits.samples"]
+    assert "needs 100,000 calib blocks of 64 tokens" in err[0]
+    rc, err, _ = _check(capsys, "demo", "--check", f"teacher={tiny_teacher}", "prune.target=ffn=64",
+                        "importance.samples=100000", "importance.allow_fewer=true", f"out={tmp_path / 'run'}")
+    assert rc == 0 and not err, err
+
+
+def test_a_large_source_not_yet_tokenized_is_not_tokenized_by_the_check(capsys, tmp_path, tiny_teacher, monkeypatch):
+    from minitron_fast.data.shards import token_cache_root
+    from minitron_fast.data.sources import corpus_fingerprint
+    from minitron_fast.pipeline import check
+
+    monkeypatch.setattr(check, "TOKENIZE_BYTES", 8)
+    src = tmp_path / "big.txt"
+    src.write_text("Words enough to pass the byte limit.\n")
+    rc, err, _ = _check(capsys, "demo", "--check", f"teacher={tiny_teacher}", "prune.target=ffn=64",
+                        f"data.source={src}", "importance.samples=100000", f"out={tmp_path / 'run'}")
+    assert rc == 0 and not err  # not counted: nothing to report, and nothing built
+    assert not (token_cache_root() / corpus_fingerprint(src)).exists()

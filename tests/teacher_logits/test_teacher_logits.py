@@ -419,7 +419,7 @@ evaluate: {{eval_blocks: 2, batch_size: 2}}
     from minitron_fast.pipeline.runner import PipelineRunner
 
     def key(*ov):
-        return PipelineRunner(load_recipe(p, list(ov)), out=tmp_path / "k").stage_inputs("teacher_logits", {})
+        return PipelineRunner(load_recipe(p, list(ov)), out=tmp_path / "k").stage_inputs("teacher_logits", upstream={})
 
     assert key() != key("teacher_logits.top_k=4") and key()["config"]["samples"] == 16
     assert key()["config"]["seq_len"] == 32
