@@ -87,9 +87,10 @@ def test_recipe_sections_are_the_stage_configs():
     trainer = {f.name for f in dataclasses.fields(DistillConfig)}
     assert {f.name for f in dataclasses.fields(TrainingSection)} == trainer - {"mode", "label", "teacher", "student",
                                                                               "out", "teacher_logits"} | {"enabled"}
-    # distill's own key: the kind of teacher (online, or offline: stored logits, the teacher_logits stage)
+    # distill's own keys: the kind of teacher (online, or offline: stored logits, the teacher_logits stage)
+    # and stored_logits (logits written earlier, which the teacher_logits stage checks and reads)
     assert {f.name for f in dataclasses.fields(DistillSection)} - {f.name for f in dataclasses.fields(TrainingSection)} \
-        == {"teacher"}
+        == {"teacher", "stored_logits"}
     for cls in (ImportanceConfig, SearchConfig, PruneConfig, DistillConfig):
         assert issubclass(cls, DeviceConfig)
     assert issubclass(ImportanceConfig, DeviceMapConfig) and issubclass(EvaluateConfig, DeviceMapConfig)
@@ -157,6 +158,8 @@ def test_every_config_field_changes_its_stage_key(stage, section):
     checked = 0
     for path, f, tp in _leaves(getattr(base, section)):
         if path == ("enabled",):  # decides whether the stage runs at all (stage_enabled), not how
+            continue
+        if stage == "distill" and path == ("stored_logits",):  # the teacher_logits stage's input (below)
             continue
         if stage == "teacher_eval" and path[0] in TASK_FIELDS:  # lm-eval options: the evaluate stage's
             continue
@@ -349,3 +352,24 @@ def test_cli_errors_name_the_flag_and_recipe_errors_the_key(capsys, tmp_path):
     (tmp_path / "latin1.yaml").write_bytes("teacher: caf\xe9\n".encode("latin-1"))
     with pytest.raises(Exception, match=r"is not UTF-8 text"):
         load_recipe(tmp_path / "latin1.yaml")
+
+
+def test_stored_logits_reach_distill_through_the_teacher_logits_key(tmp_path):
+    """``distill.stored_logits`` is the teacher_logits stage's input (its manifest's identity), so
+    distill, whose key holds that stage's, is redone when other logits are named."""
+    from minitron_fast.pipeline.table import BY_NAME
+
+    m = tmp_path / "a"
+    m.mkdir()
+    (m / "manifest.json").write_text('{"run": "r1", "written": "t1"}')
+    base = load_recipe("demo", ["distill.teacher=offline", "correct_teacher.enabled=false"])
+    stored = load_recipe("demo", ["distill.teacher=offline", "correct_teacher.enabled=false",
+                                  f"distill.stored_logits={m}"])
+    runner = PipelineRunner(stored, log=lambda s: None)
+    assert runner.identity("stored_logits", stage="teacher_logits") == {"run": "r1", "written": "t1"}
+    assert ("stored", "stored_logits") in BY_NAME["teacher_logits"].inputs
+    from minitron_fast.pipeline.runner import _SKIPPED
+
+    assert PipelineRunner(base, log=lambda s: None).identity("stored_logits", stage="teacher_logits") is _SKIPPED
+    (m / "manifest.json").write_text('{"run": "r2", "written": "t2"}')
+    assert runner.identity("stored_logits", stage="teacher_logits") == {"run": "r2", "written": "t2"}

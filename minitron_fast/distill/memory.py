@@ -558,7 +558,7 @@ def stage_plans(r: Any, teacher: ModelStats, student: ModelStats, node_gpus: int
 
     add("teacher_eval", teacher, ev, section="evaluate", seqs=min(ev.batch_size, ev.eval_blocks), T=T,
         logits="heldout", notes=["teacher_eval loads with the evaluate section's device, dtype and device_map"])
-    if offline_teacher(r):
+    if offline_teacher(r) and not r.distill.stored_logits:   # stored logits: read, no model loaded
         tl = teacher_logits_config(r, check=False)
         add("teacher_logits", teacher, tl, section="teacher_logits", seqs=tl.batch_size, T=tl.seq_len,
             logits="chunked")

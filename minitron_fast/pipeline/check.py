@@ -18,7 +18,10 @@ reported at once:
   calibration, training, held-out, stored teacher logits), counted on its token shards, which
   the check builds for sources up to 16 MiB (and the stages reuse) and reads where an earlier
   run cached them (sources up to 1 GiB; larger ones are not counted);
-- the run directory lying inside an input (the teacher, the data);
+- ``distill.stored_logits`` against the teacher and the data (``stored_logits_problems``: the
+  manifest's vocabulary, seq_len, source, teacher and tokenizer digests, and the first train
+  blocks' hashes where the data was counted);
+- the run directory lying inside an input (the teacher, the data, stored logits);
 - with a GPU memory size (``--gpu-mem``, or the visible GPUs'), the memory plan of every stage
   that loads a model (``distill.memory.plan_recipe``): a stage that cannot fit is an error with
   the plan's numbers.
@@ -90,31 +93,32 @@ def data_needs(r: Any) -> list[tuple[str, str, int, int, str]]:
     return needs
 
 
-def _data_problems(r: Any) -> list[str]:
+def _data_problems(r: Any) -> tuple[list[str], Any, Any]:
     """Every requirement of :func:`data_needs` the data cannot meet, counted on its token shards
-    (see HASH_BYTES; nothing is reported when the count cannot be made cheaply)."""
+    (see HASH_BYTES; nothing is reported when the count cannot be made cheaply), with the
+    tokenizer and the corpus it counted on (None where it did not)."""
     from minitron_fast.data import TokenBlocks
     from minitron_fast.data.shards import open_corpus, token_cache_root
     from minitron_fast.data.sources import corpus_fingerprint
     from minitron_fast.errors import MinitronError
+    from minitron_fast.models.loading import load_tokenizer
 
     src = str(r.data.source)
     tok_dir = _tokenizer_dir(str(r.teacher))
     if tok_dir is None:
-        return []
+        return [], None, None
+    tok = None
     try:
+        tok = load_tokenizer(tok_dir)
         size = _source_bytes(src)
         if size > HASH_BYTES:
-            return []
+            return [], tok, None
         cached = token_cache_root() / corpus_fingerprint(src, text_field=r.data.text_field)
-        from minitron_fast.models.loading import load_tokenizer
-
-        tok = load_tokenizer(tok_dir)
         if not (cached / "meta.json").is_file() and size > TOKENIZE_BYTES:
-            return []
+            return [], tok, None
         corpus = open_corpus(tok, src, text_field=r.data.text_field, progress=False)  # cached for the stages
     except (MinitronError, OSError) as exc:
-        return [_line("data.source", f"{src}: {str(exc).splitlines()[0]}", "fix the data source")]
+        return [_line("data.source", f"{src}: {str(exc).splitlines()[0]}", "fix the data source")], tok, None
     problems = []
     for key, split, T, n, fix in data_needs(r):
         have = TokenBlocks(corpus, split, T).n
@@ -122,7 +126,45 @@ def _data_problems(r: Any) -> list[str]:
             problems.append(_line(key, f"needs {n:,} {split} block{'s' if n > 1 else ''} of {T} tokens, but the "
                                   f"{split} split of {src} holds {have:,} (the corpus holds "
                                   f"{corpus.n_tokens:,} tokens)", fix))
-    return problems
+    return problems, tok, corpus
+
+
+def stored_logits_problems(r: Any, teacher_config: Any, tokenizer: Any = None, corpus: Any = None, *,
+                           teacher_dir: str | Path | None = None) -> list[str]:
+    """``distill.stored_logits`` against this run: a complete directory whose manifest has the
+    teacher's vocabulary, the data's seq_len, source and text field, enough blocks, and, where
+    known, the teacher's digest (``teacher_dir``), the tokenizer's and the first 1,024 train
+    blocks' hashes (``corpus``). The teacher_logits stage runs the same check before reading them."""
+    from minitron_fast.artifacts import teacher_logits as tl
+    from minitron_fast.pipeline.recipe import teacher_logits_config
+
+    key, d = "distill.stored_logits", r.distill.stored_logits
+    rewrite = "write them for this run with minitron-fast teacher-logits --out DIR, or drop distill.stored_logits"
+    try:
+        reader = tl.TeacherLogits(Path(d).expanduser())
+    except tl.TeacherLogitsError as exc:
+        return [_line(key, str(exc), rewrite)]
+    vocab = int(teacher_config.vocab_size)
+    if reader.vocab_size != vocab:
+        return [_line(key, f"{d} covers a {reader.vocab_size:,}-token vocabulary but the teacher has {vocab:,}",
+                      rewrite)]
+    run = tl.RunIdentity(seq_len=r.data.seq_len,
+                         tokenizer_digest=tl.tokenizer_digest(tokenizer) if tokenizer is not None else
+                         reader.manifest["tokenizer"]["digest"],
+                         vocab_size=vocab, data_source=str(r.data.source), text_field=r.data.text_field,
+                         teacher_digest=tl.model_digest(teacher_dir) if teacher_dir is not None else None)
+    n = teacher_logits_config(r, check=False).samples   # distill reads these (None: as many as are stored)
+    hashes = None
+    if corpus is not None:
+        from minitron_fast.data import TokenBlocks
+
+        hashes = tl.block_hashes(TokenBlocks(corpus, "train", r.data.seq_len),
+                                 limit=min(1024, reader.n_blocks, n or reader.n_blocks))
+    try:
+        reader.check_run(run, hashes, n_blocks=n)
+    except tl.TeacherLogitsError as exc:
+        return [_line(key, str(exc), rewrite)]
+    return []
 
 
 def _dtype(recipe: Any, name: str) -> str:
@@ -230,11 +272,15 @@ def check_recipe(recipe: Any, *, recipe_ref: str | None = None, overrides: list[
         problems.append(_line("data.source", f"{src} does not exist",
                               "point it at a .txt/.jsonl/.parquet file, a directory or a saved HF dataset"))
     elif config is not None:   # the blocks every stage asks of each split
-        problems += _data_problems(r)
+        found, tok, corpus = _data_problems(r)
+        problems += found
+        if r.distill.stored_logits:
+            problems += stored_logits_problems(r, config, tok, corpus, teacher_dir=tpath if local else None)
     # outputs inside inputs
     out_dir = Path(out or r.out).expanduser()
+    stored = Path(r.distill.stored_logits).expanduser() if r.distill.stored_logits else None
     for key, inp in (("teacher", tpath if local else None), ("data.source", Path(src).expanduser() if src != "demo"
-                                                             else None)):
+                                                             else None), ("distill.stored_logits", stored)):
         if inp is not None and inp.exists() and (same_or_inside(out_dir, inp) or same_or_inside(inp, out_dir)):
             where = "lies inside" if same_or_inside(out_dir, inp) else "contains"
             problems.append(_line("out", f"{out_dir} {where} the {key} {'directory' if inp.is_dir() else 'file'} "

@@ -119,9 +119,14 @@ TrainingSection = _typed_section("TrainingSection", DistillConfig, drop=_RESERVE
 DistillSection = dataclasses.make_dataclass(
     "DistillSection", [("teacher", str, field(default="online", metadata={
         "help": "online: the (corrected) teacher model runs beside the student; offline: its top-k logits are "
-                "written once by the teacher_logits stage and no teacher is loaded", "choices": TEACHER_KINDS}))],
+                "written once by the teacher_logits stage and no teacher is loaded", "choices": TEACHER_KINDS})),
+     ("stored_logits", typing.Optional[str], field(default=None, metadata={
+         "help": "with teacher: offline, a complete teacher-logits directory written earlier (minitron-fast "
+                 "teacher-logits --out DIR) to read instead of writing them; checked against the teacher, the data "
+                 "and seq_len before any stage runs"}))],
     bases=(TrainingSection,), namespace={"__module__": __name__})
-DistillSection.__doc__ = "The distill stage: TrainingSection's keys plus teacher: online | offline."
+DistillSection.__doc__ = ("The distill stage: TrainingSection's keys plus teacher: online | offline, and stored_logits: a "
+                          "teacher-logits directory to read (offline).")
 ScratchSection = _typed_section("ScratchSection", TrainingSection, drop=(), none=("seed",) + _SCRATCH_INHERITS,
                                 doc="The from-scratch baseline: TrainingSection's keys; None takes distill's.")
 
@@ -192,6 +197,14 @@ class Recipe:
                                 teacher_logits="<teacher_logits>" if offline_teacher(self) else None)
         if offline_teacher(self):
             teacher_logits_config(self)
+        if self.distill.stored_logits:
+            if self.distill.teacher != "offline":
+                raise RecipeError("distill.stored_logits needs distill.teacher: offline (the stored logits stand in for "
+                                  "the teacher)")
+            if stage_enabled(self, "correct_teacher"):
+                raise RecipeError("distill.stored_logits with correct_teacher.enabled: the logits were written by a teacher "
+                                  "that correction would change; set correct_teacher.enabled: false (and teacher: the "
+                                  "corrected teacher, if it wrote them), or drop distill.stored_logits")
         return self
 
 
@@ -244,6 +257,7 @@ def training_config(recipe: Recipe, section: str, *, teacher: str, student: str 
     sec = dataclasses.asdict(getattr(recipe, section))
     sec.pop("enabled", None)
     sec.pop("teacher", None)  # distill's teacher kind; the path is the pipeline's (offline: teacher_logits)
+    sec.pop("stored_logits", None)  # read by the teacher_logits stage; the trainer gets its teacher_logits
     if section == "scratch":
         dist = dataclasses.asdict(recipe.distill)
         sec.update({k: dist[k] for k in _SCRATCH_INHERITS if sec[k] is None})

@@ -12,6 +12,7 @@ Stages meet only through files: checkpoint directories, the scores file and the 
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 import os
@@ -173,6 +174,12 @@ class PipelineRunner:
             return r.seed
         if ident == "evaluated":
             return {k: v[1] for k, v in self.evaluated_models().items()}
+        if ident == "stored_logits":
+            d = r.distill.stored_logits
+            if not d:
+                return _SKIPPED
+            m = json.loads((Path(d).expanduser() / "manifest.json").read_text())
+            return {"run": m.get("run"), "written": m.get("written")}
         if ident == "task_files":
             return task_files_digest(r.evaluate.tasks, r.evaluate.include_path)
         raise KeyError(f"stage {stage}: unknown input identity {ident!r}")
@@ -240,11 +247,28 @@ class PipelineRunner:
         return dict(out, **self.evaluate(out["model"], "corrected teacher"))
 
     def stage_teacher_logits(self, d: Path, resume: bool) -> dict[str, Any]:
-        """The (corrected) teacher's top-k logits over the blocks distill reads, written once; the
-        distill stage then loads no teacher."""
+        """The (corrected) teacher's top-k logits over the blocks distill reads, written once (or
+        ``distill.stored_logits``, checked against this run and read); the distill stage then loads
+        no teacher."""
+        r = self.recipe
+        if r.distill.stored_logits:
+            from minitron_fast.artifacts.teacher_logits import TeacherLogits
+            from minitron_fast.data.shards import open_corpus
+            from minitron_fast.models.loading import load_config
+            from minitron_fast.pipeline.check import stored_logits_problems
+
+            corpus = open_corpus(self.tokenizer, r.data.source, text_field=r.data.text_field, progress=self.progress)
+            problems = stored_logits_problems(r, load_config(self.teacher_path), self.tokenizer, corpus,
+                                              teacher_dir=self.teacher_path)
+            if problems:
+                raise MinitronError(problems[0].removeprefix("error: "))
+            path = Path(r.distill.stored_logits).expanduser().resolve()
+            m = TeacherLogits(path).manifest
+            self.log(f"    reading the stored teacher logits in {path} ({m['n_blocks']} blocks, top {m['top_k']})")
+            return {"dir": str(path), "top_k": m["top_k"], "tokens": m["n_blocks"] * m["rows_per_block"],
+                    "bytes_per_token": m["bytes_per_token"], "write_seconds": m["write_seconds"]}
         from minitron_fast.teacher_logits import write_teacher_logits
 
-        r = self.recipe
         m = write_teacher_logits(str(self.corrected()[0]), r.data.source, out=d / "logits",
                                  config=self.stage_config("teacher_logits"), text_field=r.data.text_field,
                                  progress=self.progress, log=self.log)

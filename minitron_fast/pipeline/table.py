@@ -37,6 +37,7 @@ IDENTITIES = {
     "seed": "the recipe's seed",
     "evaluated": "the models evaluate scores: the corrected teacher and the final student",
     "task_files": "a hash of the lm-evaluation-harness task YAML files",
+    "stored_logits": "the manifest of distill.stored_logits (its write's run id and time; left out when unset)",
 }
 
 # the identities read from the recipe alone (the rest identify artifacts of a run)
@@ -54,7 +55,8 @@ class Stage:
     pairs, an identity being an upstream stage's name (its cache key; left out when that stage
     was skipped) or one of :data:`IDENTITIES`; ``outputs``: the keys of what it returns (recorded
     in ``stage.json``); ``skip``: why it does not run for a recipe (None: it runs);
-    ``summary``: a line logged after it runs or is reused, formatted with its outputs."""
+    ``summary``: a line logged after it runs or is reused, formatted with its outputs;
+    ``loads_nothing``: true where a recipe makes a loading stage read files only."""
 
     name: str
     section: str
@@ -66,6 +68,7 @@ class Stage:
     skip: Callable[[Recipe], str | None]
     doc: str
     summary: str | None = None
+    loads_nothing: Callable[[Recipe], bool] = lambda r: False   # True: this recipe's run of it reads files only
 
 
 def _training(section: str) -> Callable[[Recipe], str | None]:
@@ -130,10 +133,11 @@ STAGE_TABLE: tuple[Stage, ...] = (
           TRAINER_INPUTS + (("teacher", "teacher"),), TRAINED, _training("correct_teacher"),
           "LM-loss fine-tune of the teacher on the distillation data, then its perplexity"),
     Stage("teacher_logits", "teacher_logits", _teacher_logits_config, "load", "the corrected teacher",
-          (("config", "config"), ("data", "data"), ("model", "corrected")),
+          (("config", "config"), ("data", "data"), ("model", "corrected"), ("stored", "stored_logits")),
           ("dir", "top_k", "tokens", "bytes_per_token", "write_seconds"),
           lambda r: None if offline_teacher(r) else "distill.teacher is online: the teacher runs beside the student",
-          "the corrected teacher's top-k logits over the train blocks distill reads (distill.teacher: offline)"),
+          "the corrected teacher's top-k logits over the train blocks distill reads (distill.teacher: offline), "
+          "or distill.stored_logits checked and read", loads_nothing=lambda r: bool(r.distill.stored_logits)),
     Stage("importance", "importance", _importance_config, "load", "the corrected teacher",
           (("config", "config"), ("data", "data"), ("model", "corrected")), ("scores", "heatmap"), lambda r: None,
           "activation importance scores of the corrected teacher"),
@@ -174,7 +178,7 @@ def model_sections(recipe: Recipe) -> list[str]:
     stage that runs (a section shared by two stages, ``evaluate``, once), in pipeline order."""
     out: list[str] = []
     for s in running(recipe):
-        if s.kind in ("load", "train") and s.section not in out:
+        if s.kind in ("load", "train") and not s.loads_nothing(recipe) and s.section not in out:
             out.append(s.section)
     return out
 
@@ -190,11 +194,13 @@ def describe(recipe: Recipe) -> str:
             continue
         sec: Any = getattr(recipe, s.section)
         how = ""
-        if s.kind == "load":
+        if s.loads_nothing(recipe):
+            how = " [reads files only]"
+        elif s.kind == "load":
             how = f" [{getattr(sec, 'dtype', None) or 'float32'} on {getattr(sec, 'device', None) or 'auto'}]"
         elif s.kind == "train":
             how = f" [trainer, {recipe.launch.num_procs} rank{'s' if recipe.launch.num_procs > 1 else ''}]"
-        loads = f"; loads {s.loads}" if s.loads else ""
+        loads = f"; loads {s.loads}" if s.loads and not s.loads_nothing(recipe) else ""
         lines.append(f"  {i:>2}. {s.name:<16} {s.doc}{loads}{how}")
     return "\n".join(lines)
 

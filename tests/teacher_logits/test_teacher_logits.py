@@ -459,3 +459,64 @@ def test_bit16_packing_round_trips_ids_above_65535():
     vals, tail = torch.randn(4, 7, 13, generator=g), torch.randn(4, 7, generator=g)
     v, i, t = tl.decode(tl.encode(vals, idx, tail, 131_072), 13)
     assert torch.equal(i, idx) and torch.equal(t, tail)
+
+
+@pytest.mark.slow
+def test_pipeline_reads_stored_logits_checked_before_any_stage(tmp_path, capsys):
+    """``distill.stored_logits``: logits written earlier are checked by ``run --check`` (and by
+    the stage) against the teacher and the data, then read: no teacher_logits write, distill
+    trains on them. Each mismatch is one line naming the key."""
+    from bench.common import make_tiny_teacher
+    from minitron_fast.cli import main
+    from minitron_fast.pipeline.recipe import RecipeError, load_recipe
+    from minitron_fast.pipeline.runner import run_recipe
+    from minitron_fast.teacher_logits import TeacherLogitsConfig, write_teacher_logits
+    from tests.pipeline.test_pipeline import TRAIN
+
+    teacher = make_tiny_teacher(tmp_path / "teacher")
+    stored = tmp_path / "stored"
+    write_teacher_logits(str(teacher), "demo", out=stored, config=TeacherLogitsConfig(top_k=8, seq_len=32, samples=16),
+                         progress=False)
+    p = tmp_path / "r.yaml"
+    p.write_text(f"""
+teacher: {teacher}
+out: {tmp_path / 'run'}
+data: {{source: demo, seq_len: 32}}
+importance: {{samples: 4, batch_size: 4}}
+prune: {{target: "ffn=64"}}
+distill: {{teacher: offline, stored_logits: {stored}, steps: 2, {TRAIN}}}
+evaluate: {{eval_blocks: 2, batch_size: 2}}
+""")
+
+    def check(*ov):
+        rc = main(["run", str(p), "--check", *ov])
+        err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("error: ")]
+        return rc, err
+
+    rc, err = check()
+    assert (rc, err) == (0, []), err
+    other = tmp_path / "other.txt"
+    other.write_text("\n\n".join(f"Paragraph {i} of other words, enough of them to fill blocks." for i in range(400)))
+    wide = tmp_path / "wide"
+    shutil.copytree(teacher, wide)
+    cfg = json.loads((wide / "config.json").read_text())
+    (wide / "config.json").write_text(json.dumps(dict(cfg, vocab_size=cfg["vocab_size"] + 8)))
+    for ov, what in ((["data.seq_len=16"], "seq_len"), ([f"data.source={other}"], "data source"),
+                     ([f"teacher={wide}"], "vocabulary"), (["distill.data.max_blocks=40"], "hold 16 blocks"),
+                     ([f"distill.stored_logits={tmp_path / 'nowhere'}"], "does not exist")):
+        rc, err = check(*ov)
+        assert rc == 2 and len(err) == 1 and err[0].startswith("error: distill.stored_logits: ") and what in err[0], \
+            (ov, err)
+    with pytest.raises(RecipeError, match="needs distill.teacher: offline"):
+        load_recipe(p, ["distill.teacher=online"])
+    with pytest.raises(RecipeError, match="correct_teacher.enabled"):
+        load_recipe(p, ["correct_teacher.enabled=true"])
+
+    logs: list[str] = []
+    rep = run_recipe(load_recipe(p), progress=False, log=logs.append)["report"]
+    assert math.isfinite(rep["distilled_ppl"])
+    run = tmp_path / "run"
+    assert not (run / "teacher_logits" / "logits").exists()  # read, not written
+    trainer = __import__("yaml").safe_load((run / "distill" / "trainer.yaml").read_text())
+    assert trainer["teacher_logits"] == str(stored.resolve())
+    assert any("reading the stored teacher logits" in m for m in logs)
