@@ -156,13 +156,29 @@ def model_rows(model: torch.nn.Module, ids: torch.Tensor, k: int, *, gather: Any
     out: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
     w, b = head.weight, head.bias
     with gather(w, b) if gather is not None else contextlib.nullcontext():
-        chunk = max(1, _LOGIT_BYTES // (4 * w.shape[0]))
-        for c0 in range(0, h.shape[0], chunk):
-            z = torch.nn.functional.linear(h[c0:c0 + chunk].to(device=w.device, dtype=w.dtype), w, b).float()
-            if cap is not None:
-                z = cap * torch.tanh(z / cap)
-            out.append(topk_rows(z, k))
-    return tuple(torch.cat([o[j] for o in out]).view(B, L - 1, *((k,) if j < 2 else ())) for j in range(3))
+        rows = head_topk_rows(h, w, b, k, softcap=cap)
+    return tuple(r.view(B, L - 1, *((k,) if j < 2 else ())) for j, r in enumerate(rows))
+
+
+@torch.no_grad()
+def head_topk_rows(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, k: int, *,
+                   softcap: float | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``topk_rows`` of the logits ``h [n, H] @ weight.T + bias`` (softcapped), made a bounded chunk
+    of rows at a time (``_LOGIT_BYTES``), so ``[n, V]`` is never held whole."""
+    out: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+    chunk = max(1, _LOGIT_BYTES // (4 * weight.shape[0]))
+    for c0 in range(0, h.shape[0], chunk):
+        z = torch.nn.functional.linear(h[c0:c0 + chunk].to(device=weight.device, dtype=weight.dtype), weight,
+                                       bias).float()
+        if softcap is not None:
+            z = softcap * torch.tanh(z / softcap)
+        out.append(topk_rows(z, k))
+    if not out:  # no rows
+        if not 1 <= k <= weight.shape[0]:
+            raise ValueError(f"top_k must lie in [1, {weight.shape[0]}], got {k}")
+        return (h.new_zeros(0, k, dtype=torch.float32), torch.zeros(0, k, dtype=torch.int64, device=h.device),
+                h.new_zeros(0, dtype=torch.float32))
+    return tuple(torch.cat([o[j] for o in out]) for j in range(3))
 
 
 def truncate_rows(values: torch.Tensor, indices: torch.Tensor, tail: torch.Tensor, k: int):
@@ -411,4 +427,4 @@ class TeacherLogits:
 __all__ = ["FORMAT", "VERSION", "FORM", "SEMANTICS", "TeacherLogitsError", "TeacherLogits", "RunIdentity",
            "block_hashes", "hashes_digest", "tokenizer_digest", "model_digest", "index_bits", "bytes_per_row",
            "topk_rows", "model_rows", "truncate_rows", "encode", "decode", "shard_name", "write_shard", "shard_is_complete",
-           "write_manifest"]
+           "write_manifest", "head_topk_rows"]

@@ -33,9 +33,10 @@ def test_zero3_two_process_cpu_matches_single_process(tmp_path):
 
     from tests.integrations import zero3_kd_worker as worker
 
-    ref_losses, ref_head = worker.reference()
-    # through the integration, and through fused_linear_kd_loss handed the partitioned lm_head module
-    for mode in ("integration", "functional"):
+    # through the integration, through fused_linear_kd_loss handed the partitioned lm_head module, and
+    # through the TRL integration's divergence (JSD, beta 0.5, prompt masked; the teacher partitioned too)
+    for mode in ("integration", "functional", "trl"):
+        ref_losses, ref_head = worker.reference(mode="trl" if mode == "trl" else "integration")
         assert res[mode]["partitioned"], mode  # the lm_head really was split across ranks
         for a, b in zip(res[mode]["losses"], ref_losses):
             assert abs(a - b) <= 1e-4 * abs(b) + 1e-7, (mode, res[mode]["losses"], ref_losses)

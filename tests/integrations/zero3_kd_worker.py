@@ -40,6 +40,36 @@ def _functional_loss(engine, teacher, ids, fn):
     return fused_linear_kd_loss(hs, s_head, ht, t_head, labels=ids[:, 1:], temperature=fn.temperature)
 
 
+PROMPT = 4  # the first PROMPT positions of each row are a prompt: masked out of the TRL-style loss
+
+
+def trl_inputs(ids):
+    """TRL's view of a batch: the completion tokens (every position after the first) and a loss
+    mask that leaves the prompt out."""
+    completion = ids[:, 1:]
+    mask = torch.ones_like(completion)
+    mask[:, : PROMPT - 1] = 0
+    return completion, mask
+
+
+def _trl_loss(engine, teacher, ids, fn):
+    """minitron_fast.integrations.trl's divergence on the hidden states TRL hands it, the student's
+    and the teacher's lm_heads both partitioned (the teacher a ZeRO-3 inference engine, as TRL
+    prepares it)."""
+    from minitron_fast.integrations.kd_step import decoder_and_head, unwrap
+    from minitron_fast.integrations.trl import fused_divergence_loss
+
+    s_base, s_head = decoder_and_head(engine)
+    t_base, t_head = decoder_and_head(teacher)
+    hs = s_base(input_ids=ids, use_cache=False).last_hidden_state[:, :-1]
+    with torch.no_grad():
+        ht = t_base(input_ids=ids, use_cache=False).last_hidden_state[:, :-1]
+    completion, mask = trl_inputs(ids)
+    loss, _ = fused_divergence_loss(unwrap(engine), unwrap(teacher), hs, ht, completion, mask, beta=0.5,
+                                    temperature=fn.temperature)
+    return loss
+
+
 def _train(mode, rank, world):
     import deepspeed
 
@@ -52,6 +82,10 @@ def _train(mode, rank, world):
            "zero_allow_untested_optimizer": True}
     opt = torch.optim.AdamW(student.parameters(), lr=1e-2)
     engine, *_ = deepspeed.initialize(model=student, optimizer=opt, config=cfg)
+    if mode == "trl":  # TRL prepares the teacher as a ZeRO-3 inference engine: its lm_head partitioned too
+        teacher, *_ = deepspeed.initialize(model=teacher, config={"train_micro_batch_size_per_gpu": 2,
+                                                                   "zero_optimization": {"stage": 3}})
+        teacher.eval()
     head = engine.module.get_output_embeddings().weight
     partitioned = bool(hasattr(head, "ds_id") and head.data.numel() < head.ds_shape.numel())
     fn = FusedLinearKDLoss(temperature=2.0)
@@ -60,6 +94,8 @@ def _train(mode, rank, world):
         mine = ids[2 * rank: 2 * rank + 2]
         if mode == "functional":
             loss = _functional_loss(engine, teacher, mine, fn)
+        elif mode == "trl":
+            loss = _trl_loss(engine, teacher, mine, fn)
         else:
             loss = causal_lm_kd_loss(engine, teacher, mine, loss_fn=fn)
         engine.backward(loss)
@@ -81,7 +117,7 @@ def main(out):
     torch.autograd.set_detect_anomaly(bool(os.environ.get("Z3_ANOMALY")))
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     res = {"world": world}
-    for mode in ("integration", "functional"):
+    for mode in ("integration", "functional", "trl"):
         losses, partitioned, w = _train(mode, rank, world)
         res[mode] = {"losses": losses, "partitioned": partitioned}
         if rank == 0:
@@ -94,7 +130,7 @@ def main(out):
     _unlink_shm_workspace()  # DeepSpeed never removes its /dev/shm workspace (see the trainer)
 
 
-def reference(steps=3, world=2):
+def reference(steps=3, world=2, mode="integration"):
     """The same run in one process without DeepSpeed: the whole batch, plain AdamW."""
     from minitron_fast.integrations.hf_trainer import causal_lm_kd_loss
     from minitron_fast.losses import FusedLinearKDLoss
@@ -104,7 +140,16 @@ def reference(steps=3, world=2):
     fn = FusedLinearKDLoss(temperature=2.0)
     losses = []
     for ids in batches(steps, world):
-        loss = causal_lm_kd_loss(student, teacher, ids, loss_fn=fn)  # equal token counts: mean of rank means
+        if mode == "trl":  # the TRL-style loss of the whole batch (equal valid counts: the mean of rank means)
+            from minitron_fast.integrations.trl import fused_divergence_loss
+
+            hs = student.model(input_ids=ids, use_cache=False).last_hidden_state[:, :-1]
+            with torch.no_grad():
+                ht = teacher.model(input_ids=ids, use_cache=False).last_hidden_state[:, :-1]
+            loss, _ = fused_divergence_loss(student, teacher, hs, ht, *trl_inputs(ids), beta=0.5,
+                                            temperature=fn.temperature)
+        else:
+            loss = causal_lm_kd_loss(student, teacher, ids, loss_fn=fn)  # equal token counts: mean of rank means
         opt.zero_grad()
         loss.backward()
         opt.step()
