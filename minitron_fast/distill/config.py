@@ -95,6 +95,19 @@ class IntermediateConfig:
 
 
 @dataclass
+class OnPolicyConfig:
+    """On-policy distillation (GKD): on a fraction ``lmbda`` of the steps (a draw seeded by the
+    run's seed and the step, the same on every rank), the student writes the last
+    ``max_new_tokens`` tokens of each block after its first ``seq_len - max_new_tokens``, sampling at
+    ``temperature`` (0: greedy), and the loss covers the written tokens only; the teacher scores
+    the student's own text. 0 (the default) trains on the data alone."""
+
+    lmbda: float = 0.0
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+
+
+@dataclass
 class DataConfig:
     source: str = "demo"            # "demo", a .txt/.jsonl file, a directory, a saved HF dataset
     seq_len: int = 256
@@ -151,6 +164,7 @@ class DistillConfig(configtools.DeviceConfig):
     activation_checkpointing: bool = False  # recompute the student's decoder layers in backward (less memory)
     loss: LossConfig = field(default_factory=LossConfig)
     intermediate: IntermediateConfig = field(default_factory=IntermediateConfig)
+    on_policy: OnPolicyConfig = field(default_factory=OnPolicyConfig)
     data: DataConfig = field(default_factory=DataConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
 
@@ -214,6 +228,20 @@ class DistillConfig(configtools.DeviceConfig):
         if self.intermediate.weight > 0 and not self.intermediate.pairs:
             raise ConfigError("intermediate.weight > 0 needs intermediate.pairs: [[s, t], ...]")
         _int("data.seq_len", self.data.seq_len, 2)
+        op = self.on_policy
+        _num("on_policy.lmbda", op.lmbda, low=0.0, high=1.0)
+        _num("on_policy.temperature", op.temperature, low=0.0)
+        _int("on_policy.max_new_tokens", op.max_new_tokens, 1)
+        if op.lmbda > 0:
+            if self.mode != "distill":
+                raise ConfigError("on_policy.lmbda > 0 needs mode distill (the teacher scores the student's samples)")
+            if self.teacher_logits:
+                raise ConfigError("on_policy.lmbda > 0 needs a live teacher: stored logits cannot score the "
+                                  "student's own samples; drop teacher_logits or set on_policy.lmbda=0")
+            if op.max_new_tokens >= self.data.seq_len:
+                raise ConfigError(f"on_policy.max_new_tokens={op.max_new_tokens} leaves no prompt in a block of "
+                                  f"data.seq_len={self.data.seq_len} tokens (the student writes the last "
+                                  f"max_new_tokens of each block); use at most {self.data.seq_len - 1}")
         _int("data.eval_blocks", self.data.eval_blocks, 0)
         if self.data.max_blocks is not None:
             _int("data.max_blocks", self.data.max_blocks, 1)
@@ -269,6 +297,8 @@ class DistillConfig(configtools.DeviceConfig):
             d.pop(k, None)
         d["deepspeed"] = {k: v for k, v in d["deepspeed"].items() if k not in ("config_file", "teacher_offload_param")}
         d["data"].pop("cache_dir", None)  # where token shards are cached does not change what is read
+        if self.on_policy.lmbda == 0:  # off: the same run as before on_policy existed (resumable)
+            d.pop("on_policy")
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 

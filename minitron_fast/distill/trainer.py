@@ -39,6 +39,7 @@ from minitron_fast.distill.checkpoints import (_check_inputs, _check_model_input
 from minitron_fast.distill.config import DistillConfig, dump_config
 from minitron_fast.distill.cpu_memory import (cap_heap_retention, peak_memory_mb, release_freed_memory,
                                               resident_memory_mb)
+from minitron_fast.distill.on_policy import on_policy_step, rollout
 from minitron_fast.distill.engine import (adamw, _all_reduce, all_reduce_to_host, _barrier, deepspeed_config,
                                           enable_activation_checkpointing, _hidden_size, init_distributed, lr_lambda,
                                           partitioned, _teacher_ds_config)
@@ -330,14 +331,34 @@ class Trainer:
         return result
 
     # ----- one micro-batch
-    def _step(self, engine, ids: torch.Tensor, blocks: torch.Tensor, num_items: float) -> dict[str, torch.Tensor]:
+    def _step(self, engine, ids: torch.Tensor, blocks: torch.Tensor, num_items: float,
+              labels: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """The loss terms of one micro-batch (train blocks ``blocks``), each ``sum / num_items``: the
         KD step (``integrations.kd_step``) run as the engine's forward, so ZeRO-3 gathers the
         student's lm_head and projection inside it and again for backward. The teacher comes from
-        its source (``distill.teacher``): the model, or top-k rows (stored, or made online)."""
+        its source (``distill.teacher``): the model, or top-k rows (stored, or made online).
+        ``labels``: an on-policy micro-batch's (the written tokens only); None: every token."""
         ids = ids.to(self.device)
         teacher = self.teacher.for_batch(ids, blocks) if self.teacher is not None else None
-        return engine(ids, teacher, spec=self.spec, num_items=num_items, pairs=self.pairs)
+        kw = {} if labels is None else {"labels": labels.to(self.device)}
+        return engine(ids, teacher, spec=self.spec, num_items=num_items, pairs=self.pairs, **kw)
+
+    def _micro_batches(self, engine, step: int, data: ShardedBlocks) -> tuple[list, list, list, bool]:
+        """This step's micro-batches ``(blocks, their train-block indices, labels, on_policy)``: the
+        data's, or on an on-policy step (``on_policy.lmbda``) the student's rollouts of them, whose
+        labels cover the written tokens only (None: every token)."""
+        cfg = self.cfg
+        block_ids = data.micro_batch_indices(step)
+        micros = [data.blocks[i] for i in block_ids]
+        op = cfg.on_policy
+        if not on_policy_step(op.lmbda, cfg.seed, step):
+            return micros, block_ids, [None] * len(micros), False
+        model = engine.module.model
+        synced = cfg.deepspeed.zero_stage == 3 and self.world > 1
+        outs = [rollout(model, m.to(self.device), max_new_tokens=op.max_new_tokens, temperature=op.temperature,
+                        seed=hash((cfg.seed, step, self.rank, j)) & 0x7FFFFFFF, synced=synced)
+                for j, m in enumerate(micros)]
+        return [o[0] for o in outs], block_ids, [o[1] for o in outs], True
 
     # ----- training loop
     def _loop(self, engine, data: ShardedBlocks, eval_blocks, start: int, ckpt_dir: Path, metrics_path: Path):
@@ -355,13 +376,13 @@ class Trainer:
         for step in range(start, cfg.steps):
             t0 = time.perf_counter()
             lr_now = engine.get_lr()[0] if engine.get_lr() else None  # the lr this step applies
-            block_ids = data.micro_batch_indices(step)
-            micros = [data.blocks[i] for i in block_ids]
-            n_local = sum((m[:, 1:] != losses.IGNORE_INDEX).sum().item() for m in micros)
+            micros, block_ids, labels, on_policy = self._micro_batches(engine, step, data)
+            n_local = sum(((m if lab is None else lab)[:, 1:] != losses.IGNORE_INDEX).sum().item()
+                          for m, lab in zip(micros, labels))
             num_items = float(_all_reduce(torch.tensor([float(n_local)], dtype=torch.float64))[0])
             sums: dict[str, float] = {}
-            for ids, blk in zip(micros, block_ids):
-                parts = self._step(engine, ids, blk, num_items)
+            for ids, blk, lab in zip(micros, block_ids, labels):
+                parts = self._step(engine, ids, blk, num_items, lab)
                 # the parts come from the same pass as the loss: summed over ranks and read to the
                 # host together, the micro-batch's one sync (the NaN check reads the same numbers)
                 keys = [k for k in ("loss", "kd", "lm", "inter") if k in parts]
@@ -381,6 +402,8 @@ class Trainer:
             if self.device.type == "cpu":  # the step's freed gathers and temporaries go back to the OS
                 release_freed_memory()
             rec: dict[str, Any] = {"step": step + 1}
+            if cfg.on_policy.lmbda > 0:
+                rec["on_policy"] = int(on_policy)
             rec.update({k: sums[k] for k in sorted(sums)})
             dt = time.perf_counter() - t0
             rec.update(lr=None if lr_now is None else float(lr_now), tokens=int(num_items),

@@ -275,6 +275,8 @@ def training_config(recipe: Recipe, section: str, *, teacher: str, student: str 
     else:  # correct_teacher and scratch both train one model with the LM loss
         cfg.update(mode="correct-teacher", student=None)
     cfg["label"] = TRAINING_LABELS[section]
+    if not cfg["on_policy"]["lmbda"]:  # off: left out, so stage keys stay those of runs made before it existed
+        cfg.pop("on_policy")
     if validate:
         from minitron_fast.distill.config import config_from_dict
 

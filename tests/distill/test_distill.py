@@ -417,14 +417,19 @@ def dist_runs(models, tmp_path_factory):
     runs = [{"name": "z2", "overrides": _common(models, root / "z2")},
             {"name": "z3", "overrides": _common(models, root / "z3", export=True,
                                                 **{"ds.zero_stage": 3, "ds.persistence_threshold": 0,
-                                                   "ds.teacher_zero3": True})}]
+                                                   "ds.teacher_zero3": True})},
+            # on-policy (GKD) under ZeRO-3: on about half the steps the student writes the last 8
+            # tokens of each block (every rank generating in step) and the loss covers those only
+            {"name": "onp", "overrides": _common(models, root / "onp", **{
+                "ds.zero_stage": 3, "ds.persistence_threshold": 0, "on_policy.lmbda": 0.5,
+                "on_policy.max_new_tokens": 8})}]
     port = free_port()
     (root / "master_port").write_text(str(port))
     ds = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(port),
           str(root / "worker.py"), str(_write_runs(root / "runs.json", runs))]
     proc = subprocess.run(ds, env=_env(), capture_output=True, text=True, timeout=600, cwd=root)
     res = _results(proc.stdout)
-    assert proc.returncode == 0 and len(res) == 2, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.returncode == 0 and len(res) == len(runs), proc.stdout[-3000:] + proc.stderr[-3000:]
     return root, res
 
 
@@ -543,6 +548,22 @@ def test_zero2_and_zero3_losses_fall(models, dist_runs):
     assert model.config.hidden_size == 48 and model.config.tie_word_embeddings
     blocks = token_blocks(load_tokenizer(final), "demo", "heldout", 32, max_blocks=4)
     assert lm_loss(model, blocks, progress=False) == pytest.approx(_metrics(root / "z3")[-1]["eval_loss"], rel=1e-4)
+
+
+@pytest.mark.slow
+def test_on_policy_steps_train_on_the_students_own_tokens(dist_runs):
+    """2 ranks, ZeRO-3: the on-policy steps are the seeded draws, count only the written tokens
+    (2 ranks x 2 blocks x 8), and train; the others are ordinary steps over every token."""
+    from minitron_fast.distill.on_policy import on_policy_step
+
+    root, res = dist_runs
+    assert res["onp"]["ok"], res["onp"]
+    recs = [r for r in _metrics(root / "onp") if "loss" in r]
+    assert len(recs) == STEPS and all(math.isfinite(r["loss"]) for r in recs)
+    want = [int(on_policy_step(0.5, 0, s)) for s in range(STEPS)]
+    assert [r["on_policy"] for r in recs] == want and 0 < sum(want) < STEPS
+    for r in recs:
+        assert r["tokens"] == (2 * 2 * 8 if r["on_policy"] else 4 * 31), r
 
 
 @pytest.mark.slow
