@@ -14,3 +14,8 @@ class UnsupportedModelError(MinitronError, ValueError):
 
 class DataError(MinitronError, ValueError):
     """Missing, empty or malformed data."""
+
+
+class KDInputError(MinitronError, ValueError):
+    """Bad input to the KD / CE losses: names the argument and what to pass."""
+

@@ -32,6 +32,7 @@ import yaml
 
 from minitron_fast import configtools
 from minitron_fast.errors import MinitronError
+from minitron_fast.ops.kd_loss.divergences import REGISTRY, canonical, names as divergence_names  # the one registry (torch-free)
 
 
 class ConfigError(MinitronError, ValueError):
@@ -39,7 +40,6 @@ class ConfigError(MinitronError, ValueError):
 
 
 MODES = ("distill", "correct-teacher")
-from minitron_fast.ops.kd_loss.divergences import DIVERGENCES  # noqa: E402  (the one registry)
 LOSS_IMPLS = ("fused", "materialized")
 TOPK_SEMANTICS = ("tail", "renorm")
 
@@ -199,8 +199,8 @@ class DistillConfig(configtools.DeviceConfig):
         if self.schedule not in ("cosine", "linear", "constant"):
             raise ConfigError(f"schedule={self.schedule!r} is not one of cosine, linear, constant")
         L = self.loss
-        if L.divergence not in DIVERGENCES:
-            raise ConfigError(f"loss.divergence={L.divergence!r} is not one of {DIVERGENCES}")
+        if L.divergence not in REGISTRY:
+            raise ConfigError(f"loss.divergence={L.divergence!r} is not one of {divergence_names()}")
         if L.impl not in LOSS_IMPLS:
             raise ConfigError(f"loss.impl={L.impl!r} is not one of {LOSS_IMPLS}")
         _num("loss.temperature", L.temperature, low=0.0, low_open=True)
@@ -217,8 +217,9 @@ class DistillConfig(configtools.DeviceConfig):
         if (L.topk or self.teacher_logits) and L.impl != "fused":
             raise ConfigError("a top-k teacher (teacher_logits or loss.topk) runs through the fused loss; "
                               "set loss.impl=fused")
-        if (L.topk or self.teacher_logits) and L.topk_semantics == "renorm" and L.divergence == "reverse_kl":
-            raise ConfigError("reverse_kl is infinite against a renormalized top-k teacher (zero mass outside "
+        if (L.topk or self.teacher_logits) and L.topk_semantics == "renorm" and \
+                REGISTRY[canonical(L.divergence, L.beta)].needs_teacher_support:
+            raise ConfigError(f"{L.divergence} is infinite against a renormalized top-k teacher (zero mass outside "
                               "the top-k); use loss.topk_semantics=tail or another divergence")
         if self.mode == "distill" and L.kd_weight == 0 and L.lm_weight == 0 and self.intermediate.weight == 0:
             raise ConfigError("every loss weight is 0; set loss.kd_weight (or lm_weight / intermediate.weight)")

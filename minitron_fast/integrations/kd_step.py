@@ -34,7 +34,7 @@ from torch import Tensor, nn
 
 from minitron_fast.errors import MinitronError
 from minitron_fast.integrations.zero3 import call_through, gathered
-from minitron_fast.ops.kd_loss.divergences import DIVERGENCES
+from minitron_fast.ops.kd_loss.divergences import REGISTRY, names as divergence_names
 
 IGNORE_INDEX = -100
 IMPLS = ("fused", "materialized")
@@ -78,8 +78,8 @@ class KDSpec:
     def __post_init__(self):
         if self.impl not in IMPLS:
             raise KDSetupError(f"KDSpec.impl must be one of {IMPLS}, got {self.impl!r}")
-        if self.divergence not in DIVERGENCES:
-            raise KDSetupError(f"KDSpec.divergence must be one of {DIVERGENCES}, got {self.divergence!r}")
+        if self.divergence not in REGISTRY:
+            raise KDSetupError(f"KDSpec.divergence must be one of {divergence_names()}, got {self.divergence!r}")
         if min(self.kd_weight, self.lm_weight, self.inter_weight) < 0:
             raise KDSetupError("KDSpec weights must be non-negative")
         if self.softcap is not None and not self.softcap > 0:

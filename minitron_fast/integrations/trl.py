@@ -63,8 +63,11 @@ def check_beta_lmbda(beta: float, lmbda: float) -> None:
 
 
 def divergence_of(beta: float) -> str:
-    """TRL's ``beta`` as a divergence of the KD loss: 0 forward KL, 1 reverse KL, else JSD at ``beta``."""
-    return "forward_kl" if beta == 0.0 else "reverse_kl" if beta == 1.0 else "jsd"
+    """TRL's ``beta`` as a divergence of the KD loss (the registry's ``for_beta``): 0 forward KL,
+    1 reverse KL, else the generalized JSD at ``beta``."""
+    from minitron_fast.ops.kd_loss.divergences import for_beta
+
+    return for_beta(beta)
 
 
 def _check_no_logit_scale(model: nn.Module, who: str) -> None:

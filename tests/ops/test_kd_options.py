@@ -17,6 +17,7 @@ from minitron_fast.ops.kd_loss import (
     kd_loss_reference,
 )
 from minitron_fast.ops.kd_loss import chunks
+from minitron_fast.ops.kd_loss.divergences import DIVERGENCES  # the registry's (built-in) divergences
 from tests.numerics import close
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -47,7 +48,7 @@ def _count(monkeypatch, name):
     return calls
 
 
-@pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl", "jsd"])
+@pytest.mark.parametrize("divergence", DIVERGENCES)
 @pytest.mark.parametrize("impl,runner", [("torch", "chunk_torch"), ("triton", "chunk_triton"), ("cpp", None)])
 def test_the_requested_impl_runs_every_chunk(monkeypatch, divergence, impl, runner):
     if impl not in REGISTRY[divergence].impls["dense"]:
@@ -77,7 +78,7 @@ def test_impl_that_cannot_run_the_options_names_the_ones_that_can():
 # softcap
 # ------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl", "jsd"])
+@pytest.mark.parametrize("divergence", DIVERGENCES)
 def test_softcap_matches_float64_on_every_impl(divergence):
     h, W, th, tW, labels = _head()
     kw = dict(labels=labels, divergence=divergence, temperature=1.7, hard_label_weight=0.3, softcap=2.5)

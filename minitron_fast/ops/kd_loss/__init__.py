@@ -44,22 +44,18 @@ The package, one concern per file:
 - ``autograd.py``: the autograd Functions; ``api.py``: the public functions;
 - ``reference.py``: the float64 reference.
 """
-from minitron_fast.ops.kd_loss.api import (  # noqa: F401
-    KDLossParts,
-    fused_linear_cross_entropy,
-    fused_linear_kd_loss,
-    kd_loss_from_logits,
-)
-from minitron_fast.ops.kd_loss.divergences import DIVERGENCES, REGISTRY  # noqa: F401
-from minitron_fast.ops.kd_loss.options import (  # noqa: F401
-    KD_IMPLS,
-    REDUCTIONS,
-    KDInputError,
-    default_chunk_size,
-    resolve_rows_impl,
-    validate_options,
-)
-from minitron_fast.ops.kd_loss.reference import kd_loss_reference  # noqa: F401
+from minitron_fast._lazy import exported_names, lazy_getattr
 
-__all__ = ["fused_linear_kd_loss", "fused_linear_cross_entropy", "kd_loss_from_logits", "kd_loss_reference",
-           "KDLossParts", "DIVERGENCES", "REGISTRY", "KD_IMPLS", "KDInputError", "validate_options"]
+# public names, imported from their modules on first use: the registry (``divergences``) and the
+# errors import no torch, so configs that name a divergence stay torch-free
+_EXPORTS = {
+    "minitron_fast.ops.kd_loss.api": ("KDLossParts", "fused_linear_cross_entropy", "fused_linear_kd_loss",
+                                      "kd_loss_from_logits"),
+    "minitron_fast.ops.kd_loss.divergences": ("DIVERGENCES", "REGISTRY"),
+    "minitron_fast.ops.kd_loss.options": ("KD_IMPLS", "REDUCTIONS", "default_chunk_size", "resolve_rows_impl",
+                                          "validate_options"),
+    "minitron_fast.errors": ("KDInputError",),
+    "minitron_fast.ops.kd_loss.reference": ("kd_loss_reference",),
+}
+__getattr__ = lazy_getattr(__name__, _EXPORTS)
+__all__ = exported_names(_EXPORTS)

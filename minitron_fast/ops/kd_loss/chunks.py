@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from minitron_fast.ops.kd_loss.divergences import REGISTRY
 from minitron_fast.ops.kd_loss.options import _cpp_fn, _n_buffers, default_chunk_size
 from minitron_fast.ops.kd_loss.rows_native import chunk_cpp, chunk_cpp_div, chunk_triton
 from minitron_fast.ops.kd_loss.rows_torch import Buffers, chunk_torch
@@ -142,7 +143,7 @@ def run(student, teacher_kind, teacher_src, labels, N, V, cfg, row_scale, need_g
                 tch = ("dense", Tt)
             if cfg.impl == "triton":
                 kd, G = chunk_triton(S, tch[1], a, cfg, need_grad)
-            elif cfg.impl == "cpp" and tch[0] == "dense" and div == "forward_kl":
+            elif cfg.impl == "cpp" and tch[0] == "dense" and REGISTRY[div].cpp["dense"] == "kd_forward_kl_rows":
                 kd, G = chunk_cpp(S, tch[1], a, cfg, need_grad)
             elif cfg.impl == "cpp":
                 kd, G = chunk_cpp_div(S, tch, a, cfg, need_grad)

@@ -8,13 +8,9 @@ from typing import Optional
 
 import torch
 
-from minitron_fast.errors import MinitronError
+from minitron_fast.errors import KDInputError
 from minitron_fast.ops._dispatch import resolve_impl
-from minitron_fast.ops.kd_loss.divergences import DIVERGENCES, REGISTRY
-
-
-class KDInputError(MinitronError, ValueError):
-    """Bad input to the KD / CE losses: names the argument and what to pass."""
+from minitron_fast.ops.kd_loss.divergences import REGISTRY, names
 
 
 REDUCTIONS = ("mean", "sum", "none")
@@ -75,8 +71,8 @@ def _check_float(name: str, t: torch.Tensor, dim: int) -> None:
 
 
 def _check_common(divergence, beta, temperature, reduction, num_items, hard_label_weight, chunk_size):
-    if divergence not in DIVERGENCES:
-        raise KDInputError(f"divergence must be one of {DIVERGENCES}, got {divergence!r}")
+    if divergence not in REGISTRY:
+        raise KDInputError(f"divergence must be one of {names()}, got {divergence!r}")
     if not (isinstance(beta, (int, float)) and 0.0 <= float(beta) <= 1.0):
         raise KDInputError(f"beta must lie in [0, 1], got {beta!r}")
     if not (isinstance(temperature, (int, float)) and float(temperature) > 0 and math.isfinite(temperature)):
@@ -215,20 +211,16 @@ def _cpp_fn(name):
     return getattr(_C, name, None) if _C is not None else None
 
 
-# the _C symbol each row implementation needs
-_CPP_SYMBOLS = {"dense": {"forward_kl": "kd_forward_kl_rows", "reverse_kl": "kd_div_rows", "jsd": "kd_div_rows"},
-                "topk": {"forward_kl": "kd_topk_rows", "reverse_kl": "kd_topk_rows", "jsd": "kd_topk_rows"},
-                None: {None: "ce_rows"}}
-
-
 def _supported(divergence, form) -> tuple[str, ...]:
     """Row implementations that can run ``divergence`` (None: CE only) with a teacher of ``form``,
-    from the registry, the built extension and what triton can run here."""
+    from the registry (its ``impls`` and the ``_C`` symbol of its C++ rows), the built extension
+    and what triton can run here."""
     if divergence is None:
-        impls = ("torch", "cpp")
+        impls, symbol = ("torch", "cpp"), "ce_rows"
     else:
-        impls = REGISTRY[divergence].impls[form]
-    if "cpp" in impls and _cpp_fn(_CPP_SYMBOLS[form][divergence]) is None:
+        d = REGISTRY[divergence]
+        impls, symbol = d.impls[form], d.cpp.get(form)
+    if "cpp" in impls and (symbol is None or _cpp_fn(symbol) is None):
         impls = tuple(i for i in impls if i != "cpp")  # a _C built before these rows existed
     return impls
 

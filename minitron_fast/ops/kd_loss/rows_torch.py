@@ -46,7 +46,7 @@ def chunk_torch(S, teacher, a, cfg, bufs, need_grad):
     S.sub_(ms)  # S = u_s - max
     g_scale = (a * (cfg.kd_scale / T))[:, None]  # d/du -> d/dz, the T^2 option, the row scale
 
-    if div == "forward_kl" and teacher[0] == "dense":
+    if teacher[0] == "dense" and REGISTRY[div].inplace_dense:
         # fast path, 3 buffers, ~21 passes over [c, V]:
         # kd = sum p_t (log p_t - log p_s) = <Et, Tt - S> / St - log St + log Ss.
         # The difference is taken per element before the row sum: <Et, Tt> - <Et, S> as two sums
