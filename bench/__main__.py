@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     if args.name == "all":
-        return suite.run_all(args, benches)
+        return suite.run_all(args, benches, GPU_ONLY)
     rows = finalize_rows(args._module.run(args), bench=args.name)
     print(format_rows(rows))
     if args.json:

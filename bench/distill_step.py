@@ -13,7 +13,7 @@ reads its ``metrics.jsonl``. Rows: ``impl`` ``fused`` (never materializes ``[N, 
 needs on top of what stays resident (the loss's share of memory shows there; at SmolLM2 size the
 resident models and AdamW state dominate the peak). ``--micro-batch 4,16`` runs several sizes.
 ``--lm-weight W`` adds the student's next-token CE to KD: the trainer's one KD step
-(``integrations.kd_step``) takes both parts from one fused pass over the student's lm_head.
+(``ops.kd_step``) takes both parts from one fused pass over the student's lm_head.
 Correctness: both impls must give the same first-step loss (rtol 5e-4, the fp32 slack).
 """
 from __future__ import annotations

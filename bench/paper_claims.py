@@ -25,7 +25,7 @@ the ``heldout`` split. Cases (``case`` / ``impl``):
 ``median_s`` is the wall time of producing that row (training + evaluation); rows also carry
 ``loss``, ``ppl``, ``params``, ``tokens``, and, on the row a claim is judged on, ``claim`` and
 ``holds`` (``yes``/``no``: whether this run reproduced it). Training here is a plain PyTorch loop over the package's one
-KD step (``integrations.kd_step``, fused loss; no DeepSpeed): the claims are about what is trained, not how.
+KD step (``ops.kd_step``, fused loss; no DeepSpeed): the claims are about what is trained, not how.
 """
 from __future__ import annotations
 
@@ -65,7 +65,7 @@ def train(student, batches, *, lr: float, kd_weight: float, lm_weight: float, te
     from one fused pass. Returns the loss per step."""
     import torch
 
-    from minitron_fast.integrations.kd_step import KDSpec, kd_step
+    from minitron_fast.ops.kd_step import KDSpec, kd_step
 
     spec = KDSpec(kd_weight=kd_weight, lm_weight=lm_weight)
     opt = torch.optim.AdamW(student.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
@@ -89,7 +89,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     from minitron_fast.evaluate.perplexity import lm_loss
     from minitron_fast.importance import collect_importance
     from minitron_fast.importance.simulate import magnitude_scores
-    from minitron_fast.integrations.kd_step import TeacherHidden, teacher_hidden
+    from minitron_fast.ops.kd_step import TeacherHidden, teacher_hidden
     from minitron_fast.models import get_view
     from minitron_fast.models.loading import load_model, load_tokenizer
     from minitron_fast.prune import apply_plan, make_plan

@@ -79,7 +79,9 @@ def plot_summary(results: dict[str, dict[str, Any]], png: Path) -> Path | None:
     return save_figure(fig, png)
 
 
-def run_all(args: argparse.Namespace, benches: dict[str, str]) -> int:
+def run_all(args: argparse.Namespace, benches: dict[str, str], gpu_only: tuple[str, ...] = ()) -> int:
+    """Runs ``benches`` (name -> module) each in its own process; ``gpu_only`` are left out where
+    no CUDA GPU is visible."""
     from bench.common import meta
 
     names = [n for n in benches if n != "all"]
@@ -90,15 +92,14 @@ def run_all(args: argparse.Namespace, benches: dict[str, str]) -> int:
         print(f"error: unknown benchmark(s) {', '.join(unknown)}; registered: {', '.join(names)}", file=sys.stderr)
         return 2
     names = [n for n in (only or names) if n not in skip]
-    from bench.__main__ import GPU_ONLY
     import torch
 
     if not torch.cuda.is_available():
-        left_out = [n for n in names if n in GPU_ONLY]
+        left_out = [n for n in names if n in gpu_only]
         if left_out:
             print(f"== no CUDA GPU: leaving out {', '.join(left_out)} (its CPU rehearsal: python -m bench "
                   f"{left_out[0]} --tiny)", flush=True)
-        names = [n for n in names if n not in GPU_ONLY]
+        names = [n for n in names if n not in gpu_only]
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
     root = Path(__file__).resolve().parent.parent

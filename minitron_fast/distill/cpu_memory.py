@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from minitron_fast.integrations.zero3 import gathered
+from minitron_fast.ops.zero3 import gathered
 from minitron_fast.io import peak_rss_mb
 
 

@@ -17,7 +17,7 @@ from torch import nn
 from minitron_fast.distill.config import ConfigError, DistillConfig
 from minitron_fast.distill.cpu_memory import _unlink_shm_workspace
 from minitron_fast.distill.launch import free_port
-from minitron_fast.integrations.zero3 import gathered
+from minitron_fast.ops.zero3 import gathered
 
 
 # -- distributed setup ----------------------------------------------------------------------------

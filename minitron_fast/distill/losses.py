@@ -2,7 +2,7 @@
 models, and the intermediate-state loss's layer pairs and projection.
 
 The step itself (decoders, lm_heads gathered under ZeRO-3, one fused-loss call returning its KD and
-CE parts, the intermediate MSE) is ``minitron_fast.integrations.kd_step``, shared with search, the
+CE parts, the intermediate MSE) is ``minitron_fast.ops.kd_step``, shared with search, the
 HF Trainer integration and the benchmarks.
 
 Intermediate-state loss: for each pair ``[s, t]``, the MSE between ``proj(raw output of student
@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from minitron_fast.distill.config import ConfigError, LossConfig
-from minitron_fast.integrations.kd_step import IGNORE_INDEX, KDSetupError, KDSpec  # noqa: F401  (re-exported)
+from minitron_fast.ops.kd_step import IGNORE_INDEX, KDSetupError, KDSpec  # noqa: F401  (re-exported)
 
 
 def check_tokenizers(teacher_tok: Any, student_tok: Any, teacher: str, student: str) -> None:

@@ -16,7 +16,7 @@ import random
 import torch
 from torch import nn
 
-from minitron_fast.integrations.kd_step import IGNORE_INDEX
+from minitron_fast.ops.kd_step import IGNORE_INDEX
 
 
 def on_policy_step(lmbda: float, seed: int, step: int) -> bool:

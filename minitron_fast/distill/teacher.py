@@ -2,7 +2,7 @@
 
 Both sources answer ``for_batch(ids, blocks)`` for one micro-batch (token ids ``[B, L]`` and their
 train-block indices ``[B]``) with the teacher argument of the one KD step
-(``minitron_fast.integrations.kd_step``):
+(``minitron_fast.ops.kd_step``):
 
 - ``LiveTeacher``: the model itself; or, with ``topk``, a ``TopKTeacher`` holding exactly the rows
   the offline writer would store (``artifacts.teacher_logits.model_rows``, then the stored bf16
@@ -20,8 +20,8 @@ import torch
 from torch import nn
 
 from minitron_fast.artifacts import teacher_logits as tl
-from minitron_fast.integrations.kd_step import TopKTeacher
-from minitron_fast.integrations.zero3 import gathered
+from minitron_fast.ops.kd_step import TopKTeacher
+from minitron_fast.ops.zero3 import gathered
 
 def _teacher(values: torch.Tensor, indices: torch.Tensor, tail: torch.Tensor, semantics: str) -> TopKTeacher:
     k = values.shape[-1]

@@ -4,7 +4,7 @@ One process per rank (``deepspeed --num_gpus N --module minitron_fast.distill ..
 process that sets up a world of one. The student (or, in ``correct-teacher`` mode, the teacher)
 is wrapped in a DeepSpeed engine; the frozen teacher runs in eval mode without gradients (or as
 a ZeRO-3 inference engine). The engine wraps ``KDStudent``, whose forward is the one KD step
-(``minitron_fast.integrations.kd_step``: decoders, lm_heads gathered under ZeRO-3, one fused-loss
+(``minitron_fast.ops.kd_step``: decoders, lm_heads gathered under ZeRO-3, one fused-loss
 call returning its KD and CE parts); ``minitron_fast.distill.losses`` sets its options from the
 recipe and the models.
 
@@ -45,8 +45,8 @@ from minitron_fast.distill.engine import (adamw, _all_reduce, all_reduce_to_host
                                           partitioned, _teacher_ds_config)
 from minitron_fast.distill.sharding import ShardedBlocks, eval_shard
 from minitron_fast.errors import MinitronError
-from minitron_fast.integrations.kd_step import KDStudent, head_options
-from minitron_fast.integrations.zero3 import gathered
+from minitron_fast.ops.kd_step import KDStudent, head_options
+from minitron_fast.ops.zero3 import gathered
 from minitron_fast.io import (RunLock, atomic_write_json, atomic_write_text, clean_stale_tmp_in, save_figure,
                               write_marker)
 
@@ -334,7 +334,7 @@ class Trainer:
     def _step(self, engine, ids: torch.Tensor, blocks: torch.Tensor, num_items: float,
               labels: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """The loss terms of one micro-batch (train blocks ``blocks``), each ``sum / num_items``: the
-        KD step (``integrations.kd_step``) run as the engine's forward, so ZeRO-3 gathers the
+        KD step (``ops.kd_step``) run as the engine's forward, so ZeRO-3 gathers the
         student's lm_head and projection inside it and again for backward. The teacher comes from
         its source (``distill.teacher``): the model, or top-k rows (stored, or made online).
         ``labels``: an on-policy micro-batch's (the written tokens only); None: every token."""

@@ -1,1 +1,4 @@
-"""Adapters for other trainers (HF ``Trainer``, DeepSpeed ZeRO-3 gathering) and the one KD step (``kd_step``)."""
+"""Drop-in adapters for other people's trainers: the stock HF ``Trainer`` (``hf_trainer``) and TRL's
+``DistillationTrainer`` (``trl``, with ``pip install minitron_fast[trl]``). The KD step they share
+with distill, search and the benchmarks is ``minitron_fast.ops.kd_step``; the ZeRO-3 gathers are
+``minitron_fast.ops.zero3``."""

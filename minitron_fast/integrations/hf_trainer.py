@@ -1,7 +1,7 @@
 """Distillation with the stock Hugging Face ``Trainer``, the student and teacher heads fused into the loss.
 
 ``KDTrainer`` is a ``transformers.Trainer`` whose ``compute_loss`` is the package's one KD step
-(``minitron_fast.integrations.kd_step``): the student's and the teacher's **decoders only** (final
+(``minitron_fast.ops.kd_step``): the student's and the teacher's **decoders only** (final
 hidden states, no ``[B, T, V]`` logits), both lm_heads into one fused-loss call (gathered under
 ZeRO-3). ``causal_lm_kd_loss`` is the same step as a function, for plain PyTorch loops.
 
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from minitron_fast.integrations.kd_step import KDSpec, decoder_and_head, head_options, kd_step  # noqa: F401
+from minitron_fast.ops.kd_step import KDSpec, decoder_and_head, head_options, kd_step  # noqa: F401
 from minitron_fast.losses import FusedLinearKDLoss
 
 
@@ -44,7 +44,7 @@ def causal_lm_kd_loss(student, teacher, input_ids: torch.Tensor, attention_mask:
         loss_fn: the ``FusedLinearKDLoss`` (default: forward KL, T=1); or ``spec``, a ``KDSpec``.
         num_items: divisor instead of the number of valid tokens (gradient accumulation).
 
-    This is ``minitron_fast.integrations.kd_step.kd_step``: position ``t``'s hidden state predicts
+    This is ``minitron_fast.ops.kd_step.kd_step``: position ``t``'s hidden state predicts
     token ``t + 1``; neither model materializes logits; the teacher runs under ``no_grad``; under
     ZeRO-3 the lm_heads are gathered. The final-logit softcap and padded vocabularies come from
     the models' configs.

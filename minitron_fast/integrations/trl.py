@@ -4,7 +4,7 @@
 accelerate/DeepSpeed set-up) with one method replaced: the divergence. TRL computes it with its
 own chunked divergence (``trl/kernels/chunked_divergence.py``) from both models' hidden states and
 ``lm_head.weight``; here the same hidden states go through minitron_fast's one KD step
-(``integrations.kd_step.head_loss``: the fused loss, which never materializes ``[N, V]``), so
+(``ops.kd_step.head_loss``: the fused loss, which never materializes ``[N, V]``), so
 
 - TRL's ``beta`` keeps its meaning (0 forward KL, 1 reverse KL, between: the generalized JSD with
   ``m = beta p_t + (1 - beta) p_s``) and ``temperature`` too; no ``T**2`` factor, as in TRL;
@@ -45,7 +45,7 @@ try:
 except ImportError as exc:  # pragma: no cover - exercised by tests/integrations/test_trl.py in a subprocess
     raise ImportError("minitron_fast.integrations.trl needs TRL: pip install minitron_fast[trl]") from exc
 
-from minitron_fast.integrations.kd_step import (IGNORE_INDEX, KDSetupError, KDSpec, TeacherHidden, TopKTeacher,
+from minitron_fast.ops.kd_step import (IGNORE_INDEX, KDSetupError, KDSpec, TeacherHidden, TopKTeacher,
                                                 decoder_and_head, head_loss, head_options, unwrap)
 
 TRL_VERSION = trl.__version__
@@ -84,7 +84,7 @@ def _topk_teacher(rows: Tensor, head: nn.Module, k: int, *, tail: bool, softcap:
     """The teacher's top-k log-probabilities (and tail) for ``rows [N, Ht]``, a bounded chunk of
     rows at a time (``artifacts.teacher_logits.head_topk_rows``), the head gathered under ZeRO-3."""
     from minitron_fast.artifacts.teacher_logits import head_topk_rows
-    from minitron_fast.integrations.zero3 import gathered
+    from minitron_fast.ops.zero3 import gathered
 
     with gathered(head.weight, getattr(head, "bias", None)):
         v, i, t = head_topk_rows(rows, head.weight, getattr(head, "bias", None), k, softcap=softcap)

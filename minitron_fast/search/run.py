@@ -5,7 +5,7 @@ Model-Optimizer's search ranks candidates right after pruning; its users found t
 and the Minitron papers retrain each candidate briefly before choosing (the ranking after a
 little retraining is what predicts the ranking after full distillation). Here the teacher's final
 hidden states for the retraining batches are computed once and shared by every candidate, and each
-step is the package's one KD step (``integrations.kd_step``: fused forward KL, temperature 1), so no
+step is the package's one KD step (``ops.kd_step``: fused forward KL, temperature 1), so no
 ``[N, V]`` logits are built.
 Retraining is full fine-tuning, or LoRA through ``peft`` (``lora_rank > 0``).
 """
@@ -22,7 +22,7 @@ import torch
 
 from minitron_fast.artifacts.targets import parse_budget
 from minitron_fast.errors import MinitronError
-from minitron_fast.integrations.kd_step import KDSpec, TeacherHidden, head_options, kd_step, teacher_hidden
+from minitron_fast.ops.kd_step import KDSpec, TeacherHidden, head_options, kd_step, teacher_hidden
 from minitron_fast.io import atomic_write_json
 from minitron_fast.models import get_view
 from minitron_fast.prune.config import PruneConfig

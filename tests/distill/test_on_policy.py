@@ -7,7 +7,7 @@ import torch
 
 from minitron_fast.distill.config import ConfigError, load_config
 from minitron_fast.distill.on_policy import on_policy_step, rollout
-from minitron_fast.integrations.kd_step import IGNORE_INDEX
+from minitron_fast.ops.kd_step import IGNORE_INDEX
 
 
 def _tiny(seed=0):

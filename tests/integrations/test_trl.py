@@ -17,7 +17,7 @@ from tests import ROOT
 
 pytest.importorskip("trl")
 
-from minitron_fast.integrations.kd_step import KDSetupError  # noqa: E402
+from minitron_fast.ops.kd_step import KDSetupError  # noqa: E402
 from minitron_fast.integrations.trl import check_beta_lmbda, fused_divergence_loss  # noqa: E402
 
 

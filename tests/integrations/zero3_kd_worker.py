@@ -56,7 +56,7 @@ def _trl_loss(engine, teacher, ids, fn):
     """minitron_fast.integrations.trl's divergence on the hidden states TRL hands it, the student's
     and the teacher's lm_heads both partitioned (the teacher a ZeRO-3 inference engine, as TRL
     prepares it)."""
-    from minitron_fast.integrations.kd_step import decoder_and_head, unwrap
+    from minitron_fast.ops.kd_step import decoder_and_head, unwrap
     from minitron_fast.integrations.trl import fused_divergence_loss
 
     s_base, s_head = decoder_and_head(engine)

@@ -23,7 +23,7 @@ import traceback
 import pytest
 import torch
 
-from minitron_fast.integrations.kd_step import KDSpec, TeacherHidden, TopKTeacher, kd_step
+from minitron_fast.ops.kd_step import KDSpec, TeacherHidden, TopKTeacher, kd_step
 from minitron_fast.ops.kd_loss import KDInputError, fused_linear_cross_entropy, fused_linear_kd_loss
 from minitron_fast.ops.kd_loss.sources import LinearSource
 

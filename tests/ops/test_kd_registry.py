@@ -41,7 +41,7 @@ def sym_kl(tmp_path, monkeypatch):
     monkeypatch.setattr(divergences, "REGISTRY", dict(divergences.REGISTRY))  # the addition ends with the test
     for mod in ("minitron_fast.ops.kd_loss.options", "minitron_fast.ops.kd_loss.api", "minitron_fast.ops.kd_loss.chunks",
                 "minitron_fast.ops.kd_loss.rows_torch", "minitron_fast.ops.kd_loss.reference",
-                "minitron_fast.distill.config", "minitron_fast.integrations.kd_step"):
+                "minitron_fast.distill.config", "minitron_fast.ops.kd_step"):
         m = importlib.import_module(mod)
         if hasattr(m, "REGISTRY"):
             monkeypatch.setattr(m, "REGISTRY", divergences.REGISTRY)
@@ -67,7 +67,7 @@ def _problem(seed=0, N=23, H=16, V=37):
 def test_a_torch_only_divergence_in_one_file_runs_everywhere(sym_kl):
     from minitron_fast.distill.config import load_config
     from minitron_fast.errors import KDInputError
-    from minitron_fast.integrations.kd_step import KDSpec
+    from minitron_fast.ops.kd_step import KDSpec
     from minitron_fast.ops.kd_loss import fused_linear_kd_loss, kd_loss_reference
 
     assert sym_kl in divergences.names()

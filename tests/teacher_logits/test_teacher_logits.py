@@ -22,7 +22,7 @@ import pytest
 import torch
 
 from minitron_fast.artifacts import teacher_logits as tl
-from minitron_fast.integrations.kd_step import IGNORE_INDEX
+from minitron_fast.ops.kd_step import IGNORE_INDEX
 from minitron_fast.ops.kd_loss import kd_loss_reference
 from tests import ROOT
 
@@ -89,7 +89,7 @@ def test_truncated_rows_equal_a_smaller_top_k():
 
 def _head_loss(h, W, v, i, t, labels, *, divergence, temperature, num_items):
     """The trainer's loss path: the one KD step's head loss with a top-k teacher."""
-    from minitron_fast.integrations.kd_step import KDSpec, TopKTeacher, head_loss
+    from minitron_fast.ops.kd_step import KDSpec, TopKTeacher, head_loss
 
     head = torch.nn.Linear(W.shape[1], W.shape[0], bias=False, dtype=W.dtype)
     head.weight.data.copy_(W)

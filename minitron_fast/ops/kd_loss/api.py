@@ -6,7 +6,7 @@ from typing import NamedTuple
 
 import torch
 
-from minitron_fast.integrations.zero3 import call_through, gathered, is_zero3_param
+from minitron_fast.ops.zero3 import call_through, gathered, is_zero3_param
 from minitron_fast.ops.kd_loss.autograd import FusedKD, LogitsKD
 from minitron_fast.ops.kd_loss.divergences import REGISTRY, canonical
 from minitron_fast.ops.kd_loss.options import (
@@ -285,7 +285,7 @@ def fused_linear_kd_loss(student_hidden, student_weight, teacher_hidden=None, te
         return KDLossParts(*out) if return_parts else out
     _check_bare_zero3("student_weight", student_weight,
                       "fused_linear_kd_loss(hidden, model.lm_head, ...) (or call it inside "
-                      "minitron_fast.integrations.zero3.call_through(model.lm_head, fn, hidden))")
+                      "minitron_fast.ops.zero3.call_through(model.lm_head, fn, hidden))")
     _check_common(divergence, beta, temperature, reduction, num_items, hard_label_weight, chunk_size)
     cap = check_softcap(softcap)
     h, lead_shape, dtype = _check_head("student_hidden", student_hidden, "student_weight", student_weight,

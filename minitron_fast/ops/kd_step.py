@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from minitron_fast.errors import MinitronError
-from minitron_fast.integrations.zero3 import call_through, gathered
+from minitron_fast.ops.zero3 import call_through, gathered
 from minitron_fast.ops.kd_loss.divergences import REGISTRY, names as divergence_names
 
 IGNORE_INDEX = -100

@@ -1,4 +1,4 @@
-"""The one KD step (``minitron_fast.integrations.kd_step``): the losses against float64, one fused
+"""The one KD step (``minitron_fast.ops.kd_step``): the losses against float64, one fused
 call per step (its KD and CE parts from that pass), the teacher given as a model, as cached hidden
 states or as top-k logits, and the intermediate-state pairs comparing like with like."""
 from __future__ import annotations
@@ -8,8 +8,8 @@ import math
 import pytest
 import torch
 
-from minitron_fast.integrations import kd_step as ks
-from minitron_fast.integrations.kd_step import KDSpec, TeacherHidden, TopKTeacher, head_loss, kd_step
+from minitron_fast.ops import kd_step as ks
+from minitron_fast.ops.kd_step import KDSpec, TeacherHidden, TopKTeacher, head_loss, kd_step
 from minitron_fast.ops.kd_loss import kd_loss_reference
 
 V = 131
