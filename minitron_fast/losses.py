@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from minitron_fast.ops.kd_loss.params import OPTION_NAMES, KDLossOptions, resolve_options
 from minitron_fast.ops.kd_loss import (  # noqa: F401  (re-exported)
     KDLossParts,
     fused_linear_cross_entropy,
@@ -29,20 +30,29 @@ class FusedLinearKDLoss(nn.Module):
         >>> loss.backward()
     """
 
-    def __init__(self, divergence: str = "forward_kl", *, beta: float = 0.5, temperature: float = 1.0,
-                 ignore_index: int = -100, hard_label_weight: float = 0.0, reduction: str = "mean",
-                 chunk_size: int | None = None, impl: str = "auto", t2_scaling: bool = False,
-                 return_parts: bool = False, softcap: float | None = None, vocab_size: int | None = None):
+    def __init__(self, divergence: str = "forward_kl", *, options: KDLossOptions | None = None,
+                 return_parts: bool = False, **kwargs):
+        """``divergence`` and ``kwargs``: the fields of ``KDLossOptions`` (``beta``, ``temperature``,
+        ``ignore_index``, ``hard_label_weight``, ``reduction``, ``chunk_size``, ``impl``,
+        ``t2_scaling``, ``softcap``, ``vocab_size``); or ``options``, one ``KDLossOptions``.
+        Checked now, so a bad option fails at construction rather than at the first step."""
         super().__init__()
-        # validate now, so a bad option fails at construction rather than at the first step
-        from minitron_fast.ops.kd_loss import validate_options
-
-        validate_options(divergence, beta, temperature, reduction, hard_label_weight, chunk_size, softcap)
-        self.divergence, self.beta, self.temperature = divergence, beta, temperature
-        self.ignore_index, self.hard_label_weight, self.reduction = ignore_index, hard_label_weight, reduction
-        self.chunk_size, self.impl, self.t2_scaling = chunk_size, impl, t2_scaling
+        unknown = sorted(set(kwargs) - set(OPTION_NAMES))
+        if unknown:
+            raise TypeError(f"FusedLinearKDLoss got unknown options {unknown}; the options are {list(OPTION_NAMES)}")
+        self.options = resolve_options(options, {"divergence": divergence, **kwargs}).validate()
         self.return_parts = return_parts  # forward returns KDLossParts(loss, kd, ce, num_tokens)
-        self.softcap, self.vocab_size = softcap, vocab_size
+
+    def __getattr__(self, name: str):
+        if name in OPTION_NAMES:  # loss_fn.temperature etc.: the options' (one definition)
+            return getattr(self.__dict__["options"], name)
+        return super().__getattr__(name)
+
+    def __setattr__(self, name: str, value) -> None:
+        if name in OPTION_NAMES:
+            raise AttributeError(f"FusedLinearKDLoss's options are fixed at construction; build a new loss, e.g. "
+                                 f"FusedLinearKDLoss(options=loss_fn.options.replace({name}=...))")
+        super().__setattr__(name, value)
 
     def forward(self, student_hidden: torch.Tensor, student_weight: torch.Tensor,
                 teacher_hidden: torch.Tensor | None = None, teacher_weight: torch.Tensor | None = None, *,
@@ -51,11 +61,8 @@ class FusedLinearKDLoss(nn.Module):
         return fused_linear_kd_loss(
             student_hidden, student_weight, teacher_hidden, teacher_weight, teacher_logits=teacher_logits,
             teacher_topk=teacher_topk, student_bias=student_bias, teacher_bias=teacher_bias, labels=labels,
-            divergence=self.divergence, beta=self.beta, temperature=self.temperature,
-            ignore_index=self.ignore_index, hard_label_weight=self.hard_label_weight, reduction=self.reduction,
-            num_items=num_items, chunk_size=self.chunk_size, impl=self.impl, t2_scaling=self.t2_scaling,
-            teacher_topk_tail_lse=teacher_topk_tail_lse, return_parts=self.return_parts, softcap=self.softcap,
-            vocab_size=self.vocab_size)
+            num_items=num_items, teacher_topk_tail_lse=teacher_topk_tail_lse, return_parts=self.return_parts,
+            options=self.options)
 
     def extra_repr(self) -> str:
         return (f"divergence={self.divergence!r}, beta={self.beta}, temperature={self.temperature}, "

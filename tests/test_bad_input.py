@@ -163,6 +163,7 @@ def env(tmp_path_factory, demo_model_dir):
     (root / "pipeline.yaml").write_text(
         f"teacher: {json.dumps(str(root / 'model'))}\nout: {json.dumps(str(root / 'pipe'))}\n"
         f"data: {{source: {json.dumps(str(root / 'data.txt'))}, seq_len: 16}}\n"
+        "importance: {samples: 8}\n"  # what the small data file holds (run --check counts it)
         "prune: {target: ffn=32}\n")
     return root
 

@@ -19,6 +19,7 @@ from minitron_fast.ops.kd_loss.options import (
     check_softcap,
     resolve_rows_impl,
 )
+from minitron_fast.ops.kd_loss.params import resolve_options
 from minitron_fast.ops.kd_loss.sources import compute_dtype
 
 
@@ -177,8 +178,11 @@ def fused_linear_kd_loss(student_hidden, student_weight, teacher_hidden=None, te
                          divergence="forward_kl", beta=0.5, temperature=1.0, ignore_index=-100,
                          hard_label_weight=0.0, reduction="mean", num_items=None, chunk_size=None, impl="auto",
                          t2_scaling=False, teacher_topk_tail_lse=None, return_parts=False, softcap=None,
-                         vocab_size=None):
+                         vocab_size=None, options=None):
     """Distillation loss of a student's lm_head against a teacher without materializing ``[N, V]``.
+
+    The loss options (``divergence`` ... ``vocab_size``, below) are the fields of
+    ``params.KDLossOptions``, with its defaults: pass them as keywords or as one ``options=``.
 
     Args:
         student_hidden: ``[N, Hs]`` (or ``[..., Hs]``) student final hidden states (after the norm).
@@ -250,6 +254,16 @@ def fused_linear_kd_loss(student_hidden, student_weight, teacher_hidden=None, te
         >>> loss = fused_linear_kd_loss(h, W, th, tW)
         >>> loss.backward()
     """
+    if options is not None:  # one spelling per call: the dataclass, or the keywords
+        o = resolve_options(options, dict(divergence=divergence, beta=beta, temperature=temperature,
+                                          ignore_index=ignore_index, hard_label_weight=hard_label_weight,
+                                          reduction=reduction, chunk_size=chunk_size, impl=impl,
+                                          t2_scaling=t2_scaling, softcap=softcap, vocab_size=vocab_size))
+        return fused_linear_kd_loss(student_hidden, student_weight, teacher_hidden, teacher_weight,
+                                    teacher_logits=teacher_logits, teacher_topk=teacher_topk, student_bias=student_bias,
+                                    teacher_bias=teacher_bias, labels=labels, num_items=num_items,
+                                    teacher_topk_tail_lse=teacher_topk_tail_lse, return_parts=return_parts,
+                                    **o.as_kwargs())
     kw = dict(teacher_logits=teacher_logits, teacher_topk=teacher_topk, labels=labels, divergence=divergence,
               beta=beta, temperature=temperature, ignore_index=ignore_index, hard_label_weight=hard_label_weight,
               reduction=reduction, num_items=num_items, chunk_size=chunk_size, impl=impl, t2_scaling=t2_scaling,

@@ -2,7 +2,6 @@
 and the one row implementation a call runs (``resolve_rows_impl``)."""
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -10,10 +9,10 @@ import torch
 
 from minitron_fast.errors import KDInputError
 from minitron_fast.ops._dispatch import resolve_impl
-from minitron_fast.ops.kd_loss.divergences import REGISTRY, names
+from minitron_fast.ops.kd_loss.divergences import REGISTRY
+from minitron_fast.ops.kd_loss.params import REDUCTIONS, KDLossOptions, check_softcap  # noqa: F401  (re-exported)
 
 
-REDUCTIONS = ("mean", "sum", "none")
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 # Default chunk: about 576 MB for all fp32 [chunk, V] buffers of a call (the torch forward-KL
 # path uses 3 of them: 384 rows at V=128,256; the C++ row kernel 2: 576 rows), a multiple of 64
@@ -71,37 +70,17 @@ def _check_float(name: str, t: torch.Tensor, dim: int) -> None:
 
 
 def _check_common(divergence, beta, temperature, reduction, num_items, hard_label_weight, chunk_size):
-    if divergence not in REGISTRY:
-        raise KDInputError(f"divergence must be one of {names()}, got {divergence!r}")
-    if not (isinstance(beta, (int, float)) and 0.0 <= float(beta) <= 1.0):
-        raise KDInputError(f"beta must lie in [0, 1], got {beta!r}")
-    if not (isinstance(temperature, (int, float)) and float(temperature) > 0 and math.isfinite(temperature)):
-        raise KDInputError(f"temperature must be a positive number, got {temperature!r}")
-    if reduction not in REDUCTIONS:
-        raise KDInputError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    if float(hard_label_weight) < 0:
-        raise KDInputError(f"hard_label_weight must be >= 0, got {hard_label_weight!r}")
+    KDLossOptions(divergence=divergence, beta=beta, temperature=temperature, reduction=reduction,
+                  hard_label_weight=hard_label_weight, chunk_size=chunk_size).validate()
     _check_num_items(num_items)
-    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
-        raise KDInputError(f"chunk_size must be a positive int, got {chunk_size!r}")
 
 
 def validate_options(divergence="forward_kl", beta=0.5, temperature=1.0, reduction="mean",
                      hard_label_weight=0.0, chunk_size=None, softcap=None) -> None:
-    """Checks loss options without tensors (configs and modules validate at construction): raises a
-    one-line ``KDInputError`` naming the option. The divergences are the registry's."""
-    _check_common(divergence, beta, temperature, reduction, None, hard_label_weight, chunk_size)
-    check_softcap(softcap)
-
-
-def check_softcap(softcap) -> Optional[float]:
-    """``softcap``: None or a positive finite number (returned as float)."""
-    if softcap is None:
-        return None
-    if isinstance(softcap, bool) or not isinstance(softcap, (int, float)) or not (math.isfinite(softcap)
-                                                                                  and softcap > 0):
-        raise KDInputError(f"softcap must be a positive number (e.g. 30.0 for Gemma-2) or None, got {softcap!r}")
-    return float(softcap)
+    """Checks loss options without tensors (``KDLossOptions.validate``, the one definition): raises
+    a one-line ``KDInputError`` naming the option. The divergences are the registry's."""
+    KDLossOptions(divergence=divergence, beta=beta, temperature=temperature, reduction=reduction,
+                  hard_label_weight=hard_label_weight, chunk_size=chunk_size, softcap=softcap).validate()
 
 
 def _check_num_items(num_items):
