@@ -44,7 +44,7 @@ def meta() -> dict[str, Any]:
         "machine": {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                     "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
                     "mem_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)},
-        "versions": {n: ver(n) for n in ("torch", "triton", "transformers", "deepspeed", "liger-kernel",
+        "versions": {n: ver(n) for n in ("torch", "triton", "transformers", "deepspeed", "liger-kernel", "trl",
                                           "minitron_fast")},
         "python": sys.version.split()[0],
     }

@@ -1,4 +1,4 @@
-"""KD loss forward+backward: minitron_fast vs naive torch vs Liger's chunked loss vs the GEMM floor.
+"""KD loss forward+backward: minitron_fast vs naive torch vs Liger's and TRL's chunked losses vs the GEMM floor.
 
 ``python -m bench kd_loss [--quick] [--json FILE] [--cases a,b] [--impls a,b] [--divergences a,b] [--reps R]``
 
@@ -18,12 +18,20 @@ RSS is its own. Impls:
 - ``torch_naive``: fp32 logits ``[N, V]`` for both models, ``log_softmax``, ``kl_div``, autograd.
 - ``liger_chunked``: ``LigerFusedLinearJSDLoss(beta=0)`` (forward KL), pure torch (``compiled=False``),
   its default chunk of 1024 tokens.
+- ``trl_chunked``: TRL's ``ChunkedDivergenceFunction`` (``trl/kernels/chunked_divergence.py``, the loss
+  of TRL's ``DistillationTrainer``), called as the trainer calls it: ``_chunked_divergence_loss(
+  student_hidden [1, N, Hs], teacher_hidden, student_weight, teacher_weight, completion_mask, beta,
+  temperature=1.0)`` with the valid tokens as the completion mask and ``beta`` 0 / 1 / 0.5 for forward
+  KL / reverse KL / JSD (TRL's meaning of ``beta`` is ours and Liger's). On the CPU it runs its torch
+  tiles of 4096 tokens x 32,768 vocabulary entries, projecting every position and masking after; without
+  ``trl`` installed the row says ``not installed: pip install minitron_fast[trl]``.
 - ``gemm_floor``: the four GEMMs the loss cannot avoid (teacher logits, student logits, dX, dW)
   into preallocated, already-touched outputs, nothing else.
 
-Every row: forward+backward time (median, p20, p80), ``peak_mb`` (peak RSS of the process),
-``workspace_mb`` (peak RSS minus the RSS after building the inputs and minus the dX/dW gradients
-every implementation owes), ratios to naive, Liger and the floor measured in the same run, and a
+Every row: forward+backward time (median, p20, p80; ``cpu_median_s``: the process's CPU seconds per
+step over all its threads, which other jobs on a shared machine disturb less), ``peak_mb`` (peak
+RSS of the process), ``workspace_mb`` (peak RSS minus the RSS after building the inputs and minus the dX/dW gradients
+every implementation owes), ratios to naive, Liger, TRL and the floor measured in the same run, and a
 correctness check against a float64 reference on the first ``check_tokens`` tokens (a failed
 check blanks the row's numbers).
 """
@@ -32,9 +40,11 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import statistics
 import time
 
-HELP = "fused KD loss fwd+bwd: minitron_fast vs torch_naive vs liger_chunked vs gemm_floor (fresh process each)"
+HELP = ("fused KD loss fwd+bwd: minitron_fast vs torch_naive vs liger_chunked vs trl_chunked vs gemm_floor "
+        "(fresh process each)")
 
 # name -> (N, Hs, Ht, V); shapes from real model configs
 CASES = {
@@ -51,11 +61,31 @@ QUICK_CASES = {
     "llama8b_to_4b_n64": (64, 3072, 4096, 128256),
     "smollm2_n256": (256, 576, 576, 49152),
 }
-IMPLS = ("minitron_fast", "minitron_fast_torch", "torch_naive", "liger_chunked", "gemm_floor")
+# a test-only shape (tests/bench: a second per process), never run unless named with --cases
+TEST_CASES = {"tiny_n64": (64, 32, 48, 1000)}
+IMPLS = ("minitron_fast", "minitron_fast_torch", "torch_naive", "liger_chunked", "trl_chunked", "gemm_floor")
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "topk")
 TOPK = 64
 # Liger's beta for each divergence (LigerFusedLinearJSDLoss: beta=0 forward KL, 1 reverse KL)
 _LIGER_BETA = {"forward_kl": 0.0, "reverse_kl": 1.0, "jsd": 0.5}
+# TRL's beta means the same (ChunkedDivergenceFunction: "0.0 is the forward KL(teacher || student),
+# 1.0 the reverse KL(student || teacher)", else the JSD with mixture (1 - beta) p_s + beta p_t)
+_TRL_BETA = _LIGER_BETA
+TRL_MISSING = "not installed: pip install minitron_fast[trl]"
+# impls that have no top-k teacher: topk is compared with forward_kl for them
+_NO_TOPK = ("torch_naive", "liger_chunked", "trl_chunked")
+
+
+def trl_loss_fn():
+    """``(TRL's _chunked_divergence_loss, None)`` (what ``DistillationTrainer._compute_loss`` calls), or
+    ``(None, note)`` when ``trl`` cannot be imported (the note says how to install it)."""
+    try:
+        from trl.trainer.distillation_trainer import _chunked_divergence_loss
+    except ImportError as exc:
+        if (getattr(exc, "name", None) or "").split(".")[0] == "trl":
+            return None, TRL_MISSING
+        return None, f"{TRL_MISSING} (importing trl failed: {str(exc).splitlines()[0][:200]})"
+    return _chunked_divergence_loss, None
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -156,6 +186,22 @@ def make_step(impl, h, W, th, tW, labels, divergence="forward_kl", *, liger_comp
             loss = fn(h, W, th, tW, labels)
             loss.backward()
             return loss
+    elif impl == "trl_chunked":
+        if divergence == "topk":
+            raise ValueError("trl_chunked has no top-k teacher (compare topk with forward_kl)")
+        loss_fn, missing = trl_loss_fn()
+        if loss_fn is None:
+            raise ImportError(missing)
+        beta = _TRL_BETA[divergence]
+
+        def step():
+            h.grad = W.grad = None
+            # as DistillationTrainer._compute_loss calls it: [B, K, H] hidden states aligned to the
+            # completion tokens, a [B, K] completion mask (1 = in the loss), mean over those tokens
+            mask = (labels != -100)[None]
+            loss, _, _ = loss_fn(h[None], th[None], W, tW, mask, beta, temperature=1.0)
+            loss.backward()
+            return loss
     elif impl == "liger_fused_jsd":  # Liger's Triton fused linear JSD (CUDA only)
         from liger_kernel.transformers import LigerFusedLinearJSD
 
@@ -218,7 +264,8 @@ def _check(impl, h, W, th, tW, labels, n, divergence="forward_kl"):
 
     errs = {"err_loss": abs(float(loss.detach()) - float(ref.detach())) / max(abs(float(ref.detach())), 1e-12),
             "err_dh": rel(hs.grad, rh), "err_dw": rel(Ws.grad, rW)}
-    return all(v < 1e-3 for v in errs.values()), errs
+    # check_loss: the loss on the check tokens (the same inputs for every impl of a case, so rows compare)
+    return all(v < 1e-3 for v in errs.values()), dict(errs, check_loss=float(loss.detach()))
 
 
 def worker(case, impl, N, Hs, Ht, V, reps, warmup, check_tokens, divergence="forward_kl"):
@@ -227,6 +274,10 @@ def worker(case, impl, N, Hs, Ht, V, reps, warmup, check_tokens, divergence="for
 
     from bench.common import peak_rss_mb, rss_mb, time_fn
 
+    if impl == "trl_chunked" and trl_loss_fn()[0] is None:
+        # a peer that is not installed: the row says so (it ran nothing; no failed check)
+        return {"case": case, "impl": impl, "divergence": divergence, "ok": False, "ran": False,
+                "note": trl_loss_fn()[1]}
     torch.manual_seed(0)
     h, W, th, tW, labels = _inputs(N, Hs, Ht, V)
     h.requires_grad_()
@@ -235,8 +286,16 @@ def worker(case, impl, N, Hs, Ht, V, reps, warmup, check_tokens, divergence="for
     base_mb = rss_mb()
     owed_mb = (h.numel() + W.numel()) * 4 / 2**20  # dX and dW, every implementation returns them
     step = make_step(impl, h, W, th, tW, labels, divergence)
+    cpu = []  # the process's CPU seconds per step (all threads): steadier than wall time beside other jobs
+
+    def cpu_timed_step():
+        c0 = time.process_time()
+        out = step()
+        cpu.append(time.process_time() - c0)
+        return out
+
     t0 = time.perf_counter()
-    timing = time_fn(step, warmup=warmup, reps=reps)
+    timing = time_fn(cpu_timed_step, warmup=warmup, reps=reps)
     total_s = time.perf_counter() - t0
     peak = peak_rss_mb()
     ok, errs = _check(impl, h, W, th, tW, labels, check_tokens, divergence)
@@ -245,6 +304,7 @@ def worker(case, impl, N, Hs, Ht, V, reps, warmup, check_tokens, divergence="for
     return {"case": case, "impl": impl, "divergence": divergence, "rows_impl": ran, "N": N, "Hs": Hs, "Ht": Ht,
             "V": V, **timing, "peak_mb": peak,
             "inputs_mb": base_mb, "workspace_mb": (peak - base_mb - (0 if impl == "gemm_floor" else owed_mb)),
+            "cpu_median_s": statistics.median(cpu[warmup:]),
             "gflops": flops / timing["median_s"] / 1e9, "bench_total_s": total_s, "ok": ok, **errs,
             "torch_threads": torch.get_num_threads()}
 
@@ -255,7 +315,7 @@ def run(args) -> list[dict]:
     cases = QUICK_CASES if args.quick else CASES
     if args.cases:
         want = args.cases.split(",")
-        allc = {**CASES, **QUICK_CASES}
+        allc = {**CASES, **QUICK_CASES, **TEST_CASES}
         unknown = [c for c in want if c not in allc]
         if unknown:
             raise SystemExit(f"unknown case(s) {unknown}; known: {sorted(allc)}")
@@ -274,7 +334,7 @@ def run(args) -> list[dict]:
         for div in divs:
             case_rows = []
             for impl in impls:
-                if div == "topk" and impl in ("torch_naive", "liger_chunked"):
+                if div == "topk" and impl in _NO_TOPK:
                     continue  # no top-k teacher there: topk is compared with forward_kl
                 print(f"[kd_loss] {case} {div} {impl} ...", flush=True)
                 r = run_in_subprocess("bench.kd_loss:worker",
@@ -286,6 +346,8 @@ def run(args) -> list[dict]:
                 if r.get("median_s") is not None:
                     print(f"    median {r['median_s']:.3f}s  peak {r['peak_mb']:.0f} MB  workspace "
                           f"{r['workspace_mb']:.0f} MB  ok={r.get('ok')}", flush=True)
+                elif r.get("note"):
+                    print(f"    {r['note']}", flush=True)
                 else:
                     print(f"    failed: {r.get('error', '')[-300:]}", flush=True)
                 print("    row " + json.dumps(r), flush=True)  # partial results survive an interrupted run
@@ -295,11 +357,17 @@ def run(args) -> list[dict]:
                 if not (r.get("ok") and r.get("median_s")):
                     continue
                 for base, key in (("torch_naive", "vs_naive"), ("liger_chunked", "vs_liger"),
-                                  ("gemm_floor", "vs_floor"), ("minitron_fast_torch", "vs_torch_path")):
+                                  ("trl_chunked", "vs_trl"), ("gemm_floor", "vs_floor"),
+                                  ("minitron_fast_torch", "vs_torch_path")):
                     if base in by:
                         r[key] = r["median_s"] / by[base]["median_s"]
-                if "torch_naive" in by and by["torch_naive"].get("workspace_mb", 0) > 0:
-                    r["workspace_vs_naive"] = r["workspace_mb"] / by["torch_naive"]["workspace_mb"]
+                for base, key in (("torch_naive", "workspace_vs_naive"), ("trl_chunked", "workspace_vs_trl")):
+                    if base in by and by[base].get("workspace_mb", 0) > 0:
+                        r[key] = r["workspace_mb"] / by[base]["workspace_mb"]
+                if "trl_chunked" in by and by["trl_chunked"].get("peak_mb"):
+                    r["peak_vs_trl"] = r["peak_mb"] / by["trl_chunked"]["peak_mb"]
+                if "trl_chunked" in by and by["trl_chunked"].get("cpu_median_s"):
+                    r["cpu_vs_trl"] = r["cpu_median_s"] / by["trl_chunked"]["cpu_median_s"]
             rows.extend(case_rows)
     # each impl's time relative to its own forward-KL row of the same run and case
     fkl = {(r["case"], r["impl"]): r["median_s"] for r in rows

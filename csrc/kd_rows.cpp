@@ -132,15 +132,44 @@ void ce_base(const float* z, std::int64_t ldz, float* g, std::int64_t ldg, const
   for (std::int64_t i = lo; i < hi; ++i) ce[i] = ce_kernel<Grad>(z + i * ldz, g + i * ldg, label[i], a ? a[i] : 0.0f, V);
 }
 
-// log(x) for x >= FLT_MIN (callers clamp) in plain arithmetic the compiler vectorizes: x = 2^e m
-// with m in [sqrt(2)/2, sqrt(2)) from the exponent bits (exact), then Cephes' logf polynomial on
-// f = m - 1 in [-0.29, 0.41] and e ln 2 added in two parts (~1-2 ulp).
-__attribute__((always_inline)) inline float log_pos(float x) {
-  const std::int32_t i = __builtin_bit_cast(std::int32_t, x);
+// e^x and e^x - 1 for x <= 0 (below -87: exactly 0 and -1), with exp_nonpos's range reduction
+// x = n ln2 + r. e^r - 1 = r + r^2 P(r) is accurate relative to itself, so where n = 0
+// (|x| < ln2 / 2) em1 keeps the digits of a small x that e - 1 would round away (its error is
+// 2^-24 absolute, i.e. 2^-24 / |x| relative); where n != 0, e <= 0.71 and e - 1 loses nothing.
+__attribute__((always_inline)) inline float exp_em1_nonpos(float x, float& em1) {
+  const float magic = 12582912.0f;  // 1.5 * 2^23
+  const float xc = x < -87.0f ? -87.0f : x;
+  const float k = xc * 1.44269504088896341f + magic;
+  const float n = k - magic;
+  float r = xc - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  const float er1 = p * r * r + r;  // e^r - 1
+  const std::int32_t e = (__builtin_bit_cast(std::int32_t, k) - 0x4B400000 + 127) << 23;
+  const float keep = x >= -87.0f ? 1.0f : 0.0f;
+  const float ex = (er1 + 1.0f) * __builtin_bit_cast(float, e) * keep;
+  em1 = n == 0.0f ? er1 : ex - 1.0f;
+  return ex;
+}
+
+// log(1 + w) for -1 < w <= 0 in plain arithmetic the compiler vectorizes, accurate relative to
+// itself (~2 ulp): Cephes' logf polynomial on f in [sqrt(2)/2 - 1, sqrt(2) - 1]. For
+// w >= sqrt(2)/2 - 1 it takes f = w itself, exact, not the rounded (1 + w) - 1 (whose error,
+// 2^-25 absolute, is 2^-25 / |w| relative); below, 1 + w in [0, 0.71) is within half an ulp and
+// its exponent and mantissa bits split it.
+__attribute__((always_inline)) inline float log1p_nonpos(float w) {
+  const float z = 1.0f + w;
+  const std::int32_t i = __builtin_bit_cast(std::int32_t, z);
   const float m1 = __builtin_bit_cast(float, (i & 0x007fffff) | 0x3f800000);  // [1, 2)
   const bool big = m1 > 1.41421356f;
-  const float f = big ? m1 * 0.5f - 1.0f : m1 - 1.0f;
-  const float e = static_cast<float>(((i >> 23) & 0xff) - 127) + (big ? 1.0f : 0.0f);
+  const bool near = w >= -0.29289321f;
+  const float f = near ? w : (big ? m1 * 0.5f - 1.0f : m1 - 1.0f);
+  const float e = near ? 0.0f : static_cast<float>(((i >> 23) & 0xff) - 127) + (big ? 1.0f : 0.0f);
   const float f2 = f * f;
   float p = 7.0376836292e-2f;
   p = p * f - 1.1514610310e-1f;
@@ -157,11 +186,19 @@ __attribute__((always_inline)) inline float log_pos(float x) {
 }
 
 // One row of reverse KL (DIV 1) or JSD (DIV 2) for scaled logits s (u_s) and t (u_t): four passes
-// (max; sums; per-element terms; gradient). Per element, with d = log p_s - log p_t:
-//   reverse KL: kd = sum p_s d,              q = d;
-//   JSD:        kd = sum beta p_t (log p_t - log m) + (1 - beta) p_s (log p_s - log m),
-//               m = beta p_t + (1 - beta) p_s (one log per element), q = log p_s - log m;
-// gradient w.r.t. u_s: c p_s (q - qbar) with c = 1 (reverse KL) or 1 - beta (JSD) and
+// (max; sums; per-element terms; gradient). Per element, with d = log p_s - log p_t taken as
+// (s - max_s) - (t - max_t) - (log S_s - log S_t), the last a row constant in double rounded once
+// (not as the difference of two log-probabilities of size ~log V):
+//   reverse KL: kd = sum p_s d,                                               q = d;
+//   JSD:        kd = sum beta p_t (log p_t - log m) + (1 - beta) p_s (log p_s - log m), q = log p_s - log m,
+//               m = beta p_t + (1 - beta) p_s.
+// The row sum is second order in d while its terms are first order, so each term is taken
+// accurate relative to itself: with p_big / p_small the larger / smaller side, e = p_small / p_big
+// = e^-|d| and w_small the smaller side's weight, log p_big - log m = -log1p(w_small (e - 1))
+// (one exp, one log1p; expm1 kept exact for small |d|) and log p_small - log m = that - |d|.
+// Issue 25: the earlier log(m) per element carried an error of ~1 ulp of |log m| ~ log V into
+// each term (2.7e-5 relative on Liger's functional JSD case; now ~1e-6, as the torch rows).
+// Gradient w.r.t. u_s: c p_s (q - qbar) with c = 1 (reverse KL) or 1 - beta (JSD) and
 // qbar = <p_s, q> / sum p_s, so each row sums to zero up to rounding. With Grad the third pass
 // leaves p_s in s and p_s q in t, and the fourth is arithmetic only: c (p_s q - p_s qbar).
 template <int DIV, bool Grad>
@@ -186,25 +223,34 @@ __attribute__((always_inline)) inline float div_row(float* __restrict s, float* 
     St += st;
   }
   const float ls0 = static_cast<float>(std::log(Ss)), lt0 = static_cast<float>(std::log(St));
-  const float omb = 1.0f - beta, tiny = std::numeric_limits<float>::min();
+  const float dc = static_cast<float>(std::log(Ss) - std::log(St));  // in double, rounded once
+  const float omb = 1.0f - beta;
   double kd = 0.0, sum_ps = 0.0, sum_pq = 0.0;
   for (std::int64_t b0 = 0; b0 < V; b0 += kBlock) {
     const std::int64_t b1 = b0 + kBlock < V ? b0 + kBlock : V;
     float k = 0.0f, sp = 0.0f, spq = 0.0f;
 #pragma omp simd reduction(+ : k, sp, spq)
     for (std::int64_t v = b0; v < b1; ++v) {
-      const float ls = (s[v] - ms) - ls0, lt = (t[v] - mt) - lt0;
-      const float ps = exp_nonpos(ls);
-      float pq, kv;
+      const float xs = s[v] - ms, xt = t[v] - mt;
+      const float d = (xs - xt) - dc;  // masked teacher (-1e30): +1e30, finite
+      float ps, pq, kv;
       if (DIV == 1) {
-        pq = ps > 0.0f ? ps * (ls - lt) : 0.0f;
+        ps = exp_nonpos(xs - ls0);
+        pq = ps > 0.0f ? ps * d : 0.0f;
         kv = pq;
       } else {
-        const float pt = exp_nonpos(lt);
-        const float mx = beta * pt + omb * ps;
-        const float lm = log_pos(mx > tiny ? mx : tiny);  // (both ~0: every term below is masked)
-        pq = ps > 0.0f ? ps * (ls - lm) : 0.0f;
-        kv = (pt > 0.0f ? beta * pt * (lt - lm) : 0.0f) + omb * pq;
+        const bool sbig = d >= 0.0f;  // p_s >= p_t
+        const float ad = sbig ? d : -d;
+        float em1;
+        const float e = exp_em1_nonpos(-ad, em1);  // p_small / p_big, and that - 1
+        const float pbig = exp_nonpos(sbig ? xs - ls0 : xt - lt0);
+        const float psmall = pbig * e;
+        ps = sbig ? pbig : psmall;
+        const float pt = sbig ? psmall : pbig;
+        const float rbig = -log1p_nonpos((sbig ? beta : omb) * em1);  // log p_big - log m >= 0
+        const float rs = sbig ? rbig : rbig - ad, rt = sbig ? rbig - ad : rbig;
+        pq = ps > 0.0f ? ps * rs : 0.0f;
+        kv = (pt > 0.0f ? beta * pt * rt : 0.0f) + omb * pq;
       }
       k += kv;
       sp += ps;
