@@ -82,7 +82,8 @@ def run_case(impl: str, student: str, out: str, micro_batch: int, seq_len: int, 
     cfg = load_config(None, [f"teacher=demo", f"student={student}", f"out={out}", f"steps={steps}",
                              f"micro_batch_size={micro_batch}", "grad_accum=1", f"data.seq_len={seq_len}",
                              "data.eval_blocks=0", "warmup_steps=0", "schedule=constant", "lr=1e-4",
-                             f"save_every={10**6}", "export=false", f"loss.impl={impl}", "ds.zero_stage=0",
+                             f"save_every={10**6}", "export=false", "ds.zero_stage=0",
+                             f"loss.materialized={str(impl == 'materialized').lower()}",
                              f"loss.lm_weight={lm_weight}"])
     train(cfg, progress=False)
     recs = [r for r in read_metrics(Path(out) / "metrics.jsonl") if "loss" in r]

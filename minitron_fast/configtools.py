@@ -265,7 +265,12 @@ def coerce(value: Any, tp: Any, key: str, *, error: type[Exception], skip: tuple
 def from_dict(cls: type, d: dict[str, Any], *, error: type[Exception], prefix: str = "",
               skip: tuple[str, ...] = ()) -> Any:
     """The dataclass ``cls`` built from ``d``, every value type-checked; an unknown key is an error
-    that lists the known ones. Fields named in ``skip`` are not settable from a dict."""
+    that lists the known ones. Fields named in ``skip`` are not settable from a dict. A class with a
+    ``check_recipe_keys(d, prefix=, error=)`` hook refuses first what it names (keys it does not
+    take, values whose meaning changed), saying what to write instead."""
+    check = getattr(cls, "check_recipe_keys", None)
+    if check is not None:
+        check(d, prefix=prefix, error=error)
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls) if f.name not in skip]
     unknown = sorted(set(d) - set(names))

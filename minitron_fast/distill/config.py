@@ -15,8 +15,13 @@ Example recipe (``configs/distill/demo.yaml``)::
     grad_accum: 2
     lr: 3.0e-4
     data: {source: demo, seq_len: 256}
-    loss: {kd_weight: 1.0, lm_weight: 0.0, temperature: 1.0, impl: fused}
+    loss: {kd_weight: 1.0, lm_weight: 0.0, temperature: 1.0}
     deepspeed: {zero_stage: 2}
+
+The ``loss`` section is generated (``LossConfig``): the KD step's weights and ``materialized``
+(``KDSpec``'s fields), the fused loss's options (``KDLossOptions``'s fields, less those the step
+sets and the models' facts), and the top-k teacher's ``topk`` / ``topk_semantics``. A field added
+to ``KDLossOptions`` is a recipe key without an edit here.
 """
 from __future__ import annotations
 
@@ -25,14 +30,17 @@ import hashlib
 import json
 import math
 import os
+import typing
 from dataclasses import dataclass, field
 from typing import Any
 
 import yaml
 
 from minitron_fast import configtools
-from minitron_fast.errors import MinitronError
+from minitron_fast.errors import KDInputError, MinitronError
 from minitron_fast.ops.kd_loss.divergences import REGISTRY, canonical, names as divergence_names  # the one registry (torch-free)
+from minitron_fast.ops.kd_loss.params import ROW_IMPLS, KDLossOptions
+from minitron_fast.ops.kd_spec import MODEL_FACTS, STEP_SETS, KDSpec
 
 
 class ConfigError(MinitronError, ValueError):
@@ -40,7 +48,6 @@ class ConfigError(MinitronError, ValueError):
 
 
 MODES = ("distill", "correct-teacher")
-LOSS_IMPLS = ("fused", "materialized")
 TOPK_SEMANTICS = ("tail", "renorm")
 
 
@@ -68,19 +75,71 @@ def _num(name: str, v: Any, *, low: float | None = None, high: float | None = No
     return float(v)
 
 
-@dataclass
-class LossConfig:
-    kd_weight: float = 1.0          # logit KD (the papers: logit-only forward KL, T=1)
-    lm_weight: float = 0.0          # next-token CE of the student mixed in (distill mode)
-    divergence: str = "forward_kl"
-    temperature: float = 1.0
-    beta: float = 0.5               # generalized JSD's beta
-    impl: str = "fused"             # fused: never materializes [N, V]; materialized: plain torch logits
-    chunk_size: int | None = None   # tokens per chunk inside the fused loss (None: its default)
+# -- the loss section, generated from KDSpec and KDLossOptions ----------------------------------------
+
+#: keys that are not the loss section's, with what to do instead
+_NOT_LOSS_KEYS = {**STEP_SETS, **MODEL_FACTS, "inter_weight": "the intermediate-state loss's weight; set "
+                                                              "intermediate.weight"}
+
+
+def _moved_impl(value: Any, prefix: str) -> str | None:
+    """The one-line migration message for a recipe written before ``loss.impl`` became the row
+    implementation (it was ``fused`` | ``materialized``), or None."""
+    if value == "materialized":
+        return (f"{prefix}impl=materialized: {prefix}impl now selects the row implementation "
+                f"({'/'.join(ROW_IMPLS)}); write {prefix}materialized: true for the plain-torch baseline")
+    if value == "fused":
+        return (f"{prefix}impl=fused: {prefix}impl now selects the row implementation ({'/'.join(ROW_IMPLS)}) "
+                f"and the fused loss is the default; remove {prefix}impl (or write {prefix}impl: auto)")
+    return None
+
+
+def _check_loss_keys(d: dict[str, Any], *, prefix: str, error: type[Exception]) -> None:
+    """``configtools.from_dict``'s hook for the loss section: keys it does not take and the old
+    meaning of ``impl``, each refused in one line saying what to write instead."""
+    for k in d:
+        if k in _NOT_LOSS_KEYS:
+            raise error(f"{prefix}{k} is not a recipe key: {_NOT_LOSS_KEYS[k]}")
+    moved = _moved_impl(d.get("impl"), prefix)
+    if moved:
+        raise error(moved)
+
+
+def _loss_options(self, **model_facts: Any) -> KDLossOptions:
+    """The fused loss's options of this section, with ``model_facts`` (``softcap``, ``vocab_size``:
+    ``kd_spec.MODEL_FACTS``, read from the models)."""
+    return self.OPTIONS_CLS(**{k: getattr(self, k) for k in self.OPTION_KEYS}, **model_facts)
+
+
+def loss_section(spec_cls: type = KDSpec, options_cls: type = KDLossOptions) -> type:
+    """The recipe's ``loss`` section as a dataclass generated from ``spec_cls`` (``KDSpec``) and
+    ``options_cls`` (``KDLossOptions``): the spec's fields a recipe sets (``STEP_KEYS``: all but
+    ``loss`` and ``inter_weight``, which is ``intermediate.weight``), then the loss options' fields
+    (``OPTION_KEYS``: all but those the step sets itself, ``kd_spec.STEP_SETS``, and the models'
+    facts, ``kd_spec.MODEL_FACTS``), each with its type and default, then the top-k teacher's
+    ``topk`` and ``topk_semantics``. ``options(**model_facts)`` builds the ``KDLossOptions``."""
+    spec_hints, opt_hints = typing.get_type_hints(spec_cls), typing.get_type_hints(options_cls)
+    step_keys = tuple(f.name for f in dataclasses.fields(spec_cls) if f.name not in ("loss", "inter_weight"))
+    option_keys = tuple(f.name for f in dataclasses.fields(options_cls) if f.name not in _NOT_LOSS_KEYS)
+    defaults = {f.name: f.default for f in dataclasses.fields(spec_cls) + dataclasses.fields(options_cls)}
+    specs: list[tuple[str, Any, Any]] = [(k, spec_hints[k], field(default=defaults[k])) for k in step_keys]
+    specs += [(k, opt_hints[k], field(default=defaults[k])) for k in option_keys]
     # A top-k teacher: with teacher_logits, the stored rows (topk: fewer than stored folds the rest
     # into the tail; None: all stored); with a live teacher, topk truncates it the same way online.
-    topk: int | None = None
-    topk_semantics: str = "tail"    # tail: top-k + one bucket for the rest; renorm: softmax over the top-k
+    # tail: top-k + one bucket for the rest; renorm: softmax over the top-k.
+    specs += [("topk", typing.Optional[int], field(default=None)), ("topk_semantics", str, field(default="tail"))]
+    cls = dataclasses.make_dataclass("LossConfig", specs, namespace={
+        "__module__": __name__, "STEP_KEYS": step_keys, "OPTION_KEYS": option_keys, "OPTIONS_CLS": options_cls,
+        "options": _loss_options, "check_recipe_keys": staticmethod(_check_loss_keys)})
+    cls.__doc__ = (f"The recipe's loss section: the KD step's {', '.join(step_keys)} ({spec_cls.__name__}), the "
+                   f"fused loss's {', '.join(option_keys)} ({options_cls.__name__}, with its defaults), and the top-k "
+                   "teacher's topk, topk_semantics. Generated by loss_section.")
+    return cls
+
+
+LossConfig = loss_section()
+LOSS_STEP_KEYS: tuple[str, ...] = LossConfig.STEP_KEYS      # kd_weight, lm_weight, materialized
+LOSS_OPTION_KEYS: tuple[str, ...] = LossConfig.OPTION_KEYS  # divergence, beta, temperature, chunk_size, impl, ...
 
 
 @dataclass
@@ -199,10 +258,14 @@ class DistillConfig(configtools.DeviceConfig):
         if self.schedule not in ("cosine", "linear", "constant"):
             raise ConfigError(f"schedule={self.schedule!r} is not one of cosine, linear, constant")
         L = self.loss
+        moved = _moved_impl(L.impl, "loss.")
+        if moved:
+            raise ConfigError(moved)
         if L.divergence not in REGISTRY:
             raise ConfigError(f"loss.divergence={L.divergence!r} is not one of {divergence_names()}")
-        if L.impl not in LOSS_IMPLS:
-            raise ConfigError(f"loss.impl={L.impl!r} is not one of {LOSS_IMPLS}")
+        if L.impl not in ROW_IMPLS:
+            raise ConfigError(f"loss.impl={L.impl!r} is not one of {', '.join(ROW_IMPLS)} (the fused loss's row "
+                              "implementation)")
         _num("loss.temperature", L.temperature, low=0.0, low_open=True)
         _num("loss.beta", L.beta, low=0.0, high=1.0)
         for name, v in (("loss.kd_weight", L.kd_weight), ("loss.lm_weight", L.lm_weight),
@@ -210,13 +273,20 @@ class DistillConfig(configtools.DeviceConfig):
             _num(name, v, low=0.0)
         if L.chunk_size is not None:
             _int("loss.chunk_size", L.chunk_size, 1)
+        try:  # the loss options' own checks (KDLossOptions.validate, the one definition); messages name the field
+            L.options().validate()
+        except KDInputError as exc:
+            raise ConfigError(f"loss.{exc}") from None
+        if L.materialized and L.impl != "auto":
+            raise ConfigError(f"loss.impl={L.impl} selects the fused loss's row implementation, but loss.materialized: "
+                              "true computes plain torch logits instead; drop one of them")
         if L.topk_semantics not in TOPK_SEMANTICS:
             raise ConfigError(f"loss.topk_semantics={L.topk_semantics!r} is not one of {TOPK_SEMANTICS}")
         if L.topk is not None:
             _int("loss.topk", L.topk, 1)
-        if (L.topk or self.teacher_logits) and L.impl != "fused":
+        if (L.topk or self.teacher_logits) and L.materialized:
             raise ConfigError("a top-k teacher (teacher_logits or loss.topk) runs through the fused loss; "
-                              "set loss.impl=fused")
+                              "set loss.materialized: false")
         if (L.topk or self.teacher_logits) and L.topk_semantics == "renorm" and \
                 REGISTRY[canonical(L.divergence, L.beta)].needs_teacher_support:
             raise ConfigError(f"{L.divergence} is infinite against a renormalized top-k teacher (zero mass outside "

@@ -365,7 +365,7 @@ def plan(cfg: Any, teacher: ModelStats | None, student: ModelStats, world: int, 
     # the loss
     N = cfg.micro_batch_size * (cfg.data.seq_len - 1)
     V = student.vocab
-    if cfg.loss.impl == "materialized":
+    if cfg.loss.materialized:
         kd = 4 * N * V * (3 if cfg.mode == "distill" else 2)
     else:
         chunk, nbuf = _kd_chunk(V, N)

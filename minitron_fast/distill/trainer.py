@@ -5,8 +5,8 @@ process that sets up a world of one. The student (or, in ``correct-teacher`` mod
 is wrapped in a DeepSpeed engine; the frozen teacher runs in eval mode without gradients (or as
 a ZeRO-3 inference engine). The engine wraps ``KDStudent``, whose forward is the one KD step
 (``minitron_fast.ops.kd_step``: decoders, lm_heads gathered under ZeRO-3, one fused-loss
-call returning its KD and CE parts); ``minitron_fast.distill.losses`` sets its options from the
-recipe and the models.
+call returning its KD and CE parts); ``minitron_fast.distill.kd_setup`` builds its ``KDSpec`` from
+the recipe and the models.
 
 Output directory layout (``cfg.out``)::
 
@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from minitron_fast.distill import losses
+from minitron_fast.distill import kd_setup
 from minitron_fast.distill.checkpoints import (_check_inputs, _check_model_inputs, _check_out_dir, check_lock_across_ranks,
                                                check_shared_out_dir,
                                                _clean_tmp_checkpoints, ResumeError, _TMP_CKPT, _truncate_metrics,
@@ -77,7 +77,7 @@ class Trainer:
         t_tok = load_tokenizer(cfg.teacher)
         self.n_tokens = len(t_tok)
         if cfg.mode == "distill":
-            losses.check_tokenizers(t_tok, load_tokenizer(cfg.student), cfg.teacher, cfg.student)
+            kd_setup.check_tokenizers(t_tok, load_tokenizer(cfg.student), cfg.teacher, cfg.student)
         self.tokenizer_dir = resolve_model_path(cfg.student if cfg.mode == "distill" else cfg.teacher)
         trained = cfg.student if cfg.mode == "distill" else cfg.teacher
         self.hidden = {"student": _hidden_size(trained), "teacher": _hidden_size(cfg.teacher)}
@@ -133,24 +133,24 @@ class Trainer:
         cfg = self.cfg
         self.pairs: list[tuple[int, int]] = []
         if cfg.mode == "correct-teacher":
-            self.spec = losses.kd_spec(cfg.loss, **head_options(student)).lm_only()
+            self.spec = kd_setup.kd_spec(cfg.loss, **head_options(student)).lm_only()
             return None
         if cfg.teacher_logits:  # stored rows of the teacher's vocabulary; a padded student head is cut to it
             opts = head_options(student)
             if student.config.vocab_size > self.stored_logits.vocab_size:
                 opts["vocab_size"] = self.stored_logits.vocab_size
-            self.spec = losses.kd_spec(cfg.loss, **opts)
+            self.spec = kd_setup.kd_spec(cfg.loss, **opts)
             return None
         proj = None
         if cfg.intermediate.weight > 0:
-            self.pairs = losses.layer_pairs(cfg.intermediate.pairs, student.config.num_hidden_layers,
-                                            teacher.config.num_hidden_layers)
+            self.pairs = kd_setup.layer_pairs(cfg.intermediate.pairs, student.config.num_hidden_layers,
+                                              teacher.config.num_hidden_layers)
             student_dir = resolve_model_path(cfg.student)
-            proj = losses.projection(student.config.hidden_size, teacher.config.hidden_size,
-                                     losses.plan_hidden_channels(student_dir), where=str(student_dir),
-                                     dtype=next(student.parameters()).dtype, device=self.device)
-        self.spec = losses.kd_spec(cfg.loss, inter_weight=cfg.intermediate.weight if self.pairs else 0.0,
-                                   **head_options(student, teacher, n_tokens))
+            proj = kd_setup.projection(student.config.hidden_size, teacher.config.hidden_size,
+                                       kd_setup.plan_hidden_channels(student_dir), where=str(student_dir),
+                                       dtype=next(student.parameters()).dtype, device=self.device)
+        self.spec = kd_setup.kd_spec(cfg.loss, inter_weight=cfg.intermediate.weight if self.pairs else 0.0,
+                                     **head_options(student, teacher, n_tokens))
         return proj
 
     def _data(self, tokenizer, *, max_blocks: int | None = None):
@@ -377,7 +377,7 @@ class Trainer:
             t0 = time.perf_counter()
             lr_now = engine.get_lr()[0] if engine.get_lr() else None  # the lr this step applies
             micros, block_ids, labels, on_policy = self._micro_batches(engine, step, data)
-            n_local = sum(((m if lab is None else lab)[:, 1:] != losses.IGNORE_INDEX).sum().item()
+            n_local = sum(((m if lab is None else lab)[:, 1:] != kd_setup.IGNORE_INDEX).sum().item()
                           for m, lab in zip(micros, labels))
             num_items = float(_all_reduce(torch.tensor([float(n_local)], dtype=torch.float64))[0])
             sums: dict[str, float] = {}
@@ -459,7 +459,7 @@ class Trainer:
             for idx, wts in eval_shard(eval_blocks.shape[0], self.world, self.rank, self.cfg.micro_batch_size):
                 ids = eval_blocks[idx].to(self.device)
                 labels = ids.clone()
-                labels[torch.tensor(wts) == 0] = losses.IGNORE_INDEX  # padding repeats count for nothing
+                labels[torch.tensor(wts) == 0] = kd_setup.IGNORE_INDEX  # padding repeats count for nothing
                 parts = engine(ids, None, labels=labels, spec=spec, num_items=1.0)  # the summed NLL
                 total[0] += float(parts["lm"])
                 total[1] += float(parts["tokens"])
@@ -478,7 +478,7 @@ class Trainer:
             if self.rank == 0:
                 record = {"stage": "distill", "mode": self.cfg.mode, "teacher": self.cfg.teacher,
                           "student": self.cfg.student, "steps": self.cfg.steps, "recipe": self.cfg.to_dict()}
-                plan = losses.plan_record(self.tokenizer_dir)  # the trained model's prune plan, carried on
+                plan = kd_setup.plan_record(self.tokenizer_dir)  # the trained model's prune plan, carried on
                 if plan is not None:
                     record["plan"] = plan
                 export_hf(model, final, tokenizer_from=self.tokenizer_dir, record=record, overwrite=True,

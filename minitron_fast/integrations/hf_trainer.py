@@ -14,22 +14,24 @@ from __future__ import annotations
 
 import torch
 
+from minitron_fast.ops.kd_loss.params import DEFAULTS, OPTION_NAMES, KDLossOptions
+from minitron_fast.ops.kd_spec import MODEL_FACTS, STEP_SETS
 from minitron_fast.ops.kd_step import KDSpec, decoder_and_head, head_options, kd_step  # noqa: F401
 from minitron_fast.losses import FusedLinearKDLoss
 
 
 def spec_of(loss_fn: FusedLinearKDLoss, student=None, teacher=None) -> KDSpec:
-    """The ``KDSpec`` of a ``FusedLinearKDLoss`` (``total = kd + hard_label_weight * ce``), with the
-    final-logit softcap and shared vocabulary read from the models' configs when given."""
-    if loss_fn.reduction not in ("mean", "sum"):
-        raise ValueError(f"causal_lm_kd_loss needs reduction 'mean' or 'sum', got {loss_fn.reduction!r}")
-    opts = head_options(student, teacher) if student is not None else {}
-    for k in ("softcap", "vocab_size"):  # what the loss module says wins over the configs
-        if getattr(loss_fn, k, None) is not None:
-            opts[k] = getattr(loss_fn, k)
-    return KDSpec(kd_weight=1.0, lm_weight=loss_fn.hard_label_weight, divergence=loss_fn.divergence,
-                  beta=loss_fn.beta, temperature=loss_fn.temperature, t2_scaling=loss_fn.t2_scaling,
-                  op_impl=loss_fn.impl, chunk_size=loss_fn.chunk_size, **opts)
+    """The ``KDSpec`` of a ``FusedLinearKDLoss`` (``total = kd + hard_label_weight * ce``): its
+    options, with the fields the step sets (``STEP_SETS``) left to the step and the final-logit
+    softcap and shared vocabulary read from the models' configs when given (what the loss module
+    says wins over the configs)."""
+    o = loss_fn.options
+    if o.reduction not in ("mean", "sum"):
+        raise ValueError(f"causal_lm_kd_loss needs reduction 'mean' or 'sum', got {o.reduction!r}")
+    facts = head_options(student, teacher) if student is not None else {}
+    facts.update({k: getattr(o, k) for k in MODEL_FACTS if getattr(o, k) is not None})
+    return KDSpec(kd_weight=1.0, lm_weight=o.hard_label_weight,
+                  loss=o.replace(**{k: getattr(DEFAULTS, k) for k in STEP_SETS}, **facts))
 
 
 def causal_lm_kd_loss(student, teacher, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
@@ -68,19 +70,19 @@ def _trainer_base():
 class KDTrainer(_trainer_base()):
     """``transformers.Trainer`` that distills ``model`` (the student) from ``teacher_model``.
 
-    Extra keyword arguments: ``teacher_model`` (frozen, moved to the student's device),
-    ``divergence``, ``beta``, ``temperature``, ``t2_scaling``, ``hard_label_weight``,
-    ``chunk_size`` (see ``fused_linear_kd_loss``). Gradient accumulation: when the Trainer counts
-    the batch's label tokens (``num_items_in_batch``), the loss is divided by that count and the
-    Trainer is told it is already scaled.
+    Extra keyword arguments: ``teacher_model`` (frozen, moved to the student's device) and the
+    fused loss's options: ``options=KDLossOptions(...)`` or its fields as keywords (``divergence``,
+    ``beta``, ``temperature``, ``t2_scaling``, ``hard_label_weight``, ``chunk_size``, ``impl``, ...;
+    see ``fused_linear_kd_loss``). Gradient accumulation: when the Trainer counts the batch's label
+    tokens (``num_items_in_batch``), the loss is divided by that count and the Trainer is told it
+    is already scaled.
     """
 
-    def __init__(self, *args, teacher_model, divergence: str = "forward_kl", beta: float = 0.5,
-                 temperature: float = 1.0, t2_scaling: bool = False, hard_label_weight: float = 0.0,
-                 chunk_size: int | None = None, **kwargs):
+    def __init__(self, *args, teacher_model, options: KDLossOptions | None = None, **kwargs):
+        # the loss options are KDLossOptions' fields (one definition); the rest are the Trainer's
+        loss_fn = FusedLinearKDLoss(options=options, **{k: kwargs.pop(k) for k in OPTION_NAMES if k in kwargs})
         super().__init__(*args, **kwargs)
-        self.kd_loss_fn = FusedLinearKDLoss(divergence, beta=beta, temperature=temperature, t2_scaling=t2_scaling,
-                                            hard_label_weight=hard_label_weight, chunk_size=chunk_size)
+        self.kd_loss_fn = loss_fn
         self.kd_spec = spec_of(self.kd_loss_fn, self.model, teacher_model)
         teacher_model.eval().requires_grad_(False)
         if not any(hasattr(p, "ds_id") for p in teacher_model.parameters()):

@@ -45,8 +45,9 @@ try:
 except ImportError as exc:  # pragma: no cover - exercised by tests/integrations/test_trl.py in a subprocess
     raise ImportError("minitron_fast.integrations.trl needs TRL: pip install minitron_fast[trl]") from exc
 
+from minitron_fast.ops.kd_loss.params import DEFAULTS, KDLossOptions
 from minitron_fast.ops.kd_step import (IGNORE_INDEX, KDSetupError, KDSpec, TeacherHidden, TopKTeacher,
-                                                decoder_and_head, head_loss, head_options, unwrap)
+                                       decoder_and_head, head_loss, head_options, unwrap)
 
 TRL_VERSION = trl.__version__
 
@@ -91,23 +92,44 @@ def _topk_teacher(rows: Tensor, head: nn.Module, k: int, *, tail: bool, softcap:
     return TopKTeacher(v.to(rows.device), i.to(rows.device), t.to(rows.device) if tail else None)
 
 
+#: the loss options TRL's own arguments set (``DistillationConfig.beta`` and ``.temperature``)
+_TRL_SETS = ("divergence", "beta", "temperature")
+
+
+def trl_loss_options(beta: float, temperature: float, options: KDLossOptions | None = None,
+                     **model_facts: Any) -> KDLossOptions:
+    """The fused loss's options for TRL's ``beta`` and ``temperature``: ``options`` (the others:
+    ``impl``, ``chunk_size``, ...; default ``KDLossOptions()``) with the divergence of ``beta``
+    (``divergence_of``) at ``temperature``, and ``model_facts`` (``softcap``, ``vocab_size``) where
+    ``options`` leaves them None. An option TRL sets, given in ``options`` too, is refused."""
+    o = options if options is not None else KDLossOptions()
+    if not isinstance(o, KDLossOptions):
+        raise KDSetupError(f"options must be a KDLossOptions, got {type(o).__name__}")
+    clash = [k for k in _TRL_SETS if getattr(o, k) != getattr(DEFAULTS, k)]
+    if clash:
+        raise KDSetupError(f"options.{clash[0]}={getattr(o, clash[0])!r}: TRL sets the divergence through "
+                           "DistillationConfig's beta (0 forward KL, 1 reverse KL, between: JSD) and temperature; "
+                           "set them there")
+    facts = {k: v for k, v in model_facts.items() if getattr(o, k) is None}
+    return o.replace(divergence=divergence_of(beta), beta=float(beta) if 0 < beta < 1 else DEFAULTS.beta,
+                     temperature=float(temperature), **facts)
+
+
 def fused_divergence_loss(student: nn.Module, teacher: nn.Module, student_hidden: Tensor, teacher_hidden: Tensor,
                           completion_ids: Tensor, loss_mask: Tensor, *, beta: float, temperature: float = 1.0,
                           num_items: Tensor | float | None = None, teacher_top_k: int | None = None,
-                          tail: bool = True, op_impl: str = "auto", chunk_size: int | None = None
-                          ) -> tuple[Tensor, Tensor]:
+                          tail: bool = True, options: KDLossOptions | None = None) -> tuple[Tensor, Tensor]:
     """TRL's divergence, through the one KD step: ``student_hidden [B, K, Hs]`` and
     ``teacher_hidden [B, K, Ht]`` are the models' final hidden states that predict the ``K``
     completion tokens ``completion_ids [B, K]`` (TRL's ``_get_last_hidden_state``), ``loss_mask
-    [B, K]`` marks the tokens in the loss. Returns ``(loss, valid tokens)``: the loss is the sum over
-    valid tokens of the divergence at ``temperature``, divided by ``num_items`` (None: the valid
-    count), as TRL reduces it."""
+    [B, K]`` marks the tokens in the loss. ``options``: the fused loss's other options (the row
+    ``impl``, ``chunk_size``, ...; ``trl_loss_options``). Returns ``(loss, valid tokens)``: the loss
+    is the sum over valid tokens of the divergence at ``temperature``, divided by ``num_items``
+    (None: the valid count), as TRL reduces it."""
     check_beta_lmbda(beta, 0.0)
     _check_no_logit_scale(student, "student")
     _check_no_logit_scale(teacher, "teacher")
-    spec = KDSpec(kd_weight=1.0, divergence=divergence_of(beta), beta=float(beta) if 0 < beta < 1 else 0.5,
-                  temperature=float(temperature), op_impl=op_impl, chunk_size=chunk_size,
-                  **head_options(student, teacher))
+    spec = KDSpec(kd_weight=1.0, loss=trl_loss_options(beta, temperature, options, **head_options(student, teacher)))
     _, s_head = decoder_and_head(student)
     _, t_head = decoder_and_head(teacher)
     hs = student_hidden.reshape(-1, student_hidden.shape[-1])
@@ -115,7 +137,7 @@ def fused_divergence_loss(student: nn.Module, teacher: nn.Module, student_hidden
     labels = completion_ids.masked_fill(loss_mask == 0, IGNORE_INDEX).reshape(-1).to(hs.device)
     if teacher_top_k is not None:
         t_rows: TeacherHidden | TopKTeacher = _topk_teacher(ht, t_head, teacher_top_k, tail=tail,
-                                                            softcap=spec.softcap)
+                                                            softcap=spec.loss.softcap)
     else:
         t_rows = TeacherHidden(ht, t_head.weight, getattr(t_head, "bias", None))
     out = head_loss(hs, s_head, t_rows, labels, spec=spec, num_items=num_items)
@@ -132,17 +154,20 @@ class FusedDistillationTrainer(DistillationTrainer):
         teacher_top_k: distil from the teacher's top-k logits (None: its full distribution).
         tail: with ``teacher_top_k``, keep the teacher's mass outside the top k as one bucket
             (True) or renormalize the top k (False; reverse KL is then refused: it is infinite).
-        op_impl, chunk_size: the fused op's implementation and row chunk (default: automatic).
+        options: the fused loss's other options, a ``KDLossOptions`` (the row ``impl``,
+            ``chunk_size``, ...; default: automatic); its divergence, beta and temperature are TRL's
+            (``DistillationConfig.beta``, ``.temperature``).
     """
 
     def __init__(self, *args: Any, lmbda: float = 1.0, teacher_top_k: int | None = None, tail: bool = True,
-                 op_impl: str = "auto", chunk_size: int | None = None, **kwargs: Any):
+                 options: KDLossOptions | None = None, **kwargs: Any):
         check_beta_lmbda(0.0, lmbda)
+        KDSpec(loss=trl_loss_options(0.0, 1.0, options))  # checked before TRL builds anything
         if teacher_top_k is not None and teacher_top_k < 1:
             raise KDSetupError(f"teacher_top_k must be at least 1 (or None for the full distribution), got "
                                f"{teacher_top_k}")
         self.lmbda = float(lmbda)
-        self.teacher_top_k, self.tail, self.op_impl, self.chunk_size = teacher_top_k, tail, op_impl, chunk_size
+        self.teacher_top_k, self.tail, self.loss_options = teacher_top_k, tail, options
         self._batch: list[dict[str, Any]] | None = None
         self._generation_batches = 0
         super().__init__(*args, **kwargs)
@@ -231,8 +256,9 @@ class FusedDistillationTrainer(DistillationTrainer):
         loss, n_valid = fused_divergence_loss(
             unwrapped_student, unwrapped_teacher, student_hidden, teacher_hidden, inputs["completion_ids"], loss_mask,
             beta=self.beta, temperature=self.temperature, num_items=num_items_in_batch,
-            teacher_top_k=self.teacher_top_k, tail=self.tail, op_impl=self.op_impl, chunk_size=self.chunk_size)
+            teacher_top_k=self.teacher_top_k, tail=self.tail, options=self.loss_options)
         return loss, torch.full((), float("nan"), device=loss.device), n_valid
 
 
-__all__ = ["FusedDistillationTrainer", "TRL_VERSION", "check_beta_lmbda", "divergence_of", "fused_divergence_loss"]
+__all__ = ["FusedDistillationTrainer", "TRL_VERSION", "check_beta_lmbda", "divergence_of", "fused_divergence_loss",
+           "trl_loss_options"]

@@ -18,76 +18,26 @@ Every loss is ``sum over valid tokens / num_items`` (``num_items``: the valid-to
 whole optimizer step, for gradient accumulation; default: this micro-batch's), so summing the
 micro-batch losses of a step gives the per-token mean over the step.
 
+What the step computes is a ``KDSpec`` (``ops.kd_spec``, torch-free): the weights, ``materialized``
+(plain torch logits instead of the fused loss) and ``loss``, the fused loss's ``KDLossOptions``.
+
 Example:
-    >>> spec = KDSpec(kd_weight=1.0, lm_weight=0.5)
+    >>> spec = KDSpec(kd_weight=1.0, lm_weight=0.5, loss=KDLossOptions(temperature=2.0))
     >>> out = kd_step(student, teacher, input_ids, spec=spec)     # doctest: +SKIP
     >>> out["loss"].backward(); float(out["kd"]), float(out["lm"])  # doctest: +SKIP
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any, Sequence, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from minitron_fast.errors import MinitronError
+from minitron_fast.ops.kd_loss.params import KDLossOptions
+from minitron_fast.ops.kd_spec import IGNORE_INDEX, KDSetupError, KDSpec  # noqa: F401  (re-exported)
 from minitron_fast.ops.zero3 import call_through, gathered
-from minitron_fast.ops.kd_loss.divergences import REGISTRY, names as divergence_names
-
-IGNORE_INDEX = -100
-IMPLS = ("fused", "materialized")
-
-
-class KDSetupError(MinitronError, ValueError):
-    """A KD step that cannot run as given (options, or a teacher and student that cannot be
-    distilled at the logit level)."""
-
-
-@dataclass(frozen=True)
-class KDSpec:
-    """What one KD step computes. The total is
-    ``kd_weight * kd + lm_weight * lm + inter_weight * inter``.
-
-    Attributes:
-        kd_weight: logit KD (``divergence`` at ``temperature``; times ``T**2`` when ``t2_scaling``).
-        lm_weight: the student's next-token cross-entropy (temperature 1), from the same pass.
-        inter_weight: the intermediate-state MSE (needs ``pairs``).
-        impl: ``"fused"`` (never materializes ``[N, V]``) or ``"materialized"`` (plain fp32 torch
-            logits: the baseline and reference).
-        op_impl: the fused op's ``impl`` (``"auto"``, ``"torch"``, ``"cpp"``, ``"triton"``).
-        softcap: final-logit softcap ``c`` (``c * tanh(z / c)`` on both models' logits; Gemma).
-        vocab_size: the real (shared) vocabulary when the lm_heads carry padding rows beyond it:
-            both distributions are taken over the first ``vocab_size`` rows. None: the heads' own.
-    """
-
-    kd_weight: float = 1.0
-    lm_weight: float = 0.0
-    inter_weight: float = 0.0
-    divergence: str = "forward_kl"
-    beta: float = 0.5
-    temperature: float = 1.0
-    t2_scaling: bool = False
-    impl: str = "fused"
-    op_impl: str = "auto"
-    chunk_size: int | None = None
-    softcap: float | None = None
-    vocab_size: int | None = None
-
-    def __post_init__(self):
-        if self.impl not in IMPLS:
-            raise KDSetupError(f"KDSpec.impl must be one of {IMPLS}, got {self.impl!r}")
-        if self.divergence not in REGISTRY:
-            raise KDSetupError(f"KDSpec.divergence must be one of {divergence_names()}, got {self.divergence!r}")
-        if min(self.kd_weight, self.lm_weight, self.inter_weight) < 0:
-            raise KDSetupError("KDSpec weights must be non-negative")
-        if self.softcap is not None and not self.softcap > 0:
-            raise KDSetupError(f"KDSpec.softcap must be positive (or None), got {self.softcap}")
-
-    def lm_only(self) -> "KDSpec":
-        """The same options computing the LM loss alone (weight 1): teacher correction, evaluation."""
-        return replace(self, kd_weight=0.0, lm_weight=1.0, inter_weight=0.0)
 
 
 @dataclass
@@ -203,8 +153,9 @@ def _softcap_of(model: nn.Module) -> float | None:
 
 
 def head_options(student: nn.Module, teacher: nn.Module | None = None, n_tokens: int | None = None) -> dict[str, Any]:
-    """``{"softcap", "vocab_size"}`` for ``KDSpec`` from the models' configs: the final-logit softcap
-    both apply (Gemma 2/3; differing caps are refused: the fused loss applies one to both), and,
+    """``{"softcap", "vocab_size"}`` (``kd_spec.MODEL_FACTS``) for ``KDSpec.loss`` from the models'
+    configs: the final-logit softcap both apply (Gemma 2/3; differing caps are refused: the fused
+    loss applies one to both), and,
     when the lm_heads differ only by padding rows (151,936 vs 152,064 for Qwen), the shared
     vocabulary (the smaller head; refused when the tokenizer's ``n_tokens`` exceed it)."""
     softcap = _softcap_of(student)
@@ -246,12 +197,12 @@ def _softcap(z: Tensor, c: float | None) -> Tensor:
     return z if c is None else c * torch.tanh(z / c)
 
 
-def _materialized_logits(h: Tensor, w: Tensor, b: Tensor | None, spec: KDSpec) -> Tensor:
+def _materialized_logits(h: Tensor, w: Tensor, b: Tensor | None, opts: KDLossOptions) -> Tensor:
     """fp32 logits (fp64 for fp64 inputs), softcapped and cut to the shared vocabulary."""
     dt = torch.float64 if h.dtype == torch.float64 else torch.float32
     z = F.linear(h.to(dt), w.to(dt), None if b is None else b.to(dt))
-    z = _softcap(z, spec.softcap)
-    return z if spec.vocab_size is None else z[:, : spec.vocab_size]
+    z = _softcap(z, opts.softcap)
+    return z if opts.vocab_size is None else z[:, : opts.vocab_size]
 
 
 def divergence_rows(s_logits: Tensor, t_logits: Tensor, *, divergence: str, beta: float,
@@ -270,18 +221,19 @@ def _materialized(hs, w, b, teacher, labels, spec: KDSpec,
                   num_items: float | Tensor | None) -> tuple[Tensor, dict[str, Tensor]]:
     valid = labels != IGNORE_INDEX
     divisor = num_items if num_items is not None else valid.sum().clamp(min=1)  # a device tensor: no host read
+    opts = spec.loss
     if spec.kd_weight == 0:  # the LM loss alone: the student's own head, padding rows included (as fused)
-        spec = replace(spec, vocab_size=None)
-    z = _materialized_logits(hs, w, b, spec)
+        opts = opts.replace(vocab_size=None)
+    z = _materialized_logits(hs, w, b, opts)
     parts: dict[str, Tensor] = {}
     total = z.new_zeros(())
     if spec.kd_weight > 0:
         th, tw, tb = teacher
         with torch.no_grad():
-            zt = _materialized_logits(th, tw, tb, spec)
-        per = divergence_rows(z, zt, divergence=spec.divergence, beta=spec.beta, temperature=spec.temperature)
-        if spec.t2_scaling:
-            per = per * spec.temperature ** 2
+            zt = _materialized_logits(th, tw, tb, opts)
+        per = divergence_rows(z, zt, divergence=opts.divergence, beta=opts.beta, temperature=opts.temperature)
+        if opts.t2_scaling:
+            per = per * opts.temperature ** 2
         parts["kd"] = (per * valid).sum() / divisor
         total = total + spec.kd_weight * parts["kd"]
     if spec.lm_weight > 0:  # (a plain-torch step computes CE only when it trains on it)
@@ -294,9 +246,10 @@ def _fused(hs, w, b, teacher, labels, spec: KDSpec,
            num_items: float | Tensor | None) -> tuple[Tensor, dict[str, Tensor]]:
     from minitron_fast.ops.kd_loss import fused_linear_cross_entropy, fused_linear_kd_loss
 
-    kw = dict(chunk_size=spec.chunk_size, impl=spec.op_impl, ignore_index=IGNORE_INDEX, softcap=spec.softcap)
+    opts = spec.loss
     if spec.kd_weight == 0:  # the LM loss alone: the student's own head, padding rows included
-        lm = fused_linear_cross_entropy(hs, w, labels, bias=b, num_items=num_items, **kw)
+        lm = fused_linear_cross_entropy(hs, w, labels, bias=b, num_items=num_items, chunk_size=opts.chunk_size,
+                                        impl=opts.impl, ignore_index=IGNORE_INDEX, softcap=opts.softcap)
         return spec.lm_weight * lm, {"lm": lm.detach()}
     if isinstance(teacher, TopKTeacher):
         t_kw: dict[str, Any] = {"teacher_topk": (teacher.values, teacher.indices)}
@@ -306,11 +259,12 @@ def _fused(hs, w, b, teacher, labels, spec: KDSpec,
         th, tw, tb = teacher
         t_kw = {"teacher_hidden": th, "teacher_weight": tw, "teacher_bias": tb}
     # one pass; its loss is kd + (lm_weight / kd_weight) * ce, scaled by kd_weight here. The CE part
-    # comes from the same pass whatever its weight (the student's log-sum-exp is computed anyway)
-    out = fused_linear_kd_loss(hs, w, student_bias=b, labels=labels, divergence=spec.divergence, beta=spec.beta,
-                               temperature=spec.temperature, t2_scaling=spec.t2_scaling,
-                               hard_label_weight=spec.lm_weight / spec.kd_weight, num_items=num_items,
-                               vocab_size=spec.vocab_size, return_parts=True, **t_kw, **kw)
+    # comes from the same pass whatever its weight (the student's log-sum-exp is computed anyway).
+    # The spec's options as given, with the fields the step sets (STEP_SETS) set here
+    opts = opts.replace(hard_label_weight=spec.lm_weight / spec.kd_weight, ignore_index=IGNORE_INDEX,
+                        reduction="mean")
+    out = fused_linear_kd_loss(hs, w, student_bias=b, labels=labels, num_items=num_items, return_parts=True,
+                               options=opts, **t_kw)
     return spec.kd_weight * out.loss, {"kd": out.kd, "lm": out.ce}
 
 
@@ -318,8 +272,8 @@ def head_loss(student_hidden: Tensor, student_head: nn.Module, teacher: TeacherH
               labels: Tensor, *, spec: KDSpec, num_items: float | Tensor | None = None) -> dict[str, Tensor]:
     """The logit part of the step on next-token rows: ``student_hidden [N, Hs]`` through
     ``student_head`` (an ``nn.Linear``-like module, ``[V, Hs]``) against ``teacher`` (rows already
-    aligned; None when ``spec.kd_weight == 0``), ``labels [N]``. One fused call (or, for
-    ``impl="materialized"``, one set of full logits). Under ZeRO-3 the student head is gathered by
+    aligned; None when ``spec.kd_weight == 0``), ``labels [N]``. One fused call (or, with
+    ``spec.materialized``, one set of full logits). Under ZeRO-3 the student head is gathered by
     running this as its forward (and re-gathered for backward), the teacher head read-only.
 
     ``num_items``: the divisor; None: this call's valid-token count. Passed to the fused op as
@@ -330,8 +284,9 @@ def head_loss(student_hidden: Tensor, student_head: nn.Module, teacher: TeacherH
     """
     if spec.kd_weight > 0 and teacher is None:
         raise KDSetupError("kd_weight > 0 needs a teacher (a model, TeacherHidden or TopKTeacher)")
-    if isinstance(teacher, TopKTeacher) and spec.impl == "materialized":
-        raise KDSetupError("a top-k teacher needs impl='fused' (the materialized baseline takes a teacher model)")
+    if isinstance(teacher, TopKTeacher) and spec.materialized:
+        raise KDSetupError("a top-k teacher runs through the fused loss: materialized=True (the plain-torch baseline) "
+                           "takes a teacher model")
     t_params = (teacher.weight, teacher.bias) if isinstance(teacher, TeacherHidden) else ()
 
     def run(h: Tensor) -> dict[str, Tensor]:
@@ -340,7 +295,7 @@ def head_loss(student_hidden: Tensor, student_head: nn.Module, teacher: TeacherH
         if isinstance(teacher, TeacherHidden):
             t = (teacher.hidden, teacher.weight, teacher.bias)
         with gathered(*t_params):
-            fn = _fused if spec.impl == "fused" else _materialized
+            fn = _materialized if spec.materialized else _fused
             # (autocast: bf16 hidden states with fp32 weights are the op's to reconcile; materialized: fp32)
             total, parts = fn(h, w, b, t if spec.kd_weight > 0 else None, labels, spec, num_items)
         return {"loss": total, **parts}
@@ -445,5 +400,6 @@ class KDStudent(nn.Module):
         return kd_step(self.model, teacher, input_ids, proj=self.proj, **kwargs)
 
 
-__all__ = ["KDSetupError", "head_options", "KDSpec", "KDStudent", "TeacherHidden", "TopKTeacher", "IGNORE_INDEX", "kd_step", "head_loss",
-           "decoder_states", "decoder_and_head", "teacher_hidden", "intermediate_loss", "divergence_rows", "unwrap"]
+__all__ = ["KDSetupError", "head_options", "KDLossOptions", "KDSpec", "KDStudent", "TeacherHidden", "TopKTeacher",
+           "IGNORE_INDEX", "kd_step", "head_loss", "decoder_states", "decoder_and_head", "teacher_hidden",
+           "intermediate_loss", "divergence_rows", "unwrap"]

@@ -22,7 +22,7 @@ import torch
 
 from minitron_fast.artifacts.targets import parse_budget
 from minitron_fast.errors import MinitronError
-from minitron_fast.ops.kd_step import KDSpec, TeacherHidden, head_options, kd_step, teacher_hidden
+from minitron_fast.ops.kd_step import KDLossOptions, KDSpec, TeacherHidden, head_options, kd_step, teacher_hidden
 from minitron_fast.io import atomic_write_json
 from minitron_fast.models import get_view
 from minitron_fast.prune.config import PruneConfig
@@ -57,7 +57,7 @@ def retrain(student: torch.nn.Module, batches: list[torch.Tensor], targets: list
                                                    target_modules=get_view(student).lora_targets()))
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
-    spec = KDSpec(**head_options(student))
+    spec = KDSpec(loss=KDLossOptions(**head_options(student)))  # forward KL, T=1 (the defaults)
     model.train()
     losses = []
     for ids, target in tqdm(list(zip(batches, targets)), desc=desc, disable=not progress, leave=False):

@@ -28,7 +28,7 @@ import pytest
 import torch
 import yaml
 
-from minitron_fast.distill import losses
+from minitron_fast.distill import kd_setup
 from minitron_fast.distill.config import ConfigError, load_config, parse_overrides
 from minitron_fast.distill.launch import free_port
 from minitron_fast.distill.sharding import ShardedBlocks, eval_shard
@@ -183,32 +183,32 @@ def test_projection_starts_from_the_plans_kept_channels(tmp_path):
     assert plan.hidden != list(range(48))
     student = apply_plan(copy.deepcopy(teacher), plan)
     export_hf(student, tmp_path / "s", plan=plan)
-    kept = losses.plan_hidden_channels(tmp_path / "s")
+    kept = kd_setup.plan_hidden_channels(tmp_path / "s")
     assert kept == (plan.hidden, 64)
-    proj = losses.projection(48, 64, kept)
+    proj = kd_setup.projection(48, 64, kept)
     ids = torch.arange(97)
     with torch.no_grad():
         want = torch.zeros(97, 64)
         want[:, plan.hidden] = teacher.model.embed_tokens(ids)[:, plan.hidden]
         torch.testing.assert_close(proj(student.model.embed_tokens(ids)), want, rtol=0, atol=0)
     # the identity only for equal widths without a plan; nn.Linear's default start otherwise
-    assert losses.plan_hidden_channels(tmp_path / "absent") is None
-    assert torch.equal(losses.projection(64, 64, None).weight, torch.eye(64))
-    w = losses.projection(48, 64, None).weight
+    assert kd_setup.plan_hidden_channels(tmp_path / "absent") is None
+    assert torch.equal(kd_setup.projection(64, 64, None).weight, torch.eye(64))
+    w = kd_setup.projection(48, 64, None).weight
     assert (w != 0).float().mean() > 0.9
     with pytest.raises(ConfigError, match=r"keeps 48 of 64 hidden channels, but the student is 48 and the teacher "
                                           r"80 wide"):
-        losses.projection(48, 80, kept)
+        kd_setup.projection(48, 80, kept)
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "minitron.json").write_text('{"plan": {"kept": {}}}')
     with pytest.raises(ConfigError, match="malformed prune plan"):
-        losses.plan_hidden_channels(tmp_path / "bad")
+        kd_setup.plan_hidden_channels(tmp_path / "bad")
 
 
 def test_layer_pairs_and_tokenizers():
-    assert losses.layer_pairs([[0, 1], [-1, -1]], 2, 4) == [(0, 1), (1, 3)]
+    assert kd_setup.layer_pairs([[0, 1], [-1, -1]], 2, 4) == [(0, 1), (1, 3)]
     with pytest.raises(ConfigError, match=r"pair \[2, 0\] is outside the student's 2 / teacher's 4 layers"):
-        losses.layer_pairs([[2, 0]], 2, 4)
+        kd_setup.layer_pairs([[2, 0]], 2, 4)
 
     class Tok:
         def __init__(self, vocab):
@@ -218,11 +218,11 @@ def test_layer_pairs_and_tokenizers():
             return dict(self.vocab)
 
     base = {f"t{i}": i for i in range(10)}
-    losses.check_tokenizers(Tok(base), Tok(base), "T", "S")
+    kd_setup.check_tokenizers(Tok(base), Tok(base), "T", "S")
     swapped = dict(base, t3=4, t4=3)  # same size, other ids: a size check cannot see it
-    with pytest.raises(losses.KDSetupError, match=r"^teacher T and student S use different tokenizers \(10 vs 10 "
-                                                  r"tokens, 4 token/id entries differ") as e:
-        losses.check_tokenizers(Tok(base), Tok(swapped), "T", "S")
+    with pytest.raises(kd_setup.KDSetupError, match=r"^teacher T and student S use different tokenizers \(10 vs 10 "
+                                                    r"tokens, 4 token/id entries differ") as e:
+        kd_setup.check_tokenizers(Tok(base), Tok(swapped), "T", "S")
     assert "\n" not in str(e.value)
 
 
@@ -446,7 +446,7 @@ def single_runs(models, tmp_path_factory):
                                                  export=True, **{"data.eval_blocks": 8})},
         {"name": "fused", "overrides": _common(models, root / "fused", **single)},
         {"name": "materialized", "overrides": _common(models, root / "materialized",
-                                                      **{**single, "loss.impl": "materialized", "ds.zero_stage": 1})},
+                                                      **{**single, "loss.materialized": True, "ds.zero_stage": 1})},
         {"name": "inter", "overrides": _common(models, root / "inter", steps=4, save_every=4,
                                                **{"intermediate.pairs": "[[0,0],[1,1]]", "intermediate.weight": 1.0,
                                                   "ds.zero_stage": 2})},

@@ -52,7 +52,7 @@ def test_student_states_follow_deepspeeds_estimators():
     on = plan(config_from_dict({**cfg.to_dict(), "activation_checkpointing": True}), t, s, 8)
     assert on.activations_full == p.activations_full and on.parts["activations"] < p.parts["activations"] / 5
     # the materialized loss holds [N, V] logits (N = 4 x 4095); the fused one a few [chunk, V] buffers
-    mat = plan(config_from_dict({**cfg.to_dict(), "loss": {"impl": "materialized"}}), t, s, 8)
+    mat = plan(config_from_dict({**cfg.to_dict(), "loss": {"materialized": True}}), t, s, 8)
     assert mat.parts["kd_loss"] > 5 * p.parts["kd_loss"]
 
 

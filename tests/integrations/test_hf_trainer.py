@@ -52,6 +52,33 @@ def test_causal_lm_kd_loss_matches_full_logits_reference():
     assert all(p.grad is None for p in teacher.parameters())
 
 
+def test_the_trainers_loss_options_are_kdlossoptions(tmp_path):
+    """``KDTrainer`` takes the loss options as ``KDLossOptions``' fields (or ``options=``); its step's
+    spec carries them, with the fields the step sets left to the step."""
+    from transformers import TrainingArguments
+
+    from minitron_fast.errors import KDInputError
+    from minitron_fast.integrations.hf_trainer import KDTrainer, spec_of
+    from minitron_fast.losses import FusedLinearKDLoss
+    from minitron_fast.ops.kd_loss.params import DEFAULTS, KDLossOptions
+
+    args = TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True, disable_tqdm=True)
+    student, teacher = _tiny(32, 1, 0), _tiny(48, 1, 1)
+    tr = KDTrainer(model=student, teacher_model=teacher, args=args, divergence="jsd", beta=0.2, t2_scaling=True,
+                   impl="torch", chunk_size=8, hard_label_weight=0.3)
+    assert tr.kd_spec.lm_weight == 0.3 and tr.kd_spec.loss == DEFAULTS.replace(
+        divergence="jsd", beta=0.2, t2_scaling=True, impl="torch", chunk_size=8)
+    same = KDTrainer(model=student, teacher_model=teacher, args=args,
+                     options=KDLossOptions(divergence="jsd", beta=0.2, t2_scaling=True, impl="torch", chunk_size=8,
+                                           hard_label_weight=0.3))
+    assert same.kd_spec == tr.kd_spec
+    with pytest.raises(KDInputError, match="impl='fused' is not one of"):
+        KDTrainer(model=student, teacher_model=teacher, args=args, impl="fused")
+    # reduction and ignore_index are the caller's (causal_lm_kd_loss maps them); the spec keeps the step's
+    spec = spec_of(FusedLinearKDLoss(reduction="sum", ignore_index=7, softcap=5.0), student, teacher)
+    assert (spec.loss.reduction, spec.loss.ignore_index, spec.loss.softcap) == ("mean", -100, 5.0)
+
+
 @pytest.mark.slow
 def test_stock_trainer_distills_a_few_steps(tmp_path):
     from transformers import TrainingArguments

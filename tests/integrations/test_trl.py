@@ -94,6 +94,30 @@ def test_teacher_top_k_with_the_tail_at_full_k_is_the_full_teacher():
     assert abs(float(k8) - float(full)) > 1e-4 * abs(float(full))  # top-8 of 97 is another teacher
 
 
+def test_loss_options_reach_the_op_and_trls_own_are_refused(monkeypatch):
+    """``options`` (a ``KDLossOptions``) carries the fused loss's other options to the op; the
+    divergence, beta and temperature stay TRL's, and giving one there too is refused."""
+    from minitron_fast.integrations.trl import trl_loss_options
+    from minitron_fast.ops import kd_loss
+    from minitron_fast.ops.kd_loss.params import DEFAULTS, KDLossOptions
+
+    real, seen = kd_loss.fused_linear_kd_loss, []
+    monkeypatch.setattr(kd_loss, "fused_linear_kd_loss", lambda *a, **k: seen.append(k["options"]) or real(*a, **k))
+    student, teacher = _llama(32, seed=0), _llama(48, seed=1)
+    g = torch.Generator().manual_seed(7)
+    hs, ht = torch.randn(2, 5, 32, generator=g), torch.randn(2, 5, 48, generator=g)
+    completion, mask = torch.randint(0, 97, (2, 5), generator=g), torch.ones(2, 5, dtype=torch.long)
+    auto, _ = fused_divergence_loss(student, teacher, hs, ht, completion, mask, beta=0.3, temperature=2.0)
+    torch_rows, _ = fused_divergence_loss(student, teacher, hs, ht, completion, mask, beta=0.3, temperature=2.0,
+                                          options=KDLossOptions(impl="torch", chunk_size=4))
+    assert seen[1] == DEFAULTS.replace(divergence="jsd", beta=0.3, temperature=2.0, impl="torch", chunk_size=4)
+    assert abs(float(torch_rows.detach()) - float(auto.detach())) <= 1e-5 * abs(float(auto.detach()))
+    assert trl_loss_options(0.0, 1.0).divergence == "forward_kl" and trl_loss_options(1.0, 1.0).beta == DEFAULTS.beta
+    with pytest.raises(KDSetupError, match=r"^options\.temperature=3\.0: TRL sets the divergence through "
+                                           r"DistillationConfig's beta"):
+        trl_loss_options(0.5, 1.0, KDLossOptions(temperature=3.0))
+
+
 # -- the trainer ------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -196,6 +220,11 @@ def test_bad_input_is_one_line(pair, tmp_path):
         FusedDistillationTrainer(model=_student(tok, teacher.config.vocab_size), teacher_model=teacher, args=args,
                                  train_dataset=_dataset(), processing_class=tok)
     args.max_completion_length = 6
+    from minitron_fast.ops.kd_loss.params import KDLossOptions
+
+    with pytest.raises(KDSetupError, match=r"^KDSpec\.loss\.reduction='sum': the step sums"):  # before TRL builds
+        FusedDistillationTrainer(model=_student(tok, teacher.config.vocab_size), teacher_model=teacher, args=args,
+                                 train_dataset=_dataset(), processing_class=tok, options=KDLossOptions(reduction="sum"))
     # another vocabulary (and tokenizer) than the teacher's: TRL's own one-line refusal comes first
     with pytest.raises(ValueError, match="requires a shared vocabulary"):
         FusedDistillationTrainer(model=_student(tok, 64), teacher_model=teacher, args=args, train_dataset=_dataset(),

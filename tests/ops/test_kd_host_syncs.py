@@ -23,7 +23,7 @@ import traceback
 import pytest
 import torch
 
-from minitron_fast.ops.kd_step import KDSpec, TeacherHidden, TopKTeacher, kd_step
+from minitron_fast.ops.kd_step import KDLossOptions, KDSpec, TeacherHidden, TopKTeacher, kd_step
 from minitron_fast.ops.kd_loss import KDInputError, fused_linear_cross_entropy, fused_linear_kd_loss
 from minitron_fast.ops.kd_loss.sources import LinearSource
 
@@ -101,7 +101,7 @@ def test_kd_step_reads_the_host_at_most_twice_whatever_the_chunk_count(host_read
     t = TeacherHidden(th, teacher.lm_head.weight.detach()) if teacher_form == "hidden" else TopKTeacher(vals, idx)
     counts, losses = {}, {}
     for n_chunks in (2, 8):
-        spec = KDSpec(lm_weight=0.5, op_impl=impl, chunk_size=B * (T - 1) // n_chunks)
+        spec = KDSpec(lm_weight=0.5, loss=KDLossOptions(impl=impl, chunk_size=B * (T - 1) // n_chunks))
         student.zero_grad()
         host_reads.clear()
         out = kd_step(student, t, ids, labels=labels, spec=spec)

@@ -60,3 +60,28 @@ def test_the_dataclass_imports_no_torch():
             "KDLossOptions(divergence='jsd').validate()\nprint('torch' in sys.modules)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert out.stdout.strip() == "False", out.stdout + out.stderr
+
+
+def test_the_kd_step_spec_holds_the_options_and_leaves_the_steps_own_to_the_step():
+    """``KDSpec.loss`` is a ``KDLossOptions``; the fields the step sets (``STEP_SETS``) and the models'
+    facts (``MODEL_FACTS``) are its fields; one the step sets, given, is refused naming why."""
+    from minitron_fast.ops.kd_spec import MODEL_FACTS, STEP_SETS, KDSetupError, KDSpec
+
+    assert set(STEP_SETS) | set(MODEL_FACTS) <= set(OPTION_NAMES)
+    assert KDSpec().loss == DEFAULTS
+    spec = KDSpec(lm_weight=0.5, loss=KDLossOptions(impl="torch", t2_scaling=True, softcap=30.0))
+    assert spec.lm_only().loss == spec.loss and (spec.lm_only().kd_weight, spec.lm_only().lm_weight) == (0.0, 1.0)
+    with pytest.raises(KDSetupError, match=r"^KDSpec\.loss\.reduction='sum': the step sums over valid tokens"):
+        KDSpec(loss=KDLossOptions(reduction="sum"))
+    with pytest.raises(KDSetupError, match=r"^KDSpec\.loss\.hard_label_weight=0\.5: .*set lm_weight"):
+        KDSpec(loss=KDLossOptions(hard_label_weight=0.5))
+    with pytest.raises(KDSetupError, match=r"^KDSpec\.loss: impl='fused' is not one of"):
+        KDSpec(loss=KDLossOptions(impl="fused"))
+    with pytest.raises(KDSetupError, match="must be a KDLossOptions"):
+        KDSpec(loss={"temperature": 2.0})
+
+
+def test_the_spec_module_imports_no_torch():
+    code = ("import sys\nfrom minitron_fast.ops.kd_spec import KDSpec\nKDSpec()\nprint('torch' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert out.stdout.strip() == "False", out.stdout + out.stderr

@@ -65,7 +65,7 @@ def _problem(seed=0, N=23, H=16, V=37):
 def test_a_torch_only_divergence_in_one_file_runs_everywhere(sym_kl):
     from minitron_fast.distill.config import load_config
     from minitron_fast.errors import KDInputError
-    from minitron_fast.ops.kd_step import KDSpec
+    from minitron_fast.ops.kd_step import KDLossOptions, KDSpec
     from minitron_fast.ops.kd_loss import fused_linear_kd_loss, kd_loss_reference
 
     assert sym_kl in divergences.names()
@@ -104,7 +104,7 @@ def test_a_torch_only_divergence_in_one_file_runs_everywhere(sym_kl):
                              impl="cpp")
     # the trainer's config and the KD step take it, with no list of names anywhere else
     assert load_config(None, ["teacher=t", "student=s", f"loss.divergence={sym_kl}"]).loss.divergence == sym_kl
-    assert KDSpec(divergence=sym_kl).divergence == sym_kl
+    assert KDSpec(loss=KDLossOptions(divergence=sym_kl)).loss.divergence == sym_kl
 
 
 def test_register_refuses_what_the_kernels_could_not_run():

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from minitron_fast.ops import kd_step as ks
-from minitron_fast.ops.kd_step import KDSpec, TeacherHidden, TopKTeacher, head_loss, kd_step
+from minitron_fast.ops.kd_step import KDLossOptions, KDSpec, TeacherHidden, TopKTeacher, head_loss, kd_step
 from minitron_fast.ops.kd_loss import kd_loss_reference
 
 V = 131
@@ -45,7 +45,7 @@ def test_head_loss_matches_float64(divergence, kd_w, lm_w):
     labels = torch.randint(0, Vo, (N,))
     labels[::5] = -100
     n = float((labels != -100).sum())
-    spec = dict(kd_weight=kd_w, lm_weight=lm_w, divergence=divergence, beta=0.3, temperature=1.5)
+    loss_opts = KDLossOptions(divergence=divergence, beta=0.3, temperature=1.5)
 
     # float64 truth: sum over valid rows / n of kd_w * KD + lm_w * CE, and each part alone
     zs = (hs64 @ ws64.T).requires_grad_(True)
@@ -56,12 +56,12 @@ def test_head_loss_matches_float64(divergence, kd_w, lm_w):
     g_ref = torch.autograd.grad(total_ref, zs)[0]
     gh_ref, gw_ref = g_ref @ ws64, g_ref.T @ hs64
 
-    for impl in ("fused", "materialized"):
+    for materialized in (False, True):
         hs = hs64.float().requires_grad_(True)
         head = _head(ws64.float().clone())
         # two micro-batches, each divided by the step's token count, sum to the per-token mean
         outs = [head_loss(hs[sl], head, TeacherHidden(ht64[sl].float(), wt64.float()) if kd_w else None, labels[sl],
-                          spec=KDSpec(impl=impl, **spec), num_items=n) for sl in (slice(0, 20), slice(20, N))]
+                          spec=KDSpec(kd_w, lm_w, materialized=materialized, loss=loss_opts), num_items=n) for sl in (slice(0, 20), slice(20, N))]
         loss = sum(o["loss"] for o in outs)
         gh, gw = torch.autograd.grad(loss, (hs, head.weight))
         torch.testing.assert_close(loss.double(), total_ref, rtol=2e-5, atol=2e-6)
@@ -100,7 +100,7 @@ def test_teacher_as_model_cached_hidden_states_or_full_topk_agree():
     ids = torch.randint(0, V, (3, 11))
     mask = torch.ones_like(ids)
     mask[2, 7:] = 0
-    spec = KDSpec(temperature=2.0)
+    spec = KDSpec(loss=KDLossOptions(temperature=2.0))
     ref = kd_step(student, teacher, ids, mask, spec=spec)
     cached = ks.teacher_hidden(teacher, ids, mask)
     assert cached.hidden.shape == (3 * 10, 48)
@@ -119,8 +119,8 @@ def test_teacher_as_model_cached_hidden_states_or_full_topk_agree():
     torch.testing.assert_close(kd_step(student, rows, ids, mask, spec=spec)["loss"], ref["loss"], rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match=r"TopKTeacher.values has shape \(5, 131\)"):
         kd_step(student, TopKTeacher(vals[0, :5], idx[0, :5]), ids, mask, spec=spec)
-    with pytest.raises(ValueError, match="needs impl='fused'"):
-        kd_step(student, TopKTeacher(vals, idx), ids, spec=KDSpec(impl="materialized"))
+    with pytest.raises(ValueError, match="a top-k teacher runs through the fused loss: materialized=True"):
+        kd_step(student, TopKTeacher(vals, idx), ids, spec=KDSpec(materialized=True))
 
 
 def test_topk_tail_bucket_reaches_the_op():
@@ -209,7 +209,7 @@ def test_softcap_and_padded_vocabulary_from_the_configs():
     opts = ks.head_options(student, teacher, n_tokens=V)
     assert opts == {"softcap": 3.0, "vocab_size": V}
     ids = torch.randint(0, V, (2, 10))
-    spec = KDSpec(lm_weight=0.5, **opts)
+    spec = KDSpec(lm_weight=0.5, loss=KDLossOptions(**opts))
     with torch.no_grad():
         zs = student(input_ids=ids).logits[:, :-1, :V].reshape(-1, V).double()
         zt = teacher(input_ids=ids).logits[:, :-1].reshape(-1, V).double()
@@ -217,8 +217,9 @@ def test_softcap_and_padded_vocabulary_from_the_configs():
     zs, zt = 3.0 * torch.tanh(zs / 3.0), 3.0 * torch.tanh(zt / 3.0)
     labels = ids[:, 1:].reshape(-1)
     ref = kd_loss_reference(zs, zt, labels=labels, hard_label_weight=0.5)
-    for impl in ("fused", "materialized"):
-        out = kd_step(student, teacher, ids, spec=KDSpec(impl=impl, lm_weight=0.5, **opts))
+    for materialized in (False, True):
+        out = kd_step(student, teacher, ids, spec=KDSpec(lm_weight=0.5, materialized=materialized,
+                                                         loss=KDLossOptions(**opts)))
         torch.testing.assert_close(out["loss"].double(), ref, rtol=2e-5, atol=2e-6)
     with pytest.raises(ks.KDSetupError, match="softcap is None but the student's 3.0"):
         ks.head_options(student, _tiny(48, 1, 1))
@@ -241,8 +242,9 @@ def test_gemma2_softcap_reaches_the_loss(tiny_builders):
         zt = teacher(input_ids=ids).logits[:, :-1].reshape(-1, 137)
     assert zs.abs().max() <= 3.0  # transformers applied the cap
     ref = kd_loss_reference(zs, zt, labels=ids[:, 1:].reshape(-1), temperature=2.0, hard_label_weight=0.3)
-    for impl in ("fused", "materialized"):
-        out = kd_step(student, teacher, ids, spec=KDSpec(impl=impl, temperature=2.0, lm_weight=0.3, **opts))
+    for materialized in (False, True):
+        out = kd_step(student, teacher, ids, spec=KDSpec(lm_weight=0.3, materialized=materialized,
+                                                         loss=KDLossOptions(temperature=2.0, **opts)))
         torch.testing.assert_close(out["loss"].double(), ref, rtol=2e-5, atol=2e-6)
-    uncapped = kd_step(student, teacher, ids, spec=KDSpec(temperature=2.0, lm_weight=0.3))["loss"]
+    uncapped = kd_step(student, teacher, ids, spec=KDSpec(lm_weight=0.3, loss=KDLossOptions(temperature=2.0)))["loss"]
     assert abs(float(uncapped) - float(ref)) > 1e-3  # without the cap it is another objective

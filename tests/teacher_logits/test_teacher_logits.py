@@ -89,13 +89,13 @@ def test_truncated_rows_equal_a_smaller_top_k():
 
 def _head_loss(h, W, v, i, t, labels, *, divergence, temperature, num_items):
     """The trainer's loss path: the one KD step's head loss with a top-k teacher."""
-    from minitron_fast.ops.kd_step import KDSpec, TopKTeacher, head_loss
+    from minitron_fast.ops.kd_step import KDLossOptions, KDSpec, TopKTeacher, head_loss
 
     head = torch.nn.Linear(W.shape[1], W.shape[0], bias=False, dtype=W.dtype)
     head.weight.data.copy_(W)
     head.weight.requires_grad_(False)
     return head_loss(h, head, TopKTeacher(v, i, t), labels, num_items=num_items,
-                     spec=KDSpec(divergence=divergence, temperature=temperature))["loss"]
+                     spec=KDSpec(loss=KDLossOptions(divergence=divergence, temperature=temperature)))["loss"]
 
 
 @pytest.mark.parametrize("semantics,divergence", [  # reverse KL is infinite against a renormalized top-k

@@ -2,8 +2,10 @@
 
 ``fused_linear_kd_loss`` takes it (``options=``), and its option keywords are its fields with the
 same names and defaults (``tests/ops/test_kd_params.py`` holds the two together); the
-``FusedLinearKDLoss`` module is built on it and the TRL integration passes it on. Validation is
-torch-free (the divergence registry is), so a config can check its loss options without torch.
+``FusedLinearKDLoss`` module is built on it, the KD step's ``KDSpec`` holds it (``ops.kd_spec``),
+the trainer's recipe section ``loss`` is generated from it (``distill.config.loss_section``), and
+``KDTrainer`` and the TRL integration take it. Validation is torch-free (the divergence registry
+is), so a config can check its loss options without torch.
 
 Example:
     >>> opts = KDLossOptions(divergence="jsd", beta=0.5, temperature=2.0).validate()
@@ -54,9 +56,9 @@ class KDLossOptions:
     vocab_size: int | None = None
 
     def validate(self) -> "KDLossOptions":
-        """Raises a one-line ``KDInputError`` naming the first bad option; returns self. (The row
-        ``impl`` is checked when a call resolves it against its tensors, ``vocab_size`` against
-        the heads.)"""
+        """Raises a one-line ``KDInputError`` naming the first bad option; returns self. (Whether
+        the row ``impl`` can run a call is checked when the call resolves it against its tensors,
+        ``vocab_size`` against the heads.)"""
         if self.divergence not in REGISTRY:
             raise KDInputError(f"divergence must be one of {names()}, got {self.divergence!r}")
         if not (isinstance(self.beta, (int, float)) and 0.0 <= float(self.beta) <= 1.0):
@@ -70,6 +72,8 @@ class KDLossOptions:
             raise KDInputError(f"hard_label_weight must be >= 0, got {self.hard_label_weight!r}")
         if self.chunk_size is not None and (not isinstance(self.chunk_size, int) or self.chunk_size < 1):
             raise KDInputError(f"chunk_size must be a positive int, got {self.chunk_size!r}")
+        if self.impl not in ROW_IMPLS:
+            raise KDInputError(f"impl={self.impl!r} is not one of {ROW_IMPLS}")
         check_softcap(self.softcap)
         return self
 

@@ -1,9 +1,12 @@
-"""The distillation stage's side of the losses: the KD step's options from a recipe and the two
-models, and the intermediate-state loss's layer pairs and projection.
+"""The distillation stage's KD set-up: the KD step's ``KDSpec`` from the recipe's ``loss`` section
+and what the two models say (softcap, shared vocabulary), the tokenizer check, and the
+intermediate-state loss's layer pairs and projection. No loss is computed here.
 
 The step itself (decoders, lm_heads gathered under ZeRO-3, one fused-loss call returning its KD and
 CE parts, the intermediate MSE) is ``minitron_fast.ops.kd_step``, shared with search, the
-HF Trainer integration and the benchmarks.
+HF Trainer and TRL integrations and the benchmarks; the loss's options are one dataclass,
+``ops.kd_loss.params.KDLossOptions``, from which the recipe's loss section is generated
+(``distill.config.LossConfig``).
 
 Intermediate-state loss: for each pair ``[s, t]``, the MSE between ``proj(raw output of student
 layer s)`` and the raw output of teacher layer ``t`` (pre-final-norm on both sides, the last layer
@@ -22,8 +25,8 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from minitron_fast.distill.config import ConfigError, LossConfig
-from minitron_fast.ops.kd_step import IGNORE_INDEX, KDSetupError, KDSpec  # noqa: F401  (re-exported)
+from minitron_fast.distill.config import LOSS_STEP_KEYS, ConfigError, LossConfig
+from minitron_fast.ops.kd_spec import IGNORE_INDEX, KDSetupError, KDSpec  # noqa: F401  (re-exported)
 
 
 def check_tokenizers(teacher_tok: Any, student_tok: Any, teacher: str, student: str) -> None:
@@ -39,12 +42,12 @@ def check_tokenizers(teacher_tok: Any, student_tok: Any, teacher: str, student: 
                        "distill a student pruned from this teacher")
 
 
-def kd_spec(loss: LossConfig, *, inter_weight: float = 0.0, softcap: float | None = None,
-            vocab_size: int | None = None) -> KDSpec:
-    """The KD step's options from the recipe's ``loss`` section and what the models say."""
-    return KDSpec(kd_weight=loss.kd_weight, lm_weight=loss.lm_weight, inter_weight=inter_weight,
-                  divergence=loss.divergence, beta=loss.beta, temperature=loss.temperature, impl=loss.impl,
-                  chunk_size=loss.chunk_size, softcap=softcap, vocab_size=vocab_size)
+def kd_spec(loss: LossConfig, *, inter_weight: float = 0.0, **model_facts: Any) -> KDSpec:
+    """The KD step's spec from the recipe's ``loss`` section (its ``LOSS_STEP_KEYS`` and the loss
+    options, ``LossConfig.options``) and what the models say (``model_facts``: ``softcap``,
+    ``vocab_size``, as ``ops.kd_step.head_options`` returns them)."""
+    return KDSpec(**{k: getattr(loss, k) for k in LOSS_STEP_KEYS}, inter_weight=inter_weight,
+                  loss=loss.options(**model_facts))
 
 
 # -- intermediate-state loss --------------------------------------------------------------------------
