@@ -97,16 +97,84 @@ def decoder_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
     return base, head
 
 
+# -- a causal forward without transformers' mask code ----------------------------------------------
+#
+# For a batch of full blocks (no attention_mask, no cache), transformers' mask code ends in no mask
+# at all (SDPA's ``is_causal``; flash-attention's causal kernel), but it reads the device to decide
+# so: ``find_packed_sequence_indices`` (``(...).all()`` on the position ids) and, with an all-ones
+# mask, ``_ignore_causal_mask_sdpa``. One host sync per decoder forward: the student's, and the live
+# teacher's. Running the forward under an alias of the same attention function that has no mask
+# function registered (transformers' ``AttentionInterface.register``) makes ``create_causal_mask``
+# return None without reading anything: the same SDPA kernel with the same ``is_causal``. Only for
+# full-attention models (a sliding window needs its mask) on ``sdpa``: eager needs an explicit mask,
+# and flash-attention's helpers look at the implementation's name (untested here: no GPU).
+
+_CAUSAL_ALIAS = "minitron_causal_"
+_ALIASABLE = ("sdpa",)
+
+
+def _full_attention_only(config: Any) -> bool:
+    types = getattr(config, "layer_types", None)
+    if types is not None:
+        return all(t == "full_attention" for t in types)
+    return getattr(config, "sliding_window", None) in (None, 0) or getattr(config, "use_sliding_window", True) is False
+
+
+def _causal_alias(config: Any) -> str | None:
+    """The registered mask-free alias of ``config``'s attention implementation, or None where
+    the model needs transformers' mask."""
+    impl = getattr(config, "_attn_implementation", None)
+    if impl not in _ALIASABLE or not _full_attention_only(config):
+        return None
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+
+    name = _CAUSAL_ALIAS + impl
+    if name not in AttentionInterface._global_mapping:
+        AttentionInterface.register(name, AttentionInterface._global_mapping[impl])
+    if name in ALL_MASK_ATTENTION_FUNCTIONS._global_mapping:  # someone registered a mask for it
+        return None
+    return name
+
+
+class _MaskFree:
+    """Runs a forward with ``config``'s attention implementation swapped for its mask-free alias."""
+
+    def __init__(self, config: Any):
+        self.config, self.alias = config, _causal_alias(config)
+
+    def __enter__(self):
+        if self.alias is not None:
+            self.saved = self.config._attn_implementation_internal
+            self.config._attn_implementation_internal = self.alias
+        return self
+
+    def __exit__(self, *exc):
+        if self.alias is not None:
+            self.config._attn_implementation_internal = self.saved
+        return False
+
+
 def decoder_states(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None = None,
                    layers: Sequence[int] = ()) -> tuple[Tensor, list[Tensor]]:
     """Runs the decoder of ``model`` (no lm_head): returns the final hidden states ``[B, T, H]``
     (after the final norm) and the **raw** outputs ``[B, T, H]`` of decoder ``layers`` (0-based,
     before any final norm, the last layer included: transformers 5's last ``hidden_states`` entry
-    is the final-norm output instead, which would compare unlike with like)."""
+    is the final-norm output instead, which would compare unlike with like).
+
+    Without ``attention_mask`` (full blocks), a full-attention model on SDPA runs with no mask
+    and no host read in transformers' mask code (see ``_MaskFree``)."""
     base, _ = decoder_and_head(model)
     kwargs: dict[str, Any] = {"input_ids": input_ids, "use_cache": False}
     if attention_mask is not None:
         kwargs["attention_mask"] = attention_mask
+        return _decoder_states(model, base, kwargs, layers)
+    with _MaskFree(base.config):
+        return _decoder_states(model, base, kwargs, layers)
+
+
+def _decoder_states(model: nn.Module, base: nn.Module, kwargs: dict[str, Any],
+                    layers: Sequence[int]) -> tuple[Tensor, list[Tensor]]:
     if not layers:
         return base(**kwargs).last_hidden_state, []
     from minitron_fast.models import get_view

@@ -13,8 +13,10 @@ These tests run on the CPU, where there is no device to wait for: they count **e
 on any tensor during the step, a proxy for the syncs the same code makes on a GPU (the calls are
 the same code path). The counter wraps the Python-level methods of ``torch.Tensor``, so a read
 torch makes inside C++ would go unseen; the first test checks that the counter sees each kind of
-read. The step's two reads: the op's one, and one in transformers' mask code for the student's
-decoder (``find_packed_sequence_indices``), which is not ours to remove.
+read. The step's one read is the op's: transformers' mask code, which read once per decoder forward
+(``find_packed_sequence_indices``; ``_ignore_causal_mask_sdpa`` with an all-ones mask), is skipped
+for full blocks on full-attention SDPA models (``kd_step._MaskFree``), so a
+live teacher adds none.
 """
 from __future__ import annotations
 
@@ -155,3 +157,63 @@ def test_a_tensor_num_items_is_checked_when_read():
         fused_linear_kd_loss(h, W, th, tW, num_items=torch.tensor([3.0, 4.0]))
     loss = fused_linear_kd_loss(h, W, th, tW, num_items=torch.tensor(8))
     torch.testing.assert_close(loss * 8, fused_linear_kd_loss(h, W, th, tW, reduction="sum"))
+
+
+def _live_pair(attn="sdpa", **cfg_kw):
+    from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig
+
+    def make(hidden, seed):
+        torch.manual_seed(seed)
+        cls = MistralConfig if "sliding_window" in cfg_kw else LlamaConfig
+        cfg = cls(vocab_size=V, hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, initializer_range=0.2,
+                  **cfg_kw)
+        return AutoModelForCausalLM.from_config(cfg, attn_implementation=attn).eval()
+    return make(32, 0), make(48, 1)
+
+
+def test_a_live_teacher_step_reads_the_host_once_and_equals_the_masked_path(host_reads):
+    """Student and live teacher on SDPA, full blocks: the step's only read is the fused loss's; its
+    loss and gradients equal the same step through transformers' own mask code (an all-ones
+    attention_mask, which takes that path)."""
+    student, teacher = _live_pair()
+    ids = torch.randint(0, V, (3, 13))
+    spec = KDSpec(lm_weight=0.5, loss=KDLossOptions(impl="torch", chunk_size=8))
+    host_reads.clear()
+    out = kd_step(student, teacher, ids, spec=spec)
+    out["loss"].backward()
+    assert len(host_reads) == 1, _where(host_reads)
+    grads = [p.grad.clone() for p in student.parameters()]
+    student.zero_grad()
+    ref = kd_step(student, teacher, ids, attention_mask=torch.ones_like(ids), spec=spec)
+    ref["loss"].backward()
+    torch.testing.assert_close(out["loss"].detach(), ref["loss"].detach(), rtol=1e-6, atol=1e-7)
+    for g, p in zip(grads, student.parameters()):
+        torch.testing.assert_close(g, p.grad, rtol=1e-5, atol=1e-7)
+    assert student.config._attn_implementation == teacher.config._attn_implementation == "sdpa"
+
+
+@pytest.mark.parametrize("case", ["eager", "sliding_window"])
+def test_models_that_need_their_mask_keep_it(host_reads, case):
+    """Eager attention needs an explicit causal mask, a sliding window its band: neither runs
+    mask-free (transformers' mask code runs, with its read), and the result is the stock forward's."""
+    from minitron_fast.ops.kd_step import _causal_alias, decoder_states
+
+    kw = {"attn": "eager"} if case == "eager" else {"sliding_window": 4}
+    student, _ = _live_pair(**kw)
+    assert _causal_alias(student.config) is None
+    ids = torch.randint(0, V, (2, 11))
+    with torch.no_grad():
+        host_reads.clear()
+        h, _ = decoder_states(student, ids)
+        assert host_reads, "transformers' mask code should have run"
+        torch.testing.assert_close(h, student.model(input_ids=ids).last_hidden_state)
+
+
+def test_the_attention_implementation_is_restored_when_the_forward_raises():
+    from minitron_fast.ops.kd_step import decoder_states
+
+    student, _ = _live_pair()
+    with pytest.raises(Exception):
+        decoder_states(student, torch.full((1, 5), V + 10))  # an id past the vocabulary
+    assert student.config._attn_implementation == "sdpa"
