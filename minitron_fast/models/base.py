@@ -209,6 +209,17 @@ class ModelView:
     # the attention implementation stages load this family with when flash-attn is not used
     default_attn_implementation: ClassVar[str] = "sdpa"
 
+    @classmethod
+    def full_attention_only(cls, config: Any) -> bool:
+        """True when every layer of ``config`` is full causal attention (no sliding window), so a
+        batch of full blocks needs no mask beyond SDPA's ``is_causal`` (the KD step's mask-free
+        forward, ``ops.kd_step._MaskFree``)."""
+        types = getattr(config, "layer_types", None)
+        if types is not None:
+            return all(t == "full_attention" for t in types)
+        return (getattr(config, "sliding_window", None) in (None, 0)
+                or getattr(config, "use_sliding_window", True) is False)
+
     def __init__(self, model: nn.Module):
         self.model = model
         self.config = model.config

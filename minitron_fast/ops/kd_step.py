@@ -114,10 +114,13 @@ _ALIASABLE = ("sdpa",)
 
 
 def _full_attention_only(config: Any) -> bool:
-    types = getattr(config, "layer_types", None)
-    if types is not None:
-        return all(t == "full_attention" for t in types)
-    return getattr(config, "sliding_window", None) in (None, 0) or getattr(config, "use_sliding_window", True) is False
+    from minitron_fast.errors import UnsupportedModelError
+    from minitron_fast.models import view_class_for_config
+
+    try:
+        return view_class_for_config(config).full_attention_only(config)
+    except UnsupportedModelError:  # a family we do not know: keep transformers' mask
+        return False
 
 
 def _causal_alias(config: Any) -> str | None:
