@@ -52,7 +52,13 @@ from typing import Any
 from minitron_fast.errors import MinitronError
 
 GB = 1e9
-HEADROOM = 0.9   # plan against 90% of the GPU: CUDA context, NCCL buffers, allocator fragmentation
+HEADROOM = 0.9   # plan against 90% of the GPU: NCCL buffers, allocator fragmentation
+# Each process that touches a GPU holds a CUDA context there (the driver's state and the kernels
+# torch loads lazily), outside torch's allocator: about 0.5 GB per process on an H100 with torch 2.x
+# (a figure from public reports, not measured here: no GPU). A training rank holds one; in a
+# pipeline run, rank 0 shares cuda:0 with the pipeline process, which ran teacher_eval and
+# importance there in-process and keeps its context after emptying its cache.
+CUDA_CONTEXT = 0.5 * GB
 
 from minitron_fast.models.known_configs import DEMO_MODEL, KNOWN_CONFIGS  # noqa: E402  (facts of the models)
 
@@ -377,6 +383,7 @@ def plan(cfg: Any, teacher: ModelStats | None, student: ModelStats, world: int, 
     if cfg.mode == "distill" and teacher is not None and ds.teacher_zero3:
         kd += V * teacher.hidden * b                                  # the teacher lm_head, gathered
     parts["kd_loss"] = kd
+    parts["cuda_context"] = CUDA_CONTEXT
     est = _ds_student_states(P, student.largest_layer, W, stage, ds.bf16, ds.offload_optimizer)
     return Plan(title=title, world=W, dtype="bf16" if ds.bf16 else "fp32", parts=parts, activations_full=full + hidden_states,
                 activations_ckpt=ckpt + hidden_states, checkpointing=cfg.activation_checkpointing, gpu_mem=gpu_mem,
@@ -526,6 +533,8 @@ def load_plan(stage: str, s: ModelStats, *, section: str, dtype: str | None, dev
             row_notes["logits"] = "fp32 [rows, V] chunks of the top-k"
         parts.update(extra or {})
         row_notes.update(extra_notes or {})
+        parts["cuda_context"] = CUDA_CONTEXT
+        row_notes["cuda_context"] = "the pipeline process's CUDA context"
     else:
         notes.append(f"runs on the CPU: {s.params * b / GB:.1f} GB of weights in host memory")
     return StagePlan(title=title or stage, world=G if on_gpu else 1, dtype=DTYPE_SHORT[dtype], parts=parts,
@@ -667,6 +676,8 @@ def plan_recipe(recipe: str | os.PathLike, overrides: list[str] = (), *, gpu_mem
         else:   # correct_teacher trains the teacher, scratch a student-shaped model
             p = plan(cfg, None, t_stats if section == "correct_teacher" else s_stats, W, gpu_mem=mem, title=title)
         p.stage = section
+        p.parts["cuda_context"] += CUDA_CONTEXT   # the pipeline process's, beside rank 0 on cuda:0
+        p.notes.append("cuda_context: this rank's and, on cuda:0, the pipeline process's")
         plans[section] = (p, cfg)
     for p, sec in stage_plans(r, t_stats, s_stats, node_gpus, gpu_mem=mem):
         plans[p.stage] = (p, sec)
