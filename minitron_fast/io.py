@@ -17,6 +17,7 @@ input; ``--overwrite`` only replaces what minitron_fast itself wrote; modes foll
 from __future__ import annotations
 
 import contextlib
+import functools
 import errno
 import hashlib
 import json
@@ -557,3 +558,51 @@ def peak_rss_mb() -> float:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+# -- the process's allocator (glibc) ----------------------------------------------------------------
+
+@functools.lru_cache(maxsize=1)
+def _libc():
+    """glibc, or None (not glibc). Looked up once: ``find_library`` runs ldconfig."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+    except OSError:  # pragma: no cover - not glibc
+        return None
+    return libc if libc is not None and hasattr(libc, "malloc_trim") and hasattr(libc, "mallopt") else None
+
+
+def release_freed_memory() -> None:
+    """Returns freed heap memory to the OS (glibc ``malloc_trim``; a no-op elsewhere). Building a
+    model under ``zero.Init`` allocates and frees every whole parameter once, and each CPU step
+    frees its gathered parameters, full-size gradients and temporaries; glibc would otherwise
+    keep those pages resident (measured on a 2-rank ZeRO-3 CPU rehearsal, 344 M teacher: the
+    resident size between steps grew 2.8 -> 3.1 -> 3.2 GB over three steps; trimmed after each
+    step it stays at 2.45 GB)."""
+    libc = _libc()
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
+MMAP_THRESHOLD = 4 << 20  # bytes: CPU training blocks of this size or more are mapped, and unmapped when freed
+_M_MMAP_THRESHOLD = -3  # mallopt's parameter number (malloc.h)
+
+
+def cap_heap_retention(threshold: int = MMAP_THRESHOLD) -> bool:
+    """Makes glibc serve allocations of ``threshold`` bytes or more with their own mappings,
+    returned to the OS as soon as they are freed (``mallopt(M_MMAP_THRESHOLD)``). By default
+    glibc raises that threshold to the size of each mapped block freed, up to 32 MB, after which
+    a ZeRO-3 CPU rank's per-module gathers (4-16 MB each), recomputed activations and loss
+    chunks come from the heap and stay resident once freed, unusable by the 100+ MB blocks
+    (heads, their gradients) that are mapped anyway. Measured on ``bench scale`` (2 ranks, 1.17 B
+    bf16 teacher): each rank's head-loss peak fell from ~5.6 to ~5.15 GB (rss before the step
+    4.37 GB), the single process's peak was unchanged. A no-op (False) off glibc, or when the
+    user set ``MALLOC_MMAP_THRESHOLD_`` themselves."""
+    if "MALLOC_MMAP_THRESHOLD_" in os.environ:
+        return False
+    libc = _libc()
+    return bool(libc is not None and libc.mallopt(_M_MMAP_THRESHOLD, int(threshold)) == 1)
