@@ -9,7 +9,12 @@ Budgets (``budget``; exact parameter counts, tied embeddings counted once; for S
   express, FFN whose count is nearest D's (SmolLM2: hidden 477 + FFN 1168, 95,597,001; the 480
   first asked is not a multiple of its 9 heads, which transformers' ``LlamaConfig`` refuses).
 
-Rows (``impl``): ours start with ``minitron_fast``; ``torch_pruning_l2`` / ``torch_pruning_taylor``
+Rows (``impl``): ours start with ``minitron_fast``. In D, ``minitron_fast_bi`` drops the contiguous
+block of lowest Block Importance (the second Minitron paper's choice, the pipeline's default),
+``minitron_fast_bi_top`` the layers of lowest Block Importance wherever they are
+(``prune.depth_mode: top``, the first paper's), ``minitron_fast_lm_loss`` the layers whose removal
+alone raises the LM loss least (the first paper's other metric) and ``minitron_fast_lm_loss_block``
+the contiguous block whose removal raises it least. ``torch_pruning_l2`` / ``torch_pruning_taylor``
 run Torch-Pruning's ``BasePruner`` with ``GroupMagnitudeImportance(p=2)`` /
 ``GroupTaylorImportance()`` through its documented API (the driver is ours: its LLM example is not
 in the wheel); ``shortgpt_bi`` (Block Influence 1 - cos(layer input, output), mean over tokens;
@@ -76,7 +81,10 @@ IMPLS: dict[tuple[str, str], Impl] = {
     ("W", "random_neurons"): Impl("W", "prune_random", source="control"),
     ("W", "model_optimizer"): Impl("W", "prune_model_optimizer", "nvidia-modelopt", "NVIDIA Model-Optimizer"),
     ("D", "minitron_fast_bi"): Impl("D", "prune_ours", kwargs=(("depth_metric", "block_importance"),)),
-    ("D", "minitron_fast_lm_loss"): Impl("D", "prune_ours", kwargs=(("depth_metric", "lm_loss"),)),
+    ("D", "minitron_fast_bi_top"): Impl("D", "prune_ours", kwargs=(("depth_metric", "block_importance"),
+                                                                  ("depth_mode", "top"))),
+    ("D", "minitron_fast_lm_loss"): Impl("D", "prune_ours", kwargs=(("depth_metric", "lm_loss"),
+                                                                   ("depth_mode", "top"))),
     ("D", "minitron_fast_lm_loss_block"): Impl("D", "prune_ours", kwargs=(("depth_metric", "lm_loss_block"),)),
     ("D", "shortgpt_bi"): Impl("D", "prune_depth_formula", source="ShortGPT (arXiv 2403.03853), formula",
                                kwargs=(("formula", "shortgpt"),)),
@@ -307,7 +315,7 @@ def _geometry(ctx: Ctx):
     return view_class_for_config(config).geometry_of(config), target_geometry(config, ctx.target)
 
 
-def prune_ours(ctx: Ctx, depth_metric: str = "block_importance") -> Any:
+def prune_ours(ctx: Ctx, depth_metric: str = "block_importance", depth_mode: str = "contiguous") -> Any:
     """minitron_fast's public stages: importance (one forward pass over the calibration blocks; for
     the LM-loss depth metrics, each skipped layer / block evaluated on the first ``lm_blocks`` of
     them), the prune plan (defaults: contiguous depth blocks), in-place surgery."""
@@ -324,7 +332,7 @@ def prune_ours(ctx: Ctx, depth_metric: str = "block_importance") -> Any:
         scores = {"depth.lm_loss": d["per_layer"]} if depth_metric == "lm_loss" else {"depth.lm_loss_block": d["block"]}
     else:
         scores = compute_importance(model, ctx.calib, batch_size=8, progress=False)
-    return apply_plan(model, make_plan(model, scores, ctx.target, depth_metric=depth_metric))
+    return apply_plan(model, make_plan(model, scores, ctx.target, depth_metric=depth_metric, depth_mode=depth_mode))
 
 
 def prune_random(ctx: Ctx) -> Any:
