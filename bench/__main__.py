@@ -26,6 +26,7 @@ BENCHES: dict[str, str] = {
     "paper_claims": "bench.paper_claims",
     "scale": "bench.scale",
     "peers": "bench.peers",
+    "trl_trainer": "bench.trl_trainer",
     # needs a CUDA GPU (its CPU rehearsal is `python -m bench device_check --tiny`); `all` runs it
     # only where one is visible
     "device_check": "bench.device_check",
