@@ -227,6 +227,9 @@ RANK = """
         except tr.MinitronError as exc:
             res = {"error": str(exc)}
         print(json.dumps({"scenario": name, **res}), flush=True)
+    if dist.is_initialized():  # a clean exit: gloo's threads torn down before the interpreter's
+        dist.barrier()         # (left to exit, a rank aborted now and then: "terminate called
+        dist.destroy_process_group()  # without an active exception", status -6)
 """
 
 
