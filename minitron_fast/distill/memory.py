@@ -572,8 +572,13 @@ def stage_plans(r: Any, teacher: ModelStats, student: ModelStats, node_gpus: int
         add("teacher_logits", teacher, tl, section="teacher_logits", seqs=tl.batch_size, T=tl.seq_len,
             logits="chunked")
     Ti = imp.seq_len or T
-    add("importance", teacher, imp, section="importance", seqs=imp.batch_size, T=Ti,
-        logits="heldout" if imp.depth_lm_loss else "none")
+    if imp.depth_lm_loss:   # every layer's input of one batch, recorded for the skipped runs (importance/depth.py)
+        rec = float(teacher.layers * imp.batch_size * Ti * teacher.hidden * DTYPE_BYTES[imp.dtype or "float32"])
+        add("importance", teacher, imp, section="importance", seqs=imp.batch_size, T=Ti, logits="heldout",
+            extra={"layer_inputs": rec},
+            extra_notes={"layer_inputs": f"{teacher.layers} layers' inputs of one batch, for the skipped-layer runs"})
+    else:
+        add("importance", teacher, imp, section="importance", seqs=imp.batch_size, T=Ti, logits="none")
     if se.enabled:
         b = DTYPE_BYTES[se.dtype or "float32"]
         from minitron_fast.artifacts.targets import parse_budget_spec

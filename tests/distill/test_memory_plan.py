@@ -185,3 +185,23 @@ def test_every_plan_counts_the_cuda_contexts_on_its_gpu():
     cfg = next(c for p, c in plans if p.kind == "train")
     alone = plan(cfg, None, ModelStats.of(model_config("demo")), 1)
     assert alone.parts["cuda_context"] == CUDA_CONTEXT   # a trainer on its own: its rank's context only
+
+
+def test_importance_plan_counts_the_recorded_layer_inputs_of_depth_lm_loss():
+    """depth_lm_loss records every layer's input of one batch; the importance plan counts them
+    (L x batch x T x hidden x dtype bytes) only when the recipe asks for it."""
+    from minitron_fast.distill.memory import DTYPE_BYTES, ModelStats, model_config, plan_recipe
+    from minitron_fast.pipeline.recipe import load_recipe
+
+    name, over = "llama3.1-8b-to-4b-width", ["importance.depth_lm_loss=true", "importance.dtype=bfloat16"]
+
+    def importance(o):
+        return next(p for p, _ in plan_recipe(name, o, gpu_mem="80GB") if p.stage == "importance")
+
+    assert "layer_inputs" not in importance([]).parts
+    r = load_recipe(name, over)
+    t = ModelStats.of(model_config(r.teacher))
+    want = t.layers * r.importance.batch_size * (r.importance.seq_len or r.data.seq_len) * t.hidden * DTYPE_BYTES["bfloat16"]
+    p = importance(over)
+    assert p.parts["layer_inputs"] == pytest.approx(want, rel=1e-9) and want > 1e8
+    assert p.total >= p.parts["layer_inputs"] + p.parts["weights"]

@@ -97,3 +97,60 @@ def test_unsupported_family(tmp_path, capsys):
     GPT2Config(n_layer=1, n_embd=8, n_head=2).save_pretrained(tmp_path)
     assert main(["importance", "--model", str(tmp_path), "--out", str(tmp_path / "x" / "s.safetensors")]) == 2
     assert "unsupported model family" in capsys.readouterr().err
+
+
+def _depth_by_whole_forwards(model, blocks, block_size, batch_size):
+    """The definition: every skipped run's loss from whole forwards with the run's layers skipped."""
+    L = len(model.model.layers)
+    runs = [[i] for i in range(L)] + [list(range(s, s + block_size)) for s in range(L - block_size + 1)]
+    out = []
+    for idx in runs:
+        with skip_layers(model, idx):
+            out.append(heldout_loss(model, blocks, batch_size=batch_size))
+    return out[:L], out[L:]
+
+
+def _count_layer_calls(model):
+    calls = [0]
+    for layer in model.model.layers:
+        layer.register_forward_hook(lambda *a: calls.__setitem__(0, calls[0] + 1))
+    return calls
+
+
+def test_depth_lm_loss_resumed_runs_equal_whole_forwards(tiny_model):
+    """Each family (sliding-window Gemma, soft-capped logits, biases, rope scaling): the runs that
+    resume from a recorded layer input give the losses of whole forwards with the layers skipped,
+    over batches of unequal size, and compute only the layers after each run."""
+    model = tiny_model
+    L = len(model.model.layers)
+    blocks = torch.randint(0, model.config.vocab_size, (5, 11))
+    k = 2 if L > 2 else 1
+    per_layer, block = _depth_by_whole_forwards(model, blocks, k, batch_size=2)
+    calls = _count_layer_calls(model)
+    d = depth_lm_loss(model, blocks, block_size=k, batch_size=2, progress=False)
+    torch.testing.assert_close(d["per_layer"], torch.tensor(per_layer), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(d["block"], torch.tensor(block), rtol=1e-6, atol=1e-6)
+    # per batch: one whole forward, then layers e+1.. for every run s..e (not L-1 or L-2 each)
+    resumed = sum(L - 1 - i for i in range(L)) + sum(L - 1 - (s + k - 1) for s in range(L - k + 1))
+    assert calls[0] == 3 * (L + resumed)
+    assert all(type(m).__name__ not in ("_SkipLayer", "_InjectLayer") for m in model.model.layers)   # restored
+
+
+def test_depth_lm_loss_restores_layers_after_an_error(tiny_builders, monkeypatch):
+    from minitron_fast.importance import depth as depth_mod
+
+    model = tiny_builders["llama"](num_hidden_layers=3)
+    layers = list(model.model.layers)
+    real = depth_mod._nll_sum
+    n = [0]
+
+    def failing(m, ids):
+        n[0] += 1
+        if n[0] == 3:
+            raise RuntimeError("boom")
+        return real(m, ids)
+
+    monkeypatch.setattr(depth_mod, "_nll_sum", failing)
+    with pytest.raises(RuntimeError, match="boom"):
+        depth_lm_loss(model, torch.randint(0, 131, (2, 8)), progress=False)
+    assert list(model.model.layers) == layers
