@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
 import math
 import os
 import shutil
@@ -583,6 +584,7 @@ def row_case(budget: str, impl: str, model: str, target: str, work: str, data: s
     with torch.no_grad():
         ref = pruned(input_ids=probe, use_cache=False).logits
     attn = pruned.config._attn_implementation
+    digest = weights_digest(pruned)
     pruned.save_pretrained(ckpt)
     load_tokenizer(model).save_pretrained(ckpt)
     del pruned
@@ -598,6 +600,15 @@ def row_case(budget: str, impl: str, model: str, target: str, work: str, data: s
     # the one distillation recipe, once per data order
     from minitron_fast.distill import load_config, train
 
+    # two methods that pick the same layers (or neurons) give the same weights, and the recipe is
+    # deterministic (one seed, one data order, fixed threads): their distillation runs are run once
+    cache = w / "kd-cache" / f"{digest}.json"
+    key = {"seeds": list(seeds), "kd": kd, "data": data, "threads": threads}
+    if cache.is_file():
+        hit = json.loads(cache.read_text())
+        if hit["key"] == key:
+            shutil.rmtree(ckpt, ignore_errors=True)
+            return dict(out, kd_s=0.0, kd_losses=hit["kd_losses"], kd_reused_from=hit["impl"])
     losses = []
     t_kd = time.perf_counter()
     for s in seeds:
@@ -620,8 +631,26 @@ def row_case(budget: str, impl: str, model: str, target: str, work: str, data: s
         shutil.rmtree(run, ignore_errors=True)
     out["kd_s"] = time.perf_counter() - t_kd
     out["kd_losses"] = losses
+    cache.parent.mkdir(exist_ok=True)
+    tmp = cache.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"impl": impl, "key": key, "kd_losses": losses}))
+    tmp.replace(cache)
     shutil.rmtree(ckpt, ignore_errors=True)
     return out
+
+
+def weights_digest(model: Any) -> str:
+    """SHA-256 of a model's tensors (names, dtypes, shapes, bytes; tied tensors once)."""
+    import hashlib
+
+    import torch
+
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        t = t.detach().contiguous().cpu()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().data)
+    return h.hexdigest()
 
 
 # -- the driver ------------------------------------------------------------------------------------
@@ -754,6 +783,8 @@ def _row(budget: str, impl: str, spec: Impl, r: dict[str, Any], target: str, bud
                kd_ppl_seeds=[math.exp(x) for x in kd], prune_s=r["prune_s"], peak_mb=r["peak_mb"],
                params=r["params"], reload_max_diff=r["reload_max_diff"], oneshot_loss=r["oneshot_loss"],
                kd_loss=sum(kd) / len(kd), kd_s=r["kd_s"])
+    if r.get("kd_reused_from"):
+        row["kd_reused_from"] = r["kd_reused_from"]
     if r["oneshot_loss"] - teacher_loss > 1e-3:  # the share of the one-shot loss gap the recipe closed
         row["gap_closed"] = (r["oneshot_loss"] - row["kd_loss"]) / (r["oneshot_loss"] - teacher_loss)
     problems = []
@@ -766,6 +797,8 @@ def _row(budget: str, impl: str, spec: Impl, r: dict[str, Any], target: str, bud
     row["ok"], row["ran"] = not problems, True
     if problems:
         row["note"] = "; ".join(problems)
+    elif r.get("kd_reused_from"):
+        row["note"] = f"the same weights as {r['kd_reused_from']}: its distillation runs, not run again"
     return row
 
 

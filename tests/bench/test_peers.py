@@ -72,6 +72,46 @@ def test_quick_run_rows_and_fields(quick_run):
     assert info["kd"]["steps"] * info["kd"]["batch"] * info["kd"]["seq_len"] == info["data"]["distill"]["tokens"]
     assert (d / "peers.md").read_text().count("| W") >= 5 and (d / "peers.png").stat().st_size > 1000
 
+    # a row whose pruned weights equal an earlier row's reuses that row's distillation runs
+    for r in rows:
+        if r.get("kd_reused_from"):
+            src = next(x for x in rows if x["budget"] == r["budget"] and x["impl"] == r["kd_reused_from"])
+            assert r["kd_ppl_seeds"] == src["kd_ppl_seeds"] and r["oneshot_ppl"] == src["oneshot_ppl"]
+
+
+def test_same_weights_reuse_the_distillation_runs(quick_run, monkeypatch):
+    """A row pruned again to the same weights (the seeded random layers) finds its runs in the
+    work directory's cache, keyed by the weights' digest, and returns the same losses without
+    training."""
+    from bench import peers
+
+    _, res, d = quick_run
+    work = d / "work"
+    monkeypatch.setenv("MINITRON_FAST_TOKEN_CACHE", str(work / "tokens"))
+    info = res["meta"]["peers"]
+    first = next(r for r in res["rows"] if (r["budget"], r["impl"]) == ("D", "random_layers"))
+    import minitron_fast.distill as distill
+
+    monkeypatch.setattr(distill, "train", lambda *a, **k: pytest.fail("trained again"))
+    again = peers.row_case("D", "random_layers", str(work / "tiny_teacher"), info["targets"]["D"], str(work),
+                           "demo", info["sizes"]["lm"], 0, info["seeds"], info["kd"], None)
+    assert again["kd_reused_from"] == first.get("kd_reused_from", "random_layers") and again["kd_s"] == 0.0
+    assert [math.exp(x) for x in again["kd_losses"]] == first["kd_ppl_seeds"]
+
+
+def test_weights_digest_sees_one_changed_element(tiny_builders):
+    import torch
+
+    from bench.peers import weights_digest
+
+    torch.manual_seed(0)
+    m = tiny_builders["llama"]()
+    a = weights_digest(m)
+    assert weights_digest(m) == a and len(a) == 64
+    with torch.no_grad():
+        m.model.layers[1].mlp.up_proj.weight[3, 2] += 1e-7
+    assert weights_digest(m) != a
+
 
 def test_budgets_of_smollm2_shape():
     """The issue's budgets, on SmolLM2-135M's config (nothing loaded): W 94,701,888, D 95,573,952,
