@@ -23,8 +23,9 @@ recording every case it skipped and why. Sections, in priority order:
 6. ``gpu_paths``: the kinds of defect a reading of the CUDA-only branches found (issue 23): fp16
    gradients through the fused loss against float64 under a loss scale, the live top-k teacher's
    rows at V=128,256 on the device, what the pipeline process keeps reserved after it evaluated
-   a model, and, where 2+ GPUs are visible, every Triton kernel launched on ``cuda:1`` (skipped
-   and named on one GPU, as is the 2-rank ZeRO-3 step, which this check does not run yet).
+   a model, and, where 2+ GPUs are visible, every Triton kernel launched on ``cuda:1`` and a
+   2-rank ZeRO-3 ``torchrun`` step with the fused loss against one process (both skipped and
+   named on one GPU).
    A ``kd_loss`` row of ours slower than ``KD_FLOOR_LIMIT`` x the GEMM floor fails.
 
 ``--tiny`` runs the same logic at tiny shapes on the CPU, Triton kernels under
@@ -708,13 +709,41 @@ def check_gpu_paths(dev: Device, s: Shapes) -> list[dict[str, Any]]:
         cos_ref = torch.nn.functional.cosine_similarity(x, y, dim=-1).sum(1)
         ok = torch.allclose(out, cos_ref, atol=1e-3) and torch.equal(w, want)
         rows.append(_row("gpu_paths", "Triton kernels on cuda:1 (cuda:0 current)", "triton", ok=bool(ok)))
-        rows.append(_skipped("gpu_paths", "2-rank ZeRO-3 torchrun step vs 1 rank", "distill",
-                             "not in device_check yet (tests/integrations/test_zero3.py runs it on CPU ranks)"))
+        rows.append(check_zero3_two_ranks())
     else:
         for case, impl in (("Triton kernels on cuda:1 (cuda:0 current)", "triton"),
                            ("2-rank ZeRO-3 torchrun step vs 1 rank", "distill")):
             rows.append(_skipped("gpu_paths", case, impl, f"needs 2 GPUs ({n_gpu} visible)"))
     return rows
+
+
+def check_zero3_two_ranks(accelerator: str = "cuda", timeout: float = 300) -> dict[str, Any]:
+    """``torchrun`` with 2 ranks (NCCL on cuda:0 and cuda:1) distilling a tiny student under
+    DeepSpeed ZeRO-3 with the fused loss, through the integration, the functional API and the TRL
+    divergence with the teacher partitioned too (``bench/zero3_worker.py``), against the same run in
+    one process without DeepSpeed on cuda:0. tests/integrations/test_zero3.py runs the same worker on
+    2 CPU ranks."""
+    from bench import zero3_worker as worker
+
+    case = "2-rank ZeRO-3 torchrun step vs 1 rank"
+    with tempfile.TemporaryDirectory(prefix="z3-") as d:
+        out = Path(d) / "z3.json"
+        t0 = time.perf_counter()
+        run = worker.launch(out, accelerator, timeout=timeout)
+        dt = time.perf_counter() - t0
+        if run["res"] is None:
+            return _row("gpu_paths", case, "distill", ok=False, median_s=dt,
+                        error=f"rc {run['rc']}: {_last_lines(run['stderr'])}")
+        ref_device = "cuda:0" if accelerator == "cuda" else "cpu"
+        found = worker.compare(run["res"], str(out), device=ref_device, rtol=1e-3 if accelerator == "cuda" else 1e-4)
+    ok = all(f["partitioned"] and f["losses_match"] and f["head_matches"] and f["trained"] for f in found.values())
+    return _row("gpu_paths", case, "distill", ok=ok, median_s=dt, world=run["res"]["world"],
+                loss_rel_err=max(f["loss_rel_err"] for f in found.values()),
+                modes={m: {k: v for k, v in f.items() if k != "loss_rel_err"} for m, f in found.items()})
+
+
+def _last_lines(text: str, n: int = 3) -> str:
+    return " | ".join(ln.strip() for ln in text.strip().splitlines()[-n:])[:400]
 
 
 # -- the driver -----------------------------------------------------------------------------------
