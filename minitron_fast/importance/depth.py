@@ -149,7 +149,7 @@ def depth_lm_loss(model: nn.Module, blocks: torch.Tensor, *, block_size: int | N
         >>> d = depth_lm_loss(model, token_blocks(tok, "demo", "heldout", 256, max_blocks=4), block_size=8)
         >>> d["best_block_start"]
     """
-    from minitron_fast.importance.collect import module_device
+    from minitron_fast.importance.collect import cpu_micro_batch, module_device
 
     if blocks.dim() != 2 or blocks.shape[0] == 0:
         raise MinitronError(f"held-out blocks must be a non-empty [n, T] tensor, got {tuple(blocks.shape)}")
@@ -162,7 +162,8 @@ def depth_lm_loss(model: nn.Module, blocks: torch.Tensor, *, block_size: int | N
     if device.type == "cpu":
         from minitron_fast.io import cap_heap_retention
 
-        cap_heap_retention()   # each run's freed logits otherwise stay resident (see collect.compute_importance)
+        cap_heap_retention()   # each run's freed logits otherwise stay resident (see collect.collect_importance)
+        batch_size = min(batch_size, cpu_micro_batch(model, blocks.shape[1]))   # the same losses, less memory
     runs = [(i, i) for i in range(L)]
     if block_size:
         runs += [(s, s + block_size - 1) for s in range(L - block_size + 1)]
