@@ -16,7 +16,8 @@ class ImportanceConfig(DeviceMapConfig):
                              "(the papers use 1024)")
     seq_len: int | None = opt(None, "tokens per calibration sample (default: the data's seq_len, 256 on the "
                                     "command line)")
-    batch_size: int = opt(8, "samples per forward pass")
+    batch_size: int = opt(8, "samples per forward pass (on the CPU, fewer where one sample's widest activation "
+                             "times the batch would exceed 4 MB: the scores are the same, the forwards faster)")
     seq_agg: str = opt("mean", "aggregation over the sequence (the papers' best: mean)", choices=AGGREGATIONS)
     batch_agg: str = opt("l2", "aggregation over samples (the papers' best: l2)", choices=AGGREGATIONS)
     head_score: str = opt("input", "query heads by the norm of their output before o_proj (input; the papers') or "
