@@ -188,6 +188,12 @@ def logits_bytes(s: ModelStats, seqs: int, T: int, b: int) -> float:
     return float(seqs * T * s.vocab * (b + 8))
 
 
+def per_sequence_logits_bytes(s: ModelStats, seqs: int, T: int, b: int) -> float:
+    """The logits of a loss taken a sequence at a time (``importance.depth.depth_lm_loss``): the
+    batch's ``[seqs, T, V]`` in the model dtype, and one sequence's fp32 copy and log-softmax."""
+    return float(seqs * T * s.vocab * b + T * s.vocab * 8)
+
+
 @dataclass
 class Plan:
     """Per-GPU memory of one training run, bytes (see the module doc)."""
@@ -493,7 +499,8 @@ def load_plan(stage: str, s: ModelStats, *, section: str, dtype: str | None, dev
               options: dict[str, Any] | None = None) -> StagePlan:
     """The :class:`StagePlan` of ``stage`` loading the model ``s`` in ``dtype`` (None: float32,
     the loader's default) for forwards over ``seqs`` sequences of ``T`` tokens. ``logits``:
-    ``heldout`` (the held-out loss's ``[seqs, T, V]`` logits, :func:`logits_bytes`), ``chunked``
+    ``heldout`` (the held-out loss's ``[seqs, T, V]`` logits, :func:`logits_bytes`),
+    ``per_sequence`` (a loss a sequence at a time, :func:`per_sequence_logits_bytes`), ``chunked``
     (the offline teacher's bounded chunks) or ``none`` (importance skips the lm_head). ``extra``:
     more parts (search), ``extra_notes`` their row notes; ``forward`` False: no forward of its own
     (in-memory prune; search counts its training instead). ``node_gpus``:
@@ -528,6 +535,9 @@ def load_plan(stage: str, s: ModelStats, *, section: str, dtype: str | None, dev
         if logits == "heldout":
             parts["logits"] = logits_bytes(s, seqs, T, b)
             row_notes["logits"] = f"[{seqs}, {T}, {s.vocab}] logits, their fp32 copy and log-softmax"
+        elif logits == "per_sequence":
+            parts["logits"] = per_sequence_logits_bytes(s, seqs, T, b)
+            row_notes["logits"] = f"[{seqs}, {T}, {s.vocab}] logits; one sequence's fp32 copy and log-softmax"
         elif logits == "chunked":
             parts["logits"] = 4.0 * LOGIT_CHUNK
             row_notes["logits"] = "fp32 [rows, V] chunks of the top-k"
@@ -574,7 +584,7 @@ def stage_plans(r: Any, teacher: ModelStats, student: ModelStats, node_gpus: int
     Ti = imp.seq_len or T
     if imp.depth_lm_loss:   # every layer's input of one batch, recorded for the skipped runs (importance/depth.py)
         rec = float(teacher.layers * imp.batch_size * Ti * teacher.hidden * DTYPE_BYTES[imp.dtype or "float32"])
-        add("importance", teacher, imp, section="importance", seqs=imp.batch_size, T=Ti, logits="heldout",
+        add("importance", teacher, imp, section="importance", seqs=imp.batch_size, T=Ti, logits="per_sequence",
             extra={"layer_inputs": rec},
             extra_notes={"layer_inputs": f"{teacher.layers} layers' inputs of one batch, for the skipped-layer runs"})
     else:
@@ -693,4 +703,4 @@ def plan_recipe(recipe: str | os.PathLike, overrides: list[str] = (), *, gpu_mem
 
 __all__ = ["KNOWN_CONFIGS", "MemoryPlanError", "ModelStats", "Plan", "StagePlan", "activation_bytes_per_token_layer",
            "eager_attention_bytes", "forward_bytes", "hostfile_slots", "load_plan", "logits_bytes", "model_config",
-           "parse_size", "plan", "plan_config", "plan_recipe", "stage_plans"]
+           "parse_size", "per_sequence_logits_bytes", "plan", "plan_config", "plan_recipe", "stage_plans"]

@@ -205,3 +205,6 @@ def test_importance_plan_counts_the_recorded_layer_inputs_of_depth_lm_loss():
     p = importance(over)
     assert p.parts["layer_inputs"] == pytest.approx(want, rel=1e-9) and want > 1e8
     assert p.total >= p.parts["layer_inputs"] + p.parts["weights"]
+    # its loss is taken a sequence at a time: the batch's logits in bf16, one sequence's in fp32 twice
+    T, V, B = r.importance.seq_len or r.data.seq_len, t.vocab, r.importance.batch_size
+    assert p.parts["logits"] == pytest.approx(B * T * V * 2 + T * V * 8, rel=1e-9)

@@ -154,3 +154,22 @@ def test_depth_lm_loss_restores_layers_after_an_error(tiny_builders, monkeypatch
     with pytest.raises(RuntimeError, match="boom"):
         depth_lm_loss(model, torch.randint(0, 131, (2, 8)), progress=False)
     assert list(model.model.layers) == layers
+
+
+def test_depth_lm_loss_takes_the_loss_a_sequence_at_a_time(tiny_builders, monkeypatch):
+    """The importance memory plan (distill/memory.py, ``per_sequence``) counts one sequence's fp32
+    logits, not the batch's: the cross entropy must see one sequence's ``[T - 1, V]`` at a time."""
+    from minitron_fast.importance import depth as depth_mod
+
+    model = tiny_builders["llama"](num_hidden_layers=3)
+    seen = []
+    real = depth_mod.F.cross_entropy
+
+    def spy(x, y, *a, **kw):
+        seen.append((tuple(x.shape), x.dtype))
+        return real(x, y, *a, **kw)
+
+    monkeypatch.setattr(depth_mod.F, "cross_entropy", spy)
+    blocks = torch.randint(0, model.config.vocab_size, (3, 9))
+    depth_lm_loss(model, blocks, batch_size=3, progress=False)
+    assert seen and set(seen) == {((8, model.config.vocab_size), torch.float32)}
