@@ -280,6 +280,9 @@ class DistillConfig(configtools.DeviceConfig):
         if L.materialized and L.impl != "auto":
             raise ConfigError(f"loss.impl={L.impl} selects the fused loss's row implementation, but loss.materialized: "
                               "true computes plain torch logits instead; drop one of them")
+        if L.materialized and L.chunk_size is not None:
+            raise ConfigError(f"loss.chunk_size={L.chunk_size} sets the fused loss's chunk rows, but loss.materialized: "
+                              "true computes the whole [N, V] logits at once; drop one of them")
         if L.topk_semantics not in TOPK_SEMANTICS:
             raise ConfigError(f"loss.topk_semantics={L.topk_semantics!r} is not one of {TOPK_SEMANTICS}")
         if L.topk is not None:

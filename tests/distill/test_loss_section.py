@@ -102,6 +102,9 @@ def test_an_old_loss_impl_in_a_pipeline_recipe_names_its_section():
     pytest.param("loss.impl=cpp loss.materialized=true", r"^loss\.impl=cpp selects the fused loss's row "
                                                          r"implementation, but loss\.materialized: true",
                  id="impl-and-materialized"),
+    pytest.param("loss.chunk_size=64 loss.materialized=true", r"^loss\.chunk_size=64 sets the fused loss's chunk "
+                 r"rows, but loss\.materialized: true computes the whole \[N, V\] logits at once; drop one of them$",
+                 id="chunk-size-and-materialized"),
     pytest.param("loss.topk=8 loss.materialized=true", r"top-k teacher .* set loss\.materialized: false",
                  id="topk-materialized"),
 ])
