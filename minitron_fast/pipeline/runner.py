@@ -166,6 +166,8 @@ class PipelineRunner:
             return r.launch.num_procs
         if ident == "prune_depth":
             return {k: dataclasses.asdict(r.prune)[k] for k in ("depth_metric", "depth_mode")}
+        if ident == "distill_loss":
+            return dataclasses.asdict(r.distill.loss)
         if ident == "teacher":
             return self.teacher_id
         if ident == "corrected":
@@ -285,13 +287,14 @@ class PipelineRunner:
         return {k: str(v) for k, v in paths.items()}
 
     def stage_search(self, d: Path, resume: bool) -> dict[str, Any]:
+        from minitron_fast.distill.kd_setup import kd_spec
         from minitron_fast.search import run_search
 
         r = self.recipe
         res = run_search(str(self.corrected()[0]), self.output("importance", "scores"), self.stage_config("search"),
                          budget=parse_budget(r.search.params, self.output("teacher_eval", "params")), prune=r.prune,
                          out_dir=d, data=r.data.source, seq_len=r.data.seq_len, text_field=r.data.text_field,
-                         progress=self.progress, log=self.log)
+                         progress=self.progress, log=self.log, kd=kd_spec(r.distill.loss))
         return {"target": res["winner"]["target"], "plan": res["plan"], "table": res["table"]}
 
     def stage_prune(self, d: Path, resume: bool) -> dict[str, Any]:

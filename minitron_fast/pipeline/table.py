@@ -32,6 +32,7 @@ IDENTITIES = {
     "data": "the recipe's data section",
     "procs": "launch.num_procs (the trainer's ranks)",
     "prune_depth": "prune.depth_metric and prune.depth_mode (search prunes candidates with them)",
+    "distill_loss": "the distill section's loss (search retrains its candidates with that objective)",
     "teacher": "the content fingerprint of the recipe's teacher checkpoint",
     "corrected": "the corrected teacher's identity (correct_teacher's key; the teacher's fingerprint when disabled)",
     "seed": "the recipe's seed",
@@ -41,7 +42,7 @@ IDENTITIES = {
 }
 
 # the identities read from the recipe alone (the rest identify artifacts of a run)
-RECIPE_IDENTITIES = ("config", "heldout", "data", "procs", "prune_depth", "seed")
+RECIPE_IDENTITIES = ("config", "heldout", "data", "procs", "prune_depth", "distill_loss", "seed")
 
 
 @dataclass(frozen=True)
@@ -142,8 +143,8 @@ STAGE_TABLE: tuple[Stage, ...] = (
           (("config", "config"), ("data", "data"), ("model", "corrected")), ("scores", "heatmap"), lambda r: None,
           "activation importance scores of the corrected teacher"),
     Stage("search", "search", _search_config, "load", "the corrected teacher, then each candidate (trained)",
-          (("config", "config"), ("data", "data"), ("prune", "prune_depth"), ("importance", "importance"),
-           ("model", "corrected")), ("target", "plan", "table"), _search_skip,
+          (("config", "config"), ("data", "data"), ("prune", "prune_depth"), ("kd", "distill_loss"),
+           ("importance", "importance"), ("model", "corrected")), ("target", "plan", "table"), _search_skip,
           "candidate shapes at the budget, each briefly retrained, the best kept", summary="search winner: {target}"),
     Stage("prune", "prune", _prune_config, "files",
           "the corrected teacher, streamed (streaming: false loads it whole), then the student",

@@ -5,13 +5,15 @@ Model-Optimizer's search ranks candidates right after pruning; its users found t
 and the Minitron papers retrain each candidate briefly before choosing (the ranking after a
 little retraining is what predicts the ranking after full distillation). Here the teacher's final
 hidden states for the retraining batches are computed once and shared by every candidate, and each
-step is the package's one KD step (``ops.kd_step``: fused forward KL, temperature 1), so no
-``[N, V]`` logits are built.
+step is the package's one KD step (``ops.kd_step``, the fused loss), so no ``[N, V]`` logits are
+built. Its objective is a ``KDSpec``: forward KL at temperature 1 by default; in a recipe, the
+distill stage's ``loss`` section, so candidates are ranked by the objective that distils the winner.
 Retraining is full fine-tuning, or LoRA through ``peft`` (``lora_rank > 0``).
 """
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import os
 import time
@@ -22,7 +24,7 @@ import torch
 
 from minitron_fast.artifacts.targets import parse_budget
 from minitron_fast.errors import MinitronError
-from minitron_fast.ops.kd_step import KDLossOptions, KDSpec, TeacherHidden, head_options, kd_step, teacher_hidden
+from minitron_fast.ops.kd_step import KDSpec, TeacherHidden, head_options, kd_step, teacher_hidden
 from minitron_fast.io import atomic_write_json
 from minitron_fast.models import get_view
 from minitron_fast.prune.config import PruneConfig
@@ -41,10 +43,11 @@ def teacher_targets(teacher: torch.nn.Module, batches: list[torch.Tensor], progr
 
 
 def retrain(student: torch.nn.Module, batches: list[torch.Tensor], targets: list[TeacherHidden], *, lr: float,
-            lora_rank: int = 0, progress: bool = False, desc: str = "retrain") -> tuple[torch.nn.Module, list[float]]:
-    """Brief logit-KD retraining of ``student`` (forward KL, T=1, the package's one KD step) on
-    ``batches`` against the cached teacher ``targets``; returns the (possibly LoRA-merged) model
-    and the loss per step."""
+            lora_rank: int = 0, progress: bool = False, desc: str = "retrain",
+            kd: KDSpec | None = None) -> tuple[torch.nn.Module, list[float]]:
+    """Brief logit-KD retraining of ``student`` (the package's one KD step, objective ``kd``;
+    default forward KL at T=1) on ``batches`` against the cached teacher ``targets``; returns the
+    (possibly LoRA-merged) model and the loss per step."""
     from tqdm.auto import tqdm
 
     model = student
@@ -57,7 +60,10 @@ def retrain(student: torch.nn.Module, batches: list[torch.Tensor], targets: list
                                                    target_modules=get_view(student).lora_targets()))
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
-    spec = KDSpec(loss=KDLossOptions(**head_options(student)))  # forward KL, T=1 (the defaults)
+    kd = kd or KDSpec()   # forward KL, T=1 (the defaults)
+    if kd.inter_weight:
+        raise SearchError("search retrains from the teacher's final hidden states only: inter_weight must be 0")
+    spec = dataclasses.replace(kd, loss=dataclasses.replace(kd.loss, **head_options(student)))
     model.train()
     losses = []
     for ids, target in tqdm(list(zip(batches, targets)), desc=desc, disable=not progress, leave=False):
@@ -78,7 +84,7 @@ def retrain(student: torch.nn.Module, batches: list[torch.Tensor], targets: list
 def run_search(model: str | os.PathLike, scores: str | os.PathLike, config: SearchConfig | None = None, *,
                budget: int | None = None, prune: PruneConfig | None = None, out_dir: str | os.PathLike | None = None,
                data: str = "demo", seq_len: int = 256, text_field: str = "text", progress: bool = True,
-               log: Callable[[str], None] = print) -> dict[str, Any]:
+               log: Callable[[str], None] = print, kd: KDSpec | None = None) -> dict[str, Any]:
     """Searches student shapes of ``model`` at a parameter budget (see the module docstring).
 
     ``config`` holds the search's options (:class:`SearchConfig`); the budget is ``budget``
@@ -86,7 +92,8 @@ def run_search(model: str | os.PathLike, scores: str | os.PathLike, config: Sear
     candidate is pruned (its ``depth_metric`` and ``depth_mode``; default :class:`PruneConfig`).
     Every candidate is pruned from the teacher with ``scores``, evaluated (held-out LM loss on
     ``eval_blocks`` blocks of ``seq_len`` tokens of ``data``), retrained ``retrain_steps`` steps of
-    ``micro_batch_size`` blocks by KD, and evaluated again; the lowest loss after retraining wins.
+    ``micro_batch_size`` blocks by KD (the objective ``kd``, default forward KL at T=1; the pipeline
+    passes the distill stage's), and evaluated again; the lowest loss after retraining wins.
     Writes ``plan.json`` (the winner's prune plan) and ``search.json`` (every candidate's numbers)
     into ``out_dir`` when given. Returns ``{"candidates": [...], "winner": {...}, "plan": path,
     "table": str}``. Raises SearchError when no candidate meets the budget.
@@ -145,7 +152,7 @@ def run_search(model: str | os.PathLike, scores: str | os.PathLike, config: Sear
         torch.manual_seed(seed)
         before = lm_loss(student, heldout, progress=False)
         student, curve = retrain(student, batches, targets, lr=cfg.lr, lora_rank=cfg.lora_rank, progress=progress,
-                                 desc=f"candidate {i}/{len(cands)}")
+                                 desc=f"candidate {i}/{len(cands)}", kd=kd)
         after = lm_loss(student, heldout, progress=False) if batches else before
         results.append(dict(c.as_dict(), loss_pruned=before, loss=after, ppl=math.exp(after),
                             retrain_loss_first=curve[0] if curve else None,
@@ -167,6 +174,7 @@ def run_search(model: str | os.PathLike, scores: str | os.PathLike, config: Sear
     log(f"winner: {winner['name']} ({winner['target']})")
     out: dict[str, Any] = {"budget": budget, "tolerance": tolerance, "retrain_steps": retrain_steps,
                            "retrain_tokens": retrain_steps * micro_batch_size * seq_len, "lora_rank": cfg.lora_rank,
+                           "retrain_objective": _objective(kd or KDSpec()),
                            "candidates": [results[j] for j in order], "winner": winner, "table": table,
                            "plan": None, "seconds": time.perf_counter() - t0}
     if out_dir is not None:
@@ -177,6 +185,12 @@ def run_search(model: str | os.PathLike, scores: str | os.PathLike, config: Sear
         atomic_write_json(d / "search.json", {k: v for k, v in out.items() if k != "table"})
         (d / "table.txt").write_text(table + "\n")
     return out
+
+
+def _objective(kd: KDSpec) -> dict[str, Any]:
+    """What search.json records of the retraining objective."""
+    return {"kd_weight": kd.kd_weight, "lm_weight": kd.lm_weight, "materialized": kd.materialized,
+            **{k: getattr(kd.loss, k) for k in ("divergence", "beta", "temperature", "t2_scaling")}}
 
 
 __all__ = ["run_search", "retrain", "teacher_targets", "Candidate", "SearchError"]

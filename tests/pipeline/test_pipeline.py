@@ -241,7 +241,7 @@ data: {{source: demo, seq_len: 32}}
 importance: {{samples: 4, batch_size: 4}}
 search: {{enabled: true, params: 0.75x, tolerance: 0.1, kinds: [width], max_candidates: 1, retrain_steps: 1,
          micro_batch_size: 2, eval_blocks: 2}}
-distill: {{enabled: false}}
+distill: {{enabled: false, loss: {{temperature: 2.0, lm_weight: 0.5}}}}
 evaluate: {{eval_blocks: 2, batch_size: 2}}
 """)
     logs: list[str] = []
@@ -251,6 +251,9 @@ evaluate: {{eval_blocks: 2, batch_size: 2}}
     assert rep["tokens"] is None and rep["pruned_ppl"] > 0 and rep["student_params"] <= 0.75 * rep["teacher_params"]
     assert any(m.startswith("[distill] skipped") for m in logs) and any("search winner" in m for m in logs)
     search = json.loads((tmp_path / "run" / "search" / "search.json").read_text())
+    # candidates are retrained with the distill section's objective
+    assert {k: search["retrain_objective"][k] for k in ("temperature", "lm_weight", "divergence")} == \
+        {"temperature": 2.0, "lm_weight": 0.5, "divergence": "forward_kl"}
     plan = json.loads((tmp_path / "run" / "prune" / "plan.json").read_text())
     assert plan["target"]["intermediate_size"] == search["winner"]["intermediate_size"]
     assert plan["target"]["hidden_size"] == search["winner"]["hidden_size"]
@@ -262,6 +265,10 @@ evaluate: {{eval_blocks: 2, batch_size: 2}}
     assert any(m.startswith("[importance] cached") for m in logs)
     assert any(m.startswith("[search] stale artifact") and "0.75x" in m and "0.7x" in m for m in logs)
     assert any(m.startswith("[prune] stale artifact") for m in logs)
+    # so does a changed distillation objective
+    logs.clear()
+    run_recipe(load_recipe(p, ["search.params=0.7x", "distill.loss.temperature=3.0"]), progress=False, log=logs.append)
+    assert any(m.startswith("[search] stale artifact") and "temperature" in m for m in logs), logs
 
 
 def test_demo_max_tokens_knob():

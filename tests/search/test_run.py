@@ -162,3 +162,36 @@ def test_shrink_storage_moves_only_oversized_tensors_and_keeps_ties():
     assert m.lin.weight is m.emb.weight and torch.equal(m.emb.weight, ref)
     assert m.emb.weight.untyped_storage().nbytes() == 3 * 8 * 4
     assert m.lin.bias.data_ptr() == bias_ptr  # already its own size: untouched
+
+
+def test_search_retrains_with_the_objective_it_is_given(teacher_and_scores, tmp_path, monkeypatch):
+    """``kd``: every retraining step runs that objective (the model facts added), search.json
+    records it, and the default stays forward KL at T=1; an intermediate-state weight is refused."""
+    from minitron_fast.ops.kd_spec import KDSpec
+    from minitron_fast.ops.kd_loss.params import KDLossOptions
+    from minitron_fast.search import run as run_mod
+
+    teacher, scores = teacher_and_scores
+    seen = []
+    real = run_mod.kd_step
+
+    def spy(model, target, ids, *, spec):
+        seen.append(spec)
+        return real(model, target, ids, spec=spec)
+
+    monkeypatch.setattr(run_mod, "kd_step", spy)
+    cfg = SearchConfig(params="0.75x", tolerance=0.1, kinds=["width"], max_candidates=1, retrain_steps=2,
+                       micro_batch_size=2, lr=1e-3, eval_blocks=1)
+    kd = KDSpec(lm_weight=0.5, loss=KDLossOptions(divergence="jsd", beta=0.3, temperature=2.0))
+    res = run_search(str(teacher), scores, cfg, out_dir=tmp_path, seq_len=32, progress=False, log=lambda m: None, kd=kd)
+    assert len(seen) == 2 * len(res["candidates"])
+    assert {(s.lm_weight, s.loss.divergence, s.loss.beta, s.loss.temperature) for s in seen} == {(0.5, "jsd", 0.3, 2.0)}
+    saved = json.loads((tmp_path / "search.json").read_text())["retrain_objective"]
+    assert saved == {"kd_weight": 1.0, "lm_weight": 0.5, "materialized": False, "divergence": "jsd", "beta": 0.3,
+                     "temperature": 2.0, "t2_scaling": False}
+    seen.clear()
+    default = run_search(str(teacher), scores, cfg, progress=False, log=lambda m: None)
+    assert {(s.lm_weight, s.loss.divergence, s.loss.temperature) for s in seen} == {(0.0, "forward_kl", 1.0)}
+    assert default["retrain_objective"]["divergence"] == "forward_kl"
+    with pytest.raises(SearchError, match="inter_weight must be 0"):
+        run_search(str(teacher), scores, cfg, progress=False, log=lambda m: None, kd=KDSpec(inter_weight=1.0))
