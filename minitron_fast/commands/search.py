@@ -4,17 +4,26 @@ prints the table and writes the winner's plan (``DIR/plan.json``, usable by ``pr
 
 The options are :class:`~minitron_fast.search.config.SearchConfig`'s fields as flags, plus
 ``--depth-metric``/``--depth-mode`` from :class:`~minitron_fast.prune.config.PruneConfig` (how
-each candidate is pruned)."""
+each candidate is pruned) and the retraining objective's ``--kd-weight``, ``--lm-weight``,
+``--divergence``, ``--beta``, ``--temperature``, ``--t2-scaling`` from the distill stage's loss
+section (:class:`~minitron_fast.distill.config.LossConfig`; a recipe's search uses that section)."""
 from __future__ import annotations
 
 import argparse
 
 from minitron_fast import configtools
 from minitron_fast.commands import add_data_arguments, add_model_argument, add_threads_argument, set_threads
+from minitron_fast.distill.config import LossConfig
+from minitron_fast.ops.kd_loss.divergences import names as divergence_names
 from minitron_fast.prune.config import PruneConfig
 from minitron_fast.search.config import SearchConfig
 
 PRUNE_FIELDS = ("depth_metric", "depth_mode")
+LOSS_FIELDS = ("kd_weight", "lm_weight", "divergence", "beta", "temperature", "t2_scaling")
+LOSS_HELP = {"kd_weight": "weight of the logit KD term", "lm_weight": "weight of the student's next-token CE",
+             "divergence": f"KD divergence: {', '.join(divergence_names())}", "beta": "the JSD's beta",
+             "temperature": "softmax temperature of both models in the KD term",
+             "t2_scaling": "multiply the KD term by temperature**2"}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -27,6 +36,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--retrain-tokens", type=int, default=None,
                    help="KD tokens per candidate: sets --retrain-steps to tokens // (micro batch x seq len)")
     configtools.add_arguments(p, PruneConfig, only=PRUNE_FIELDS)
+    group = p.add_argument_group(
+        "retraining objective", "each candidate's KD steps: the distill stage's loss keys (a recipe's search uses its "
+                                "distill.loss); default forward KL at temperature 1, logit KD only")
+    configtools.add_arguments(group, LossConfig, only=LOSS_FIELDS)
+    for action in group._group_actions:   # LossConfig is generated from KDSpec/KDLossOptions: no help metadata
+        action.help = f"{LOSS_HELP[action.dest]} {action.help or ''}".strip()
     add_threads_argument(p)
 
 
@@ -49,6 +64,7 @@ def run(args: argparse.Namespace) -> int:
     # the options' own syntax first: a bad flag fails before the model is read (or the embedded one converted)
     cfg = configtools.from_args(SearchConfig, args, enabled=True).validate("--")  # before dividing by its sizes
     cfg.resolved_device("--")  # a CUDA device where there is none: one line, before anything loads
+    kd = _objective(args)
     check_seq_len(load_config(args.model), args.seq_len)
     if args.retrain_tokens is not None:
         if args.retrain_tokens < 0:
@@ -56,6 +72,21 @@ def run(args: argparse.Namespace) -> int:
         cfg.retrain_steps = args.retrain_tokens // (cfg.micro_batch_size * args.seq_len)
     res = run_search(args.model, args.scores, cfg.validate("--"),
                      prune=configtools.from_args(PruneConfig, args, only=PRUNE_FIELDS).validate("--"),
-                     out_dir=args.out, data=args.data, seq_len=args.seq_len, text_field=args.text_field)
+                     out_dir=args.out, data=args.data, seq_len=args.seq_len, text_field=args.text_field, kd=kd)
     print(f"wrote {res['plan']} (the winner's plan: minitron-fast prune --plan ... or run it with prune)")
     return 0
+
+
+def _objective(args: argparse.Namespace):
+    """The retraining's ``KDSpec`` from the loss flags, checked (one line, before anything loads)."""
+    from minitron_fast.distill.kd_setup import kd_spec
+    from minitron_fast.errors import MinitronError
+
+    loss = configtools.from_args(LossConfig, args, only=LOSS_FIELDS)
+    if loss.kd_weight < 0 or loss.lm_weight < 0 or loss.kd_weight + loss.lm_weight == 0:
+        raise MinitronError(f"--kd-weight {loss.kd_weight} and --lm-weight {loss.lm_weight}: both must be >= 0 and "
+                            "one positive")
+    try:
+        return kd_spec(loss)
+    except MinitronError as exc:
+        raise MinitronError(f"retraining objective: {exc}") from None

@@ -113,6 +113,23 @@ def test_search_cli_and_impossible_budget(teacher_and_scores, tmp_path, capsys):
                  "--max-candidates", "1", "--kinds", "width"]) == 0
     printed = capsys.readouterr().out
     assert "winner:" in printed and (out / "plan.json").is_file()
+    assert json.loads((out / "search.json").read_text())["retrain_objective"]["divergence"] == "forward_kl"
+    # the retraining objective's flags reach every KD step; a bad one is one line before anything loads
+    out2 = tmp_path / "s2"
+    assert main(["search", "--model", str(teacher), "--scores", str(scores), "--params", "0.8x", "--out", str(out2),
+                 "--retrain-steps", "1", "--micro-batch-size", "2", "--seq-len", "32", "--eval-blocks", "1",
+                 "--max-candidates", "1", "--kinds", "width", "--divergence", "jsd", "--beta", "0.25",
+                 "--temperature", "2", "--lm-weight", "0.5", "--t2-scaling"]) == 0
+    capsys.readouterr()
+    assert json.loads((out2 / "search.json").read_text())["retrain_objective"] == {
+        "kd_weight": 1.0, "lm_weight": 0.5, "materialized": False, "divergence": "jsd", "beta": 0.25,
+        "temperature": 2.0, "t2_scaling": True}
+    for bad, msg in ((["--divergence", "kl"], "retraining objective: KDSpec.loss: divergence"),
+                     (["--kd-weight", "0"], "--kd-weight 0.0 and --lm-weight 0.0: both must be >= 0 and one positive")):
+        assert main(["search", "--model", str(teacher), "--scores", str(scores), "--params", "0.8x",
+                     "--out", str(tmp_path / "bad"), *bad]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and msg in err and err.count("\n") == 1, err
     assert main(["search", "--model", str(teacher), "--scores", str(scores), "--params", "10",
                  "--out", str(tmp_path / "t")]) == 2
     err = capsys.readouterr().err
