@@ -16,10 +16,10 @@ from minitron_fast.commands import add_data_arguments, add_model_argument, add_t
 from minitron_fast.distill.config import LossConfig
 from minitron_fast.ops.kd_loss.divergences import names as divergence_names
 from minitron_fast.prune.config import PruneConfig
-from minitron_fast.search.config import SearchConfig
+from minitron_fast.search.config import RETRAIN_LOSS_KEYS, SearchConfig, retrain_spec
 
 PRUNE_FIELDS = ("depth_metric", "depth_mode")
-LOSS_FIELDS = ("kd_weight", "lm_weight", "divergence", "beta", "temperature", "t2_scaling")
+LOSS_FIELDS = RETRAIN_LOSS_KEYS
 LOSS_HELP = {"kd_weight": "weight of the logit KD term", "lm_weight": "weight of the student's next-token CE",
              "divergence": f"KD divergence: {', '.join(divergence_names())}", "beta": "the JSD's beta",
              "temperature": "softmax temperature of both models in the KD term",
@@ -79,14 +79,4 @@ def run(args: argparse.Namespace) -> int:
 
 def _objective(args: argparse.Namespace):
     """The retraining's ``KDSpec`` from the loss flags, checked (one line, before anything loads)."""
-    from minitron_fast.distill.kd_setup import kd_spec
-    from minitron_fast.errors import MinitronError
-
-    loss = configtools.from_args(LossConfig, args, only=LOSS_FIELDS)
-    if loss.kd_weight < 0 or loss.lm_weight < 0 or loss.kd_weight + loss.lm_weight == 0:
-        raise MinitronError(f"--kd-weight {loss.kd_weight} and --lm-weight {loss.lm_weight}: both must be >= 0 and "
-                            "one positive")
-    try:
-        return kd_spec(loss)
-    except MinitronError as exc:
-        raise MinitronError(f"retraining objective: {exc}") from None
+    return retrain_spec(configtools.from_args(LossConfig, args, only=LOSS_FIELDS))

@@ -167,7 +167,9 @@ class PipelineRunner:
         if ident == "prune_depth":
             return {k: dataclasses.asdict(r.prune)[k] for k in ("depth_metric", "depth_mode")}
         if ident == "distill_loss":
-            return dataclasses.asdict(r.distill.loss)
+            from minitron_fast.search.config import RETRAIN_LOSS_KEYS
+
+            return {k: getattr(r.distill.loss, k) for k in RETRAIN_LOSS_KEYS}
         if ident == "teacher":
             return self.teacher_id
         if ident == "corrected":
@@ -287,14 +289,14 @@ class PipelineRunner:
         return {k: str(v) for k, v in paths.items()}
 
     def stage_search(self, d: Path, resume: bool) -> dict[str, Any]:
-        from minitron_fast.distill.kd_setup import kd_spec
         from minitron_fast.search import run_search
+        from minitron_fast.search.config import retrain_spec
 
         r = self.recipe
         res = run_search(str(self.corrected()[0]), self.output("importance", "scores"), self.stage_config("search"),
                          budget=parse_budget(r.search.params, self.output("teacher_eval", "params")), prune=r.prune,
                          out_dir=d, data=r.data.source, seq_len=r.data.seq_len, text_field=r.data.text_field,
-                         progress=self.progress, log=self.log, kd=kd_spec(r.distill.loss))
+                         progress=self.progress, log=self.log, kd=retrain_spec(r.distill.loss))
         return {"target": res["winner"]["target"], "plan": res["plan"], "table": res["table"]}
 
     def stage_prune(self, d: Path, resume: bool) -> dict[str, Any]:

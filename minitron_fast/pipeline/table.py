@@ -32,7 +32,7 @@ IDENTITIES = {
     "data": "the recipe's data section",
     "procs": "launch.num_procs (the trainer's ranks)",
     "prune_depth": "prune.depth_metric and prune.depth_mode (search prunes candidates with them)",
-    "distill_loss": "the distill section's loss (search retrains its candidates with that objective)",
+    "distill_loss": "the distill section's loss keys that make search's retraining objective (search.config.RETRAIN_LOSS_KEYS)",
     "teacher": "the content fingerprint of the recipe's teacher checkpoint",
     "corrected": "the corrected teacher's identity (correct_teacher's key; the teacher's fingerprint when disabled)",
     "seed": "the recipe's seed",

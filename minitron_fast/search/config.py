@@ -4,12 +4,18 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 from minitron_fast.artifacts.targets import BUDGET_EXAMPLES, TargetError, parse_budget_spec
 from minitron_fast.configtools import key, DeviceConfig, OptionError, opt
 from minitron_fast.errors import MinitronError
 
 KINDS = ("width", "depth", "mixed", "kv")
+
+#: the distill loss keys that make search's retraining objective (a recipe's ``distill.loss``, or
+#: the ``search`` command's flags); the rest (``impl``, ``chunk_size``, ``materialized``, top-k)
+#: say how distill computes it on its own devices, not what it optimizes, and are not taken
+RETRAIN_LOSS_KEYS = ("kd_weight", "lm_weight", "divergence", "beta", "temperature", "t2_scaling")
 
 
 class SearchError(MinitronError, ValueError):
@@ -61,4 +67,21 @@ class SearchConfig(DeviceConfig):
         return self
 
 
-__all__ = ["KINDS", "SearchConfig", "SearchError"]
+def retrain_spec(loss: Any) -> Any:
+    """Search's retraining ``KDSpec`` from the :data:`RETRAIN_LOSS_KEYS` of ``loss`` (a recipe's
+    ``distill.loss`` section, or anything with those attributes); a bad value is a one-line
+    SearchError."""
+    from minitron_fast.ops.kd_loss.params import KDLossOptions
+    from minitron_fast.ops.kd_spec import KDSpec
+
+    v = {k: getattr(loss, k) for k in RETRAIN_LOSS_KEYS}
+    if v["kd_weight"] < 0 or v["lm_weight"] < 0 or v["kd_weight"] + v["lm_weight"] == 0:
+        raise SearchError(f"retraining objective: kd_weight {v['kd_weight']} and lm_weight {v['lm_weight']} must be "
+                          ">= 0, one of them positive")
+    try:
+        return KDSpec(kd_weight=v.pop("kd_weight"), lm_weight=v.pop("lm_weight"), loss=KDLossOptions(**v))
+    except MinitronError as exc:
+        raise SearchError(f"retraining objective: {exc}") from None
+
+
+__all__ = ["KINDS", "RETRAIN_LOSS_KEYS", "SearchConfig", "SearchError", "retrain_spec"]

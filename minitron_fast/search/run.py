@@ -29,7 +29,7 @@ from minitron_fast.io import atomic_write_json
 from minitron_fast.models import get_view
 from minitron_fast.prune.config import PruneConfig
 from minitron_fast.search.candidates import Candidate, enumerate_candidates, format_candidates
-from minitron_fast.search.config import SearchConfig, SearchError
+from minitron_fast.search.config import RETRAIN_LOSS_KEYS, SearchConfig, SearchError
 
 
 @torch.no_grad()
@@ -40,6 +40,15 @@ def teacher_targets(teacher: torch.nn.Module, batches: list[torch.Tensor], progr
 
     return [teacher_hidden(teacher, ids) for ids in tqdm(batches, desc="teacher targets", disable=not progress,
                                                          leave=False)]
+
+
+def _check_kd(kd: KDSpec | None) -> KDSpec:
+    """The retraining objective (default forward KL at T=1), refused in one line where search
+    cannot run it."""
+    kd = kd or KDSpec()
+    if kd.inter_weight:
+        raise SearchError("search retrains from the teacher's final hidden states only: inter_weight must be 0")
+    return kd
 
 
 def retrain(student: torch.nn.Module, batches: list[torch.Tensor], targets: list[TeacherHidden], *, lr: float,
@@ -60,9 +69,7 @@ def retrain(student: torch.nn.Module, batches: list[torch.Tensor], targets: list
                                                    target_modules=get_view(student).lora_targets()))
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
-    kd = kd or KDSpec()   # forward KL, T=1 (the defaults)
-    if kd.inter_weight:
-        raise SearchError("search retrains from the teacher's final hidden states only: inter_weight must be 0")
+    kd = _check_kd(kd)
     spec = dataclasses.replace(kd, loss=dataclasses.replace(kd.loss, **head_options(student)))
     model.train()
     losses = []
@@ -105,6 +112,7 @@ def run_search(model: str | os.PathLike, scores: str | os.PathLike, config: Sear
     """
     cfg = (config or SearchConfig()).validate()
     prune = prune or PruneConfig()
+    kd = _check_kd(kd)   # before anything loads
     load_kw = cfg.load_kwargs()  # device: cuda without CUDA fails here, before anything loads
     from minitron_fast.data import token_blocks
     from minitron_fast.evaluate.perplexity import lm_loss
@@ -174,7 +182,7 @@ def run_search(model: str | os.PathLike, scores: str | os.PathLike, config: Sear
     log(f"winner: {winner['name']} ({winner['target']})")
     out: dict[str, Any] = {"budget": budget, "tolerance": tolerance, "retrain_steps": retrain_steps,
                            "retrain_tokens": retrain_steps * micro_batch_size * seq_len, "lora_rank": cfg.lora_rank,
-                           "retrain_objective": _objective(kd or KDSpec()),
+                           "retrain_objective": _objective(kd),
                            "candidates": [results[j] for j in order], "winner": winner, "table": table,
                            "plan": None, "seconds": time.perf_counter() - t0}
     if out_dir is not None:
@@ -188,9 +196,8 @@ def run_search(model: str | os.PathLike, scores: str | os.PathLike, config: Sear
 
 
 def _objective(kd: KDSpec) -> dict[str, Any]:
-    """What search.json records of the retraining objective."""
-    return {"kd_weight": kd.kd_weight, "lm_weight": kd.lm_weight, "materialized": kd.materialized,
-            **{k: getattr(kd.loss, k) for k in ("divergence", "beta", "temperature", "t2_scaling")}}
+    """What search.json records of the retraining objective (``RETRAIN_LOSS_KEYS``)."""
+    return {k: getattr(kd if k in ("kd_weight", "lm_weight") else kd.loss, k) for k in RETRAIN_LOSS_KEYS}
 
 
 __all__ = ["run_search", "retrain", "teacher_targets", "Candidate", "SearchError"]

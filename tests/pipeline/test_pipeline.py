@@ -269,6 +269,11 @@ evaluate: {{eval_blocks: 2, batch_size: 2}}
     logs.clear()
     run_recipe(load_recipe(p, ["search.params=0.7x", "distill.loss.temperature=3.0"]), progress=False, log=logs.append)
     assert any(m.startswith("[search] stale artifact") and "temperature" in m for m in logs), logs
+    # but how distill computes it (its row implementation, chunk size) does not
+    logs.clear()
+    run_recipe(load_recipe(p, ["search.params=0.7x", "distill.loss.temperature=3.0", "distill.loss.chunk_size=64"]),
+               progress=False, log=logs.append)
+    assert any(m.startswith("[search] cached") for m in logs), logs
 
 
 def test_demo_max_tokens_knob():

@@ -122,10 +122,10 @@ def test_search_cli_and_impossible_budget(teacher_and_scores, tmp_path, capsys):
                  "--temperature", "2", "--lm-weight", "0.5", "--t2-scaling"]) == 0
     capsys.readouterr()
     assert json.loads((out2 / "search.json").read_text())["retrain_objective"] == {
-        "kd_weight": 1.0, "lm_weight": 0.5, "materialized": False, "divergence": "jsd", "beta": 0.25,
+        "kd_weight": 1.0, "lm_weight": 0.5, "divergence": "jsd", "beta": 0.25,
         "temperature": 2.0, "t2_scaling": True}
     for bad, msg in ((["--divergence", "kl"], "retraining objective: KDSpec.loss: divergence"),
-                     (["--kd-weight", "0"], "--kd-weight 0.0 and --lm-weight 0.0: both must be >= 0 and one positive")):
+                     (["--kd-weight", "0"], "retraining objective: kd_weight 0.0 and lm_weight 0.0 must be >= 0, one of them positive")):
         assert main(["search", "--model", str(teacher), "--scores", str(scores), "--params", "0.8x",
                      "--out", str(tmp_path / "bad"), *bad]) == 2
         err = capsys.readouterr().err
@@ -204,7 +204,7 @@ def test_search_retrains_with_the_objective_it_is_given(teacher_and_scores, tmp_
     assert len(seen) == 2 * len(res["candidates"])
     assert {(s.lm_weight, s.loss.divergence, s.loss.beta, s.loss.temperature) for s in seen} == {(0.5, "jsd", 0.3, 2.0)}
     saved = json.loads((tmp_path / "search.json").read_text())["retrain_objective"]
-    assert saved == {"kd_weight": 1.0, "lm_weight": 0.5, "materialized": False, "divergence": "jsd", "beta": 0.3,
+    assert saved == {"kd_weight": 1.0, "lm_weight": 0.5, "divergence": "jsd", "beta": 0.3,
                      "temperature": 2.0, "t2_scaling": False}
     seen.clear()
     default = run_search(str(teacher), scores, cfg, progress=False, log=lambda m: None)
